@@ -1,0 +1,335 @@
+//! `countersign bench`: measures the platform in release builds. Speed is reported, never
+//! asserted; each run also measures a baseline on the same database (a raw multi-row INSERT
+//! of the same rows) so numbers from a noisy machine come with a ratio to what the database
+//! itself does at that moment.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use countersign_eventstore::{ExpectedVersion, Metadata, NewEvent, SharedStore};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::Settings;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchWhat {
+    /// Append throughput and latency by batch size × concurrent writers, plus `$all` reads.
+    Append(AppendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AppendArgs {
+    /// Events per append (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub batch: Vec<usize>,
+    /// Concurrent writers (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub writers: Vec<usize>,
+    /// Seconds per cell.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Payload bytes per event (a typical countersign event is 100–300 bytes of CBOR).
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Cell {
+    batch: usize,
+    writers: usize,
+    events: u64,
+    seconds: f64,
+    events_per_sec: f64,
+    appends_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    backend: String,
+    cells: Vec<Cell>,
+    baseline_raw_insert_events_per_sec: f64,
+    read_all_events: u64,
+    read_all_events_per_sec: f64,
+}
+
+pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        BenchWhat::Append(args) => append(settings, args).await,
+    }
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1_000.0
+}
+
+async fn append(settings: &Settings, args: AppendArgs) -> anyhow::Result<()> {
+    if args.batch.iter().chain(&args.writers).any(|&n| n == 0) {
+        anyhow::bail!("--batch and --writers take positive numbers");
+    }
+    if !(args.seconds > 0.0 && args.seconds <= 600.0) {
+        anyhow::bail!("--seconds must be between 0 and 600");
+    }
+    let store = crate::connect(settings).await?.events;
+    let run_id = run_id()?;
+    let mut cells = Vec::new();
+    for &batch in &args.batch {
+        for &writers in &args.writers {
+            let cell = append_cell(&store, &run_id, batch, writers, &args).await?;
+            if !args.json {
+                eprintln!(
+                    "batch {batch:>4} × writers {writers:>3}: {:>9.0} events/s",
+                    cell.events_per_sec
+                );
+            }
+            cells.push(cell);
+        }
+    }
+    let baseline = baseline_insert(settings, args.seconds, args.payload_bytes).await?;
+    let (read_events, read_rate) = read_all(&store).await?;
+    let report = Report {
+        backend: settings.database_display(),
+        cells,
+        baseline_raw_insert_events_per_sec: baseline,
+        read_all_events: read_events,
+        read_all_events_per_sec: read_rate,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    writeln!(out, "event store append benchmark on {}", report.backend)?;
+    writeln!(
+        out,
+        "| batch | writers | events/s | appends/s | p50 ms | p99 ms | vs raw INSERT |"
+    )?;
+    writeln!(
+        out,
+        "|------:|--------:|---------:|----------:|-------:|-------:|--------------:|"
+    )?;
+    for c in &report.cells {
+        writeln!(
+            out,
+            "| {:>5} | {:>7} | {:>8.0} | {:>9.0} | {:>6.2} | {:>6.2} | {:>12.0}% |",
+            c.batch,
+            c.writers,
+            c.events_per_sec,
+            c.appends_per_sec,
+            c.p50_ms,
+            c.p99_ms,
+            100.0 * c.events_per_sec / report.baseline_raw_insert_events_per_sec.max(1.0)
+        )?;
+    }
+    writeln!(
+        out,
+        "baseline: raw multi-row INSERT (100 rows/statement, 1 connection): {:.0} events/s",
+        report.baseline_raw_insert_events_per_sec
+    )?;
+    writeln!(
+        out,
+        "$all read: {} events at {:.0} events/s",
+        report.read_all_events, report.read_all_events_per_sec
+    )?;
+    Ok(())
+}
+
+/// A prefix for this run's streams, so runs on one database never collide.
+fn run_id() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(hex::encode(bytes))
+}
+
+#[allow(clippy::disallowed_methods)] // the bench is an edge: it makes its own ids
+fn new_event(payload: &[u8]) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "bench.appended".into(),
+        schema_version: 1,
+        payload: payload.to_vec(),
+        metadata: Metadata {
+            actor: Some("bench".into()),
+            ..Metadata::default()
+        },
+    }
+}
+
+async fn append_cell(
+    store: &SharedStore,
+    run_id: &str,
+    batch: usize,
+    writers: usize,
+    args: &AppendArgs,
+) -> anyhow::Result<Cell> {
+    let payload: Arc<[u8]> = (0..args.payload_bytes).map(|i| (i % 251) as u8).collect();
+    let duration = Duration::from_secs_f64(args.seconds);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let store = store.clone();
+        let payload = payload.clone();
+        let stream = format!("bench-{run_id}-b{batch}-w{writers}-{w}");
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3)?;
+            let mut expected = ExpectedVersion::NoStream;
+            let mut events = 0u64;
+            while Instant::now() < deadline {
+                let batch_events = (0..batch).map(|_| new_event(&payload)).collect();
+                let t = Instant::now();
+                let result = store.append(&stream, expected, batch_events).await?;
+                histogram.record(t.elapsed().as_micros() as u64)?;
+                expected = ExpectedVersion::Exact(result.next_expected_version);
+                events += batch as u64;
+            }
+            anyhow::Ok((events, histogram))
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut events = 0;
+    for task in tasks {
+        let (n, h) = task.await.context("a bench writer died")??;
+        events += n;
+        histogram.add(h)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Cell {
+        batch,
+        writers,
+        events,
+        seconds,
+        events_per_sec: events as f64 / seconds,
+        appends_per_sec: histogram.len() as f64 / seconds,
+        p50_ms: ms(&histogram, 0.5),
+        p99_ms: ms(&histogram, 0.99),
+    })
+}
+
+/// What the database does with the same rows and no event-store logic: 100-row INSERTs into
+/// a table shaped like `es_events`, one statement per transaction, from one connection.
+async fn baseline_insert(
+    settings: &Settings,
+    seconds: f64,
+    payload_bytes: usize,
+) -> anyhow::Result<f64> {
+    use sqlx::Connection as _;
+    let url = settings.database_url.as_str();
+    let payload: Vec<u8> = (0..payload_bytes).map(|i| (i % 251) as u8).collect();
+    let metadata = vec![
+        0xa1u8, 0x65, b'a', b'c', b't', b'o', b'r', 0x65, b'b', b'e', b'n', b'c', b'h',
+    ];
+    let duration = Duration::from_secs_f64(seconds);
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query("DROP TABLE IF EXISTS bench_baseline")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE bench_baseline (position bigint PRIMARY KEY, stream text NOT NULL, \
+             version bigint NOT NULL, event_id uuid NOT NULL UNIQUE, event_type text NOT NULL, \
+             schema_version integer NOT NULL, payload bytea NOT NULL, metadata bytea NOT NULL, \
+             server_id text, recorded_at bigint NOT NULL, UNIQUE (stream, version))",
+        )
+        .execute(&mut conn)
+        .await?;
+        let started = Instant::now();
+        let mut position = 0i64;
+        while started.elapsed() < duration {
+            let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO bench_baseline (position, stream, version, event_id, event_type, \
+                 schema_version, payload, metadata, server_id, recorded_at) ",
+            );
+            q.push_values(0..100i64, |mut row, i| {
+                row.push_bind(position + i)
+                    .push_bind("baseline")
+                    .push_bind(position + i)
+                    .push_bind(new_event(&[]).event_id)
+                    .push_bind("bench.appended")
+                    .push_bind(1i32)
+                    .push_bind(payload.clone())
+                    .push_bind(metadata.clone())
+                    .push_bind(None::<String>)
+                    .push_bind(0i64);
+            });
+            q.build().execute(&mut conn).await?;
+            position += 100;
+        }
+        let rate = position as f64 / started.elapsed().as_secs_f64();
+        sqlx::query("DROP TABLE bench_baseline")
+            .execute(&mut conn)
+            .await?;
+        Ok(rate)
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url).await?;
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("DROP TABLE IF EXISTS bench_baseline")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE bench_baseline (position INTEGER PRIMARY KEY, stream TEXT NOT NULL, \
+             version INTEGER NOT NULL, event_id BLOB NOT NULL UNIQUE, event_type TEXT NOT NULL, \
+             schema_version INTEGER NOT NULL, payload BLOB NOT NULL, metadata BLOB NOT NULL, \
+             server_id TEXT, recorded_at INTEGER NOT NULL, UNIQUE (stream, version))",
+        )
+        .execute(&mut conn)
+        .await?;
+        let started = Instant::now();
+        let mut position = 0i64;
+        while started.elapsed() < duration {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO bench_baseline (position, stream, version, event_id, event_type, \
+                 schema_version, payload, metadata, server_id, recorded_at) ",
+            );
+            q.push_values(0..100i64, |mut row, i| {
+                row.push_bind(position + i)
+                    .push_bind("baseline")
+                    .push_bind(position + i)
+                    .push_bind(new_event(&[]).event_id)
+                    .push_bind("bench.appended")
+                    .push_bind(1i32)
+                    .push_bind(payload.clone())
+                    .push_bind(metadata.clone())
+                    .push_bind(None::<String>)
+                    .push_bind(0i64);
+            });
+            q.build().execute(&mut conn).await?;
+            position += 100;
+        }
+        let rate = position as f64 / started.elapsed().as_secs_f64();
+        sqlx::query("DROP TABLE bench_baseline")
+            .execute(&mut conn)
+            .await?;
+        Ok(rate)
+    }
+}
+
+/// Reads `$all` from position 0 to the head, in pages, as a projection catching up does.
+async fn read_all(store: &SharedStore) -> anyhow::Result<(u64, f64)> {
+    let started = Instant::now();
+    let mut from = 0;
+    let mut count = 0u64;
+    loop {
+        let page = store.read_all(from, 5_000).await?;
+        let Some(last) = page.last() else { break };
+        from = last.position + 1;
+        count += page.len() as u64;
+    }
+    Ok((count, count as f64 / started.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,98 @@
+//! The composition root: reads the configuration, opens the store and runs one subcommand.
+//! Nothing here decides business rules; that is `domain` (through `commands`).
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use countersign_eventstore::{Opened, open};
+
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod events;
+
+pub use config::{GlobalArgs, Settings};
+
+/// countersign: strong authentication and transaction signing that can be proven.
+#[derive(Debug, Parser)]
+#[command(name = "countersign", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update the database schema, then exit.
+    Migrate,
+    /// Print the event log (`$all` or one stream) as JSON lines.
+    Events(events::EventsArgs),
+    /// Run a demonstration on the embedded default and print what happened.
+    Demo(demo::DemoArgs),
+    /// Measure the platform: `bench append` for the event store.
+    Bench(bench::BenchArgs),
+    /// Print a new random master key (64 hex digits) for `--master-key-file`.
+    Keygen,
+}
+
+impl Cli {
+    pub fn log_filter(&self) -> String {
+        self.global.log.clone().unwrap_or_else(|| "warn".to_owned())
+    }
+}
+
+/// Logs go to stderr so stdout stays machine-readable (JSON lines, tables).
+pub fn init_tracing(filter: String) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the chosen subcommand to completion.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_async(cli))
+}
+
+async fn run_async(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&cli.global)?;
+    match cli.command {
+        Command::Migrate => {
+            connect(&settings).await?;
+            let mut out = std::io::stdout().lock();
+            use std::io::Write as _;
+            writeln!(
+                out,
+                "schema is up to date on {}",
+                settings.database_display()
+            )?;
+            Ok(())
+        }
+        Command::Events(args) => events::run(&settings, args).await,
+        Command::Demo(args) => demo::run(&settings, args).await,
+        Command::Bench(args) => bench::run(&settings, args).await,
+        Command::Keygen => {
+            use std::io::Write as _;
+            let key = config::new_master_key_hex()?;
+            writeln!(std::io::stdout().lock(), "{}", key.as_str())?;
+            Ok(())
+        }
+    }
+}
+
+/// Opens the configured database (applying the schema), with a one-line error.
+pub async fn connect(settings: &Settings) -> anyhow::Result<Opened> {
+    open(&settings.store_options()).await.with_context(|| {
+        format!(
+            "cannot open the event store at {}",
+            settings.database_display()
+        )
+    })
+}

@@ -1,0 +1,228 @@
+//! The write side: load an aggregate's stream, let its `decide` rule on a command, append the
+//! events with the stream's version as the expected version, and retry from the top when
+//! another writer got there first.
+//!
+//! Rules it enforces:
+//! - A command's events are committed before its answer; the answer carries the position
+//!   reached, so a reader can wait for it (invariant 8).
+//! - Two concurrent commands on one stream never both succeed on the same state: the loser's
+//!   append conflicts and it decides again on the new state, up to [`MAX_ATTEMPTS`] times.
+//! - With an idempotency key, the event ids are derived from the key, so a retried command
+//!   whose first attempt was committed answers that attempt's result instead of deciding again.
+//! - This crate is an edge: it reads the clock (through [`Clock`]) and the OS random generator
+//!   (ids, keys, nonces); the domain gets both as inputs.
+
+use countersign_domain::{Aggregate, Classify, Context, ErrorKind};
+use countersign_eventstore::{
+    Direction, ExpectedVersion, Metadata, NewEvent, RecordedEvent, SharedStore, StoreError,
+};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub mod clock;
+pub mod server;
+pub mod user;
+
+pub use clock::{Clock, FixedClock, SystemClock};
+
+/// How often a command is decided again after losing a race on its stream.
+pub const MAX_ATTEMPTS: usize = 5;
+
+/// Why a command did not go through. Each variant says how an API maps it.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// A business rule refused it; `kind` gives the HTTP mapping (400/404/409/410/422).
+    #[error("{message}")]
+    Rejected { kind: ErrorKind, message: String },
+    /// Other writers kept changing the stream (HTTP 409, retryable).
+    #[error("stream {stream} kept changing; try again")]
+    Conflict { stream: String },
+    /// The store failed or refused (see [`StoreError`]'s own mapping).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something on our side broke (HTTP 500; logged, never shown).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CommandError {
+    pub(crate) fn rejected<E: Classify + std::fmt::Display>(error: E) -> Self {
+        Self::Rejected {
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed<E> {
+    /// The events appended (empty: the command changed nothing).
+    pub events: Vec<E>,
+    /// The last position written, or the stream's last position when nothing was written:
+    /// a reader that waits for it sees the command's effect.
+    pub position: Option<u64>,
+}
+
+/// An aggregate's state as of its stream's last event.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    pub state: A,
+    /// The stream's last version (`None`: no stream).
+    pub version: Option<u64>,
+    /// The stream's last position.
+    pub position: Option<u64>,
+    events: Vec<RecordedEvent>,
+}
+
+/// Folds a whole stream into its aggregate.
+pub async fn load<A: Aggregate>(
+    store: &SharedStore,
+    stream: &str,
+) -> Result<Loaded<A>, CommandError> {
+    let mut state = A::default();
+    let mut version = None;
+    let mut position = None;
+    let mut events = Vec::new();
+    loop {
+        let from = version.map_or(0, |v: u64| v + 1);
+        let page = store
+            .read_stream(stream, Some(from), Direction::Forwards, 1_000)
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        for recorded in page {
+            state.apply(&recorded.decode::<A::Event>()?);
+            version = Some(recorded.version);
+            position = Some(recorded.position);
+            events.push(recorded);
+        }
+    }
+    Ok(Loaded {
+        state,
+        version,
+        position,
+        events,
+    })
+}
+
+/// Runs one command on one stream: load, decide, append, retry on conflict.
+pub async fn execute<A>(
+    store: &SharedStore,
+    stream: &str,
+    command: A::Command,
+    ctx: &mut Context<'_>,
+    metadata: &Metadata,
+    idempotency_key: Option<&str>,
+) -> Result<Executed<A::Event>, CommandError>
+where
+    A: Aggregate,
+    A::Command: Clone,
+    A::Error: Classify + std::fmt::Display,
+{
+    for _ in 0..MAX_ATTEMPTS {
+        let loaded = load::<A>(store, stream).await?;
+        if let Some(key) = idempotency_key {
+            if let Some(done) = earlier_result::<A>(&loaded, stream, key)? {
+                return Ok(done);
+            }
+        }
+        let events = loaded
+            .state
+            .decide(command.clone(), ctx)
+            .map_err(CommandError::rejected)?;
+        if events.is_empty() {
+            return Ok(Executed {
+                events,
+                position: loaded.position,
+            });
+        }
+        let new_events = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| {
+                let id = match idempotency_key {
+                    Some(key) => derived_event_id(key, stream, i),
+                    None => new_event_id(),
+                };
+                NewEvent::from_domain(id, event, metadata.clone())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let expected = loaded
+            .version
+            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        match store.append(stream, expected, new_events).await {
+            Ok(written) => {
+                return Ok(Executed {
+                    events,
+                    position: Some(written.last_position),
+                });
+            }
+            Err(StoreError::WrongExpectedVersion { .. }) => {
+                tracing::debug!(stream, "lost a race on the stream; deciding again");
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CommandError::Conflict {
+        stream: stream.to_owned(),
+    })
+}
+
+/// If the stream holds events appended under this idempotency key, the result of that append.
+fn earlier_result<A: Aggregate>(
+    loaded: &Loaded<A>,
+    stream: &str,
+    key: &str,
+) -> Result<Option<Executed<A::Event>>, CommandError> {
+    let first = derived_event_id(key, stream, 0);
+    let Some(start) = loaded.events.iter().position(|e| e.event_id == first) else {
+        return Ok(None);
+    };
+    let mut events = Vec::new();
+    let mut position = None;
+    for (i, recorded) in loaded.events.iter().skip(start).enumerate() {
+        if recorded.event_id != derived_event_id(key, stream, i) {
+            break;
+        }
+        events.push(recorded.decode::<A::Event>()?);
+        position = Some(recorded.position);
+    }
+    Ok(Some(Executed { events, position }))
+}
+
+/// A fresh UUIDv7: time-ordered, so the store's id index stays append-friendly.
+#[allow(clippy::disallowed_methods)] // this crate is the edge that makes ids
+pub fn new_event_id() -> Uuid {
+    Uuid::now_v7()
+}
+
+/// The id of the `index`-th event of a command sent with an idempotency key: a UUIDv8 built
+/// from SHA-256(key ‖ 0 ‖ stream ‖ 0 ‖ index), so the same command on the same stream always
+/// gets the same ids and the store recognises the retry.
+pub fn derived_event_id(key: &str, stream: &str, index: usize) -> Uuid {
+    let mut hash = Sha256::new();
+    hash.update(key.as_bytes());
+    hash.update([0]);
+    hash.update(stream.as_bytes());
+    hash.update([0]);
+    hash.update((index as u64).to_be_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Fills `out` from the OS random generator.
+pub(crate) fn random_bytes(out: &mut [u8]) -> Result<(), CommandError> {
+    getrandom::fill(out)
+        .map_err(|e| CommandError::Internal(format!("no randomness from the OS: {e}")))
+}
+
+impl<E> Executed<E> {
+    /// Whether the command changed anything.
+    pub fn changed(&self) -> bool {
+        !self.events.is_empty()
+    }
+}

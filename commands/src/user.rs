@@ -1,0 +1,213 @@
+//! User commands. A user's personal data (userid, attribute values) is sealed in events with
+//! the user's own data key, which lives in the key vault; deleting the user destroys that key
+//! (crypto-shredding), so the log keeps every event and none of that user's personal data.
+
+use std::sync::Arc;
+
+use countersign_domain::user::{
+    DeleteUser, RegisterUser, RemoveAttribute, SetAttribute, User, UserCommand, UserEvent,
+};
+use countersign_domain::{
+    Clock, Context, DataKey, SealError, Sealed, Sealer, ServerId, UserRef, Userid,
+};
+use countersign_eventstore::vault::KeyVault;
+use countersign_eventstore::{Metadata, SharedStore};
+use zeroize::Zeroizing;
+
+use crate::{CommandError, Executed, execute, random_bytes};
+
+/// The vault reference of a user's data key.
+pub fn data_key_ref(user: &UserRef) -> String {
+    key_ref_of_stream(&user.stream())
+}
+
+fn key_ref_of_stream(stream: &str) -> String {
+    format!("{stream}/data-key")
+}
+
+/// Seals with the user's data key and a fresh random nonce per field.
+struct OsSealer {
+    key: DataKey,
+}
+
+impl Sealer for OsSealer {
+    fn seal(&mut self, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, SealError> {
+        let mut nonce = [0u8; 12];
+        // A failing OS generator must not fall back to a fixed nonce: refuse instead.
+        getrandom::fill(&mut nonce).map_err(|_| SealError::TooLong)?;
+        self.key.seal(nonce, aad, plaintext)
+    }
+}
+
+/// User commands on one store.
+#[derive(Clone)]
+pub struct UserCommands {
+    store: SharedStore,
+    vault: KeyVault,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for UserCommands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCommands")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserCommands {
+    pub fn new(store: SharedStore, vault: KeyVault, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            vault,
+            clock,
+        }
+    }
+
+    /// The user's data key, created on first use.
+    async fn data_key(&self, user: &UserRef, create: bool) -> Result<DataKey, CommandError> {
+        let key_ref = data_key_ref(user);
+        let bytes = if create {
+            let mut fresh = Zeroizing::new([0u8; 32]);
+            random_bytes(fresh.as_mut())?;
+            Some(self.vault.put_if_absent(&key_ref, fresh.as_ref()).await?)
+        } else {
+            self.vault.get(&key_ref).await?
+        };
+        let Some(bytes) = bytes else {
+            return Err(CommandError::Rejected {
+                kind: countersign_domain::ErrorKind::Gone,
+                message: "the user's personal data was erased".into(),
+            });
+        };
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CommandError::Internal("a data key is not 32 bytes".into()))?;
+        Ok(DataKey::from_bytes(array))
+    }
+
+    async fn run(
+        &self,
+        user: &UserRef,
+        command: UserCommand,
+        key: Option<DataKey>,
+        metadata: &Metadata,
+    ) -> Result<Executed<UserEvent>, CommandError> {
+        let metadata = Metadata {
+            server_id: Some(user.server_id.to_string()),
+            ..metadata.clone()
+        };
+        let now = self.clock.now();
+        match key {
+            Some(key) => {
+                let mut sealer = OsSealer { key };
+                let mut ctx = Context::with_sealer(now, &mut sealer);
+                execute::<User>(
+                    &self.store,
+                    &user.stream(),
+                    command,
+                    &mut ctx,
+                    &metadata,
+                    None,
+                )
+                .await
+            }
+            None => {
+                let mut ctx = Context::new(now);
+                execute::<User>(
+                    &self.store,
+                    &user.stream(),
+                    command,
+                    &mut ctx,
+                    &metadata,
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    pub async fn register(
+        &self,
+        server: ServerId,
+        userid: &str,
+        metadata: &Metadata,
+    ) -> Result<(UserRef, Executed<UserEvent>), CommandError> {
+        let userid = Userid::new(userid).map_err(|e| CommandError::Rejected {
+            kind: countersign_domain::ErrorKind::Invalid,
+            message: e.to_string(),
+        })?;
+        let user = UserRef::new(server, &userid);
+        let key = self.data_key(&user, true).await?;
+        let command = RegisterUser {
+            server_id: server,
+            userid,
+        };
+        let done = self.run(&user, command.into(), Some(key), metadata).await?;
+        Ok((user, done))
+    }
+
+    pub async fn set_attribute(
+        &self,
+        user: &UserRef,
+        name: &str,
+        value: &str,
+        metadata: &Metadata,
+    ) -> Result<Executed<UserEvent>, CommandError> {
+        let key = self.data_key(user, false).await?;
+        let command = SetAttribute {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
+        self.run(user, command.into(), Some(key), metadata).await
+    }
+
+    pub async fn remove_attribute(
+        &self,
+        user: &UserRef,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Executed<UserEvent>, CommandError> {
+        let command = RemoveAttribute {
+            name: name.to_owned(),
+        };
+        self.run(user, command.into(), None, metadata).await
+    }
+
+    /// Deletes the user and destroys their data key.
+    pub async fn delete(
+        &self,
+        user: &UserRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<UserEvent>, CommandError> {
+        let result = self.run(user, DeleteUser.into(), None, metadata).await;
+        // Destroy even if the user was already deleted: a crash after the event and before
+        // the destruction must not leave the key behind.
+        self.vault.destroy(&data_key_ref(user)).await?;
+        result
+    }
+
+    /// Opens a sealed field of the user whose stream is `stream`, or `None` once the user's
+    /// data key is destroyed.
+    pub async fn open(
+        &self,
+        stream: &str,
+        field: &str,
+        sealed: &Sealed,
+    ) -> Result<Option<String>, CommandError> {
+        let Some(bytes) = self.vault.get(&key_ref_of_stream(stream)).await? else {
+            return Ok(None);
+        };
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CommandError::Internal("a data key is not 32 bytes".into()))?;
+        let plain = DataKey::from_bytes(array)
+            .open(&countersign_domain::seal::aad(stream, field), sealed)
+            .map_err(|e| CommandError::Internal(e.to_string()))?;
+        String::from_utf8(plain)
+            .map(Some)
+            .map_err(|_| CommandError::Internal("sealed field is not UTF-8".into()))
+    }
+}

@@ -1,0 +1,102 @@
+//! Events of the account aggregate (stream `account-{server id}-{account id}`).
+//!
+//! An account is one app instance's registration for one user at one server, with its own key
+//! pairs. Headless accounts (created by the secure channel) have no second factor; upgrading
+//! adds one. Rules arrive with the device gateway; only public keys and hashes appear here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountRef, AppInstanceId, Timestamp, UserDigest};
+use crate::second_factor::SecondFactorKind;
+
+/// Which of an account's key pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRole {
+    /// Authenticates the Noise channel.
+    Channel,
+    /// Signs logins and transactions.
+    Signing,
+}
+
+/// Who deleted an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletedBy {
+    /// The business system, through the API (the app is then told to delete it).
+    Server,
+    /// The app, which notified the server.
+    App,
+}
+
+/// `account.registered` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRegistered {
+    /// Tenant and account id.
+    pub account: AccountRef,
+    /// The app installation holding the keys.
+    pub app_instance: AppInstanceId,
+    /// The user, if known yet (a secure-channel account starts without one).
+    pub user: Option<UserDigest>,
+    /// SEC1 uncompressed P-256 channel key.
+    #[serde(with = "serde_bytes")]
+    pub channel_public_key: Vec<u8>,
+    /// SEC1 uncompressed P-256 signing key.
+    #[serde(with = "serde_bytes")]
+    pub signing_public_key: Vec<u8>,
+    /// SHA-256 of `signing_public_key`, as attestations name it.
+    #[serde(with = "serde_bytes")]
+    pub signing_key_thumbprint: [u8; 32],
+    /// `None` for a headless account.
+    pub second_factor: Option<SecondFactorKind>,
+}
+
+/// `account.user_linked` v1: a headless account learnt its user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountUserLinked {
+    /// The user.
+    pub user: UserDigest,
+}
+
+/// `account.upgraded` v1: a second factor was added to a headless account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountUpgraded {
+    /// The factor.
+    pub second_factor: SecondFactorKind,
+    /// SHA-256 of the SFS attestation that proved it.
+    #[serde(with = "serde_bytes")]
+    pub attestation_hash: [u8; 32],
+}
+
+/// `account.key_rotated` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountKeyRotated {
+    /// Which key.
+    pub role: KeyRole,
+    /// The new SEC1 uncompressed P-256 public key.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// SHA-256 of `public_key`.
+    #[serde(with = "serde_bytes")]
+    pub key_thumbprint: [u8; 32],
+}
+
+/// `account.deleted` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDeleted {
+    /// Who.
+    pub by: DeletedBy,
+    /// When.
+    pub deleted_at: Timestamp,
+}
+
+crate::domain_events! {
+    /// Everything that happens to an account.
+    pub enum AccountEvent {
+        Registered(AccountRegistered) = ("account.registered", 1),
+        UserLinked(AccountUserLinked) = ("account.user_linked", 1),
+        Upgraded(AccountUpgraded) = ("account.upgraded", 1),
+        KeyRotated(AccountKeyRotated) = ("account.key_rotated", 1),
+        Deleted(AccountDeleted) = ("account.deleted", 1),
+    }
+}

@@ -1,0 +1,370 @@
+//! The server (tenant) aggregate: identity key, settings and API keys.
+//!
+//! Lifecycle: `NotCreated --CreateServer--> Active --DeleteServer--> Deleted` (terminal).
+//! Rules enforced by [`Server::decide`]:
+//! - the public key is a valid P-256 point; the event stores its uncompressed SEC1 form and
+//!   SHA-256 thumbprint (the private key never reaches the domain);
+//! - settings: name 1..=100 characters without control characters; logo `https`, ≤ 2048
+//!   bytes; session timeout 30..=86400 s; default ping time 0..=3600 s and below the timeout;
+//!   second-factor reuse window 0..=3600 s; at least one second factor allowed;
+//! - a configuration that changes nothing emits nothing;
+//! - API keys: id never reused (even after revocation), label 1..=100 characters, at most
+//!   [`MAX_ACTIVE_API_KEYS`] active; revoking an unknown key is `ApiKeyNotFound`, revoking a
+//!   revoked key emits nothing;
+//! - a deleted server refuses every command with [`ServerError::Deleted`].
+
+mod events;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use p256::elliptic_curve::sec1::ToSec1Point;
+use sha2::{Digest, Sha256};
+
+pub use events::*;
+
+use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
+use crate::ids::{ApiKeyId, ServerId};
+use crate::validate::{self, ValidationError};
+
+/// Most API keys a server may have active at once.
+pub const MAX_ACTIVE_API_KEYS: usize = 20;
+/// Longest server name, in characters.
+pub const NAME_MAX_CHARS: usize = 100;
+/// Longest API key label, in characters.
+pub const LABEL_MAX_CHARS: usize = 100;
+
+/// Create a tenant. The edge generated `id` and the key pair and keeps the private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateServer {
+    /// The new server's id.
+    pub id: ServerId,
+    /// Its display name.
+    pub name: String,
+    /// SEC1 P-256 public key, compressed or uncompressed.
+    pub public_key: Vec<u8>,
+}
+
+/// Change some settings; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigureServer {
+    /// New name.
+    pub name: Option<String>,
+    /// `Some(None)` removes the logo.
+    pub logo_url: Option<Option<String>>,
+    /// New second-factor policy, in full.
+    pub second_factor: Option<SecondFactorPolicy>,
+    /// New session timeout, seconds.
+    pub session_timeout_secs: Option<u32>,
+    /// New default ping time, seconds.
+    pub default_ping_time_secs: Option<u32>,
+}
+
+/// Record a new API key. The edge generated the token, showed it once, and passes its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueApiKey {
+    /// The key's public id.
+    pub key_id: ApiKeyId,
+    /// The operator's label.
+    pub label: String,
+    /// SHA-256 of the token.
+    pub secret_hash: [u8; 32],
+}
+
+/// Stop an API key from authenticating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeApiKey {
+    /// The key.
+    pub key_id: ApiKeyId,
+}
+
+/// Delete the tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteServer;
+
+/// Commands of the server aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCommand {
+    /// See [`CreateServer`].
+    Create(CreateServer),
+    /// See [`ConfigureServer`].
+    Configure(ConfigureServer),
+    /// See [`IssueApiKey`].
+    IssueApiKey(IssueApiKey),
+    /// See [`RevokeApiKey`].
+    RevokeApiKey(RevokeApiKey),
+    /// See [`DeleteServer`].
+    Delete(DeleteServer),
+}
+
+macro_rules! into_command {
+    ($enum:ident { $($variant:ident($cmd:ty)),+ $(,)? }) => {
+        $(impl From<$cmd> for $enum {
+            fn from(c: $cmd) -> Self {
+                Self::$variant(c)
+            }
+        })+
+    };
+}
+pub(crate) use into_command;
+
+into_command!(ServerCommand {
+    Create(CreateServer),
+    Configure(ConfigureServer),
+    IssueApiKey(IssueApiKey),
+    RevokeApiKey(RevokeApiKey),
+    Delete(DeleteServer),
+});
+
+/// Why a server command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    /// The input breaks a rule. HTTP 422.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// `CreateServer` for an id that exists. HTTP 409.
+    #[error("server already exists")]
+    AlreadyExists,
+    /// No server with this id. HTTP 404.
+    #[error("server not found")]
+    NotFound,
+    /// The server was deleted. HTTP 410.
+    #[error("server was deleted")]
+    Deleted,
+    /// An API key with this id exists or existed. HTTP 409.
+    #[error("API key id already used")]
+    ApiKeyExists,
+    /// No API key with this id. HTTP 404.
+    #[error("API key not found")]
+    ApiKeyNotFound,
+    /// The active-key limit is reached; revoke one first. HTTP 409.
+    #[error("at most {max} API keys may be active")]
+    TooManyApiKeys {
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl Classify for ServerError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Invalid(_) => ErrorKind::Invalid,
+            Self::AlreadyExists | Self::ApiKeyExists | Self::TooManyApiKeys { .. } => {
+                ErrorKind::Conflict
+            }
+            Self::NotFound | Self::ApiKeyNotFound => ErrorKind::NotFound,
+            Self::Deleted => ErrorKind::Gone,
+        }
+    }
+}
+
+/// Whether an API key still authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKeyStatus {
+    /// Usable.
+    Active,
+    /// Revoked; its id stays taken.
+    Revoked,
+}
+
+/// A live server's write model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveServer {
+    /// The tenant.
+    pub id: ServerId,
+    /// SHA-256 of the uncompressed public key.
+    pub key_thumbprint: [u8; 32],
+    /// Current settings.
+    pub settings: ServerSettings,
+    /// Every key ever issued.
+    pub api_keys: BTreeMap<ApiKeyId, ApiKeyStatus>,
+}
+
+/// The server aggregate's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Server {
+    /// Nothing in the stream yet.
+    #[default]
+    NotCreated,
+    /// Created and not deleted.
+    Active(ActiveServer),
+    /// Deleted: terminal.
+    Deleted {
+        /// The tenant.
+        id: ServerId,
+    },
+}
+
+impl Server {
+    fn active(&self) -> Result<&ActiveServer, ServerError> {
+        match self {
+            Self::NotCreated => Err(ServerError::NotFound),
+            Self::Active(active) => Ok(active),
+            Self::Deleted { .. } => Err(ServerError::Deleted),
+        }
+    }
+}
+
+fn validate_settings(s: &ServerSettings) -> Result<(), ValidationError> {
+    validate::display_text("name", &s.name, NAME_MAX_CHARS)?;
+    if let Some(url) = &s.logo_url {
+        validate::logo_url(url)?;
+    }
+    validate::in_range(
+        "second_factor.login_reuse_window_secs",
+        s.second_factor.login_reuse_window_secs,
+        0,
+        3600,
+    )?;
+    if !s.second_factor.pin_allowed && !s.second_factor.biometric_allowed {
+        return Err(ValidationError::NoSecondFactorAllowed);
+    }
+    validate::in_range("session_timeout_secs", s.session_timeout_secs, 30, 86_400)?;
+    validate::in_range("default_ping_time_secs", s.default_ping_time_secs, 0, 3600)?;
+    if s.default_ping_time_secs >= s.session_timeout_secs {
+        return Err(ValidationError::PingNotBelowTimeout {
+            ping: s.default_ping_time_secs,
+            timeout: s.session_timeout_secs,
+        });
+    }
+    Ok(())
+}
+
+fn decide_create(cmd: CreateServer) -> Result<Vec<ServerEvent>, ServerError> {
+    let key = p256::PublicKey::from_sec1_bytes(&cmd.public_key)
+        .map_err(|_| ValidationError::PublicKey)?;
+    let public_key = key.as_affine().to_sec1_point(false).as_bytes().to_vec();
+    let key_thumbprint: [u8; 32] = Sha256::digest(&public_key).into();
+    let settings = ServerSettings::defaults(cmd.name);
+    validate_settings(&settings)?;
+    Ok(vec![ServerEvent::Created(ServerCreated {
+        server_id: cmd.id,
+        public_key,
+        key_thumbprint,
+        settings,
+    })])
+}
+
+fn decide_configure(
+    server: &ActiveServer,
+    cmd: ConfigureServer,
+) -> Result<Vec<ServerEvent>, ServerError> {
+    let mut settings = server.settings.clone();
+    if let Some(name) = cmd.name {
+        settings.name = name;
+    }
+    if let Some(logo_url) = cmd.logo_url {
+        settings.logo_url = logo_url;
+    }
+    if let Some(policy) = cmd.second_factor {
+        settings.second_factor = policy;
+    }
+    if let Some(timeout) = cmd.session_timeout_secs {
+        settings.session_timeout_secs = timeout;
+    }
+    if let Some(ping) = cmd.default_ping_time_secs {
+        settings.default_ping_time_secs = ping;
+    }
+    // Validating the merged result checks cross-field rules against the values that will hold.
+    validate_settings(&settings)?;
+    if settings == server.settings {
+        return Ok(Vec::new());
+    }
+    Ok(vec![ServerEvent::Configured(ServerConfigured { settings })])
+}
+
+fn decide_issue(
+    server: &ActiveServer,
+    cmd: IssueApiKey,
+    ctx: &Context<'_>,
+) -> Result<Vec<ServerEvent>, ServerError> {
+    validate::display_text("label", &cmd.label, LABEL_MAX_CHARS)?;
+    if server.api_keys.contains_key(&cmd.key_id) {
+        return Err(ServerError::ApiKeyExists);
+    }
+    let active = server
+        .api_keys
+        .values()
+        .filter(|s| **s == ApiKeyStatus::Active)
+        .count();
+    if active >= MAX_ACTIVE_API_KEYS {
+        return Err(ServerError::TooManyApiKeys {
+            max: MAX_ACTIVE_API_KEYS,
+        });
+    }
+    Ok(vec![ServerEvent::ApiKeyIssued(ApiKeyIssued {
+        key_id: cmd.key_id,
+        label: cmd.label,
+        secret_hash: cmd.secret_hash,
+        issued_at: ctx.now,
+    })])
+}
+
+fn decide_revoke(
+    server: &ActiveServer,
+    cmd: RevokeApiKey,
+    ctx: &Context<'_>,
+) -> Result<Vec<ServerEvent>, ServerError> {
+    match server.api_keys.get(&cmd.key_id) {
+        None => Err(ServerError::ApiKeyNotFound),
+        Some(ApiKeyStatus::Revoked) => Ok(Vec::new()),
+        Some(ApiKeyStatus::Active) => Ok(vec![ServerEvent::ApiKeyRevoked(ApiKeyRevoked {
+            key_id: cmd.key_id,
+            revoked_at: ctx.now,
+        })]),
+    }
+}
+
+impl Aggregate for Server {
+    type Command = ServerCommand;
+    type Event = ServerEvent;
+    type Error = ServerError;
+
+    fn decide(
+        &self,
+        command: ServerCommand,
+        ctx: &mut Context<'_>,
+    ) -> Result<Vec<ServerEvent>, ServerError> {
+        match command {
+            ServerCommand::Create(cmd) => match self {
+                Self::NotCreated => decide_create(cmd),
+                Self::Active(_) => Err(ServerError::AlreadyExists),
+                Self::Deleted { .. } => Err(ServerError::Deleted),
+            },
+            ServerCommand::Configure(cmd) => decide_configure(self.active()?, cmd),
+            ServerCommand::IssueApiKey(cmd) => decide_issue(self.active()?, cmd, ctx),
+            ServerCommand::RevokeApiKey(cmd) => decide_revoke(self.active()?, cmd, ctx),
+            ServerCommand::Delete(DeleteServer) => {
+                self.active()?;
+                Ok(vec![ServerEvent::Deleted(ServerDeleted {
+                    deleted_at: ctx.now,
+                })])
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &ServerEvent) {
+        match (event, &mut *self) {
+            (ServerEvent::Created(e), _) => {
+                *self = Self::Active(ActiveServer {
+                    id: e.server_id,
+                    key_thumbprint: e.key_thumbprint,
+                    settings: e.settings.clone(),
+                    api_keys: BTreeMap::new(),
+                });
+            }
+            (ServerEvent::Configured(e), Self::Active(s)) => s.settings = e.settings.clone(),
+            (ServerEvent::ApiKeyIssued(e), Self::Active(s)) => {
+                s.api_keys.insert(e.key_id, ApiKeyStatus::Active);
+            }
+            (ServerEvent::ApiKeyRevoked(e), Self::Active(s)) => {
+                s.api_keys.insert(e.key_id, ApiKeyStatus::Revoked);
+            }
+            (ServerEvent::Deleted(_), Self::Active(s)) => *self = Self::Deleted { id: s.id },
+            // History is a fact: an event that cannot follow the current state (a corrupt or
+            // hand-edited stream) changes nothing rather than inventing state.
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Given/when/then for aggregate tests: given these events, when this command, then these
+//! events or this error. Every emitted event is also applied, so `apply` is exercised on
+//! exactly what `decide` produces.
+
+use std::fmt::Debug;
+
+use crate::aggregate::{Aggregate, Context};
+use crate::ids::Timestamp;
+use crate::seal::{CounterSealer, DataKey};
+
+/// The fixed "now" of aggregate tests: 2026-01-01T00:00:00Z.
+pub const NOW: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+/// The data key of test users.
+pub fn test_key() -> DataKey {
+    DataKey::from_bytes([0x5a; 32])
+}
+
+/// A deterministic sealer under [`test_key`].
+pub fn test_sealer() -> CounterSealer {
+    CounterSealer::new(test_key(), *b"test")
+}
+
+pub struct Given<A: Aggregate> {
+    state: A,
+    now: Timestamp,
+    sealer: CounterSealer,
+}
+
+pub fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
+    let mut state = A::default();
+    for e in events {
+        state.apply(&e);
+    }
+    Given {
+        state,
+        now: NOW,
+        sealer: test_sealer(),
+    }
+}
+
+pub fn given_nothing<A: Aggregate>() -> Given<A> {
+    given(Vec::new())
+}
+
+pub struct Then<A: Aggregate> {
+    pub result: Result<Vec<A::Event>, A::Error>,
+    pub state: A,
+}
+
+impl<A: Aggregate> Given<A> {
+    pub fn at(mut self, now: Timestamp) -> Self {
+        self.now = now;
+        self
+    }
+
+    pub fn when(mut self, command: impl Into<A::Command>) -> Then<A> {
+        let mut ctx = Context::with_sealer(self.now, &mut self.sealer);
+        let result = self.state.decide(command.into(), &mut ctx);
+        if let Ok(events) = &result {
+            for e in events {
+                self.state.apply(e);
+            }
+        }
+        Then {
+            result,
+            state: self.state,
+        }
+    }
+}
+
+impl<A: Aggregate> Then<A>
+where
+    A::Event: Debug + PartialEq,
+    A::Error: Debug + PartialEq,
+{
+    #[track_caller]
+    pub fn then(self, expected: Vec<A::Event>) -> A {
+        match self.result {
+            Ok(events) => assert_eq!(events, expected),
+            Err(e) => panic!("expected events, got error {e:?}"),
+        }
+        self.state
+    }
+
+    #[track_caller]
+    pub fn then_nothing(self) -> A {
+        self.then(Vec::new())
+    }
+
+    #[track_caller]
+    pub fn then_error(self, expected: A::Error) {
+        match self.result {
+            Ok(events) => panic!("expected error {expected:?}, got events {events:?}"),
+            Err(e) => assert_eq!(e, expected),
+        }
+    }
+
+    #[track_caller]
+    pub fn events(self) -> Vec<A::Event> {
+        match self.result {
+            Ok(events) => events,
+            Err(e) => panic!("expected events, got error {e:?}"),
+        }
+    }
+}
+
+/// An event as a reviewer reads it in a snapshot: type, version and payload as JSON.
+pub fn render<E: crate::event::DomainEvent>(event: &E) -> serde_json::Value {
+    let payload = crate::cbor::decode_value(&event.encode().unwrap()).unwrap();
+    serde_json::json!({
+        "type": event.event_type(),
+        "schema_version": event.schema_version(),
+        "payload": crate::cbor::value_to_json(&payload),
+    })
+}
+
+/// One event of every variant of every aggregate, with every optional field filled in some and
+/// empty in others, for codec round-trip tests.
+pub fn samples() -> Vec<crate::event::AnyEvent> {
+    use crate::account::*;
+    use crate::enrolment::*;
+    use crate::ids::*;
+    use crate::second_factor::*;
+    use crate::server::*;
+    use crate::session::*;
+    use crate::transaction::*;
+    use crate::user::*;
+
+    let server = ServerId::from_bytes([1; 16]);
+    let digest = UserDigest::from_bytes([2; 16]);
+    let account_id = AccountId::from_bytes([3; 16]);
+    let app = AppInstanceId::from_bytes([4; 16]);
+    let t = Timestamp::from_millis(1_767_225_600_123);
+    let sealed = crate::seal::Sealed {
+        nonce: [5; 12],
+        ciphertext: vec![6; 20],
+    };
+    let settings = ServerSettings::defaults("Acme".into());
+    vec![
+        ServerEvent::Created(ServerCreated {
+            server_id: server,
+            public_key: vec![4; 65],
+            key_thumbprint: [7; 32],
+            settings: settings.clone(),
+        })
+        .into(),
+        ServerEvent::Configured(ServerConfigured {
+            settings: ServerSettings {
+                logo_url: Some("https://a.example/l.png".into()),
+                ..settings
+            },
+        })
+        .into(),
+        ServerEvent::ApiKeyIssued(ApiKeyIssued {
+            key_id: ApiKeyId::from_bytes([8; 16]),
+            label: "ci".into(),
+            secret_hash: [9; 32],
+            issued_at: t,
+        })
+        .into(),
+        ServerEvent::ApiKeyRevoked(ApiKeyRevoked {
+            key_id: ApiKeyId::from_bytes([8; 16]),
+            revoked_at: t,
+        })
+        .into(),
+        ServerEvent::Deleted(ServerDeleted { deleted_at: t }).into(),
+        UserEvent::Registered(UserRegistered {
+            user: UserRef {
+                server_id: server,
+                digest,
+            },
+            userid: sealed.clone(),
+        })
+        .into(),
+        UserEvent::AttributeSet(UserAttributeSet {
+            name: "email".into(),
+            value: sealed,
+        })
+        .into(),
+        UserEvent::AttributeRemoved(UserAttributeRemoved {
+            name: "email".into(),
+        })
+        .into(),
+        UserEvent::Deleted(UserDeleted { deleted_at: t }).into(),
+        AccountEvent::Registered(AccountRegistered {
+            account: AccountRef::new(server, account_id),
+            app_instance: app,
+            user: None,
+            channel_public_key: vec![4; 65],
+            signing_public_key: vec![4; 65],
+            signing_key_thumbprint: [10; 32],
+            second_factor: None,
+        })
+        .into(),
+        AccountEvent::UserLinked(AccountUserLinked { user: digest }).into(),
+        AccountEvent::Upgraded(AccountUpgraded {
+            second_factor: SecondFactorKind::Pin,
+            attestation_hash: [11; 32],
+        })
+        .into(),
+        AccountEvent::KeyRotated(AccountKeyRotated {
+            role: KeyRole::Signing,
+            public_key: vec![4; 65],
+            key_thumbprint: [12; 32],
+        })
+        .into(),
+        AccountEvent::Deleted(AccountDeleted {
+            by: DeletedBy::App,
+            deleted_at: t,
+        })
+        .into(),
+        EnrolmentEvent::Started(EnrolmentStarted {
+            enrolment: EnrolmentRef::new(server, EnrolmentId::from_bytes([13; 16])),
+            user: digest,
+            expires_at: t,
+        })
+        .into(),
+        EnrolmentEvent::Completed(EnrolmentCompleted {
+            account_id,
+            completed_at: t,
+        })
+        .into(),
+        EnrolmentEvent::Expired(EnrolmentExpired { expired_at: t }).into(),
+        SessionEvent::Opened(SessionOpened {
+            session: SessionRef::new(server, Hsid::from_bytes([14; 32])),
+            ping_time_secs: 60,
+            timeout_secs: 300,
+            expires_at: t,
+            app_login: false,
+            user: Some(digest),
+        })
+        .into(),
+        SessionEvent::Confirmed(SessionConfirmed { account_id }).into(),
+        SessionEvent::SecondFactorVerified(SessionSecondFactorVerified {
+            factor: SecondFactorKind::Biometric,
+            attestation_hash: [15; 32],
+            verified_at: t,
+            reused: true,
+        })
+        .into(),
+        SessionEvent::LoggedIn(SessionLoggedIn {
+            account_id,
+            user: digest,
+            continuous: true,
+            ping_deadline: Some(t),
+        })
+        .into(),
+        SessionEvent::Pinged(SessionPinged {
+            pinged_at: t,
+            ping_deadline: t.plus_secs(60),
+        })
+        .into(),
+        SessionEvent::LoggedOut(SessionLoggedOut {
+            reason: LogoutReason::PingMissed,
+            logged_out_at: t,
+        })
+        .into(),
+        SessionEvent::Aborted(SessionAborted {
+            by: AbortedBy::User,
+            aborted_at: t,
+        })
+        .into(),
+        SessionEvent::Expired(SessionExpired { expired_at: t }).into(),
+        SessionEvent::Failed(SessionFailed {
+            reason: SessionFailure::BadAttestation,
+            failed_at: t,
+        })
+        .into(),
+        TransactionEvent::Created(TransactionCreated {
+            transaction: TransactionRef::new(server, TransactionId::from_bytes([16; 16])),
+            user: digest,
+            data_hash: [17; 32],
+            text: "Pay €100 to Bob".into(),
+            expires_at: t,
+            origin: TransactionOrigin::Api,
+        })
+        .into(),
+        TransactionEvent::Signed(TransactionSigned {
+            account_id,
+            device_signature: vec![0xd2, 0x84],
+            attestation: vec![0xd2, 0x84, 0x43],
+            signed_at: t,
+        })
+        .into(),
+        TransactionEvent::Rejected(TransactionRejected {
+            account_id,
+            rejected_at: t,
+        })
+        .into(),
+        TransactionEvent::Expired(TransactionExpired { expired_at: t }).into(),
+        SecondFactorEvent::PinRegistered(PinRegistered {
+            app_instance: app,
+            record_digest: [18; 32],
+        })
+        .into(),
+        SecondFactorEvent::BiometricKeyRegistered(BiometricKeyRegistered {
+            app_instance: app,
+            public_key: vec![4; 65],
+            key_thumbprint: [19; 32],
+        })
+        .into(),
+        SecondFactorEvent::VerificationSucceeded(VerificationSucceeded {
+            factor: SecondFactorKind::Pin,
+            challenge_hash: [20; 32],
+            attestation_hash: [21; 32],
+            verified_at: t,
+            attestation_expires_at: t.plus_secs(60),
+        })
+        .into(),
+        SecondFactorEvent::VerificationFailed(VerificationFailed {
+            factor: SecondFactorKind::Pin,
+            failed_attempts: 3,
+            failed_at: t,
+        })
+        .into(),
+        SecondFactorEvent::Locked(SecondFactorLocked {
+            factor: SecondFactorKind::Pin,
+            failed_attempts: 5,
+            locked_until: t.plus_secs(900),
+        })
+        .into(),
+        SecondFactorEvent::Revoked(SecondFactorRevoked {
+            factor: SecondFactorKind::Biometric,
+            reason: RevocationReason::Replaced,
+            revoked_at: t,
+        })
+        .into(),
+    ]
+}

@@ -1,0 +1,158 @@
+//! countersign's event store: the source of truth for everything the platform does.
+//!
+//! EventStoreDB semantics on sqlx, with two backends behind one [`EventStore`] trait:
+//! PostgreSQL for scaled deployments and SQLite (one file) for the embedded default.
+//!
+//! The rules it enforces:
+//! - **Append-only.** There is no update or delete operation; on PostgreSQL a trigger refuses
+//!   UPDATE, DELETE and TRUNCATE of `es_events`, on SQLite triggers refuse UPDATE and DELETE.
+//! - **Positions are global, gapless, from 0, and visible in order.** No reader ever sees
+//!   position n+1 before n (see `postgres` and `sqlite` for how each backend guarantees it).
+//! - **Optimistic concurrency.** Each append names the version it expects the stream to be
+//!   at; of two concurrent appends expecting the same version one wins and the other gets
+//!   [`StoreError::WrongExpectedVersion`].
+//! - **Idempotent retries.** Retrying an append with the same event ids writes nothing new and
+//!   answers the original positions.
+//! - **Acknowledged means committed.** An append is answered after its transaction commits.
+//! - **Group commit.** Concurrent appends in one process share one transaction (`writer`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+/// A SELECT of whole envelopes, as a `&'static str` so statements stay prepared and cached.
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT position, stream, version, event_id, event_type, schema_version, payload, ",
+            "metadata, recorded_at FROM es_events ",
+            $rest
+        )
+    };
+}
+
+mod codec;
+mod error;
+mod migrate;
+mod model;
+mod plan;
+mod postgres;
+mod sqlite;
+mod subscription;
+pub mod vault;
+mod writer;
+
+#[cfg(test)]
+mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use error::StoreError;
+pub use model::{
+    AppendResult, Direction, ExpectedVersion, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_BYTES,
+    MAX_STREAM_NAME_BYTES, Metadata, NewEvent, RecordedEvent,
+};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+pub use subscription::Subscription;
+
+/// The event store's operations. Both backends pass the same conformance suite.
+#[async_trait]
+pub trait EventStore: Send + Sync + std::fmt::Debug {
+    /// Appends `events` to `stream` if it is at the `expected` version. Answers after commit.
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `limit` events of one stream. Forwards starts at `from_version` (default
+    /// 0); backwards starts at `from_version` (default: the last event) and goes down.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads up to `limit` events of `$all` from position `from` on, in position order.
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The last committed position, read from the database (`None`: the log is empty).
+    async fn last_position(&self) -> Result<Option<u64>, StoreError>;
+
+    /// The last committed position as this process knows it, updated after each commit (and,
+    /// on PostgreSQL, on other processes' notifications): what subscribers wait on.
+    fn head(&self) -> watch::Receiver<Option<u64>>;
+}
+
+/// A shared handle to whichever backend the configuration chose.
+pub type SharedStore = Arc<dyn EventStore>;
+
+/// Options for [`open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `postgres://…` or `sqlite://path/to/file.db`.
+    pub url: String,
+    /// PostgreSQL connections for reads and the writer.
+    pub pool_size: u32,
+}
+
+/// An opened database: the event log and the key vault beside it.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub events: SharedStore,
+    pub vault: Arc<dyn vault::VaultStorage>,
+}
+
+/// Opens the store named by the URL's scheme and applies its schema.
+pub async fn open(options: &StoreOptions) -> Result<Opened, StoreError> {
+    let url = options.url.as_str();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = Arc::new(PostgresStore::connect(url, options.pool_size).await?);
+        Ok(Opened {
+            events: store.clone(),
+            vault: store,
+        })
+    } else if url.starts_with("sqlite:") {
+        let store = Arc::new(SqliteStore::connect(url).await?);
+        Ok(Opened {
+            events: store.clone(),
+            vault: store,
+        })
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported database URL scheme in {:?}: use postgres://… or sqlite://…",
+            redact_url(url)
+        )))
+    }
+}
+
+/// A URL fit for error messages and logs: any password is replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = url.get(scheme_end + 3..at).unwrap_or("");
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!(
+                "{}{}:***{}",
+                url.get(..scheme_end + 3).unwrap_or(""),
+                user,
+                url.get(at..).unwrap_or("")
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The store stamps `recorded_at` itself: it is the edge where events meet the clock.
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

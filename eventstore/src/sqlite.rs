@@ -1,0 +1,337 @@
+//! The SQLite event store: the embedded default, one file, nothing to install.
+//!
+//! SQLite has one writer at a time. The writer task owns a dedicated connection and opens
+//! every batch with `BEGIN IMMEDIATE`, which takes the database's write lock before it reads
+//! the head, so even several processes on one file assign positions in commit order. The
+//! database runs in WAL mode with `synchronous = FULL`: an acknowledged append survives a
+//! crash of the process and of the machine.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Executor, Row as _};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::plan::{PendingAppend, Row, StoredId, plan_batch};
+use crate::writer::{BatchWriter, WriterHandle};
+use crate::{
+    AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreError,
+    codec, now_millis,
+};
+
+/// An event store in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// One read-write connection for the key vault (the writer task owns the log's).
+    vault_pool: SqlitePool,
+    writer: WriterHandle,
+    head: watch::Receiver<Option<u64>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path/to/file.db`).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::Config(
+                "an in-memory SQLite database cannot hold an event log; give a file path".into(),
+            ));
+        }
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let mut writer_conn = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(|e| StoreError::Config(format!("cannot open SQLite database: {e}")))?;
+        crate::migrate::sqlite(&mut writer_conn).await?;
+        let vault_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| StoreError::Config(format!("cannot open SQLite database: {e}")))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(|e| StoreError::Config(format!("cannot open SQLite database: {e}")))?;
+        let last = read_head(&pool).await?;
+        let (head_tx, head) = watch::channel(last);
+        let writer = WriterHandle::spawn(SqliteWriter { conn: writer_conn }, head_tx);
+        Ok(Self {
+            pool,
+            vault_pool,
+            writer,
+            head,
+        })
+    }
+
+    pub(crate) fn write_pool(&self) -> &SqlitePool {
+        &self.vault_pool
+    }
+}
+
+async fn read_head(pool: &SqlitePool) -> Result<Option<u64>, StoreError> {
+    let last: i64 = sqlx::query_scalar("SELECT last_position FROM es_head WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(last).ok())
+}
+
+struct SqliteWriter {
+    conn: SqliteConnection,
+}
+
+/// Multi-row INSERT statements come in a few fixed sizes so each stays prepared and cached.
+const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+fn insert_statement(rows: usize) -> &'static str {
+    static STATEMENTS: [OnceLock<String>; 5] = [const { OnceLock::new() }; 5];
+    let index = CHUNKS
+        .iter()
+        .position(|&c| c == rows)
+        .unwrap_or(CHUNKS.len() - 1);
+    let rows = CHUNKS.get(index).copied().unwrap_or(1);
+    STATEMENTS
+        .get(index)
+        .map(|cell| {
+            cell.get_or_init(|| {
+                let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+                format!(
+                    "INSERT INTO es_events (position, stream, version, event_id, event_type, \
+                     schema_version, payload, metadata, server_id, recorded_at) VALUES {values}"
+                )
+            })
+            .as_str()
+        })
+        .unwrap_or("")
+}
+
+impl SqliteWriter {
+    async fn write_in_transaction(
+        &mut self,
+        batch: &[PendingAppend],
+    ) -> Result<(Vec<Result<AppendResult, StoreError>>, Option<u64>), StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT last_position FROM es_head WHERE id = 1")
+            .fetch_one(&mut self.conn)
+            .await?;
+
+        let mut streams: Vec<&str> = batch.iter().map(|a| a.stream.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let streams_json =
+            serde_json::to_string(&streams).map_err(|e| StoreError::InvalidAppend {
+                reason: e.to_string(),
+            })?;
+        let mut versions = HashMap::new();
+        for row in sqlx::query(
+            "SELECT j.value, (SELECT max(version) FROM es_events e WHERE e.stream = j.value) \
+             FROM json_each(?) AS j",
+        )
+        .bind(streams_json)
+        .fetch_all(&mut self.conn)
+        .await?
+        {
+            let stream: String = row.try_get(0)?;
+            let version: Option<i64> = row.try_get(1)?;
+            if let Some(v) = version {
+                versions.insert(stream, codec::to_u64(v)?);
+            }
+        }
+
+        let ids: Vec<String> = batch
+            .iter()
+            .flat_map(|a| a.events.iter().map(|e| e.event_id.simple().to_string()))
+            .collect();
+        let ids_json = serde_json::to_string(&ids).map_err(|e| StoreError::InvalidAppend {
+            reason: e.to_string(),
+        })?;
+        let mut existing = HashMap::new();
+        for row in sqlx::query(
+            "SELECT event_id, stream, version, position FROM es_events \
+             WHERE event_id IN (SELECT unhex(value) FROM json_each(?))",
+        )
+        .bind(ids_json)
+        .fetch_all(&mut self.conn)
+        .await?
+        {
+            let id: Uuid = row.try_get(0)?;
+            existing.insert(
+                id,
+                StoredId {
+                    stream: row.try_get(1)?,
+                    version: codec::to_u64(row.try_get(2)?)?,
+                    position: codec::to_u64(row.try_get(3)?)?,
+                },
+            );
+        }
+
+        let plan = plan_batch(batch, u64::try_from(head).ok(), &versions, &existing);
+        let recorded_at = now_millis();
+        let mut rest: &[Row<'_>] = &plan.rows;
+        while !rest.is_empty() {
+            let size = CHUNKS
+                .iter()
+                .copied()
+                .find(|&c| c <= rest.len())
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(size.min(rest.len()));
+            let mut query = sqlx::query(insert_statement(chunk.len()));
+            for row in chunk {
+                query = query
+                    .bind(codec::to_i64(row.position)?)
+                    .bind(row.stream)
+                    .bind(codec::to_i64(row.version)?)
+                    .bind(row.event.event_id)
+                    .bind(row.event.event_type.as_str())
+                    .bind(i64::from(row.event.schema_version))
+                    .bind(row.event.payload.as_slice())
+                    .bind(codec::encode_metadata(&row.event.metadata)?)
+                    .bind(row.event.metadata.server_id.as_deref())
+                    .bind(recorded_at);
+            }
+            query.execute(&mut self.conn).await?;
+            rest = tail;
+        }
+        if !plan.rows.is_empty() {
+            let new_head = plan.new_head.map(codec::to_i64).transpose()?.unwrap_or(-1);
+            sqlx::query("UPDATE es_head SET last_position = ? WHERE id = 1")
+                .bind(new_head)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        Ok((plan.outcomes, plan.new_head))
+    }
+}
+
+#[async_trait]
+impl BatchWriter for SqliteWriter {
+    async fn write_batch(
+        &mut self,
+        batch: &[PendingAppend],
+    ) -> Result<(Vec<Result<AppendResult, StoreError>>, Option<u64>), StoreError> {
+        self.conn.execute("BEGIN IMMEDIATE").await?;
+        match self.write_in_transaction(batch).await {
+            Ok(result) => {
+                if let Err(error) = self.conn.execute("COMMIT").await {
+                    let _ = self.conn.execute("ROLLBACK").await;
+                    return Err(error.into());
+                }
+                Ok(result)
+            }
+            Err(error) => {
+                if let Err(rollback) = self.conn.execute("ROLLBACK").await {
+                    tracing::error!(%rollback, "rollback failed");
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+fn decode_row(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
+    let position = codec::to_u64(row.try_get("position")?)?;
+    let event_type: String = row.try_get("event_type")?;
+    let metadata_bytes: Vec<u8> = row.try_get("metadata")?;
+    Ok(RecordedEvent {
+        position,
+        stream: row.try_get("stream")?,
+        version: codec::to_u64(row.try_get("version")?)?,
+        event_id: row.try_get("event_id")?,
+        schema_version: codec::schema_version(
+            position,
+            &event_type,
+            row.try_get("schema_version")?,
+        )?,
+        metadata: codec::decode_metadata(position, &event_type, &metadata_bytes)?,
+        event_type,
+        payload: row.try_get("payload")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        crate::model::validate_append(stream, &events)?;
+        self.writer
+            .append(PendingAppend {
+                stream: stream.to_owned(),
+                expected,
+                events,
+            })
+            .await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = codec::to_i64(limit as u64)?;
+        let rows = match direction {
+            Direction::Forwards => {
+                sqlx::query(select_events!(
+                    "WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+                ))
+                .bind(stream)
+                .bind(codec::to_i64(from_version.unwrap_or(0))?)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Direction::Backwards => {
+                let from = from_version
+                    .map(codec::to_i64)
+                    .transpose()?
+                    .unwrap_or(i64::MAX);
+                sqlx::query(select_events!(
+                    "WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+                ))
+                .bind(stream)
+                .bind(from)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(decode_row).collect()
+    }
+
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(select_events!(
+            "WHERE position >= ? ORDER BY position LIMIT ?"
+        ))
+        .bind(codec::to_i64(from)?)
+        .bind(codec::to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    async fn last_position(&self) -> Result<Option<u64>, StoreError> {
+        read_head(&self.pool).await
+    }
+
+    fn head(&self) -> watch::Receiver<Option<u64>> {
+        self.head.clone()
+    }
+}
