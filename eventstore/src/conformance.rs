@@ -5,7 +5,6 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -416,7 +415,7 @@ async fn two_instances_share_one_log(db: &TestDb) {
 }
 
 async fn undecodable_payload_is_a_typed_error(db: &TestDb) {
-    use countersign_domain::ServerEvent;
+    use countersign_domain::server::ServerEvent;
     let garbage = NewEvent {
         event_id: Uuid::now_v7(),
         event_type: "server.created".into(),

@@ -37,6 +37,11 @@ fn run(dir: &std::path::Path, args: &[&str]) -> Output {
 fn demo_runs_on_the_embedded_default_with_nothing_installed() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(dir.path(), &["demo"]);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the default demo leaves nothing behind"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -56,9 +61,49 @@ fn demo_runs_on_the_embedded_default_with_nothing_installed() {
             "demo output lacks {expected}:\n{stdout}"
         );
     }
-    // Secrets never reach the output: the demo's API key token is shown once, by design, but
-    // no private key, data key or master key is.
-    assert!(!stdout.to_lowercase().contains("private"), "{stdout}");
+    assert!(
+        stdout.contains("<erased>"),
+        "the deleted user's personal data no longer opens:\n{stdout}"
+    );
+}
+
+#[test]
+fn demo_output_and_log_hold_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &["demo", "--json", "--database-url", "sqlite://demo.db"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let master = std::fs::read_to_string(dir.path().join("demo.db.key")).unwrap();
+    assert_eq!(master.trim().len(), 64);
+    assert!(
+        !stdout.contains(master.trim()),
+        "the master key never reaches the output"
+    );
+    assert!(
+        !stdout.contains("cs_"),
+        "no API key token in the output or the events"
+    );
+    let mut raw = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("demo.db") {
+            raw.extend(std::fs::read(path).unwrap());
+        }
+    }
+    for personal in ["alice@bank.example", "Alice Martin", "bob@bank.example"] {
+        assert!(
+            !raw.windows(personal.len())
+                .any(|w| w == personal.as_bytes()),
+            "{personal} is stored sealed, never in clear"
+        );
+    }
 }
 
 #[test]
