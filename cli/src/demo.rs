@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use countersign_commands::server::ServerCommands;
 use countersign_commands::user::UserCommands;
 use countersign_commands::{Clock, SystemClock};
-use countersign_domain::server::{ConfigureServer, SecondFactorPolicy};
+use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
 use countersign_domain::user::UserEvent;
 use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::vault::KeyVault;
@@ -121,8 +121,8 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     writeln!(out, "\nthe event log ({} events):", events.len())?;
     writeln!(
         out,
-        "{:>8}  {:<28}  {:<24}  {}",
-        "position", "type", "stream", "what a reader learns"
+        "{:>8}  {:<28}  {:<24}  what a reader learns",
+        "position", "type", "stream"
     )?;
     for event in &events {
         let learned = describe(&users, event).await;
@@ -149,8 +149,10 @@ async fn describe(users: &UserCommands, event: &RecordedEvent) -> String {
         Ok(decoded) => decoded,
         Err(error) => return format!("undecodable: {error}"),
     };
-    let AnyEvent::User(user_event) = &decoded else {
-        return String::new();
+    let user_event = match &decoded {
+        AnyEvent::User(user_event) => user_event,
+        AnyEvent::Server(server_event) => return describe_server(server_event),
+        _ => return String::new(),
     };
     let (field, sealed) = match user_event {
         UserEvent::Registered(e) => ("userid".to_owned(), &e.userid),
@@ -164,5 +166,27 @@ async fn describe(users: &UserCommands, event: &RecordedEvent) -> String {
         Ok(Some(text)) => format!("{field} = {text:?}"),
         Ok(None) => format!("{field} = <erased>"),
         Err(_) => format!("{field} = <does not open>"),
+    }
+}
+
+fn describe_server(event: &ServerEvent) -> String {
+    match event {
+        ServerEvent::Created(e) => format!(
+            "name {:?}, public key thumbprint {}…",
+            e.settings.name,
+            hex::encode(e.key_thumbprint.get(..8).unwrap_or_default())
+        ),
+        ServerEvent::Configured(e) => format!(
+            "session timeout {} s, ping {} s, second-factor reuse {} s",
+            e.settings.session_timeout_secs,
+            e.settings.default_ping_time_secs,
+            e.settings.second_factor.login_reuse_window_secs
+        ),
+        ServerEvent::ApiKeyIssued(e) => format!(
+            "key {} ({:?}), SHA-256 of the token only",
+            e.key_id, e.label
+        ),
+        ServerEvent::ApiKeyRevoked(e) => format!("key {}", e.key_id),
+        ServerEvent::Deleted(_) => "server deleted".to_owned(),
     }
 }

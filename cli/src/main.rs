@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The event store's read and write paths allocate per row; glibc's allocator showed up as a
+/// third of the profile of `$all` reads, mimalloc makes that a few percent.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = countersign::Cli::parse();
     countersign::init_tracing(cli.log_filter());

@@ -123,10 +123,10 @@ where
 {
     for _ in 0..MAX_ATTEMPTS {
         let loaded = load::<A>(store, stream).await?;
-        if let Some(key) = idempotency_key {
-            if let Some(done) = earlier_result::<A>(&loaded, stream, key)? {
-                return Ok(done);
-            }
+        if let Some(key) = idempotency_key
+            && let Some(done) = earlier_result::<A>(&loaded, stream, key)?
+        {
+            return Ok(done);
         }
         let events = loaded
             .state

@@ -38,6 +38,11 @@ pub(crate) fn decode_metadata(
     event_type: &str,
     bytes: &[u8],
 ) -> Result<Metadata, StoreError> {
+    // Metadata holds no floats, so cbor4ii's serde reader takes it in one pass; the general
+    // decoder (which normalises float widths first) is the fallback.
+    if let Ok(metadata) = cbor4ii::serde::from_slice(bytes) {
+        return Ok(metadata);
+    }
     cbor::from_slice(bytes).map_err(|e| StoreError::Decode {
         position,
         event_type: event_type.to_owned(),

@@ -353,6 +353,13 @@ async fn concurrent_writers_with_a_subscriber(db: &TestDb) {
     }
     subscriber.await.unwrap();
     assert_eq!(db.store.last_position().await.unwrap(), Some(total - 1));
+    // Group commit: the 32,000 single-event appends shared transactions.
+    let stats = db.store.write_stats();
+    assert_eq!((stats.appends, stats.events), (total, total));
+    assert!(
+        stats.transactions < total / 2,
+        "appends shared transactions: {stats:?}"
+    );
 }
 
 async fn catch_up_then_live(db: &TestDb) {

@@ -56,6 +56,7 @@ pub use model::{
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use subscription::Subscription;
+pub use writer::WriteStats;
 
 /// The event store's operations. Both backends pass the same conformance suite.
 #[async_trait]
@@ -87,6 +88,9 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// The last committed position as this process knows it, updated after each commit (and,
     /// on PostgreSQL, on other processes' notifications): what subscribers wait on.
     fn head(&self) -> watch::Receiver<Option<u64>>;
+
+    /// This process's write counters (for metrics, and to see group commit at work).
+    fn write_stats(&self) -> WriteStats;
 }
 
 /// A shared handle to whichever backend the configuration chose.
@@ -131,20 +135,46 @@ pub async fn open(options: &StoreOptions) -> Result<Opened, StoreError> {
     }
 }
 
-/// A URL fit for error messages and logs: any password is replaced.
+/// A URL fit for error messages and logs: any password is replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = url.get(scheme_end + 3..at).unwrap_or("");
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!(
-                "{}{}:***{}",
-                url.get(..scheme_end + 3).unwrap_or(""),
-                user,
-                url.get(at..).unwrap_or("")
-            )
-        }
-        _ => url.to_owned(),
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = url.get(authority_start..).unwrap_or("");
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = rest.get(..authority_end).unwrap_or("");
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = authority.get(..at).unwrap_or("");
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{user}:***{}",
+        url.get(..authority_start).unwrap_or(""),
+        url.get(authority_start + at..).unwrap_or("")
+    )
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact_url("postgres://u:s3cret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
+        assert_eq!(
+            redact_url("sqlite://countersign.db"),
+            "sqlite://countersign.db"
+        );
+        assert!(!redact_url("postgres://u:p@ss@h/db").contains("ss"));
     }
 }
 

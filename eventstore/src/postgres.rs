@@ -330,4 +330,8 @@ impl EventStore for PostgresStore {
     fn head(&self) -> watch::Receiver<Option<u64>> {
         self.head.clone()
     }
+
+    fn write_stats(&self) -> crate::WriteStats {
+        self.writer.stats()
+    }
 }

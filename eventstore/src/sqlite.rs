@@ -51,7 +51,11 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Readers map the file instead of copying pages through read(2), and keep a
+            // larger page cache: `$all` catch-up reads are sequential scans of the log.
+            .pragma("mmap_size", "1073741824")
+            .pragma("cache_size", "-65536");
         let mut writer_conn = SqliteConnection::connect_with(&options)
             .await
             .map_err(|e| StoreError::Config(format!("cannot open SQLite database: {e}")))?;
@@ -333,5 +337,9 @@ impl EventStore for SqliteStore {
 
     fn head(&self) -> watch::Receiver<Option<u64>> {
         self.head.clone()
+    }
+
+    fn write_stats(&self) -> crate::WriteStats {
+        self.writer.stats()
     }
 }

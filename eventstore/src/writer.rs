@@ -6,6 +6,9 @@
 //! and one fsync. An append is answered only after its transaction committed (invariant 1);
 //! if the transaction fails, every append in it gets the error and none of it is stored.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -29,18 +32,46 @@ pub(crate) trait BatchWriter: Send + 'static {
     ) -> Result<(Vec<Result<AppendResult, StoreError>>, Option<u64>), StoreError>;
 }
 
+/// Counters of the write path since the store was opened in this process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WriteStats {
+    /// Transactions committed by the writer.
+    pub transactions: u64,
+    /// Appends answered from those transactions (written or recognised as retries).
+    pub appends: u64,
+    /// Events written.
+    pub events: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    appends: AtomicU64,
+    events: AtomicU64,
+}
+
 /// The handle appenders use.
 #[derive(Debug, Clone)]
 pub(crate) struct WriterHandle {
     queue: mpsc::Sender<(PendingAppend, Reply)>,
+    counters: Arc<Counters>,
 }
 
 impl WriterHandle {
     /// Starts the writer task. `head` is published after every commit.
     pub(crate) fn spawn<W: BatchWriter>(writer: W, head: watch::Sender<Option<u64>>) -> Self {
         let (queue, rx) = mpsc::channel(8_192);
-        tokio::spawn(run(writer, rx, head));
-        Self { queue }
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(run(writer, rx, head, counters.clone()));
+        Self { queue, counters }
+    }
+
+    pub(crate) fn stats(&self) -> WriteStats {
+        WriteStats {
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            appends: self.counters.appends.load(Ordering::Relaxed),
+            events: self.counters.events.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) async fn append(&self, append: PendingAppend) -> Result<AppendResult, StoreError> {
@@ -59,6 +90,7 @@ async fn run<W: BatchWriter>(
     mut writer: W,
     mut rx: mpsc::Receiver<(PendingAppend, Reply)>,
     head: watch::Sender<Option<u64>>,
+    counters: Arc<Counters>,
 ) {
     let mut batch = Vec::new();
     let mut replies = Vec::new();
@@ -78,6 +110,16 @@ async fn run<W: BatchWriter>(
         }
         match writer.write_batch(&batch).await {
             Ok((outcomes, new_head)) => {
+                let written: u64 = outcomes
+                    .iter()
+                    .filter_map(|o| o.as_ref().ok())
+                    .map(|r| r.last_position - r.first_position + 1)
+                    .sum();
+                counters.transactions.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .appends
+                    .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                counters.events.fetch_add(written, Ordering::Relaxed);
                 head.send_if_modified(|h| {
                     let changed = new_head > *h;
                     if changed {

@@ -1,5 +1,13 @@
 //! countersign's integration tests: one binary whose modules drive whole flows across the
 //! crates and processes, against the real PostgreSQL and SQLite.
 
+// All of this binary is test code: failing loudly is what it is for.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod binary;
 mod crash;
