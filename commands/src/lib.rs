@@ -25,8 +25,9 @@ pub mod user;
 
 pub use clock::{Clock, FixedClock, SystemClock};
 
-/// How often a command is decided again after losing a race on its stream.
-pub const MAX_ATTEMPTS: usize = 5;
+/// How often a command is decided again after losing a race on its stream. Each race has a
+/// winner, so n writers racing on one stream all get through within n attempts.
+pub const MAX_ATTEMPTS: usize = 12;
 
 /// Why a command did not go through. Each variant says how an API maps it.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +122,10 @@ where
     A::Command: Clone,
     A::Error: Classify + std::fmt::Display,
 {
-    for _ in 0..MAX_ATTEMPTS {
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            backoff(attempt).await;
+        }
         let loaded = load::<A>(store, stream).await?;
         if let Some(key) = idempotency_key
             && let Some(done) = earlier_result::<A>(&loaded, stream, key)?
@@ -212,6 +216,15 @@ pub fn derived_event_id(key: &str, stream: &str, index: usize) -> Uuid {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// A short random pause before deciding again, so racing writers do not collide in lockstep.
+async fn backoff(attempt: usize) {
+    let mut jitter = [0u8; 1];
+    let _ = getrandom::fill(&mut jitter);
+    let [jitter] = jitter;
+    let micros = 200 * attempt as u64 + u64::from(jitter) * 4;
+    tokio::time::sleep(std::time::Duration::from_micros(micros)).await;
 }
 
 /// Fills `out` from the OS random generator.

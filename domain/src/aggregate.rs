@@ -53,7 +53,7 @@ pub struct Context<'a> {
     pub now: Timestamp,
     /// Seals personal data for events; `None` for aggregates that hold none (server), in which
     /// case an aggregate that needs one answers an internal error.
-    pub sealer: Option<&'a mut dyn Sealer>,
+    pub sealer: Option<&'a mut (dyn Sealer + Send)>,
 }
 
 impl<'a> Context<'a> {
@@ -65,7 +65,7 @@ impl<'a> Context<'a> {
 
     /// A context whose personal data is sealed by `sealer`.
     #[must_use]
-    pub fn with_sealer(now: Timestamp, sealer: &'a mut dyn Sealer) -> Self {
+    pub fn with_sealer(now: Timestamp, sealer: &'a mut (dyn Sealer + Send)) -> Self {
         Self {
             now,
             sealer: Some(sealer),

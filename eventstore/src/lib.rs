@@ -158,6 +158,15 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
+/// The store stamps `recorded_at` itself: it is the edge where events meet the clock.
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod redact_tests {
     use super::redact_url;
@@ -176,13 +185,4 @@ mod redact_tests {
         );
         assert!(!redact_url("postgres://u:p@ss@h/db").contains("ss"));
     }
-}
-
-/// The store stamps `recorded_at` itself: it is the edge where events meet the clock.
-#[allow(clippy::disallowed_methods)]
-pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

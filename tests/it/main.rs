@@ -10,4 +10,5 @@
 )]
 
 mod binary;
+mod commands;
 mod crash;

@@ -1,0 +1,220 @@
+//! The write side end to end on both backends: load → decide → append, retries on conflict,
+//! idempotency keys, the key vault and crypto-shredding.
+
+use std::sync::Arc;
+
+use countersign_commands::server::ServerCommands;
+use countersign_commands::user::{UserCommands, data_key_ref};
+use countersign_commands::{CommandError, FixedClock, execute, load};
+use countersign_domain::server::{ConfigureServer, Server, ServerEvent};
+use countersign_domain::user::{User, UserEvent};
+use countersign_domain::{Context, DataKey, ErrorKind, Timestamp};
+use countersign_eventstore::testing::TestDb;
+use countersign_eventstore::vault::{KeyVault, VaultStorage};
+use countersign_eventstore::{Direction, Metadata, PostgresStore, SqliteStore};
+
+async fn vault_for(db: &TestDb) -> KeyVault {
+    let storage: Arc<dyn VaultStorage> = if db.url().starts_with("postgres") {
+        Arc::new(PostgresStore::connect(db.url(), 4).await.unwrap())
+    } else {
+        Arc::new(SqliteStore::connect(db.url()).await.unwrap())
+    };
+    KeyVault::new(storage, DataKey::from_bytes([9; 32]))
+}
+
+fn clock() -> Arc<FixedClock> {
+    Arc::new(FixedClock(Timestamp(1_790_000_000_000)))
+}
+
+async fn user_lifecycle_and_shredding(db: &TestDb) {
+    let vault = vault_for(db).await;
+    let servers = ServerCommands::new(db.store.clone(), vault.clone(), clock());
+    let users = UserCommands::new(db.store.clone(), vault.clone(), clock());
+    let meta = Metadata::default();
+    let (server, created) = servers.create("Test Bank", &meta).await.unwrap();
+    assert!(matches!(
+        created.events.as_slice(),
+        [ServerEvent::Created(_)]
+    ));
+    assert!(
+        vault
+            .get(&countersign_commands::server::signing_key_ref(server))
+            .await
+            .unwrap()
+            .is_some(),
+        "the private key is in the vault"
+    );
+
+    let (alice, registered) = users
+        .register(server, "alice@example.org", &meta)
+        .await
+        .unwrap();
+    let UserEvent::Registered(event) = &registered.events[0] else {
+        panic!("{registered:?}")
+    };
+    assert_eq!(
+        users
+            .open(&alice.stream(), "userid", &event.userid)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("alice@example.org")
+    );
+    // Registering again is a conflict, and writes nothing.
+    let again = users
+        .register(server, "alice@example.org", &meta)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            again,
+            CommandError::Rejected {
+                kind: ErrorKind::Conflict,
+                ..
+            }
+        ),
+        "{again}"
+    );
+    let set = users
+        .set_attribute(&alice, "email", "alice@example.org", &meta)
+        .await
+        .unwrap();
+    assert!(
+        set.position > registered.position,
+        "answers carry the position reached"
+    );
+
+    users.delete(&alice, &meta).await.unwrap();
+    assert!(
+        vault.get(&data_key_ref(&alice)).await.unwrap().is_none(),
+        "the data key is destroyed"
+    );
+    assert_eq!(
+        users
+            .open(&alice.stream(), "userid", &event.userid)
+            .await
+            .unwrap(),
+        None
+    );
+    // The log still holds every event, and they still decode.
+    let stream = db
+        .store
+        .read_stream(&alice.stream(), None, Direction::Forwards, 100)
+        .await
+        .unwrap();
+    assert_eq!(stream.len(), 3);
+    for e in &stream {
+        e.decode::<UserEvent>().unwrap();
+    }
+    let after = users
+        .set_attribute(&alice, "name", "A", &meta)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            after,
+            CommandError::Rejected {
+                kind: ErrorKind::Gone,
+                ..
+            }
+        ),
+        "{after}"
+    );
+}
+
+/// Eight concurrent commands on one stream all succeed, each deciding on the state the
+/// previous one left: the losers of each race decide again.
+async fn concurrent_commands_retry_on_conflict(db: &TestDb) {
+    let vault = vault_for(db).await;
+    let users = UserCommands::new(db.store.clone(), vault, clock());
+    let meta = Metadata::default();
+    let servers = ServerCommands::new(db.store.clone(), vault_for(db).await, clock());
+    let (server, _) = servers.create("Race", &meta).await.unwrap();
+    let (user, _) = users.register(server, "racer", &meta).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let users = users.clone();
+        tasks.push(tokio::spawn(async move {
+            users
+                .set_attribute(&user, &format!("attr{i}"), "v", &Metadata::default())
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let loaded = load::<User>(&db.store, &user.stream()).await.unwrap();
+    let User::Active(active) = loaded.state else {
+        panic!("{:?}", loaded.state)
+    };
+    assert_eq!(active.attributes.len(), 8);
+    assert_eq!(loaded.version, Some(8));
+}
+
+/// A command retried with the same idempotency key answers the first result and writes nothing.
+async fn idempotency_keys(db: &TestDb) {
+    let vault = vault_for(db).await;
+    let servers = ServerCommands::new(db.store.clone(), vault, clock());
+    let meta = Metadata::default();
+    let (server, _) = servers.create("Idempotent", &meta).await.unwrap();
+    let stream = server.stream();
+    let change = ConfigureServer {
+        session_timeout_secs: Some(900),
+        ..ConfigureServer::default()
+    };
+    let mut ctx = Context::new(Timestamp(1));
+    let first = execute::<Server>(
+        &db.store,
+        &stream,
+        change.clone().into(),
+        &mut ctx,
+        &meta,
+        Some("req-1"),
+    )
+    .await
+    .unwrap();
+    let head = db.store.last_position().await.unwrap();
+    let second = execute::<Server>(
+        &db.store,
+        &stream,
+        change.into(),
+        &mut ctx,
+        &meta,
+        Some("req-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(db.store.last_position().await.unwrap(), head);
+}
+
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = super::TestDb::postgres().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = super::TestDb::sqlite().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    user_lifecycle_and_shredding,
+    concurrent_commands_retry_on_conflict,
+    idempotency_keys
+);
