@@ -236,64 +236,55 @@ async fn baseline_insert(
     let duration = Duration::from_secs_f64(seconds);
     if url.starts_with("postgres") {
         let mut conn = sqlx::PgConnection::connect(url).await?;
-        sqlx::query("DROP TABLE IF EXISTS bench_baseline")
-            .execute(&mut conn)
-            .await?;
-        sqlx::query(
-            "CREATE TABLE bench_baseline (position bigint PRIMARY KEY, stream text NOT NULL, \
-             version bigint NOT NULL, event_id uuid NOT NULL UNIQUE, event_type text NOT NULL, \
-             schema_version integer NOT NULL, payload bytea NOT NULL, metadata bytea NOT NULL, \
-             server_id text, recorded_at bigint NOT NULL, UNIQUE (stream, version))",
+        baseline_on!(
+            conn,
+            sqlx::Postgres,
+            "bytea",
+            "uuid",
+            payload,
+            metadata,
+            duration
         )
-        .execute(&mut conn)
-        .await?;
-        let started = Instant::now();
-        let mut position = 0i64;
-        while started.elapsed() < duration {
-            let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                "INSERT INTO bench_baseline (position, stream, version, event_id, event_type, \
-                 schema_version, payload, metadata, server_id, recorded_at) ",
-            );
-            q.push_values(0..100i64, |mut row, i| {
-                row.push_bind(position + i)
-                    .push_bind("baseline")
-                    .push_bind(position + i)
-                    .push_bind(new_event(&[]).event_id)
-                    .push_bind("bench.appended")
-                    .push_bind(1i32)
-                    .push_bind(payload.clone())
-                    .push_bind(metadata.clone())
-                    .push_bind(None::<String>)
-                    .push_bind(0i64);
-            });
-            q.build().execute(&mut conn).await?;
-            position += 100;
-        }
-        let rate = position as f64 / started.elapsed().as_secs_f64();
-        sqlx::query("DROP TABLE bench_baseline")
-            .execute(&mut conn)
-            .await?;
-        Ok(rate)
     } else {
         let mut conn = sqlx::SqliteConnection::connect(url).await?;
         sqlx::query("PRAGMA synchronous = FULL")
             .execute(&mut conn)
             .await?;
-        sqlx::query("DROP TABLE IF EXISTS bench_baseline")
-            .execute(&mut conn)
-            .await?;
-        sqlx::query(
-            "CREATE TABLE bench_baseline (position INTEGER PRIMARY KEY, stream TEXT NOT NULL, \
-             version INTEGER NOT NULL, event_id BLOB NOT NULL UNIQUE, event_type TEXT NOT NULL, \
-             schema_version INTEGER NOT NULL, payload BLOB NOT NULL, metadata BLOB NOT NULL, \
-             server_id TEXT, recorded_at INTEGER NOT NULL, UNIQUE (stream, version))",
+        baseline_on!(
+            conn,
+            sqlx::Sqlite,
+            "blob",
+            "blob",
+            payload,
+            metadata,
+            duration
         )
-        .execute(&mut conn)
+    }
+}
+
+/// The baseline's body, the same SQL on both databases but for two column types.
+macro_rules! baseline_on {
+    ($conn:ident, $db:ty, $bytes:literal, $uuid:literal, $payload:ident, $metadata:ident, $duration:ident) => {{
+        sqlx::query("DROP TABLE IF EXISTS bench_baseline")
+            .execute(&mut $conn)
+            .await?;
+        sqlx::query(concat!(
+            "CREATE TABLE bench_baseline (position bigint PRIMARY KEY, stream text NOT NULL, ",
+            "version bigint NOT NULL, event_id ",
+            $uuid,
+            " NOT NULL UNIQUE, event_type text NOT NULL, ",
+            "schema_version integer NOT NULL, payload ",
+            $bytes,
+            " NOT NULL, metadata ",
+            $bytes,
+            " NOT NULL, server_id text, recorded_at bigint NOT NULL, UNIQUE (stream, version))"
+        ))
+        .execute(&mut $conn)
         .await?;
         let started = Instant::now();
         let mut position = 0i64;
-        while started.elapsed() < duration {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        while started.elapsed() < $duration {
+            let mut q = sqlx::QueryBuilder::<$db>::new(
                 "INSERT INTO bench_baseline (position, stream, version, event_id, event_type, \
                  schema_version, payload, metadata, server_id, recorded_at) ",
             );
@@ -304,21 +295,22 @@ async fn baseline_insert(
                     .push_bind(new_event(&[]).event_id)
                     .push_bind("bench.appended")
                     .push_bind(1i32)
-                    .push_bind(payload.clone())
-                    .push_bind(metadata.clone())
+                    .push_bind($payload.clone())
+                    .push_bind($metadata.clone())
                     .push_bind(None::<String>)
                     .push_bind(0i64);
             });
-            q.build().execute(&mut conn).await?;
+            q.build().execute(&mut $conn).await?;
             position += 100;
         }
         let rate = position as f64 / started.elapsed().as_secs_f64();
         sqlx::query("DROP TABLE bench_baseline")
-            .execute(&mut conn)
+            .execute(&mut $conn)
             .await?;
         Ok(rate)
-    }
+    }};
 }
+use baseline_on;
 
 /// Reads `$all` from position 0 to the head, in pages, as a projection catching up does.
 async fn read_all(store: &SharedStore) -> anyhow::Result<(u64, f64)> {

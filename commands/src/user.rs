@@ -99,33 +99,20 @@ impl UserCommands {
             ..metadata.clone()
         };
         let now = self.clock.now();
-        match key {
-            Some(key) => {
-                let mut sealer = OsSealer { key };
-                let mut ctx = Context::with_sealer(now, &mut sealer);
-                execute::<User>(
-                    &self.store,
-                    &user.stream(),
-                    command,
-                    &mut ctx,
-                    &metadata,
-                    None,
-                )
-                .await
-            }
-            None => {
-                let mut ctx = Context::new(now);
-                execute::<User>(
-                    &self.store,
-                    &user.stream(),
-                    command,
-                    &mut ctx,
-                    &metadata,
-                    None,
-                )
-                .await
-            }
-        }
+        let mut sealer = key.map(|key| OsSealer { key });
+        let mut ctx = match sealer.as_mut() {
+            Some(sealer) => Context::with_sealer(now, sealer),
+            None => Context::new(now),
+        };
+        execute::<User>(
+            &self.store,
+            &user.stream(),
+            command,
+            &mut ctx,
+            &metadata,
+            None,
+        )
+        .await
     }
 
     pub async fn register(

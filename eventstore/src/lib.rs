@@ -32,6 +32,119 @@ macro_rules! select_events {
     };
 }
 
+/// The reading half of [`EventStore`] and the envelope decoding, written once for both
+/// backends: their SQL is the same (sqlx binds `$n` on SQLite too), only the pool and row
+/// types differ. Each backend module provides `read_head` and its `writer` and `pool` fields.
+macro_rules! event_store_impl {
+    ($store:ident, $row:ident) => {
+        fn decode_row(row: &$row) -> Result<RecordedEvent, StoreError> {
+            let position = $crate::codec::to_u64(row.try_get("position")?)?;
+            let event_type: String = row.try_get("event_type")?;
+            let metadata_bytes: Vec<u8> = row.try_get("metadata")?;
+            Ok(RecordedEvent {
+                position,
+                stream: row.try_get("stream")?,
+                version: $crate::codec::to_u64(row.try_get("version")?)?,
+                event_id: row.try_get("event_id")?,
+                schema_version: $crate::codec::schema_version(
+                    position,
+                    &event_type,
+                    i64::from(row.try_get::<i32, _>("schema_version")?),
+                )?,
+                metadata: $crate::codec::decode_metadata(position, &event_type, &metadata_bytes)?,
+                event_type,
+                payload: row.try_get("payload")?,
+                recorded_at: row.try_get("recorded_at")?,
+            })
+        }
+
+        #[async_trait]
+        impl EventStore for $store {
+            async fn append(
+                &self,
+                stream: &str,
+                expected: ExpectedVersion,
+                events: Vec<NewEvent>,
+            ) -> Result<AppendResult, StoreError> {
+                $crate::model::validate_append(stream, &events)?;
+                self.writer
+                    .append($crate::plan::PendingAppend {
+                        stream: stream.to_owned(),
+                        expected,
+                        events,
+                    })
+                    .await
+            }
+
+            async fn read_stream(
+                &self,
+                stream: &str,
+                from_version: Option<u64>,
+                direction: Direction,
+                limit: usize,
+            ) -> Result<Vec<RecordedEvent>, StoreError> {
+                let limit = $crate::codec::to_i64(limit as u64)?;
+                let rows = match direction {
+                    Direction::Forwards => {
+                        let from = $crate::codec::to_i64(from_version.unwrap_or(0))?;
+                        sqlx::query(select_events!(
+                            "WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
+                        ))
+                        .bind(stream)
+                        .bind(from)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                    Direction::Backwards => {
+                        let from = from_version
+                            .map($crate::codec::to_i64)
+                            .transpose()?
+                            .unwrap_or(i64::MAX);
+                        sqlx::query(select_events!(
+                            "WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3"
+                        ))
+                        .bind(stream)
+                        .bind(from)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                };
+                rows.iter().map(decode_row).collect()
+            }
+
+            async fn read_all(
+                &self,
+                from: u64,
+                limit: usize,
+            ) -> Result<Vec<RecordedEvent>, StoreError> {
+                let rows = sqlx::query(select_events!(
+                    "WHERE position >= $1 ORDER BY position LIMIT $2"
+                ))
+                .bind($crate::codec::to_i64(from)?)
+                .bind($crate::codec::to_i64(limit as u64)?)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(decode_row).collect()
+            }
+
+            async fn last_position(&self) -> Result<Option<u64>, StoreError> {
+                read_head(&self.pool).await
+            }
+
+            fn head(&self) -> watch::Receiver<Option<u64>> {
+                self.head.clone()
+            }
+
+            fn write_stats(&self) -> $crate::WriteStats {
+                self.writer.stats()
+            }
+        }
+    };
+}
+pub(crate) use event_store_impl;
+
 mod codec;
 mod error;
 mod migrate;
