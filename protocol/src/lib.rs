@@ -1,0 +1,1 @@
+//! The wire and evidence formats (in progress).
