@@ -171,3 +171,34 @@ fn a_bad_configuration_file_is_a_one_line_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_environment_and_the_config_file_choose_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args(["migrate"])
+        .current_dir(dir.path())
+        .env("COUNTERSIGN_DATABASE_URL", "sqlite://from-env.db")
+        .env_remove("COUNTERSIGN_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("from-env.db").exists());
+
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "database_url = \"sqlite://from-file.db\"\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), &["migrate", "--config", "c.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("from-file.db").exists());
+}
