@@ -530,3 +530,26 @@ async fn events_cannot_be_changed(db: &TestDb) {
     }
     assert_eq!(db.store.read_all(0, 10).await.unwrap().len(), 2);
 }
+
+#[test]
+fn canonical_bytes_are_a_fixed_cbor_array() {
+    let event = crate::RecordedEvent {
+        position: 1,
+        stream: "s".into(),
+        version: 0,
+        event_id: Uuid::from_u128(0x0102),
+        event_type: "t.x".into(),
+        schema_version: 1,
+        payload: vec![0xa0],
+        metadata: Metadata::default(),
+        metadata_cbor: vec![0xa0],
+        recorded_at: 1000,
+    };
+    let bytes = event.canonical_bytes().unwrap();
+    let mut expected = vec![0x89, 0x01, 0x61, b's', 0x00, 0x50];
+    expected.extend_from_slice(Uuid::from_u128(0x0102).as_bytes());
+    expected.extend_from_slice(&[
+        0x63, b't', b'.', b'x', 0x01, 0x41, 0xa0, 0x41, 0xa0, 0x19, 0x03, 0xe8,
+    ]);
+    assert_eq!(hex::encode(&bytes), hex::encode(&expected));
+}

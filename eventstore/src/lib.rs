@@ -52,6 +52,7 @@ macro_rules! event_store_impl {
                     i64::from(row.try_get::<i32, _>("schema_version")?),
                 )?,
                 metadata: $crate::codec::decode_metadata(position, &event_type, &metadata_bytes)?,
+                metadata_cbor: metadata_bytes,
                 event_type,
                 payload: row.try_get("payload")?,
                 recorded_at: row.try_get("recorded_at")?,

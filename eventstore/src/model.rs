@@ -113,11 +113,38 @@ pub struct RecordedEvent {
     #[serde(skip)]
     pub payload: Vec<u8>,
     pub metadata: Metadata,
+    /// The metadata exactly as stored: the audit trail hashes these bytes, not a re-encoding.
+    #[serde(skip)]
+    pub metadata_cbor: Vec<u8>,
     /// Milliseconds since the Unix epoch, set by the store when the event was committed.
     pub recorded_at: i64,
 }
 
 impl RecordedEvent {
+    /// The bytes the audit trail hashes for this event (its leaf is SHA-256(0x00 ‖ bytes)):
+    /// the deterministic CBOR array `[position, stream, version, event_id (16-byte string),
+    /// event_type, schema_version, payload (byte string), metadata (byte string),
+    /// recorded_at]`, payload and metadata exactly as stored. Any implementation can rebuild
+    /// them from an exported event to check an inclusion proof.
+    pub fn canonical_bytes(&self) -> Result<Vec<u8>, StoreError> {
+        let envelope = (
+            self.position,
+            self.stream.as_str(),
+            self.version,
+            serde_bytes::Bytes::new(self.event_id.as_bytes()),
+            self.event_type.as_str(),
+            self.schema_version,
+            serde_bytes::Bytes::new(&self.payload),
+            serde_bytes::Bytes::new(&self.metadata_cbor),
+            self.recorded_at,
+        );
+        countersign_domain::cbor::to_canonical_vec(&envelope).map_err(|e| StoreError::Decode {
+            position: self.position,
+            event_type: self.event_type.clone(),
+            reason: format!("cannot encode the envelope: {e}"),
+        })
+    }
+
     /// Decodes the payload into a domain event type.
     pub fn decode<E: DomainEvent>(&self) -> Result<E, StoreError> {
         E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|source| {
