@@ -224,6 +224,28 @@ pub struct StoreOptions {
 pub struct Opened {
     pub events: SharedStore,
     pub vault: Arc<dyn vault::VaultStorage>,
+    /// The database itself, for read models and projections kept beside the log.
+    pub database: Database,
+}
+
+/// A read-write pool on the log's database, for components that keep their own tables there
+/// (read models, the audit tree). Their SQL uses `$n` placeholders, which both accept.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Runs the same code against whichever pool a [`Database`] holds: the SQL text is shared,
+/// only the driver types differ.
+#[macro_export]
+macro_rules! with_pool {
+    ($database:expr, $pool:ident => $body:expr) => {
+        match $database {
+            $crate::Database::Postgres($pool) => $body,
+            $crate::Database::Sqlite($pool) => $body,
+        }
+    };
 }
 
 /// Opens the store named by the URL's scheme and applies its schema.
@@ -232,12 +254,14 @@ pub async fn open(options: &StoreOptions) -> Result<Opened, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = Arc::new(PostgresStore::connect(url, options.pool_size).await?);
         Ok(Opened {
+            database: Database::Postgres(store.pool().clone()),
             events: store.clone(),
             vault: store,
         })
     } else if url.starts_with("sqlite:") {
         let store = Arc::new(SqliteStore::connect(url).await?);
         Ok(Opened {
+            database: Database::Sqlite(store.write_pool().clone()),
             events: store.clone(),
             vault: store,
         })

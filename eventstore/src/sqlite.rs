@@ -81,7 +81,8 @@ impl SqliteStore {
         })
     }
 
-    pub(crate) fn write_pool(&self) -> &SqlitePool {
+    /// The read-write pool (one connection; the log's own writer has another).
+    pub fn write_pool(&self) -> &SqlitePool {
         &self.vault_pool
     }
 }
