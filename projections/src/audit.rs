@@ -1,0 +1,790 @@
+//! The audit projection: an RFC 9162 Merkle tree over the whole log in position order, kept
+//! beside the log, plus signed checkpoints (tree heads).
+//!
+//! Rules it enforces:
+//! - Leaf *i* is `SHA-256(0x00 ‖ canonical bytes of event i)` (see
+//!   `RecordedEvent::canonical_bytes`); leaves are added strictly in position order, in
+//!   batches, each batch in one transaction together with the new tree size.
+//! - Only complete subtrees are stored (`audit_nodes`: node (level, idx) covers leaves
+//!   `[idx·2^level, (idx+1)·2^level)`), so a proof costs one batched lookup of O(log n) keys.
+//! - A checkpoint is signed only over a tree size the projection has committed.
+//! - The tree is a cache of the log: `verify` recomputes everything from the events and
+//!   checks it against the signed checkpoints.
+
+use std::collections::HashMap;
+
+use countersign_eventstore::{Database, SharedStore, StoreError, with_pool};
+use countersign_protocol::merkle::{self, CompactRange, Hash, NodeId, NodeSource};
+use sqlx::Row as _;
+
+/// Why the audit projection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading the log failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit tables failed.
+    #[error("audit database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The stored tree contradicts itself (a node missing or malformed): rebuild it.
+    #[error("the audit tree is damaged: {0}")]
+    Damaged(String),
+    /// A proof was asked for sizes the tree does not have (HTTP 400/404).
+    #[error("{0}")]
+    OutOfRange(String),
+}
+
+/// The stored tree.
+#[derive(Debug, Clone)]
+pub struct AuditTree {
+    db: Database,
+}
+
+fn to_i64(n: u64) -> Result<i64, AuditError> {
+    i64::try_from(n).map_err(|_| AuditError::OutOfRange(format!("{n} is out of range")))
+}
+
+fn to_hash(bytes: &[u8]) -> Result<Hash, AuditError> {
+    bytes
+        .try_into()
+        .map_err(|_| AuditError::Damaged("a stored hash is not 32 bytes".into()))
+}
+
+impl AuditTree {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Leaves committed so far.
+    pub async fn size(&self) -> Result<u64, AuditError> {
+        let size: i64 = with_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT tree_size FROM audit_state WHERE id = 1").fetch_one(pool).await?
+        });
+        u64::try_from(size).map_err(|_| AuditError::Damaged("negative tree size".into()))
+    }
+
+    /// Looks up stored nodes by id.
+    async fn nodes(&self, ids: &[NodeId]) -> Result<StoredNodes, AuditError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        // One statement per key keeps the SQL identical on both databases; proofs need
+        // O(log n) keys, and the statement stays prepared.
+        with_pool!(&self.db, pool => {
+            for id in ids {
+                let row = sqlx::query("SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2")
+                    .bind(i32::from(id.level))
+                    .bind(to_i64(id.index)?)
+                    .fetch_optional(pool)
+                    .await?;
+                if let Some(row) = row {
+                    let bytes: Vec<u8> = row.try_get(0)?;
+                    found.insert(*id, to_hash(&bytes)?);
+                }
+            }
+        });
+        Ok(StoredNodes(found))
+    }
+
+    /// The right edge of the committed tree, read back from its nodes.
+    pub async fn frontier(&self) -> Result<CompactRange, AuditError> {
+        let size = self.size().await?;
+        let ids = CompactRange::frontier_nodes(size);
+        let found = self.nodes(&ids).await?;
+        let hashes = ids
+            .iter()
+            .map(|id| found.node(*id))
+            .collect::<Result<Vec<_>, _>>()?;
+        CompactRange::from_frontier(size, hashes)
+            .map_err(|e| AuditError::Damaged(format!("frontier does not fit the size: {e:?}")))
+    }
+
+    /// The root of the tree of the first `size` leaves (`size` ≤ the committed size).
+    pub async fn root(&self, size: u64) -> Result<Hash, AuditError> {
+        self.within(size).await?;
+        let nodes = self.nodes(&merkle::root_nodes(size)).await?;
+        merkle::root(&nodes, size).map_err(prove_error)
+    }
+
+    /// The inclusion proof of leaf `index` in the tree of `size` leaves.
+    pub async fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
+        self.within(size).await?;
+        let ids = merkle::inclusion_proof_nodes(index, size).map_err(prove_error)?;
+        let nodes = self.nodes(&ids).await?;
+        merkle::inclusion_proof(&nodes, index, size).map_err(prove_error)
+    }
+
+    /// The consistency proof between the trees of `old_size` and `new_size` leaves.
+    pub async fn consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        self.within(new_size).await?;
+        let ids = merkle::consistency_proof_nodes(old_size, new_size).map_err(prove_error)?;
+        let nodes = self.nodes(&ids).await?;
+        merkle::consistency_proof(&nodes, old_size, new_size).map_err(prove_error)
+    }
+
+    async fn within(&self, size: u64) -> Result<(), AuditError> {
+        let committed = self.size().await?;
+        if size > committed {
+            return Err(AuditError::OutOfRange(format!(
+                "the audit tree holds {committed} leaves, not {size}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Nodes fetched for one proof, answering the proof generator from memory.
+#[derive(Debug)]
+struct StoredNodes(HashMap<NodeId, Hash>);
+
+impl NodeSource for StoredNodes {
+    type Error = AuditError;
+
+    fn node(&self, id: NodeId) -> Result<Hash, AuditError> {
+        self.0.get(&id).copied().ok_or_else(|| {
+            AuditError::Damaged(format!("node ({}, {}) is missing", id.level, id.index))
+        })
+    }
+}
+
+fn prove_error<E: std::fmt::Display>(error: merkle::ProveError<E>) -> AuditError {
+    match error {
+        merkle::ProveError::Source(e) => AuditError::Damaged(e.to_string()),
+        other => AuditError::OutOfRange(other.to_string()),
+    }
+}
+
+/// Nodes per INSERT statement.
+const INSERT_CHUNK: usize = 1_000;
+/// Events per batch of leaves.
+const BATCH: usize = 5_000;
+
+impl AuditTree {
+    /// Appends `leaves` after the committed tree, in one transaction with the new size. The
+    /// frontier moves only if the transaction committed.
+    pub async fn append(
+        &self,
+        frontier: &mut CompactRange,
+        leaves: &[Hash],
+    ) -> Result<(), AuditError> {
+        if leaves.is_empty() {
+            return Ok(());
+        }
+        let mut next = frontier.clone();
+        let nodes = next
+            .extend(leaves.iter().copied())
+            .map_err(|_| AuditError::OutOfRange("the audit tree is full".into()))?;
+        let old_size = to_i64(frontier.size())?;
+        let new_size = to_i64(next.size())?;
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for chunk in nodes.chunks(INSERT_CHUNK) {
+                let mut insert = sqlx::QueryBuilder::new("INSERT INTO audit_nodes (level, idx, hash) ");
+                let mut failed = None;
+                insert.push_values(chunk, |mut row, (id, hash)| {
+                    match i64::try_from(id.index) {
+                        Ok(idx) => {
+                            row.push_bind(i32::from(id.level)).push_bind(idx).push_bind(hash.to_vec());
+                        }
+                        Err(_) => failed = Some(id.index),
+                    }
+                });
+                if let Some(idx) = failed {
+                    return Err(AuditError::OutOfRange(format!("node index {idx}")));
+                }
+                insert.build().execute(&mut *tx).await?;
+            }
+            // Only one projector may move the tree: the size it started from must still be there.
+            let moved = sqlx::query("UPDATE audit_state SET tree_size = $1 WHERE id = 1 AND tree_size = $2")
+                .bind(new_size)
+                .bind(old_size)
+                .execute(&mut *tx)
+                .await?;
+            if moved.rows_affected() != 1 {
+                return Err(AuditError::Damaged("another projector moved the audit tree".into()));
+            }
+            tx.commit().await?;
+        });
+        *frontier = next;
+        Ok(())
+    }
+
+    /// Adds every event committed after the tree's size, in batches; answers the new size.
+    pub async fn catch_up(&self, store: &SharedStore) -> Result<u64, AuditError> {
+        let mut frontier = self.frontier().await?;
+        loop {
+            let events = store.read_all(frontier.size(), BATCH).await?;
+            if events.is_empty() {
+                return Ok(frontier.size());
+            }
+            let mut leaves = Vec::with_capacity(events.len());
+            for (offset, event) in events.iter().enumerate() {
+                if event.position != frontier.size() + offset as u64 {
+                    return Err(AuditError::Store(StoreError::Corrupt(format!(
+                        "expected position {}, read {}",
+                        frontier.size() + offset as u64,
+                        event.position
+                    ))));
+                }
+                leaves.push(merkle::leaf_hash(&event.canonical_bytes()?));
+            }
+            self.append(&mut frontier, &leaves).await?;
+        }
+    }
+}
+
+impl AuditTree {
+    /// Forgets the tree (nodes and size) so [`AuditTree::catch_up`] rebuilds it from position
+    /// 0. Checkpoints are kept: they are signed statements and must match the rebuilt roots.
+    pub async fn reset(&self) -> Result<(), AuditError> {
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM audit_nodes").execute(&mut *tx).await?;
+            sqlx::query("UPDATE audit_state SET tree_size = 0 WHERE id = 1").execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}
+
+/// A checkpoint as stored: the signed bytes and what they claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub tree_size: u64,
+    pub root_hash: Hash,
+    pub timestamp_ms: i64,
+    /// The COSE_Sign1 the deployment's audit key made.
+    pub signed: Vec<u8>,
+}
+
+/// The first disagreement `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// The first position that disagrees, when it can be named.
+    pub position: Option<u64>,
+    pub reason: String,
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub checkpoints: u64,
+    /// `None`: the log, the tree and every checkpoint agree.
+    pub finding: Option<Finding>,
+}
+
+impl AuditTree {
+    /// Every checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, AuditError> {
+        let rows = with_pool!(&self.db, pool => {
+            sqlx::query("SELECT tree_size, root_hash, timestamp_ms, signed FROM audit_checkpoints ORDER BY tree_size")
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|row| -> Result<StoredCheckpoint, AuditError> {
+                    let size: i64 = row.try_get(0)?;
+                    let root: Vec<u8> = row.try_get(1)?;
+                    Ok(StoredCheckpoint {
+                        tree_size: u64::try_from(size).map_err(|_| AuditError::Damaged("negative checkpoint size".into()))?,
+                        root_hash: to_hash(&root)?,
+                        timestamp_ms: row.try_get(2)?,
+                        signed: row.try_get(3)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Keeps a checkpoint (idempotent for the same size).
+    pub async fn store_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), AuditError> {
+        with_pool!(&self.db, pool => {
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (tree_size, root_hash, timestamp_ms, signed) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tree_size) DO NOTHING",
+            )
+            .bind(to_i64(checkpoint.tree_size)?)
+            .bind(checkpoint.root_hash.to_vec())
+            .bind(checkpoint.timestamp_ms)
+            .bind(checkpoint.signed.clone())
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Stored leaf hashes for positions `[from, to)`.
+    async fn stored_leaves(&self, from: u64, to: u64) -> Result<HashMap<u64, Hash>, AuditError> {
+        let rows = with_pool!(&self.db, pool => {
+            sqlx::query("SELECT idx, hash FROM audit_nodes WHERE level = 0 AND idx >= $1 AND idx < $2")
+                .bind(to_i64(from)?)
+                .bind(to_i64(to)?)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|row| -> Result<(u64, Hash), AuditError> {
+                    let idx: i64 = row.try_get(0)?;
+                    let hash: Vec<u8> = row.try_get(1)?;
+                    Ok((u64::try_from(idx).map_err(|_| AuditError::Damaged("negative index".into()))?, to_hash(&hash)?))
+                })
+                .collect::<Result<HashMap<_, _>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Recomputes the tree from the stored events and checks it against the stored leaves
+    /// and every checkpoint (`check` verifies a checkpoint's signature and answers the size
+    /// and root it signs). Reports the first position that disagrees. `progress` gets
+    /// (events checked, events in the log).
+    pub async fn verify(
+        &self,
+        store: &SharedStore,
+        check: impl Fn(&StoredCheckpoint) -> Result<(u64, Hash), String>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, AuditError> {
+        let head = store.last_position().await?;
+        let total = head.map_or(0, |h| h + 1);
+        let checkpoints = self.checkpoints().await?;
+        let mut pending = checkpoints.iter().peekable();
+        let mut range = CompactRange::new();
+        let mut verified = 0u64;
+        let found =
+            |position: Option<u64>, reason: String, events: u64, checkpoints: u64| VerifyReport {
+                events,
+                checkpoints,
+                finding: Some(Finding { position, reason }),
+            };
+        loop {
+            let position = range.size();
+            let page = match store.read_all(position, BATCH).await {
+                Ok(page) => page,
+                Err(StoreError::Decode {
+                    position,
+                    event_type,
+                    reason,
+                }) => {
+                    return Ok(found(
+                        Some(position),
+                        format!("event ({event_type}) does not decode: {reason}"),
+                        position,
+                        verified,
+                    ));
+                }
+                Err(other) => return Err(other.into()),
+            };
+            let Some(last) = page.last() else { break };
+            let stored = self
+                .stored_leaves(position, last.position.saturating_add(1))
+                .await?;
+            for event in &page {
+                let expected = range.size();
+                if event.position != expected {
+                    return Ok(found(
+                        Some(expected),
+                        format!(
+                            "position {expected} is missing: the next stored event has position {}",
+                            event.position
+                        ),
+                        expected,
+                        verified,
+                    ));
+                }
+                let leaf = merkle::leaf_hash(&event.canonical_bytes()?);
+                if stored.get(&expected).is_some_and(|s| *s != leaf) {
+                    return Ok(found(
+                        Some(expected),
+                        "the event differs from the one the audit tree recorded".into(),
+                        expected,
+                        verified,
+                    ));
+                }
+                range
+                    .append(leaf)
+                    .map_err(|_| AuditError::OutOfRange("the audit tree is full".into()))?;
+                while let Some(checkpoint) = pending.next_if(|c| c.tree_size == range.size()) {
+                    let from = verified_size(&checkpoints, checkpoint.tree_size);
+                    match check(checkpoint) {
+                        Ok((size, root))
+                            if size == checkpoint.tree_size && root == range.root() =>
+                        {
+                            verified += 1
+                        }
+                        Ok(_) => {
+                            return Ok(found(
+                                Some(from),
+                                format!(
+                                    "the log disagrees with the signed checkpoint at size {}: an event in positions {from}..{} was changed, removed, inserted or moved",
+                                    checkpoint.tree_size,
+                                    checkpoint.tree_size - 1
+                                ),
+                                range.size(),
+                                verified,
+                            ));
+                        }
+                        Err(reason) => {
+                            return Ok(found(
+                                None,
+                                format!("checkpoint at size {}: {reason}", checkpoint.tree_size),
+                                range.size(),
+                                verified,
+                            ));
+                        }
+                    }
+                }
+            }
+            progress(range.size(), total);
+        }
+        let size = range.size();
+        if size != total {
+            return Ok(found(
+                Some(size.min(total)),
+                format!("the log's head says {total} events but {size} are stored"),
+                size,
+                verified,
+            ));
+        }
+        if let Some(beyond) = pending.next() {
+            return Ok(found(
+                Some(size),
+                format!(
+                    "a signed checkpoint covers {} events but the log holds {size}: events were removed",
+                    beyond.tree_size
+                ),
+                size,
+                verified,
+            ));
+        }
+        Ok(VerifyReport {
+            events: size,
+            checkpoints: verified,
+            finding: None,
+        })
+    }
+}
+
+/// The size of the checkpoint before the one of `size` (0 if none): where a disagreement
+/// found at `size` can start.
+fn verified_size(checkpoints: &[StoredCheckpoint], size: u64) -> u64 {
+    checkpoints
+        .iter()
+        .map(|c| c.tree_size)
+        .filter(|&s| s < size)
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test events get clock-based ids
+mod tests {
+    use countersign_eventstore::testing::TestDb;
+    use countersign_eventstore::{
+        ExpectedVersion, Metadata, NewEvent, RecordedEvent, StoreOptions, open,
+    };
+    use countersign_protocol::merkle::{MemoryTree, verify_consistency, verify_inclusion};
+
+    use super::*;
+
+    async fn tree_of(db: &TestDb) -> AuditTree {
+        let opened = open(&StoreOptions {
+            url: db.url().to_owned(),
+            pool_size: 4,
+        })
+        .await
+        .unwrap();
+        AuditTree::new(opened.database)
+    }
+
+    async fn append(db: &TestDb, n: u64) {
+        for chunk in 0..n.div_ceil(100) {
+            let count = 100.min(n - chunk * 100);
+            let events = (0..count)
+                .map(|i| NewEvent {
+                    event_id: uuid::Uuid::now_v7(),
+                    event_type: "audit.tested".into(),
+                    schema_version: 1,
+                    payload: (chunk * 100 + i).to_be_bytes().to_vec(),
+                    metadata: Metadata::default(),
+                })
+                .collect();
+            db.store
+                .append(&format!("s-{chunk}"), ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn all_events(db: &TestDb) -> Vec<RecordedEvent> {
+        db.store.read_all(0, 1_000_000).await.unwrap()
+    }
+
+    async fn proofs_match_an_independent_tree(db: &TestDb) {
+        let tree = tree_of(db).await;
+        append(db, 777).await;
+        assert_eq!(tree.catch_up(&db.store).await.unwrap(), 777);
+        append(db, 300).await;
+        assert_eq!(tree.catch_up(&db.store).await.unwrap(), 1_077);
+
+        let events = all_events(db).await;
+        let memory = MemoryTree::from_leaf_hashes(
+            events
+                .iter()
+                .map(|e| merkle::leaf_hash(&e.canonical_bytes().unwrap())),
+        );
+        for size in [1, 2, 3, 255, 256, 257, 777, 1_000, 1_077] {
+            let root = tree.root(size).await.unwrap();
+            assert_eq!(root, memory.root_at(size).unwrap(), "root at {size}");
+            for index in [0, size / 3, size - 1] {
+                let proof = tree.inclusion_proof(index, size).await.unwrap();
+                let leaf_hash =
+                    merkle::leaf_hash(&events[index as usize].canonical_bytes().unwrap());
+                verify_inclusion(&leaf_hash, index, size, &proof, &root).unwrap();
+            }
+            for old in [1, size / 2, size] {
+                if old == 0 {
+                    continue;
+                }
+                let proof = tree.consistency_proof(old, size).await.unwrap();
+                let old_root = tree.root(old).await.unwrap();
+                verify_consistency(old, size, &old_root, &root, &proof).unwrap();
+            }
+        }
+        assert!(matches!(
+            tree.inclusion_proof(5, 2_000).await,
+            Err(AuditError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            tree.inclusion_proof(5, 5).await,
+            Err(AuditError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            tree.consistency_proof(0, 5).await,
+            Err(AuditError::OutOfRange(_))
+        ));
+    }
+
+    async fn rebuild_gives_the_same_roots(db: &TestDb) {
+        let tree = tree_of(db).await;
+        let mut roots = Vec::new();
+        for round in 0..5u64 {
+            append(db, 37 * (round + 1)).await;
+            let size = tree.catch_up(&db.store).await.unwrap();
+            roots.push((size, tree.root(size).await.unwrap()));
+        }
+        tree.reset().await.unwrap();
+        assert_eq!(tree.size().await.unwrap(), 0);
+        let size = tree.catch_up(&db.store).await.unwrap();
+        assert_eq!(size, roots.last().unwrap().0);
+        for (size, root) in roots {
+            assert_eq!(
+                tree.root(size).await.unwrap(),
+                root,
+                "rebuilt root at {size}"
+            );
+        }
+    }
+
+    /// Trusts a checkpoint row as it stands (signatures are checked by the caller's closure
+    /// in production; here the stored root is what the tamper must contradict).
+    fn trust_row(c: &StoredCheckpoint) -> Result<(u64, Hash), String> {
+        Ok((c.tree_size, c.root_hash))
+    }
+
+    /// Changes the log behind the store's back: the database triggers are bypassed the way an
+    /// attacker with database access would (PostgreSQL: replica role; SQLite: no triggers).
+    struct Tamperer {
+        url: String,
+    }
+
+    impl Tamperer {
+        async fn run(&self, statements: &[String]) {
+            use sqlx::Connection;
+            if self.url.starts_with("postgres") {
+                let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::query("SET session_replication_role = replica")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                for sql in statements {
+                    sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                        .execute(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            } else {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query("DROP TRIGGER IF EXISTS es_events_no_update")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                sqlx::query("DROP TRIGGER IF EXISTS es_events_no_delete")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                for sql in statements {
+                    sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                        .execute(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    /// 100 random tampers (change, delete, insert, reorder), each found by `verify` at the
+    /// position it touched, then undone.
+    async fn tamper_sweep(db: &TestDb) {
+        const EVENTS: u64 = 200;
+        let tree = tree_of(db).await;
+        append(db, EVENTS).await;
+        tree.catch_up(&db.store).await.unwrap();
+        for size in [50, 120, EVENTS] {
+            let root = tree.root(size).await.unwrap();
+            tree.store_checkpoint(&StoredCheckpoint {
+                tree_size: size,
+                root_hash: root,
+                timestamp_ms: 0,
+                signed: vec![],
+            })
+            .await
+            .unwrap();
+        }
+        let clean = tree.verify(&db.store, trust_row, |_, _| {}).await.unwrap();
+        assert_eq!(
+            (clean.events, clean.checkpoints, clean.finding),
+            (EVENTS, 3, None)
+        );
+
+        let tamperer = Tamperer {
+            url: db.url().to_owned(),
+        };
+        let postgres = db.url().starts_with("postgres");
+        let blob = |bytes: &[u8]| {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            if postgres {
+                format!("decode('{hex}', 'hex')")
+            } else {
+                format!("X'{hex}'")
+            }
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut found = 0;
+        for round in 0..100 {
+            let events = all_events(db).await;
+            let p = next(EVENTS);
+            let e = &events[p as usize];
+            let insert = |position: u64, e: &RecordedEvent, id: &str| {
+                format!(
+                    "INSERT INTO es_events (position, stream, version, event_id, event_type, schema_version, payload, metadata, server_id, recorded_at) \
+                     VALUES ({position}, '{}', {}, {id}, '{}', {}, {}, {}, NULL, {})",
+                    e.stream,
+                    e.version,
+                    e.event_type,
+                    e.schema_version,
+                    blob(&e.payload),
+                    blob(&e.metadata_cbor),
+                    e.recorded_at
+                )
+            };
+            let id = if db.url().starts_with("postgres") {
+                format!("'{}'", e.event_id)
+            } else {
+                blob(e.event_id.as_bytes())
+            };
+            let (tamper, undo, expected) = match round % 4 {
+                0 => (
+                    vec![format!(
+                        "UPDATE es_events SET payload = {} WHERE position = {p}",
+                        blob(b"forged")
+                    )],
+                    vec![format!(
+                        "UPDATE es_events SET payload = {} WHERE position = {p}",
+                        blob(&e.payload)
+                    )],
+                    p,
+                ),
+                1 => (
+                    vec![format!("DELETE FROM es_events WHERE position = {p}")],
+                    vec![insert(p, e, &id)],
+                    p,
+                ),
+                2 => {
+                    // An event slipped in after the last one, without going through the store.
+                    let forged_id = if db.url().starts_with("postgres") {
+                        "'00000000-0000-7000-8000-000000000001'".to_owned()
+                    } else {
+                        blob(&[1; 16])
+                    };
+                    let mut forged = e.clone();
+                    forged.version += 10_000;
+                    (
+                        vec![insert(EVENTS, &forged, &forged_id)],
+                        vec![format!("DELETE FROM es_events WHERE position = {EVENTS}")],
+                        EVENTS,
+                    )
+                }
+                _ => {
+                    let q = (p + 1 + next(EVENTS - 1)) % EVENTS;
+                    let (a, b) = (p.min(q), p.max(q));
+                    let swap = vec![
+                        format!("UPDATE es_events SET position = 1000000000 WHERE position = {a}"),
+                        format!("UPDATE es_events SET position = {a} WHERE position = {b}"),
+                        format!("UPDATE es_events SET position = {b} WHERE position = 1000000000"),
+                    ];
+                    (swap.clone(), swap, a)
+                }
+            };
+            tamperer.run(&tamper).await;
+            let report = tree.verify(&db.store, trust_row, |_, _| {}).await.unwrap();
+            let finding = report
+                .finding
+                .unwrap_or_else(|| panic!("round {round}: tamper not found"));
+            assert_eq!(
+                finding.position,
+                Some(expected),
+                "round {round}: {}",
+                finding.reason
+            );
+            found += 1;
+            tamperer.run(&undo).await;
+        }
+        assert_eq!(found, 100);
+        let clean = tree.verify(&db.store, trust_row, |_, _| {}).await.unwrap();
+        assert_eq!(clean.finding, None, "every tamper was undone");
+    }
+
+    macro_rules! on_both_backends {
+        ($($test:ident),* $(,)?) => {
+            mod postgres { $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = TestDb::postgres().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )* use super::TestDb; }
+            mod sqlite { $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = TestDb::sqlite().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )* use super::TestDb; }
+        };
+    }
+
+    on_both_backends!(
+        proofs_match_an_independent_tree,
+        rebuild_gives_the_same_roots,
+        tamper_sweep,
+    );
+}
