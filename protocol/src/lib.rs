@@ -1,6 +1,19 @@
 //! What crosses the wire and what outlives it, as pure functions: no I/O, no clock, no RNG.
-//! Times are inputs, signing takes the key, and every decoder of outside bytes answers with a
-//! typed error, never a panic.
+//! Times are inputs, signing takes the key (ECDSA here is deterministic, RFC 6979), and every
+//! decoder of outside bytes answers with a typed error, never a panic.
+//!
+//! - [`merkle`]: the RFC 9162 audit tree: hashing, node addressing, proofs over stored nodes,
+//!   the incremental builder, proof verification.
+//! - [`cose`]: COSE_Sign1 with ES256, the only signature format we emit or accept.
+//! - [`checkpoint`]: signed tree heads, and proofs checked against them.
 
+pub mod checkpoint;
 pub mod cose;
 pub mod merkle;
+
+pub use checkpoint::{
+    CheckpointError, TreeHead, sign_checkpoint, verify_checkpoint,
+    verify_consistency_between_checkpoints, verify_inclusion_against_checkpoint,
+};
+pub use cose::{CoseError, Verified, sign1_es256, verify_sign1_es256};
+pub use merkle::{Hash, NodeId, NodeSource, ProofError};
