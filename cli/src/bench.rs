@@ -25,6 +25,23 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Append throughput and latency by batch size × concurrent writers, plus `$all` reads.
     Append(AppendArgs),
+    /// Audit tree: leaves appended per second and inclusion-proof latency at given sizes.
+    /// Needs a scratch database whose event log is empty (it fills the tree with synthetic
+    /// leaves).
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Tree sizes at which proof latency is measured (the tree grows to the largest).
+    #[arg(long, value_delimiter = ',', default_value = "1000000")]
+    pub sizes: Vec<u64>,
+    /// Inclusion proofs timed at each size.
+    #[arg(long, default_value_t = 10_000)]
+    pub proofs: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +87,7 @@ struct Report {
 pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Append(args) => append(settings, args).await,
+        BenchWhat::Audit(args) => audit(settings, args).await,
     }
 }
 
@@ -324,4 +342,99 @@ async fn read_all(store: &SharedStore) -> anyhow::Result<(u64, f64)> {
         count += page.len() as u64;
     }
     Ok((count, count as f64 / started.elapsed().as_secs_f64()))
+}
+
+#[derive(Debug, Serialize)]
+struct AuditCell {
+    size: u64,
+    leaves_per_sec: f64,
+    proof_p50_ms: f64,
+    proof_p99_ms: f64,
+    proof_max_ms: f64,
+}
+
+async fn audit(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
+    use countersign_projections::audit::AuditTree;
+    use countersign_protocol::merkle;
+
+    let opened = crate::connect(settings).await?;
+    if opened.events.last_position().await?.is_some() {
+        anyhow::bail!(
+            "bench audit fills the audit tree with synthetic leaves: give it a scratch database with an empty event log"
+        );
+    }
+    let tree = AuditTree::new(opened.database.clone());
+    tree.reset().await?;
+    let mut frontier = tree.frontier().await?;
+    let mut sizes = args.sizes.clone();
+    sizes.sort_unstable();
+    let mut cells = Vec::new();
+    let mut counter = 0u64;
+    for &size in &sizes {
+        let started = Instant::now();
+        let grown_from = frontier.size();
+        while frontier.size() < size {
+            let n = 5_000.min(size - frontier.size());
+            let leaves: Vec<merkle::Hash> = (0..n)
+                .map(|_| {
+                    counter += 1;
+                    merkle::leaf_hash(&counter.to_be_bytes())
+                })
+                .collect();
+            tree.append(&mut frontier, &leaves).await?;
+        }
+        let leaves_per_sec = (size - grown_from) as f64 / started.elapsed().as_secs_f64();
+        let mut histogram = Histogram::<u64>::new(3)?;
+        let mut rng = size ^ 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..args.proofs {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let index = rng % size;
+            let t = Instant::now();
+            let proof = tree.inclusion_proof(index, size).await?;
+            histogram.record(t.elapsed().as_micros() as u64)?;
+            std::hint::black_box(proof);
+        }
+        let cell = AuditCell {
+            size,
+            leaves_per_sec,
+            proof_p50_ms: ms(&histogram, 0.5),
+            proof_p99_ms: ms(&histogram, 0.99),
+            proof_max_ms: histogram.max() as f64 / 1_000.0,
+        };
+        if !args.json {
+            eprintln!(
+                "size {size}: {leaves_per_sec:.0} leaves/s, proof p99 {:.3} ms",
+                cell.proof_p99_ms
+            );
+        }
+        cells.push(cell);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&cells)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "audit tree benchmark on {}",
+        settings.database_display()
+    )?;
+    writeln!(
+        out,
+        "| tree size | leaves/s appended | proof p50 ms | proof p99 ms | proof max ms |"
+    )?;
+    writeln!(
+        out,
+        "|----------:|------------------:|-------------:|-------------:|-------------:|"
+    )?;
+    for c in &cells {
+        writeln!(
+            out,
+            "| {:>9} | {:>17.0} | {:>12.3} | {:>12.3} | {:>12.3} |",
+            c.size, c.leaves_per_sec, c.proof_p50_ms, c.proof_p99_ms, c.proof_max_ms
+        )?;
+    }
+    Ok(())
 }

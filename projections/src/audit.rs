@@ -63,25 +63,65 @@ impl AuditTree {
         u64::try_from(size).map_err(|_| AuditError::Damaged("negative tree size".into()))
     }
 
-    /// Looks up stored nodes by id.
+    /// Looks up stored nodes by id, in one round trip on PostgreSQL (a proof's O(log n) keys
+    /// in one statement); SQLite is in-process, so a prepared lookup per key costs less than
+    /// building one.
     async fn nodes(&self, ids: &[NodeId]) -> Result<StoredNodes, AuditError> {
         let mut found = HashMap::with_capacity(ids.len());
-        // One statement per key keeps the SQL identical on both databases; proofs need
-        // O(log n) keys, and the statement stays prepared.
-        with_pool!(&self.db, pool => {
-            for id in ids {
-                let row = sqlx::query("SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2")
-                    .bind(i32::from(id.level))
-                    .bind(to_i64(id.index)?)
-                    .fetch_optional(pool)
-                    .await?;
-                if let Some(row) = row {
-                    let bytes: Vec<u8> = row.try_get(0)?;
-                    found.insert(*id, to_hash(&bytes)?);
+        match &self.db {
+            Database::Postgres(pool) => {
+                let levels: Vec<i32> = ids.iter().map(|id| i32::from(id.level)).collect();
+                let indexes = ids
+                    .iter()
+                    .map(|id| to_i64(id.index))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rows = sqlx::query(
+                    "SELECT n.level, n.idx, n.hash FROM unnest($1::int[], $2::bigint[]) AS k(level, idx) \
+                     JOIN audit_nodes n ON n.level = k.level AND n.idx = k.idx",
+                )
+                .bind(&levels)
+                .bind(&indexes)
+                .fetch_all(pool)
+                .await?;
+                for row in rows {
+                    let level: i32 = row.try_get(0)?;
+                    let idx: i64 = row.try_get(1)?;
+                    let hash: Vec<u8> = row.try_get(2)?;
+                    let id = NodeId::new(
+                        u8::try_from(level)
+                            .map_err(|_| AuditError::Damaged("bad node level".into()))?,
+                        u64::try_from(idx)
+                            .map_err(|_| AuditError::Damaged("bad node index".into()))?,
+                    );
+                    found.insert(id, to_hash(&hash)?);
                 }
             }
-        });
+            Database::Sqlite(pool) => {
+                for id in ids {
+                    let row =
+                        sqlx::query("SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2")
+                            .bind(i32::from(id.level))
+                            .bind(to_i64(id.index)?)
+                            .fetch_optional(pool)
+                            .await?;
+                    if let Some(row) = row {
+                        let bytes: Vec<u8> = row.try_get(0)?;
+                        found.insert(*id, to_hash(&bytes)?);
+                    }
+                }
+            }
+        }
         Ok(StoredNodes(found))
+    }
+
+    /// Nodes for a proof over `size` leaves: a missing node means the size is beyond the
+    /// committed tree (the caller's mistake) or the tree is damaged; the size tells which.
+    async fn nodes_for(&self, ids: &[NodeId], size: u64) -> Result<StoredNodes, AuditError> {
+        let nodes = self.nodes(ids).await?;
+        if nodes.0.len() < ids.len() {
+            self.within(size).await?;
+        }
+        Ok(nodes)
     }
 
     /// The right edge of the committed tree, read back from its nodes.
@@ -99,16 +139,14 @@ impl AuditTree {
 
     /// The root of the tree of the first `size` leaves (`size` ≤ the committed size).
     pub async fn root(&self, size: u64) -> Result<Hash, AuditError> {
-        self.within(size).await?;
-        let nodes = self.nodes(&merkle::root_nodes(size)).await?;
+        let nodes = self.nodes_for(&merkle::root_nodes(size), size).await?;
         merkle::root(&nodes, size).map_err(prove_error)
     }
 
     /// The inclusion proof of leaf `index` in the tree of `size` leaves.
     pub async fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
-        self.within(size).await?;
         let ids = merkle::inclusion_proof_nodes(index, size).map_err(prove_error)?;
-        let nodes = self.nodes(&ids).await?;
+        let nodes = self.nodes_for(&ids, size).await?;
         merkle::inclusion_proof(&nodes, index, size).map_err(prove_error)
     }
 
@@ -118,9 +156,8 @@ impl AuditTree {
         old_size: u64,
         new_size: u64,
     ) -> Result<Vec<Hash>, AuditError> {
-        self.within(new_size).await?;
         let ids = merkle::consistency_proof_nodes(old_size, new_size).map_err(prove_error)?;
-        let nodes = self.nodes(&ids).await?;
+        let nodes = self.nodes_for(&ids, new_size).await?;
         merkle::consistency_proof(&nodes, old_size, new_size).map_err(prove_error)
     }
 
