@@ -133,6 +133,38 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             event.position, event.event_type, stream
         )?;
     }
+    // The audit trail: every event above is a leaf of a Merkle tree whose head is signed.
+    let tree = countersign_projections::audit::AuditTree::new(opened.database.clone());
+    let audit_key =
+        crate::audit::signing_key(&KeyVault::new(opened.vault.clone(), settings.master_key()?))
+            .await?;
+    let now = SystemClock.now().0;
+    if let Some(checkpoint) = tree
+        .checkpoint(&store, &audit_key, "countersign-demo", now)
+        .await?
+    {
+        writeln!(
+            out,
+            "\naudit: signed checkpoint over {} events, root {}",
+            checkpoint.tree_size,
+            hex::encode(checkpoint.root_hash)
+        )?;
+    }
+    let report = tree
+        .verify(
+            &store,
+            countersign_projections::audit::check_signed(audit_key.verifying_key()),
+            |_, _| {},
+        )
+        .await?;
+    match report.finding {
+        None => writeln!(
+            out,
+            "audit verify: OK, {} events agree with {} signed checkpoint(s)",
+            report.events, report.checkpoints
+        )?,
+        Some(finding) => anyhow::bail!("audit verify failed: {}", finding.reason),
+    }
     if args.json {
         writeln!(out)?;
         for event in &events {

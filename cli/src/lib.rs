@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use countersign_eventstore::{Opened, open};
 
+pub mod audit;
 pub mod bench;
 pub mod config;
 pub mod demo;
@@ -32,6 +33,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure the platform: `bench append` for the event store.
     Bench(bench::BenchArgs),
+    /// The Merkle audit trail: build, checkpoint, key, verify.
+    Audit(audit::AuditArgs),
     /// Print a new random master key (64 hex digits) for `--master-key-file`.
     Keygen,
 }
@@ -78,6 +81,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(&settings, args).await,
         Command::Demo(args) => demo::run(&settings, args).await,
         Command::Bench(args) => bench::run(&settings, args).await,
+        Command::Audit(args) => audit::run(&settings, args).await,
         Command::Keygen => {
             use std::io::Write as _;
             let key = config::new_master_key_hex()?;

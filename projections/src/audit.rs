@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use countersign_eventstore::{Database, SharedStore, StoreError, with_pool};
+use countersign_protocol::checkpoint::{TreeHead, sign_checkpoint, verify_checkpoint};
 use countersign_protocol::merkle::{self, CompactRange, Hash, NodeId, NodeSource};
 use sqlx::Row as _;
 
@@ -502,6 +503,66 @@ impl AuditTree {
     }
 }
 
+impl AuditTree {
+    /// Catches up with the log and signs a checkpoint over the committed tree, unless the
+    /// newest checkpoint already covers that size. `now_ms` is the checkpoint's timestamp.
+    pub async fn checkpoint(
+        &self,
+        store: &SharedStore,
+        key: &p256::ecdsa::SigningKey,
+        origin: &str,
+        now_ms: i64,
+    ) -> Result<Option<StoredCheckpoint>, AuditError> {
+        let size = self.catch_up(store).await?;
+        if size == 0 {
+            return Ok(None);
+        }
+        let newest = self.newest_checkpoint_size().await?;
+        if newest >= Some(size) {
+            return Ok(None);
+        }
+        let root_hash = self.root(size).await?;
+        let head = TreeHead {
+            origin: origin.to_owned(),
+            tree_size: size,
+            root_hash,
+            timestamp_ms: now_ms,
+        };
+        let signed = sign_checkpoint(&head, key)
+            .map_err(|e| AuditError::Damaged(format!("cannot sign a checkpoint: {e}")))?;
+        let checkpoint = StoredCheckpoint {
+            tree_size: size,
+            root_hash,
+            timestamp_ms: now_ms,
+            signed,
+        };
+        self.store_checkpoint(&checkpoint).await?;
+        Ok(Some(checkpoint))
+    }
+
+    async fn newest_checkpoint_size(&self) -> Result<Option<u64>, AuditError> {
+        let newest: Option<i64> = with_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT max(tree_size) FROM audit_checkpoints").fetch_one(pool).await?
+        });
+        Ok(newest.and_then(|n| u64::try_from(n).ok()))
+    }
+}
+
+/// Checks a stored checkpoint against the audit public key: its COSE signature, and that the
+/// row's size and root are the ones it signs. Answers the signed size and root.
+pub fn check_signed(
+    key: &p256::ecdsa::VerifyingKey,
+) -> impl Fn(&StoredCheckpoint) -> Result<(u64, Hash), String> + '_ {
+    move |stored| {
+        let head = verify_checkpoint(&stored.signed, key)
+            .map_err(|e| format!("signature does not verify: {e}"))?;
+        if head.tree_size != stored.tree_size || head.root_hash != stored.root_hash {
+            return Err("the stored row differs from what the checkpoint signs".into());
+        }
+        Ok((head.tree_size, head.root_hash))
+    }
+}
+
 /// The size of the checkpoint before the one of `size` (0 if none): where a disagreement
 /// found at `size` can start.
 fn verified_size(checkpoints: &[StoredCheckpoint], size: u64) -> u64 {
@@ -819,7 +880,50 @@ mod tests {
         };
     }
 
+    /// Checkpoints signed with the audit key verify, and a checkpoint row whose root was
+    /// swapped (or signed by another key) is reported.
+    async fn signed_checkpoints(db: &TestDb) {
+        let tree = tree_of(db).await;
+        let key = p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
+        let other = p256::ecdsa::SigningKey::from_slice(&[8; 32]).unwrap();
+        append(db, 10).await;
+        let first = tree
+            .checkpoint(&db.store, &key, "test", 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.tree_size, 10);
+        assert!(
+            tree.checkpoint(&db.store, &key, "test", 2)
+                .await
+                .unwrap()
+                .is_none(),
+            "nothing new to sign"
+        );
+        append(db, 5).await;
+        let second = tree
+            .checkpoint(&db.store, &key, "test", 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.tree_size, 15);
+        let report = tree
+            .verify(&db.store, check_signed(key.verifying_key()), |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            (report.events, report.checkpoints, report.finding),
+            (15, 2, None)
+        );
+        let report = tree
+            .verify(&db.store, check_signed(other.verifying_key()), |_, _| {})
+            .await
+            .unwrap();
+        assert!(report.finding.unwrap().reason.contains("signature"));
+    }
+
     on_both_backends!(
+        signed_checkpoints,
         proofs_match_an_independent_tree,
         rebuild_gives_the_same_roots,
         tamper_sweep,

@@ -202,3 +202,84 @@ fn the_environment_and_the_config_file_choose_the_database() {
     );
     assert!(dir.path().join("from-file.db").exists());
 }
+
+#[test]
+fn audit_verify_finds_a_changed_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "sqlite://audited.db";
+    let out = run(dir.path(), &["demo", "--database-url", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("audit verify: OK"));
+
+    let key = run(dir.path(), &["audit", "key", "--database-url", url]);
+    let key = String::from_utf8(key.stdout).unwrap();
+    assert_eq!(key.trim().len(), 130, "an uncompressed SEC1 P-256 key: {key}");
+    let out = run(
+        dir.path(),
+        &[
+            "audit",
+            "verify",
+            "--database-url",
+            url,
+            "--audit-key",
+            key.trim(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
+
+    // Someone with access to the database file changes event 4.
+    let db = dir.path().join("audited.db");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("DROP TRIGGER es_events_no_update")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE es_events SET recorded_at = recorded_at + 1 WHERE position = 4")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+    let out = run(
+        dir.path(),
+        &[
+            "audit",
+            "verify",
+            "--database-url",
+            url,
+            "--audit-key",
+            key.trim(),
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at position 4"), "{stderr}");
+
+    // A key that did not sign the checkpoints is refused too.
+    let other = "036b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296";
+    let out = run(
+        dir.path(),
+        &[
+            "audit",
+            "verify",
+            "--database-url",
+            url,
+            "--audit-key",
+            other,
+        ],
+    );
+    assert!(!out.status.success());
+}

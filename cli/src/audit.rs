@@ -1,0 +1,135 @@
+//! `countersign audit`: build the Merkle audit tree, sign checkpoints, print the audit key,
+//! and verify the whole log against the signed checkpoints.
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use countersign_commands::{Clock, SystemClock};
+use countersign_eventstore::vault::KeyVault;
+use countersign_projections::audit::{AuditTree, check_signed};
+use p256::ecdsa::{SigningKey, VerifyingKey};
+use zeroize::Zeroizing;
+
+use crate::Settings;
+
+/// Where the deployment's audit signing key is kept in the key vault.
+pub const AUDIT_KEY_REF: &str = "audit/signing-key";
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub what: AuditWhat,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditWhat {
+    /// Add every new event to the audit tree and print its size and root.
+    Build,
+    /// Add new events and sign a checkpoint (tree head) with the audit key.
+    Checkpoint {
+        /// The log's name in its checkpoints.
+        #[arg(long, default_value = "countersign")]
+        origin: String,
+    },
+    /// Print the audit public key (SEC1, hex): give it to whoever verifies.
+    Key,
+    /// Recompute the tree from the stored events and check every signed checkpoint; exits
+    /// non-zero and names the first position that disagrees.
+    Verify {
+        /// The audit public key (hex SEC1); by default read from this deployment's vault.
+        #[arg(long)]
+        audit_key: Option<String>,
+    },
+}
+
+/// The audit signing key, created in the vault on first use.
+pub async fn signing_key(vault: &KeyVault) -> anyhow::Result<SigningKey> {
+    let existing = vault.get(AUDIT_KEY_REF).await?;
+    let bytes = match existing {
+        Some(bytes) => bytes,
+        None => {
+            let mut fresh = Zeroizing::new([0u8; 32]);
+            loop {
+                getrandom::fill(fresh.as_mut())
+                    .map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                if SigningKey::from_slice(fresh.as_ref()).is_ok() {
+                    break;
+                }
+            }
+            vault.put_if_absent(AUDIT_KEY_REF, fresh.as_ref()).await?
+        }
+    };
+    SigningKey::from_slice(&bytes).context("the vault's audit key is not a P-256 key")
+}
+
+pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
+    let opened = crate::connect(settings).await?;
+    let tree = AuditTree::new(opened.database.clone());
+    let vault = || -> anyhow::Result<KeyVault> {
+        Ok(KeyVault::new(opened.vault.clone(), settings.master_key()?))
+    };
+    let mut out = std::io::stdout().lock();
+    match args.what {
+        AuditWhat::Build => {
+            let size = tree.catch_up(&opened.events).await?;
+            let root = tree.root(size).await?;
+            writeln!(
+                out,
+                "{{\"tree_size\":{size},\"root_hash\":\"{}\"}}",
+                hex::encode(root)
+            )?;
+        }
+        AuditWhat::Checkpoint { origin } => {
+            let key = signing_key(&vault()?).await?;
+            let now = SystemClock.now().0;
+            match tree.checkpoint(&opened.events, &key, &origin, now).await? {
+                Some(c) => writeln!(
+                    out,
+                    "{{\"tree_size\":{},\"root_hash\":\"{}\",\"timestamp_ms\":{},\"signed\":\"{}\"}}",
+                    c.tree_size,
+                    hex::encode(c.root_hash),
+                    c.timestamp_ms,
+                    hex::encode(&c.signed)
+                )?,
+                None => writeln!(out, "nothing new to sign")?,
+            }
+        }
+        AuditWhat::Key => {
+            let key = signing_key(&vault()?).await?;
+            writeln!(out, "{}", hex::encode(key.verifying_key().to_sec1_bytes()))?;
+        }
+        AuditWhat::Verify { audit_key } => {
+            let key = match audit_key {
+                Some(text) => VerifyingKey::from_sec1_bytes(
+                    &hex::decode(text.trim()).context("--audit-key is not hex")?,
+                )
+                .context("--audit-key is not a P-256 public key")?,
+                None => *signing_key(&vault()?).await?.verifying_key(),
+            };
+            let mut last_shown = 0u64;
+            let report = tree
+                .verify(&opened.events, check_signed(&key), |done, total| {
+                    if done - last_shown >= 100_000 || done == total {
+                        last_shown = done;
+                        eprint!("\rverified {done} of {total} events");
+                    }
+                })
+                .await?;
+            eprintln!();
+            match report.finding {
+                None => writeln!(
+                    out,
+                    "OK: {} events, {} signed checkpoints agree with the log",
+                    report.events, report.checkpoints
+                )?,
+                Some(finding) => {
+                    let at = finding
+                        .position
+                        .map_or_else(String::new, |p| format!(" at position {p}"));
+                    anyhow::bail!("the log does not verify{at}: {}", finding.reason);
+                }
+            }
+        }
+    }
+    Ok(())
+}
