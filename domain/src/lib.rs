@@ -18,7 +18,9 @@
 
 pub mod account;
 pub mod aggregate;
-pub mod cbor;
+/// Deterministic CBOR lives in `protocol`, the bottom layer, so checkpoints and evidence use
+/// the same encoder as event payloads.
+pub use countersign_protocol::cbor;
 pub mod enrolment;
 pub mod event;
 pub mod ids;

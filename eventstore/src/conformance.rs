@@ -467,32 +467,7 @@ async fn undecodable_payload_is_a_typed_error(db: &TestDb) {
     );
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let db = super::TestDb::postgres().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let db = super::TestDb::sqlite().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+crate::on_both_backends!(
     append_and_read,
     expected_version_conflicts,
     concurrent_appends_at_one_version,

@@ -98,3 +98,31 @@ impl TestDb {
         }
     }
 }
+
+/// Turns each named `async fn(&TestDb)` into two tests, `postgres::<name>` and
+/// `sqlite::<name>`, each on a fresh database that is dropped afterwards.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let db = $crate::testing::TestDb::postgres().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let db = $crate::testing::TestDb::sqlite().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}

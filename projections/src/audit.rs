@@ -859,27 +859,6 @@ mod tests {
         assert_eq!(clean.finding, None, "every tamper was undone");
     }
 
-    macro_rules! on_both_backends {
-        ($($test:ident),* $(,)?) => {
-            mod postgres { $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = TestDb::postgres().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )* use super::TestDb; }
-            mod sqlite { $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = TestDb::sqlite().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )* use super::TestDb; }
-        };
-    }
-
     /// Checkpoints signed with the audit key verify, and a checkpoint row whose root was
     /// swapped (or signed by another key) is reported.
     async fn signed_checkpoints(db: &TestDb) {
@@ -922,7 +901,7 @@ mod tests {
         assert!(report.finding.unwrap().reason.contains("signature"));
     }
 
-    on_both_backends!(
+    countersign_eventstore::on_both_backends!(
         signed_checkpoints,
         proofs_match_an_independent_tree,
         rebuild_gives_the_same_roots,

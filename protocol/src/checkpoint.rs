@@ -86,20 +86,20 @@ impl TreeHead {
     pub fn to_cbor(&self) -> Result<Vec<u8>, CheckpointError> {
         check_origin(&self.origin)?;
         let mut out = Vec::with_capacity(64 + self.origin.len());
-        head(&mut out, MAJOR_MAP, 4);
-        head(&mut out, MAJOR_UINT, 1);
-        head(&mut out, MAJOR_TEXT, self.origin.len() as u64);
+        crate::cbor::write_head(&mut out, MAJOR_MAP, 4);
+        crate::cbor::write_head(&mut out, MAJOR_UINT, 1);
+        crate::cbor::write_head(&mut out, MAJOR_TEXT, self.origin.len() as u64);
         out.extend_from_slice(self.origin.as_bytes());
-        head(&mut out, MAJOR_UINT, 2);
-        head(&mut out, MAJOR_UINT, self.tree_size);
-        head(&mut out, MAJOR_UINT, 3);
-        head(&mut out, MAJOR_BYTES, self.root_hash.len() as u64);
+        crate::cbor::write_head(&mut out, MAJOR_UINT, 2);
+        crate::cbor::write_head(&mut out, MAJOR_UINT, self.tree_size);
+        crate::cbor::write_head(&mut out, MAJOR_UINT, 3);
+        crate::cbor::write_head(&mut out, MAJOR_BYTES, self.root_hash.len() as u64);
         out.extend_from_slice(&self.root_hash);
-        head(&mut out, MAJOR_UINT, 4);
+        crate::cbor::write_head(&mut out, MAJOR_UINT, 4);
         match u64::try_from(self.timestamp_ms) {
-            Ok(t) => head(&mut out, MAJOR_UINT, t),
+            Ok(t) => crate::cbor::write_head(&mut out, MAJOR_UINT, t),
             // CBOR negative integers carry -1 - n; for n < 0 that is !n as u64.
-            Err(_) => head(&mut out, MAJOR_NINT, !(self.timestamp_ms as u64)),
+            Err(_) => crate::cbor::write_head(&mut out, MAJOR_NINT, !(self.timestamp_ms as u64)),
         }
         Ok(out)
     }
@@ -275,25 +275,6 @@ const MAJOR_NINT: u8 = 1;
 const MAJOR_BYTES: u8 = 2;
 const MAJOR_TEXT: u8 = 3;
 const MAJOR_MAP: u8 = 5;
-
-/// Writes a CBOR head in its shortest form (RFC 8949 §4.2.1).
-fn head(out: &mut Vec<u8>, major: u8, arg: u64) {
-    let m = major << 5;
-    if arg < 24 {
-        out.push(m | arg as u8);
-    } else if let Ok(a) = u8::try_from(arg) {
-        out.extend_from_slice(&[m | 24, a]);
-    } else if let Ok(a) = u16::try_from(arg) {
-        out.push(m | 25);
-        out.extend_from_slice(&a.to_be_bytes());
-    } else if let Ok(a) = u32::try_from(arg) {
-        out.push(m | 26);
-        out.extend_from_slice(&a.to_be_bytes());
-    } else {
-        out.push(m | 27);
-        out.extend_from_slice(&arg.to_be_bytes());
-    }
-}
 
 /// A strict reader of the few CBOR items a tree head uses; every read is bounds-checked.
 struct Reader<'a>(&'a [u8]);

@@ -7,6 +7,7 @@
 //! - [`cose`]: COSE_Sign1 with ES256, the only signature format we emit or accept.
 //! - [`checkpoint`]: signed tree heads, and proofs checked against them.
 
+pub mod cbor;
 pub mod checkpoint;
 pub mod cose;
 pub mod merkle;

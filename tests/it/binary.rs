@@ -217,7 +217,11 @@ fn audit_verify_finds_a_changed_event() {
 
     let key = run(dir.path(), &["audit", "key", "--database-url", url]);
     let key = String::from_utf8(key.stdout).unwrap();
-    assert_eq!(key.trim().len(), 130, "an uncompressed SEC1 P-256 key: {key}");
+    assert_eq!(
+        key.trim().len(),
+        130,
+        "an uncompressed SEC1 P-256 key: {key}"
+    );
     let out = run(
         dir.path(),
         &[

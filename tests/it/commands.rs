@@ -188,32 +188,7 @@ async fn idempotency_keys(db: &TestDb) {
     assert_eq!(db.store.last_position().await.unwrap(), head);
 }
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = super::TestDb::postgres().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = super::TestDb::sqlite().await;
-                    super::$test(&db).await;
-                    db.finish().await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+countersign_eventstore::on_both_backends!(
     user_lifecycle_and_shredding,
     concurrent_commands_retry_on_conflict,
     idempotency_keys

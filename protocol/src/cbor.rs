@@ -218,7 +218,8 @@ fn write_float(out: &mut Vec<u8>, f: f64) {
     out.extend_from_slice(&f.to_bits().to_be_bytes());
 }
 
-fn write_head(out: &mut Vec<u8>, major: u8, arg: u64) {
+/// Writes a data item's head (major type and argument) in its shortest form.
+pub fn write_head(out: &mut Vec<u8>, major: u8, arg: u64) {
     let m = major << 5;
     if arg < 24 {
         // `arg < 24` fits in the low five bits.
