@@ -97,7 +97,12 @@ fn spawn_listener(pool: PgPool, head: watch::Sender<Option<u64>>) {
                 continue;
             }
             loop {
-                match listener.recv().await {
+                // Stop when the store is gone (no one watches the head any more).
+                let received = tokio::select! {
+                    received = listener.recv() => received,
+                    () = head.closed() => return,
+                };
+                match received {
                     Ok(n) => {
                         let Ok(position) = n.payload().parse::<u64>() else {
                             continue;
@@ -114,9 +119,6 @@ fn spawn_listener(pool: PgPool, head: watch::Sender<Option<u64>>) {
                         tracing::warn!(%error, "event listener lost its connection");
                         break;
                     }
-                }
-                if head.is_closed() {
-                    return;
                 }
             }
         }

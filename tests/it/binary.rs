@@ -23,6 +23,17 @@ fn binary() -> PathBuf {
     path
 }
 
+/// Runs the binary and insists it succeeded, showing its stderr if not.
+fn run_ok(dir: &std::path::Path, args: &[&str]) -> Output {
+    let out = run(dir, args);
+    assert!(
+        out.status.success(),
+        "countersign {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn run(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(binary())
         .args(args)
@@ -110,18 +121,8 @@ fn demo_output_and_log_hold_no_secret() {
 fn events_prints_json_lines_of_a_persistent_database() {
     let dir = tempfile::tempdir().unwrap();
     let url = "sqlite://events.db";
-    let out = run(dir.path(), &["demo", "--database-url", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(dir.path(), &["events", "--database-url", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(dir.path(), &["demo", "--database-url", url]);
+    let out = run_ok(dir.path(), &["events", "--database-url", url]);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<serde_json::Value> = stdout
         .lines()
@@ -194,12 +195,7 @@ fn the_environment_and_the_config_file_choose_the_database() {
         "database_url = \"sqlite://from-file.db\"\n",
     )
     .unwrap();
-    let out = run(dir.path(), &["migrate", "--config", "c.toml"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(dir.path(), &["migrate", "--config", "c.toml"]);
     assert!(dir.path().join("from-file.db").exists());
 }
 
@@ -207,12 +203,7 @@ fn the_environment_and_the_config_file_choose_the_database() {
 fn audit_verify_finds_a_changed_event() {
     let dir = tempfile::tempdir().unwrap();
     let url = "sqlite://audited.db";
-    let out = run(dir.path(), &["demo", "--database-url", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(dir.path(), &["demo", "--database-url", url]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("audit verify: OK"));
 
     let key = run(dir.path(), &["audit", "key", "--database-url", url]);
