@@ -2,6 +2,7 @@
 //! and verify the whole log against the signed checkpoints.
 
 use std::io::Write as _;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use countersign_commands::{Clock, SystemClock};
@@ -30,6 +31,14 @@ pub enum AuditWhat {
         /// The log's name in its checkpoints.
         #[arg(long, default_value = "countersign")]
         origin: String,
+    },
+    /// Keep the tree up to date and sign a checkpoint at most every `--interval-ms` while
+    /// events arrive (one JSON line per checkpoint, with its lag behind the newest event).
+    Follow {
+        #[arg(long, default_value = "countersign")]
+        origin: String,
+        #[arg(long, default_value_t = 1_000)]
+        interval_ms: u64,
     },
     /// Print the audit public key (SEC1, hex): give it to whoever verifies.
     Key,
@@ -94,6 +103,21 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
                 None => writeln!(out, "nothing new to sign")?,
             }
         }
+        AuditWhat::Follow {
+            origin,
+            interval_ms,
+        } => {
+            drop(out);
+            let key = signing_key(&vault()?).await?;
+            follow(
+                &opened.events,
+                &tree,
+                &key,
+                &origin,
+                Duration::from_millis(interval_ms.max(10)),
+            )
+            .await?;
+        }
         AuditWhat::Key => {
             let key = signing_key(&vault()?).await?;
             writeln!(out, "{}", hex::encode(key.verifying_key().to_sec1_bytes()))?;
@@ -132,4 +156,52 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The audit role: catch up on every commit, sign when the interval has passed and the tree
+/// grew, until Ctrl-C. Checkpoint lag = signing time − commit time of the newest event covered.
+async fn follow(
+    store: &countersign_eventstore::SharedStore,
+    tree: &AuditTree,
+    key: &SigningKey,
+    origin: &str,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let mut head = store.head();
+    let mut last_signed: Option<Instant> = None;
+    loop {
+        head.borrow_and_update();
+        let size = tree.catch_up(store).await?;
+        let due = last_signed.is_none_or(|t| t.elapsed() >= interval);
+        if size > 0 && due {
+            let now = SystemClock.now().0;
+            if let Some(c) = tree.checkpoint(store, key, origin, now).await? {
+                last_signed = Some(Instant::now());
+                let newest = store.read_all(c.tree_size - 1, 1).await?;
+                let lag = newest.first().map_or(0, |e| c.timestamp_ms - e.recorded_at);
+                let mut out = std::io::stdout().lock();
+                writeln!(
+                    out,
+                    "{{\"tree_size\":{},\"root_hash\":\"{}\",\"timestamp_ms\":{},\"lag_ms\":{lag}}}",
+                    c.tree_size,
+                    hex::encode(c.root_hash),
+                    c.timestamp_ms
+                )?;
+                out.flush()?;
+            }
+        }
+        let wait = last_signed.map_or(interval, |t| {
+            interval
+                .saturating_sub(t.elapsed())
+                .max(Duration::from_millis(10))
+        });
+        tokio::select! {
+            _ = head.changed() => {
+                // Let a burst of commits land before catching up, without exceeding the interval.
+                tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+            }
+            () = tokio::time::sleep(wait) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }

@@ -278,3 +278,65 @@ fn audit_verify_finds_a_changed_event() {
     );
     assert!(!out.status.success());
 }
+
+#[test]
+fn audit_follow_signs_what_another_process_appends() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let url = "sqlite://followed.db";
+    run_ok(dir.path(), &["migrate", "--database-url", url]);
+    let mut follower = Command::new(binary())
+        .args([
+            "audit",
+            "follow",
+            "--database-url",
+            url,
+            "--interval-ms",
+            "200",
+        ])
+        .current_dir(dir.path())
+        .env_remove("COUNTERSIGN_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Another process appends (and does not audit); the follower hears of it by its periodic
+    // read and signs what it covers.
+    let bench = [
+        "bench",
+        "append",
+        "--database-url",
+        url,
+        "--batch",
+        "5",
+        "--writers",
+        "2",
+        "--seconds",
+        "0.3",
+    ];
+    run_ok(dir.path(), &bench);
+    let listed = run_ok(dir.path(), &["events", "--database-url", url]);
+    let events = String::from_utf8_lossy(&listed.stdout).lines().count() as u64;
+    assert!(events > 0);
+    let mut lines = std::io::BufReader::new(follower.0.stdout.take().unwrap()).lines();
+    let mut covered = 0;
+    while covered < events {
+        let line = lines.next().expect("the follower stopped").unwrap();
+        let checkpoint: serde_json::Value = serde_json::from_str(&line).unwrap();
+        covered = checkpoint["tree_size"].as_u64().unwrap();
+        assert!(checkpoint["lag_ms"].as_i64().unwrap() >= 0);
+    }
+    drop(follower);
+    assert_eq!(covered, events);
+    let out = run_ok(dir.path(), &["audit", "verify", "--database-url", url]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
+}
+
+/// A child process that is killed when the test ends, whether it passes or panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
