@@ -285,20 +285,22 @@ fn audit_follow_signs_what_another_process_appends() {
     let dir = tempfile::tempdir().unwrap();
     let url = "sqlite://followed.db";
     run_ok(dir.path(), &["migrate", "--database-url", url]);
-    let mut follower = Command::new(binary())
-        .args([
-            "audit",
-            "follow",
-            "--database-url",
-            url,
-            "--interval-ms",
-            "200",
-        ])
-        .current_dir(dir.path())
-        .env_remove("COUNTERSIGN_CONFIG")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = KillOnDrop(
+        Command::new(binary())
+            .args([
+                "audit",
+                "follow",
+                "--database-url",
+                url,
+                "--interval-ms",
+                "200",
+            ])
+            .current_dir(dir.path())
+            .env_remove("COUNTERSIGN_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Another process appends (and does not audit); the follower hears of it by its periodic
     // read and signs what it covers.
     let bench = [
