@@ -159,7 +159,8 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
 }
 
 /// The audit role: catch up on every commit, sign when the interval has passed and the tree
-/// grew, until Ctrl-C. Checkpoint lag = signing time − commit time of the newest event covered.
+/// grew, until Ctrl-C. Checkpoint lag = signing time − commit time of the oldest event the
+/// checkpoint is the first to cover (how long any event waited to be under a signature).
 async fn follow(
     store: &countersign_eventstore::SharedStore,
     tree: &AuditTree,
@@ -169,6 +170,7 @@ async fn follow(
 ) -> anyhow::Result<()> {
     let mut head = store.head();
     let mut last_signed: Option<Instant> = None;
+    let mut covered = tree.size().await?;
     loop {
         head.borrow_and_update();
         let size = tree.catch_up(store).await?;
@@ -177,8 +179,12 @@ async fn follow(
             let now = SystemClock.now().0;
             if let Some(c) = tree.checkpoint(store, key, origin, now).await? {
                 last_signed = Some(Instant::now());
-                let newest = store.read_all(c.tree_size - 1, 1).await?;
-                let lag = newest.first().map_or(0, |e| c.timestamp_ms - e.recorded_at);
+                let signed_at = SystemClock.now().0;
+                // The longest wait: the first event this checkpoint covers that the previous
+                // one did not.
+                let first_new = store.read_all(covered, 1).await?;
+                let lag = first_new.first().map_or(0, |e| signed_at - e.recorded_at);
+                covered = c.tree_size;
                 let mut out = std::io::stdout().lock();
                 writeln!(
                     out,
