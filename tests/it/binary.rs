@@ -213,17 +213,15 @@ fn audit_verify_finds_a_changed_event() {
         130,
         "an uncompressed SEC1 P-256 key: {key}"
     );
-    let out = run(
-        dir.path(),
-        &[
-            "audit",
-            "verify",
-            "--database-url",
-            url,
-            "--audit-key",
-            key.trim(),
-        ],
-    );
+    let verify = [
+        "audit",
+        "verify",
+        "--database-url",
+        url,
+        "--audit-key",
+        key.trim(),
+    ];
+    let out = run(dir.path(), &verify);
     assert!(
         out.status.success(),
         "{}",
@@ -248,17 +246,7 @@ fn audit_verify_finds_a_changed_event() {
             .await
             .unwrap();
     });
-    let out = run(
-        dir.path(),
-        &[
-            "audit",
-            "verify",
-            "--database-url",
-            url,
-            "--audit-key",
-            key.trim(),
-        ],
-    );
+    let out = run(dir.path(), &verify);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("at position 4"), "{stderr}");
