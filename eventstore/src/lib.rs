@@ -253,17 +253,19 @@ pub async fn open(options: &StoreOptions) -> Result<Opened, StoreError> {
     let url = options.url.as_str();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = Arc::new(PostgresStore::connect(url, options.pool_size).await?);
+        let database = Database::Postgres(store.pool().clone());
         Ok(Opened {
-            database: Database::Postgres(store.pool().clone()),
-            events: store.clone(),
-            vault: store,
+            vault: Arc::new(database.clone()),
+            database,
+            events: store,
         })
     } else if url.starts_with("sqlite:") {
         let store = Arc::new(SqliteStore::connect(url).await?);
+        let database = Database::Sqlite(store.write_pool().clone());
         Ok(Opened {
-            database: Database::Sqlite(store.write_pool().clone()),
-            events: store.clone(),
-            vault: store,
+            vault: Arc::new(database.clone()),
+            database,
+            events: store,
         })
     } else {
         Err(StoreError::Config(format!(

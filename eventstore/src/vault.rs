@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use countersign_domain::{DataKey, Sealed, cbor};
 use zeroize::Zeroizing;
 
-use crate::{PostgresStore, SqliteStore, StoreError, now_millis};
+use crate::{Database, StoreError, now_millis, with_pool};
 
 /// Where sealed secrets are kept: the same database as the log, a table that allows delete.
 #[async_trait]
@@ -25,69 +25,43 @@ pub trait VaultStorage: Send + Sync + std::fmt::Debug {
     async fn destroy(&self, key_ref: &str) -> Result<bool, StoreError>;
 }
 
+/// One implementation for both databases: the SQL is shared, only the pool differs.
 #[async_trait]
-impl VaultStorage for PostgresStore {
+impl VaultStorage for Database {
     async fn put_if_absent(&self, key_ref: &str, sealed: &[u8]) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO key_vault (key_ref, sealed, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (key_ref) DO NOTHING",
-        )
-        .bind(key_ref)
-        .bind(sealed)
-        .bind(now_millis())
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let done = with_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO key_vault (key_ref, sealed, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key_ref) DO NOTHING",
+            )
+            .bind(key_ref)
+            .bind(sealed)
+            .bind(now_millis())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
     }
 
     async fn get(&self, key_ref: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(
+        Ok(with_pool!(self, pool => {
             sqlx::query_scalar("SELECT sealed FROM key_vault WHERE key_ref = $1")
                 .bind(key_ref)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+                .fetch_optional(pool)
+                .await?
+        }))
     }
 
     async fn destroy(&self, key_ref: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM key_vault WHERE key_ref = $1")
-            .bind(key_ref)
-            .execute(self.pool())
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-}
-
-#[async_trait]
-impl VaultStorage for SqliteStore {
-    async fn put_if_absent(&self, key_ref: &str, sealed: &[u8]) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO key_vault (key_ref, sealed, created_at) VALUES (?, ?, ?) \
-             ON CONFLICT (key_ref) DO NOTHING",
-        )
-        .bind(key_ref)
-        .bind(sealed)
-        .bind(now_millis())
-        .execute(self.write_pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn get(&self, key_ref: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT sealed FROM key_vault WHERE key_ref = ?")
+        let done = with_pool!(self, pool => {
+            sqlx::query("DELETE FROM key_vault WHERE key_ref = $1")
                 .bind(key_ref)
-                .fetch_optional(self.write_pool())
-                .await?,
-        )
-    }
-
-    async fn destroy(&self, key_ref: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM key_vault WHERE key_ref = ?")
-            .bind(key_ref)
-            .execute(self.write_pool())
-            .await?;
-        Ok(done.rows_affected() == 1)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done == 1)
     }
 }
 

@@ -10,16 +10,17 @@ use countersign_domain::server::{ConfigureServer, Server, ServerEvent};
 use countersign_domain::user::{User, UserEvent};
 use countersign_domain::{Context, DataKey, ErrorKind, Timestamp};
 use countersign_eventstore::testing::TestDb;
-use countersign_eventstore::vault::{KeyVault, VaultStorage};
-use countersign_eventstore::{Direction, Metadata, PostgresStore, SqliteStore};
+use countersign_eventstore::vault::KeyVault;
+use countersign_eventstore::{Direction, Metadata, StoreOptions, open};
 
 async fn vault_for(db: &TestDb) -> KeyVault {
-    let storage: Arc<dyn VaultStorage> = if db.url().starts_with("postgres") {
-        Arc::new(PostgresStore::connect(db.url(), 4).await.unwrap())
-    } else {
-        Arc::new(SqliteStore::connect(db.url()).await.unwrap())
-    };
-    KeyVault::new(storage, DataKey::from_bytes([9; 32]))
+    let opened = open(&StoreOptions {
+        url: db.url().to_owned(),
+        pool_size: 4,
+    })
+    .await
+    .unwrap();
+    KeyVault::new(opened.vault, DataKey::from_bytes([9; 32]))
 }
 
 fn clock() -> Arc<FixedClock> {
