@@ -201,11 +201,10 @@ async fn follow(
                 .saturating_sub(t.elapsed())
                 .max(Duration::from_millis(10))
         });
+        // Wake on a commit in this process or a PostgreSQL notification; otherwise when the
+        // next checkpoint is due (which also covers writers this process cannot hear).
         tokio::select! {
-            _ = head.changed() => {
-                // Let a burst of commits land before catching up, without exceeding the interval.
-                tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
-            }
+            _ = head.changed() => {}
             () = tokio::time::sleep(wait) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
