@@ -1,0 +1,1 @@
+//! QR rendering (being written).
