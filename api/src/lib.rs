@@ -1,3 +1,121 @@
-//! The REST API business systems integrate with (placeholder while it is being built).
+//! The REST API business systems integrate with: virtual servers and their API keys (admin
+//! key), users and accounts, enrolments and login sessions with their QR codes (per-server API
+//! keys), under `/v1`, described by `/openapi.json`.
+//!
+//! Every handler is three steps: extract, call a command (writes) or a read model (reads), map
+//! the result. Writes answer the log position they reached; reads accept `min_position` and
+//! wait, bounded, until their read model has processed it (read-your-writes without sleeping).
+//! Errors are RFC 9457 problem+json (see [`error`]). The caller's session nonce appears in
+//! URLs, so request logs name the matched route, never the path.
 
+pub mod auth;
+pub mod error;
+pub mod expiry;
+pub mod metrics;
+pub mod openapi;
 pub mod qr;
+pub mod servers;
+pub mod sessions;
+pub mod state;
+pub mod users;
+pub mod views;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, StatusCode};
+use axum::routing::{get, put};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+
+pub use state::{ApiConfig, AppState};
+
+/// The header carrying a request's id (taken from the caller or made here).
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The header every write answer carries: the log position it reached.
+pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-countersign-position");
+
+/// The whole API as a router, ready to serve or to drive with `oneshot` in tests.
+pub fn router(state: AppState) -> Router {
+    let config = state.config();
+    let v1 = Router::new()
+        .route(
+            "/servers",
+            get(servers::list_servers).post(servers::create_server),
+        )
+        .route(
+            "/servers/{server_id}",
+            get(servers::get_server)
+                .patch(servers::update_server)
+                .delete(servers::delete_server),
+        )
+        .route(
+            "/servers/{server_id}/api-keys",
+            get(servers::list_api_keys).post(servers::issue_api_key),
+        )
+        .route(
+            "/servers/{server_id}/api-keys/{key_id}",
+            axum::routing::delete(servers::revoke_api_key),
+        )
+        .route("/servers/{server_id}/users", get(users::list_users))
+        .route(
+            "/servers/{server_id}/users/{userid}",
+            put(users::put_user)
+                .get(users::get_user)
+                .delete(users::delete_user),
+        )
+        .route(
+            "/servers/{server_id}/users/{userid}/accounts",
+            get(users::list_accounts),
+        )
+        .route(
+            "/servers/{server_id}/users/{userid}/accounts/{account_id}",
+            axum::routing::delete(users::delete_account),
+        )
+        .route(
+            "/servers/{server_id}/enrolments",
+            axum::routing::post(users::create_enrolment),
+        )
+        .route(
+            "/servers/{server_id}/enrolments/{enrolment_id}",
+            get(users::get_enrolment),
+        )
+        .route(
+            "/servers/{server_id}/sessions/{nonce}",
+            put(sessions::put_session)
+                .get(sessions::get_session)
+                .delete(sessions::delete_session),
+        )
+        .route(
+            "/servers/{server_id}/sessions/{nonce}/qr",
+            get(sessions::session_qr),
+        )
+        .route(
+            "/servers/{server_id}/sessions/{nonce}/events",
+            get(sessions::session_events),
+        );
+    Router::new()
+        .nest("/v1", v1)
+        .route("/openapi.json", get(openapi::document))
+        .route("/healthz", get(state::healthz))
+        .route("/readyz", get(state::readyz))
+        .route("/metrics", get(metrics::scrape))
+        .fallback(error::not_found)
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(axum::middleware::from_fn(error::problem_layer))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// How long a read waits for `min_position` unless configured otherwise.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);

@@ -134,7 +134,7 @@ pub fn sqlite_path(url: &str) -> Option<PathBuf> {
     (!path.is_empty()).then(|| PathBuf::from(path))
 }
 
-/// 32 random bytes, hex encoded, in a new file only its owner can read.
+/// 32 random bytes, hex encoded.
 pub fn new_master_key_hex() -> anyhow::Result<Zeroizing<String>> {
     let mut key = Zeroizing::new([0u8; 32]);
     getrandom::fill(key.as_mut()).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
@@ -142,6 +142,13 @@ pub fn new_master_key_hex() -> anyhow::Result<Zeroizing<String>> {
 }
 
 fn create_key_file(path: &Path) -> anyhow::Result<()> {
+    create_secret_file(path)?;
+    tracing::info!(path = %path.display(), "created a master key file");
+    Ok(())
+}
+
+/// Writes 32 fresh random bytes, hex encoded, to a new file only its owner can read.
+pub fn create_secret_file(path: &Path) -> anyhow::Result<()> {
     use std::io::Write as _;
     let key = new_master_key_hex()?;
     let mut options = std::fs::OpenOptions::new();
@@ -156,7 +163,6 @@ fn create_key_file(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create the master key file {}", path.display()))?;
     file.write_all(key.as_bytes())?;
     file.sync_all()?;
-    tracing::info!(path = %path.display(), "created a master key file");
     Ok(())
 }
 

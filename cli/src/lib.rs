@@ -10,6 +10,8 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod replay;
+pub mod serve;
 
 pub use config::{GlobalArgs, Settings};
 
@@ -25,6 +27,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the business API and run the read-model projections.
+    Serve(serve::ServeArgs),
+    /// Rebuild read models from position 0.
+    Replay(replay::ReplayArgs),
     /// Create or update the database schema, then exit.
     Migrate,
     /// Print the event log (`$all` or one stream) as JSON lines.
@@ -78,6 +84,8 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Serve(args) => serve::run(&settings, args).await,
+        Command::Replay(args) => replay::run(&settings, args).await,
         Command::Events(args) => events::run(&settings, args).await,
         Command::Demo(args) => demo::run(&settings, args).await,
         Command::Bench(args) => bench::run(&settings, args).await,

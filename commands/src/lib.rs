@@ -19,11 +19,47 @@ use countersign_eventstore::{
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+pub mod account;
 pub mod clock;
+pub mod enrolment;
+pub mod secrets;
 pub mod server;
+pub mod session;
 pub mod user;
 
 pub use clock::{Clock, FixedClock, SystemClock};
+
+/// Every command service of one store, sharing one cache of server secrets.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    pub servers: server::ServerCommands,
+    pub users: user::UserCommands,
+    pub sessions: session::SessionCommands,
+    pub enrolments: enrolment::EnrolmentCommands,
+    pub accounts: account::AccountCommands,
+}
+
+impl Commands {
+    pub fn new(
+        store: SharedStore,
+        vault: countersign_eventstore::vault::KeyVault,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> Self {
+        let secrets = secrets::ServerSecrets::new(vault.clone());
+        Self {
+            servers: server::ServerCommands::new(
+                store.clone(),
+                vault.clone(),
+                secrets.clone(),
+                clock.clone(),
+            ),
+            users: user::UserCommands::new(store.clone(), vault, clock.clone()),
+            sessions: session::SessionCommands::new(store.clone(), secrets.clone(), clock.clone()),
+            enrolments: enrolment::EnrolmentCommands::new(store.clone(), secrets, clock.clone()),
+            accounts: account::AccountCommands::new(store, clock),
+        }
+    }
+}
 
 /// How often a command is decided again after losing a race on its stream. Each race has a
 /// winner, so n writers racing on one stream all get through within n attempts.

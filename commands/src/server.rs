@@ -15,6 +15,7 @@ use countersign_eventstore::{Metadata, SharedStore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::secrets::ServerSecrets;
 use crate::{CommandError, Executed, execute, random_bytes};
 
 /// An API key token, shown to the caller once. `Debug` prints nothing of it.
@@ -43,6 +44,7 @@ pub fn signing_key_ref(server: ServerId) -> String {
 pub struct ServerCommands {
     store: SharedStore,
     vault: KeyVault,
+    secrets: ServerSecrets,
     clock: Arc<dyn Clock>,
 }
 
@@ -55,10 +57,16 @@ impl std::fmt::Debug for ServerCommands {
 }
 
 impl ServerCommands {
-    pub fn new(store: SharedStore, vault: KeyVault, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        store: SharedStore,
+        vault: KeyVault,
+        secrets: ServerSecrets,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             vault,
+            secrets,
             clock,
         }
     }
@@ -86,29 +94,46 @@ impl ServerCommands {
         .await
     }
 
-    /// Creates a server with a fresh id and P-256 key pair.
+    /// Creates a server with a fresh id, P-256 key pair and secret. With an idempotency key the
+    /// id is derived from the key, so a retried request lands on the same stream and answers
+    /// the first attempt's result; the vault keeps the first key pair it was given.
     pub async fn create(
         &self,
         name: &str,
         metadata: &Metadata,
+        idempotency_key: Option<&str>,
     ) -> Result<(ServerId, Executed<ServerEvent>), CommandError> {
         let mut id = [0u8; 16];
-        random_bytes(&mut id)?;
+        match idempotency_key {
+            Some(key) => {
+                let digest = Sha256::new()
+                    .chain_update(b"countersign/server-id\0")
+                    .chain_update(key.as_bytes())
+                    .finalize();
+                id.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
+            }
+            None => random_bytes(&mut id)?,
+        }
         let server = ServerId::from_bytes(id);
-        let secret = generate_p256_secret()?;
-        let public_key = secret.public_key().to_sec1_bytes().to_vec();
-        let secret_bytes = Zeroizing::new(secret.to_bytes().to_vec());
+        let fresh = generate_p256_secret()?;
+        let fresh_bytes = Zeroizing::new(fresh.to_bytes().to_vec());
         // The key is in the vault before the event that names it exists; a crash in between
         // leaves an unused vault entry, never a server without its key.
-        self.vault
-            .put_if_absent(&signing_key_ref(server), &secret_bytes)
+        let kept = self
+            .vault
+            .put_if_absent(&signing_key_ref(server), &fresh_bytes)
             .await?;
+        let secret = p256::SecretKey::from_slice(&kept)
+            .map_err(|_| CommandError::Internal("a stored server key is not P-256".into()))?;
+        self.secrets.create(server).await?;
         let command = CreateServer {
             id: server,
             name: name.to_owned(),
-            public_key,
+            public_key: secret.public_key().to_sec1_bytes().to_vec(),
         };
-        let done = self.run(server, command.into(), metadata, None).await?;
+        let done = self
+            .run(server, command.into(), metadata, idempotency_key)
+            .await?;
         Ok((server, done))
     }
 
@@ -117,33 +142,52 @@ impl ServerCommands {
         server: ServerId,
         change: ConfigureServer,
         metadata: &Metadata,
+        idempotency_key: Option<&str>,
     ) -> Result<Executed<ServerEvent>, CommandError> {
-        self.run(server, change.into(), metadata, None).await
+        self.run(server, change.into(), metadata, idempotency_key)
+            .await
     }
 
-    /// Issues an API key; the token is in the answer and nowhere else.
+    /// Issues an API key; the token is in the answer and nowhere else. With an idempotency
+    /// key, the key id and the token's secret are derived from it under the server's secret,
+    /// so a retry answers the same token although the token was never stored.
     pub async fn issue_api_key(
         &self,
         server: ServerId,
         label: &str,
         metadata: &Metadata,
+        idempotency_key: Option<&str>,
     ) -> Result<(ApiKeyId, ApiKeyToken, Executed<ServerEvent>), CommandError> {
         let mut id = [0u8; 16];
-        random_bytes(&mut id)?;
-        let key_id = ApiKeyId::from_bytes(id);
         let mut secret = Zeroizing::new([0u8; 32]);
-        random_bytes(secret.as_mut())?;
+        match idempotency_key {
+            Some(key) => {
+                let derived = self
+                    .secrets
+                    .derive(server, "api-key-id", key.as_bytes())
+                    .await?;
+                id.copy_from_slice(derived.get(..16).unwrap_or(&[0; 16]));
+                *secret = self.secrets.derive(server, "api-key", key.as_bytes()).await?;
+            }
+            None => {
+                random_bytes(&mut id)?;
+                random_bytes(secret.as_mut())?;
+            }
+        }
+        let key_id = ApiKeyId::from_bytes(id);
         let token = ApiKeyToken(Zeroizing::new(format!(
             "cs_{key_id}_{}",
             hex::encode(secret.as_ref())
         )));
-        let secret_hash: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
+        let secret_hash = api_key_hash(token.expose());
         let command = IssueApiKey {
             key_id,
             label: label.to_owned(),
             secret_hash,
         };
-        let done = self.run(server, command.into(), metadata, None).await?;
+        let done = self
+            .run(server, command.into(), metadata, idempotency_key)
+            .await?;
         Ok((key_id, token, done))
     }
 
@@ -167,8 +211,15 @@ impl ServerCommands {
             .run(server, DeleteServer.into(), metadata, None)
             .await?;
         self.vault.destroy(&signing_key_ref(server)).await?;
+        self.secrets.destroy(server).await?;
         Ok(done)
     }
+}
+
+/// What the read model keeps of an API key token: its SHA-256 (the token has 256 random bits,
+/// so the hash cannot be reversed and needs no salt).
+pub fn api_key_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// A P-256 secret key from OS randomness (rejection sampling: out-of-range bytes are redrawn).

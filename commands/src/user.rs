@@ -2,10 +2,11 @@
 //! the user's own data key, which lives in the key vault; deleting the user destroys that key
 //! (crypto-shredding), so the log keeps every event and none of that user's personal data.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use countersign_domain::user::{
-    DeleteUser, RegisterUser, RemoveAttribute, SetAttribute, User, UserCommand, UserEvent,
+    DeleteUser, PutUser, RegisterUser, RemoveAttribute, SetAttribute, User, UserCommand, UserEvent,
 };
 use countersign_domain::{
     Clock, Context, DataKey, SealError, Sealed, Sealer, ServerId, UserRef, Userid,
@@ -23,6 +24,14 @@ pub fn data_key_ref(user: &UserRef) -> String {
 
 fn key_ref_of_stream(stream: &str) -> String {
     format!("{stream}/data-key")
+}
+
+/// A userid from caller input, refused as the caller's mistake (422) when it breaks the rules.
+pub fn parse_userid(userid: &str) -> Result<Userid, CommandError> {
+    Userid::new(userid).map_err(|e| CommandError::Rejected {
+        kind: countersign_domain::ErrorKind::Invalid,
+        message: e.to_string(),
+    })
 }
 
 /// Seals with the user's data key and a fresh random nonce per field.
@@ -93,6 +102,7 @@ impl UserCommands {
         command: UserCommand,
         key: Option<DataKey>,
         metadata: &Metadata,
+        idempotency_key: Option<&str>,
     ) -> Result<Executed<UserEvent>, CommandError> {
         let metadata = Metadata {
             server_id: Some(user.server_id.to_string()),
@@ -110,9 +120,33 @@ impl UserCommands {
             command,
             &mut ctx,
             &metadata,
-            None,
+            idempotency_key,
         )
         .await
+    }
+
+    /// Creates the user if needed and replaces their attributes with `attributes`, in one
+    /// decision on the user's stream.
+    pub async fn put(
+        &self,
+        server: ServerId,
+        userid: &str,
+        attributes: BTreeMap<String, String>,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<(UserRef, Executed<UserEvent>), CommandError> {
+        let userid = parse_userid(userid)?;
+        let user = UserRef::new(server, &userid);
+        let key = self.data_key(&user, true).await?;
+        let command = PutUser {
+            server_id: server,
+            userid,
+            attributes,
+        };
+        let done = self
+            .run(&user, command.into(), Some(key), metadata, idempotency_key)
+            .await?;
+        Ok((user, done))
     }
 
     pub async fn register(
@@ -121,17 +155,14 @@ impl UserCommands {
         userid: &str,
         metadata: &Metadata,
     ) -> Result<(UserRef, Executed<UserEvent>), CommandError> {
-        let userid = Userid::new(userid).map_err(|e| CommandError::Rejected {
-            kind: countersign_domain::ErrorKind::Invalid,
-            message: e.to_string(),
-        })?;
+        let userid = parse_userid(userid)?;
         let user = UserRef::new(server, &userid);
         let key = self.data_key(&user, true).await?;
         let command = RegisterUser {
             server_id: server,
             userid,
         };
-        let done = self.run(&user, command.into(), Some(key), metadata).await?;
+        let done = self.run(&user, command.into(), Some(key), metadata, None).await?;
         Ok((user, done))
     }
 
@@ -147,7 +178,7 @@ impl UserCommands {
             name: name.to_owned(),
             value: value.to_owned(),
         };
-        self.run(user, command.into(), Some(key), metadata).await
+        self.run(user, command.into(), Some(key), metadata, None).await
     }
 
     pub async fn remove_attribute(
@@ -159,7 +190,7 @@ impl UserCommands {
         let command = RemoveAttribute {
             name: name.to_owned(),
         };
-        self.run(user, command.into(), None, metadata).await
+        self.run(user, command.into(), None, metadata, None).await
     }
 
     /// Deletes the user and destroys their data key.
@@ -168,11 +199,39 @@ impl UserCommands {
         user: &UserRef,
         metadata: &Metadata,
     ) -> Result<Executed<UserEvent>, CommandError> {
-        let result = self.run(user, DeleteUser.into(), None, metadata).await;
+        let result = self.run(user, DeleteUser.into(), None, metadata, None).await;
         // Destroy even if the user was already deleted: a crash after the event and before
         // the destruction must not leave the key behind.
         self.vault.destroy(&data_key_ref(user)).await?;
         result
+    }
+
+    /// Opens several sealed fields of the user whose stream is `stream` with one key lookup;
+    /// `None` once the user's data key is destroyed.
+    pub async fn open_all(
+        &self,
+        stream: &str,
+        fields: &[(&str, &Sealed)],
+    ) -> Result<Option<Vec<String>>, CommandError> {
+        let Some(bytes) = self.vault.get(&key_ref_of_stream(stream)).await? else {
+            return Ok(None);
+        };
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CommandError::Internal("a data key is not 32 bytes".into()))?;
+        let key = DataKey::from_bytes(array);
+        let mut opened = Vec::with_capacity(fields.len());
+        for (field, sealed) in fields {
+            let plain = key
+                .open(&countersign_domain::seal::aad(stream, field), sealed)
+                .map_err(|e| CommandError::Internal(e.to_string()))?;
+            opened.push(
+                String::from_utf8(plain)
+                    .map_err(|_| CommandError::Internal("sealed field is not UTF-8".into()))?,
+            );
+        }
+        Ok(Some(opened))
     }
 
     /// Opens a sealed field of the user whose stream is `stream`, or `None` once the user's

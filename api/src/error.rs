@@ -1,0 +1,298 @@
+//! The API's one error type and its RFC 9457 `application/problem+json` answers.
+//!
+//! Rules:
+//! - every error answer, including the framework's own (unknown route, wrong method, body too
+//!   large, timeout), is problem+json: [`problem_layer`] rewrites any other error body;
+//! - the caller's mistakes (400/413/415/422), missing rights (401), absence (404 — also for
+//!   another tenant's objects, so ids cannot be probed), conflicts (409), gone (410) and "not
+//!   yet" (503 with `Retry-After`) are kept apart;
+//! - 5xx bodies say nothing internal; the cause goes to the log with the request id;
+//! - no message ever repeats a secret (tokens, nonces) or personal data from the request.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use countersign_commands::CommandError;
+use countersign_domain::ErrorKind;
+use countersign_eventstore::StoreError;
+use countersign_projections::ProjectionError;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+/// The media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem, e.g. `urn:countersign:problem:not-found`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+}
+
+/// Everything a handler can answer instead of success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed syntax: bad JSON, a bad query string (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed input that breaks a rule (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// No or a wrong credential (401).
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// Nothing here for this caller (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The state conflicts with the request (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// It existed and was deleted or has ended (410).
+    #[error("{0}")]
+    Gone(String),
+    /// The body is larger than allowed (413).
+    #[error("the request body is too large")]
+    TooLarge,
+    /// The body is not JSON (415).
+    #[error("expected a body of type application/json")]
+    UnsupportedMediaType,
+    /// The read model has not reached the requested position in time (503, retry).
+    #[error("the read model has not reached position {0} yet; retry")]
+    NotReady(u64),
+    /// The store refuses writes for now (503, retry).
+    #[error("the service is temporarily unavailable; retry")]
+    Unavailable,
+    /// Our failure (500). The cause is logged, never shown.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotReady(_) | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error for an internal failure, logged here with its cause.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        Self::Internal(cause.to_string())
+    }
+}
+
+/// A problem document for `status` with `detail`.
+pub fn problem(status: StatusCode, detail: String) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
+    let body = Problem {
+        kind: format!("urn:countersign:problem:{slug}"),
+        title: title.to_owned(),
+        status: status.as_u16(),
+        detail,
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Internal(cause) = &self {
+            tracing::error!(%cause, "request failed");
+        }
+        let mut response = problem(status, self.to_string());
+        let headers = response.headers_mut();
+        match self {
+            Self::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::NotReady(_) | Self::Unavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Rejected { kind, message } => match kind {
+                ErrorKind::Invalid => Self::Invalid(message),
+                ErrorKind::Conflict => Self::Conflict(message),
+                ErrorKind::NotFound => Self::NotFound(message),
+                ErrorKind::Gone => Self::Gone(message),
+                ErrorKind::Internal => Self::Internal(message),
+            },
+            CommandError::Conflict { .. } => {
+                Self::Conflict("the resource kept changing; retry".into())
+            }
+            CommandError::Store(store) => store.into(),
+            CommandError::Internal(cause) => Self::Internal(cause),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::WrongExpectedVersion { .. } => {
+                Self::Conflict("the resource changed meanwhile; retry".into())
+            }
+            StoreError::DuplicateEventId { .. } => Self::Conflict(
+                "this idempotency key was already used for a different request".into(),
+            ),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "store unavailable");
+                Self::Unavailable
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<ProjectionError> for ApiError {
+    fn from(error: ProjectionError) -> Self {
+        Self::internal(error)
+    }
+}
+
+/// `axum::Json` whose rejections answer problem+json: 400 for bad syntax, 422 for JSON of
+/// the wrong shape (unknown or missing fields), 413, 415.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonDataError(e) => Self::Rejection::Invalid(e.body_text()),
+                JsonRejection::JsonSyntaxError(e) => Self::Rejection::BadRequest(e.body_text()),
+                JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+                JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::TooLarge
+                }
+                other => ApiError::BadRequest(other.body_text()),
+            }),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Query` answering problem+json (400) when the query string is wrong.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Self(value))
+            .map_err(|e: QueryRejection| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// `axum::extract::Path` answering problem+json (400) when a segment does not parse.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Self(value))
+            .map_err(|e: PathRejection| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// Rewrites any error answer that is not problem+json yet (the router's 404 and 405, the
+/// body limit's 413, the timeout's 408) into one, so callers parse a single error format.
+pub async fn problem_layer(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    if is_problem {
+        return response;
+    }
+    let detail = match status {
+        StatusCode::NOT_FOUND => "no such resource".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "this method is not allowed here".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "the request body is too large".to_owned(),
+        StatusCode::REQUEST_TIMEOUT => "the request took too long".to_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_owned(),
+    };
+    let mut rewritten = problem(status, detail);
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(value) = response.headers().get(&name) {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+    }
+    rewritten
+}
+
+/// A 404 for a route nobody serves.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such resource".into())
+}

@@ -1,0 +1,68 @@
+//! The OpenAPI document served at `/openapi.json`: every endpoint, its parameters, bodies and
+//! error answers, generated from the handlers' annotations so it cannot drift from the code.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::Json;
+use crate::{error, metrics, servers, sessions, state, users, views};
+
+struct BearerSchemes;
+
+impl Modify for BearerSchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("admin", "The admin key from the configuration: manages servers."),
+            ("api_key", "A server's API key (`cs_…`): everything inside that server."),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(what))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// The API description.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "countersign",
+        description = "Strong authentication and provable transaction signing: the business API. \
+            Errors are RFC 9457 problem+json. Writes answer the log `position` they reached \
+            (also in the `x-countersign-position` header); reads accept `min_position` and wait \
+            until their read model has processed it."
+    ),
+    paths(
+        servers::create_server, servers::list_servers, servers::get_server,
+        servers::update_server, servers::delete_server, servers::issue_api_key,
+        servers::list_api_keys, servers::revoke_api_key,
+        users::put_user, users::get_user, users::list_users, users::delete_user,
+        users::list_accounts, users::delete_account, users::create_enrolment,
+        users::get_enrolment,
+        sessions::put_session, sessions::get_session, sessions::delete_session,
+        sessions::session_qr, sessions::session_events,
+        state::healthz, state::readyz, metrics::scrape,
+    ),
+    components(schemas(error::Problem, views::QrFormat)),
+    modifiers(&BearerSchemes),
+    tags(
+        (name = "servers", description = "Virtual servers (tenants) and their API keys; admin key"),
+        (name = "users", description = "Users and their accounts; API key"),
+        (name = "enrolments", description = "Enrolment QR codes; API key"),
+        (name = "sessions", description = "Login sessions by nonce; API key"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json`.
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,405 @@
+//! Admin endpoints: virtual servers and their API keys. Admin writes wait for the read
+//! models before answering (they are rare), so a key issued or revoked here takes effect on
+//! this instance the moment the answer arrives.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use countersign_commands::load;
+use countersign_domain::server::{ConfigureServer, Server, ServerEvent};
+use countersign_domain::{ApiKeyId, ServerId};
+use countersign_eventstore::Metadata;
+use countersign_projections::ServerRow;
+
+use crate::auth::Admin;
+use crate::error::{ApiError, Json, Path, Query};
+use crate::state::AppState;
+use crate::views::{
+    ApiKeyIssued, ApiKeyList, ApiKeyView, CreateServerRequest, IssueApiKeyRequest, PageParams,
+    ReadParams, SecondFactorMode, ServerList, ServerView, ServerWritten, UpdateServerRequest,
+    Written,
+};
+use crate::{POSITION_HEADER, error::Problem};
+
+/// The idempotency key of a request, if it carries one (1..=255 visible ASCII characters).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::BadRequest("Idempotency-Key must be 1..=255 visible ASCII characters".into())
+        })?;
+    Ok(Some(text.to_owned()))
+}
+
+/// Answers `body` with `status` and the position header.
+pub fn written<T: serde::Serialize>(
+    status: StatusCode,
+    position: Option<u64>,
+    body: T,
+) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Some(position) = position
+        && let Ok(value) = position.to_string().parse()
+    {
+        response.headers_mut().insert(POSITION_HEADER, value);
+    }
+    response
+}
+
+pub(crate) fn parse_server_id(text: &str) -> Result<ServerId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::NotFound("no such server".into()))
+}
+
+fn admin_metadata() -> Metadata {
+    Metadata {
+        actor: Some("admin".into()),
+        ..Metadata::default()
+    }
+}
+
+fn view(row: &ServerRow) -> ServerView {
+    ServerView::new(
+        row.server_id.to_string(),
+        &row.settings,
+        &row.public_key,
+        &row.key_thumbprint,
+        row.created_at.as_millis(),
+        row.deleted_at.map(|t| t.as_millis()),
+    )
+}
+
+async fn live_server(state: &AppState, server: ServerId) -> Result<ServerRow, ApiError> {
+    state
+        .reads()
+        .server(server)
+        .await?
+        .filter(|row| row.deleted_at.is_none())
+        .ok_or_else(|| ApiError::NotFound("no such server".into()))
+}
+
+/// Creates a virtual server with a fresh id and P-256 key pair.
+#[utoipa::path(post, path = "/v1/servers", tag = "servers",
+    request_body = CreateServerRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same server")),
+    responses(
+        (status = 201, description = "Created", body = ServerWritten),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn create_server(
+    State(state): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    Json(request): Json<CreateServerRequest>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let (server, done) = state
+        .commands()
+        .servers
+        .create(&request.name, &admin_metadata(), key.as_deref())
+        .await?;
+    state.wait_for(done.position).await?;
+    let row = live_server(&state, server).await?;
+    Ok(written(
+        StatusCode::CREATED,
+        done.position,
+        ServerWritten {
+            server: view(&row),
+            position: done.position,
+        },
+    ))
+}
+
+/// Lists servers, oldest id first.
+#[utoipa::path(get, path = "/v1/servers", tag = "servers", params(PageParams),
+    responses(
+        (status = 200, description = "A page", body = ServerList),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn list_servers(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(page): Query<PageParams>,
+) -> Result<Json<ServerList>, ApiError> {
+    state.wait_for(page.min_position).await?;
+    let after = match page.after.as_deref() {
+        Some(text) => Some(
+            text.parse::<ServerId>()
+                .map_err(|_| ApiError::BadRequest("after must be a server id".into()))?,
+        ),
+        None => None,
+    };
+    let limit = page_limit(page.limit)?;
+    let rows = state.reads().servers(after, limit + 1).await?;
+    let more = rows.len() > limit as usize;
+    let servers: Vec<ServerView> = rows.iter().take(limit as usize).map(view).collect();
+    let next = more
+        .then(|| servers.last().map(|s| s.server_id.clone()))
+        .flatten();
+    Ok(Json(ServerList { servers, next }))
+}
+
+pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit.unwrap_or(100) {
+        n @ 1..=1000 => Ok(n),
+        _ => Err(ApiError::BadRequest("limit must be 1..=1000".into())),
+    }
+}
+
+/// Reads a server.
+#[utoipa::path(get, path = "/v1/servers/{server_id}", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"), ReadParams),
+    responses(
+        (status = 200, description = "The server", body = ServerView),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn get_server(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> Result<Json<ServerView>, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    state.wait_for(read.min_position).await?;
+    Ok(Json(view(&live_server(&state, server).await?)))
+}
+
+/// Changes some settings; fields not given stay as they are.
+#[utoipa::path(patch, path = "/v1/servers/{server_id}", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe")),
+    request_body = UpdateServerRequest,
+    responses(
+        (status = 200, description = "The server after the change", body = ServerWritten),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn update_server(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<UpdateServerRequest>,
+) -> Result<Response, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    let key = idempotency_key(&headers)?;
+    let second_factor = if request.second_factor.is_some()
+        || request.second_factor_cache_secs.is_some()
+    {
+        let current = match load::<Server>(state.store(), &server.stream()).await?.state {
+            Server::Active(active) => active.settings.second_factor,
+            Server::NotCreated => return Err(ApiError::NotFound("no such server".into())),
+            Server::Deleted { .. } => return Err(ApiError::Gone("the server was deleted".into())),
+        };
+        let mode = request
+            .second_factor
+            .unwrap_or_else(|| SecondFactorMode::of(&current));
+        Some(mode.policy(
+            request
+                .second_factor_cache_secs
+                .unwrap_or(current.login_reuse_window_secs),
+        ))
+    } else {
+        None
+    };
+    let change = ConfigureServer {
+        name: request.name,
+        logo_url: request.logo_url,
+        second_factor,
+        session_timeout_secs: request.session_timeout_secs,
+        default_ping_time_secs: request.default_ping_time_secs,
+    };
+    let done = state
+        .commands()
+        .servers
+        .configure(server, change, &admin_metadata(), key.as_deref())
+        .await?;
+    state.wait_for(done.position).await?;
+    let row = live_server(&state, server).await?;
+    Ok(written(
+        StatusCode::OK,
+        done.position,
+        ServerWritten {
+            server: view(&row),
+            position: done.position,
+        },
+    ))
+}
+
+/// Deletes a server: its keys stop working, its private key is destroyed.
+#[utoipa::path(delete, path = "/v1/servers/{server_id}", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits")),
+    responses(
+        (status = 200, description = "Deleted", body = Written),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Already deleted", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn delete_server(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    let done = state
+        .commands()
+        .servers
+        .delete(server, &admin_metadata())
+        .await?;
+    state.wait_for(done.position).await?;
+    Ok(written(
+        StatusCode::OK,
+        done.position,
+        Written {
+            position: done.position,
+        },
+    ))
+}
+
+/// Issues an API key for the server. The token is in this answer only.
+#[utoipa::path(post, path = "/v1/servers/{server_id}/api-keys", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same token")),
+    request_body = IssueApiKeyRequest,
+    responses(
+        (status = 201, description = "Issued", body = ApiKeyIssued),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Too many keys", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn issue_api_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<IssueApiKeyRequest>,
+) -> Result<Response, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    let key = idempotency_key(&headers)?;
+    let (key_id, token, done) = state
+        .commands()
+        .servers
+        .issue_api_key(server, &request.label, &admin_metadata(), key.as_deref())
+        .await?;
+    state.wait_for(done.position).await?;
+    let label = done
+        .events
+        .iter()
+        .find_map(|e| match e {
+            ServerEvent::ApiKeyIssued(issued) => Some(issued.label.clone()),
+            _ => None,
+        })
+        .unwrap_or(request.label);
+    Ok(written(
+        StatusCode::CREATED,
+        done.position,
+        ApiKeyIssued {
+            key_id: key_id.to_string(),
+            label,
+            token: token.expose().to_owned(),
+            position: done.position,
+        },
+    ))
+}
+
+/// Lists the server's API keys (never their secrets).
+#[utoipa::path(get, path = "/v1/servers/{server_id}/api-keys", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"), ReadParams),
+    responses(
+        (status = 200, description = "The keys", body = ApiKeyList),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> Result<Json<ApiKeyList>, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    state.wait_for(read.min_position).await?;
+    live_server(&state, server).await?;
+    let api_keys = state
+        .reads()
+        .api_keys(server)
+        .await?
+        .into_iter()
+        .map(|k| ApiKeyView {
+            key_id: k.key_id.to_string(),
+            label: k.label,
+            issued_at: k.issued_at.as_millis(),
+            revoked_at: k.revoked_at.map(|t| t.as_millis()),
+        })
+        .collect();
+    Ok(Json(ApiKeyList { api_keys }))
+}
+
+/// Revokes an API key: it stops authenticating at once.
+#[utoipa::path(delete, path = "/v1/servers/{server_id}/api-keys/{key_id}", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("key_id" = String, Path, description = "32 hex digits")),
+    responses(
+        (status = 200, description = "Revoked (or already revoked)", body = Written),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server or key", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Server deleted", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path((server_id, key_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    let key_id: ApiKeyId = key_id
+        .parse()
+        .map_err(|_| ApiError::NotFound("no such API key".into()))?;
+    let done = state
+        .commands()
+        .servers
+        .revoke_api_key(server, key_id, &admin_metadata())
+        .await?;
+    state.wait_for(done.position).await?;
+    Ok(written(
+        StatusCode::OK,
+        done.position,
+        Written {
+            position: done.position,
+        },
+    ))
+}

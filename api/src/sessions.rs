@@ -1,0 +1,467 @@
+//! Per-server login sessions, addressed by the caller's nonce (the nextAuth getQrLogin /
+//! getSession pair). The nonce is checked (≥ 128 bits) and turned into the session's hsid at
+//! once; it is never stored or logged. Session reads are the hottest path of the API: one
+//! primary-key lookup in the sessions read model, plus the user's row once logged in.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use countersign_commands::session::SessionOptions;
+use countersign_domain::session::SessionEvent;
+use countersign_domain::{ServerId, SessionRef};
+use countersign_projections::SessionRow;
+use countersign_protocol::qr::{QrKind, QrPayload};
+use futures::Stream;
+use serde::Serialize;
+
+use crate::auth::Tenant;
+use crate::error::{ApiError, Json, Path, Problem, Query};
+use crate::servers::{idempotency_key, written};
+use crate::state::AppState;
+use crate::users::{open_user, tenant_metadata, user_ref};
+use crate::views::{
+    PutSessionRequest, QrFormat, QrParams, QrView, ReadParams, SessionOpenedView, SessionView,
+};
+
+/// SHA-256 of the server's public key, which apps pin (from the servers read model).
+pub(crate) async fn server_fingerprint(
+    state: &AppState,
+    server: ServerId,
+) -> Result<[u8; 32], ApiError> {
+    let row = state
+        .reads()
+        .server(server)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such server".into()))?;
+    Ok(row.key_thumbprint)
+}
+
+/// Serves a QR payload in the requested form.
+pub(crate) fn qr_answer(
+    payload: &QrPayload,
+    format: QrFormat,
+    size: Option<u32>,
+    status: StatusCode,
+    position: Option<u64>,
+) -> Result<Response, ApiError> {
+    let size = size.unwrap_or(256);
+    let (content_type, body): (&'static str, Vec<u8>) = match format {
+        QrFormat::Json => {
+            let view = QrView {
+                base64url: payload.to_base64url(),
+                deep_link: payload.deep_link(),
+            };
+            return Ok(written(status, position, view));
+        }
+        QrFormat::Raw => ("application/cbor", payload.encode()),
+        QrFormat::Base64url => ("text/plain; charset=utf-8", payload.to_base64url().into_bytes()),
+        QrFormat::Link => ("text/plain; charset=utf-8", payload.deep_link().into_bytes()),
+        QrFormat::Png => (
+            "image/png",
+            crate::qr::png(&payload.encode(), size).map_err(|e| ApiError::Invalid(e.to_string()))?,
+        ),
+        QrFormat::Svg => (
+            "image/svg+xml",
+            crate::qr::svg(&payload.encode(), size)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?
+                .into_bytes(),
+        ),
+    };
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(position) = position
+        && let Ok(value) = position.to_string().parse()
+    {
+        response
+            .headers_mut()
+            .insert(crate::POSITION_HEADER, value);
+    }
+    Ok(response)
+}
+
+async fn session_ref(state: &AppState, tenant: &Tenant, nonce: &str) -> Result<SessionRef, ApiError> {
+    Ok(state
+        .commands()
+        .sessions
+        .session_ref(tenant.server, nonce)
+        .await?)
+}
+
+async fn login_qr(state: &AppState, session: SessionRef) -> Result<QrPayload, ApiError> {
+    Ok(QrPayload {
+        kind: QrKind::Login,
+        server_id: *session.server_id.as_bytes(),
+        token: *session.hsid.as_bytes(),
+        gateway: state.config().gateway_url.clone(),
+        server_key_fingerprint: server_fingerprint(state, session.server_id).await?,
+    })
+}
+
+/// An optional JSON body: empty means all defaults.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim();
+            mime == "application/json" || mime.ends_with("+json")
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
+        _ => ApiError::BadRequest(e.to_string()),
+    })
+}
+
+/// Opens a login session for the nonce (or finds it open with the same options) and answers
+/// its login QR code.
+#[utoipa::path(put, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("nonce" = String, Path, description = "The caller's secret session nonce: hex or base64 carrying ≥ 128 bits"),
+           QrParams,
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe")),
+    request_body(content = Option<PutSessionRequest>, description = "May be empty"),
+    responses(
+        (status = 200, description = "Already open with these options", body = SessionOpenedView,
+         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 201, description = "Opened", body = SessionOpenedView,
+         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not this key's server", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Open with other options", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The session has ended", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce or invalid options", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn put_session(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((_, nonce)): Path<(String, String)>,
+    Query(params): Query<QrParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: PutSessionRequest = optional_json(&headers, &body)?;
+    let key = idempotency_key(&headers)?;
+    let session = session_ref(&state, &tenant, &nonce).await?;
+    let user = match request.userid.as_deref() {
+        Some(userid) => Some(user_ref(&tenant, userid)?.digest),
+        None => None,
+    };
+    let options = SessionOptions {
+        ping_time_secs: request.ping_time_secs,
+        announce_info: request.announce_info,
+        session_info: request.session_info,
+        user,
+    };
+    let done = state
+        .commands()
+        .sessions
+        .open(session, options, &tenant_metadata(&tenant), key.as_deref())
+        .await?;
+    let opened = done.events.iter().find_map(|e| match e {
+        SessionEvent::Opened(o) => Some(o.expires_at),
+        _ => None,
+    });
+    let status = if opened.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let payload = login_qr(&state, session).await?;
+    let format = params.format.unwrap_or_default();
+    if format != QrFormat::Json {
+        return qr_answer(&payload, format, params.size, status, done.position);
+    }
+    let (state_name, expires_at) = match opened {
+        Some(at) => ("pending".to_owned(), at.as_millis()),
+        None => {
+            state.wait_for(done.position).await?;
+            let row = state
+                .reads()
+                .session_state(session.server_id, session.hsid)
+                .await?
+                .ok_or_else(|| ApiError::internal("an open session has no read model row"))?;
+            (row.state.clone(), row.expires_at.as_millis())
+        }
+    };
+    Ok(written(
+        status,
+        done.position,
+        SessionOpenedView {
+            state: state_name,
+            expires_at,
+            qr: QrView {
+                base64url: payload.to_base64url(),
+                deep_link: payload.deep_link(),
+            },
+            position: done.position,
+        },
+    ))
+}
+
+fn is_waiting(row: &SessionRow) -> bool {
+    matches!(row.state.as_str(), "pending" | "scanned")
+}
+
+fn is_final(row: &SessionRow) -> bool {
+    matches!(
+        row.state.as_str(),
+        "logged_out" | "aborted" | "expired" | "failed"
+    ) || (row.state == "logged_in" && row.ping_time_secs == 0)
+}
+
+async fn session_view(state: &AppState, row: &SessionRow) -> Result<SessionView, ApiError> {
+    let mut view = SessionView {
+        state: row.state.clone(),
+        userid: None,
+        account_id: row.account_id.map(|a| a.to_string()),
+        attributes: None,
+        can_provoke: false,
+        continuous: row.ping_time_secs > 0,
+        expires_at: row.expires_at.as_millis(),
+        position: row.last_position,
+    };
+    if let Some(digest) = row.user_digest.or(row.intended_user) {
+        let accounts = state.reads().accounts(row.server_id, digest).await?;
+        view.can_provoke = !accounts.is_empty();
+        if row.user_digest.is_some()
+            && let Some(user) = state.reads().user(row.server_id, digest).await?
+        {
+            let opened = open_user(state, &user).await?;
+            view.userid = Some(opened.userid);
+            view.attributes = Some(opened.attributes);
+        }
+    }
+    Ok(view)
+}
+
+/// The session's row, after recording its expiry if its deadline has passed and the sweeper
+/// has not got to it yet (so a caller never sees a pending session past its deadline).
+async fn current_row(
+    state: &AppState,
+    tenant: &Tenant,
+    session: SessionRef,
+) -> Result<SessionRow, ApiError> {
+    let row = state
+        .reads()
+        .session_state(session.server_id, session.hsid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
+    let now = state.clock().now();
+    let due = (is_waiting(&row) && row.expires_at <= now)
+        || (row.state == "logged_in" && row.ping_deadline.is_some_and(|d| d <= now));
+    if !due {
+        return Ok(row);
+    }
+    let done = state
+        .commands()
+        .sessions
+        .expire(session, &tenant_metadata(tenant))
+        .await?;
+    state.wait_for(done.position).await?;
+    state
+        .reads()
+        .session_state(session.server_id, session.hsid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such session".into()))
+}
+
+/// The session's state: who logged in with which account, and whether a login can be pushed.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("nonce" = String, Path, description = "The caller's secret session nonce"), ReadParams),
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn get_session(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((_, nonce)): Path<(String, String)>,
+    Query(read): Query<ReadParams>,
+) -> Result<Json<SessionView>, ApiError> {
+    let session = session_ref(&state, &tenant, &nonce).await?;
+    state.wait_for(read.min_position).await?;
+    let row = current_row(&state, &tenant, session).await?;
+    Ok(Json(session_view(&state, &row).await?))
+}
+
+/// Ends the session: logs it out, or aborts it before login. Ending an ended session
+/// changes nothing.
+#[utoipa::path(delete, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("nonce" = String, Path, description = "The caller's secret session nonce")),
+    responses(
+        (status = 200, description = "Ended", body = SessionView),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn delete_session(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((_, nonce)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let session = session_ref(&state, &tenant, &nonce).await?;
+    let done = state
+        .commands()
+        .sessions
+        .end_by_server(session, &tenant_metadata(&tenant))
+        .await?;
+    state.wait_for(done.position).await?;
+    let row = state
+        .reads()
+        .session_state(session.server_id, session.hsid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
+    let view = session_view(&state, &row).await?;
+    Ok(written(StatusCode::OK, done.position, view))
+}
+
+/// The session's login QR code as JSON text forms, raw CBOR, base64url, deep link, PNG or SVG.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/qr", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("nonce" = String, Path, description = "The caller's secret session nonce"), QrParams),
+    responses(
+        (status = 200, description = "The QR code", body = QrView,
+         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce or bad size", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn session_qr(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((_, nonce)): Path<(String, String)>,
+    Query(params): Query<QrParams>,
+) -> Result<Response, ApiError> {
+    let session = session_ref(&state, &tenant, &nonce).await?;
+    state
+        .reads()
+        .session_state(session.server_id, session.hsid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
+    let payload = login_qr(&state, session).await?;
+    qr_answer(
+        &payload,
+        params.format.unwrap_or_default(),
+        params.size,
+        StatusCode::OK,
+        None,
+    )
+}
+
+#[derive(Serialize)]
+struct StateChange<'a> {
+    state: &'a str,
+    position: u64,
+}
+
+/// Server-sent events: the session's current state at once, then every change (`event:
+/// state`, data `{"state": …, "position": …}`); the stream ends after a final state.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/events", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("nonce" = String, Path, description = "The caller's secret session nonce")),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn session_events(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((_, nonce)): Path<(String, String)>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let session = session_ref(&state, &tenant, &nonce).await?;
+    let first = state
+        .reads()
+        .session_state(session.server_id, session.hsid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
+    let processed = state.reads().processed();
+    struct Follow {
+        state: AppState,
+        session: SessionRef,
+        processed: tokio::sync::watch::Receiver<u64>,
+        pending: Option<SessionRow>,
+        last: Option<u64>,
+        done: bool,
+    }
+    let start = Follow {
+        state,
+        session,
+        processed,
+        pending: Some(first),
+        last: None,
+        done: false,
+    };
+    let stream = futures::stream::unfold(start, |mut follow| async move {
+        if follow.done {
+            return None;
+        }
+        loop {
+            let row = match follow.pending.take() {
+                Some(row) => Some(row),
+                None => {
+                    if follow.processed.changed().await.is_err() {
+                        return None;
+                    }
+                    follow
+                        .state
+                        .reads()
+                        .session_state(follow.session.server_id, follow.session.hsid)
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            };
+            let Some(row) = row else { continue };
+            if follow.last == Some(row.last_position) {
+                continue;
+            }
+            follow.last = Some(row.last_position);
+            follow.done = is_final(&row);
+            let data = serde_json::to_string(&StateChange {
+                state: &row.state,
+                position: row.last_position,
+            })
+            .unwrap_or_default();
+            let event = Event::default()
+                .event("state")
+                .id(row.last_position.to_string())
+                .data(data);
+            return Some((Ok(event), follow));
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

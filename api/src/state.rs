@@ -1,0 +1,188 @@
+//! What every handler shares: the command services, the read models, the configuration, and
+//! read-your-writes waiting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use countersign_commands::{Clock, Commands};
+use countersign_eventstore::SharedStore;
+use countersign_projections::ReadModels;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, Json};
+use crate::metrics::Metrics;
+
+/// The API's settings.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// SHA-256 of the admin key (the key itself is not kept).
+    pub admin_key_hash: [u8; 32],
+    /// Where apps reach the device gateway; goes into QR codes.
+    pub gateway_url: String,
+    /// Longest a read waits for `min_position`.
+    pub max_wait: Duration,
+    /// Largest request body, bytes.
+    pub body_limit: usize,
+    /// Longest a request may take before it answers 408 (streams excluded once started).
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("gateway_url", &self.gateway_url)
+            .field("max_wait", &self.max_wait)
+            .field("body_limit", &self.body_limit)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiConfig {
+    /// Settings with the given admin key and defaults for the rest.
+    pub fn new(admin_key: &str, gateway_url: impl Into<String>) -> Self {
+        Self {
+            admin_key_hash: Sha256::digest(admin_key.as_bytes()).into(),
+            gateway_url: gateway_url.into(),
+            max_wait: crate::DEFAULT_MAX_WAIT,
+            body_limit: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Inner {
+    commands: Commands,
+    reads: ReadModels,
+    store: SharedStore,
+    clock: Arc<dyn Clock>,
+    config: ApiConfig,
+    metrics: Metrics,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.0.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(
+        commands: Commands,
+        reads: ReadModels,
+        store: SharedStore,
+        clock: Arc<dyn Clock>,
+        config: ApiConfig,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            commands,
+            reads,
+            store,
+            clock,
+            config,
+            metrics: Metrics::new(),
+        }))
+    }
+
+    pub fn commands(&self) -> &Commands {
+        &self.0.commands
+    }
+
+    pub fn reads(&self) -> &ReadModels {
+        &self.0.reads
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.0.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.0.clock
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.0.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Waits until every read model has processed `position` (no wait for `None`), at most
+    /// the configured time; then `NotReady` (503, retry).
+    pub async fn wait_for(&self, position: Option<u64>) -> Result<(), ApiError> {
+        let Some(position) = position else {
+            return Ok(());
+        };
+        if self.0.reads.wait_for(position, self.0.config.max_wait).await? {
+            Ok(())
+        } else {
+            Err(ApiError::NotReady(position))
+        }
+    }
+}
+
+/// `/healthz` and `/readyz` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or what is wrong.
+    pub status: String,
+    /// The last committed log position (`null`: empty log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
+    /// The next position the read models will process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed: Option<u64>,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        head: None,
+        processed: None,
+    })
+}
+
+/// The database answers; reports how far the read models are.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "The database does not answer", body = Health),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store().last_position().await {
+        Ok(head) => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok".into(),
+                head,
+                processed: Some(*state.reads().processed().borrow()),
+            }),
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Health {
+                    status: "database unavailable".into(),
+                    head: None,
+                    processed: None,
+                }),
+            )
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! `countersign serve`: the business API and the read-model projections in one process, on
+//! the embedded SQLite default or on PostgreSQL (`--database-url postgres://…`). Any number of
+//! instances may share one PostgreSQL database: each projects into the shared read models
+//! (checkpointed in the same transaction, so they never double-apply) and serves reads.
+//!
+//! The admin key comes from `--admin-key-file` / `COUNTERSIGN_ADMIN_KEY_FILE` or the
+//! `COUNTERSIGN_ADMIN_KEY` variable; with SQLite and neither set, `<database file>.admin-key`
+//! is created on first start (owner-readable only) and its path is logged, never the key.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use countersign_api::{ApiConfig, AppState};
+use countersign_commands::{Clock, Commands, SystemClock};
+use countersign_eventstore::vault::KeyVault;
+use countersign_projections::ReadModels;
+use zeroize::Zeroizing;
+
+use crate::Settings;
+use crate::config::{create_secret_file, sqlite_path};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one (the chosen address is printed).
+    #[arg(long, env = "COUNTERSIGN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// File holding the admin key (one line).
+    #[arg(long, env = "COUNTERSIGN_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<PathBuf>,
+    /// Where apps reach the device gateway; written into QR codes.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_GATEWAY_URL",
+        default_value = "ws://127.0.0.1:8080/v1/device"
+    )]
+    pub gateway_url: String,
+    /// Longest a read waits for `min_position`, milliseconds.
+    #[arg(long, env = "COUNTERSIGN_MAX_WAIT_MS", default_value_t = 5_000)]
+    pub max_wait_ms: u64,
+    /// How often expired sessions and enrolments are swept, milliseconds.
+    #[arg(long, env = "COUNTERSIGN_EXPIRY_INTERVAL_MS", default_value_t = 1_000)]
+    pub expiry_interval_ms: u64,
+}
+
+fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
+    if let Ok(key) = std::env::var("COUNTERSIGN_ADMIN_KEY") {
+        return check_admin_key(Zeroizing::new(key));
+    }
+    let path = match (&args.admin_key_file, sqlite_path(&settings.database_url)) {
+        (Some(path), _) => path.clone(),
+        (None, Some(db)) => {
+            let mut name = db.into_os_string();
+            name.push(".admin-key");
+            let path = PathBuf::from(name);
+            if !path.exists() {
+                create_secret_file(&path)?;
+                tracing::warn!(path = %path.display(), "created an admin key file");
+            }
+            path
+        }
+        (None, None) => bail!(
+            "no admin key: set --admin-key-file, COUNTERSIGN_ADMIN_KEY_FILE or COUNTERSIGN_ADMIN_KEY"
+        ),
+    };
+    let text = Zeroizing::new(
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the admin key file {}", path.display()))?,
+    );
+    check_admin_key(Zeroizing::new(text.trim().to_owned()))
+}
+
+fn check_admin_key(key: Zeroizing<String>) -> anyhow::Result<Zeroizing<String>> {
+    if key.trim().len() < 32 {
+        bail!("the admin key must be at least 32 characters (use `countersign keygen`)");
+    }
+    Ok(key)
+}
+
+/// A running API: its address and state, until [`Running::stop`] or the process ends.
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its shared state (tests reach the read models through it).
+    pub state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the server stops (a signal, or a failure of a background task).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let _keep = self.stop.take();
+        (&mut self.task).await.context("the server task failed")?
+    }
+
+    /// Stops serving and waits for the tasks to end.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("the server task failed")?
+    }
+}
+
+/// Starts the API, the projector and the expiry sweeper; answers once it listens.
+pub async fn start(
+    settings: &Settings,
+    args: &ServeArgs,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
+    let opened = crate::connect(settings).await?;
+    let vault = KeyVault::new(opened.vault.clone(), settings.master_key()?);
+    let admin_key = admin_key(settings, args)?;
+    let commands = Commands::new(opened.events.clone(), vault, clock.clone());
+    let reads = ReadModels::new(opened.database.clone());
+    let mut config = ApiConfig::new(admin_key.trim(), args.gateway_url.clone());
+    config.max_wait = Duration::from_millis(args.max_wait_ms);
+    let state = AppState::new(commands, reads.clone(), opened.events.clone(), clock, config);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %settings.database_display(), "serving");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = countersign_api::router(state.clone());
+    let sweep_every = Duration::from_millis(args.expiry_interval_ms.max(10));
+    let sweep_state = state.clone();
+    let store = opened.events.clone();
+    let task = tokio::spawn(async move {
+        let projector = tokio::spawn(async move { reads.run(store).await });
+        let sweeper = tokio::spawn(countersign_api::expiry::run(sweep_state, sweep_every));
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = stopped => {}
+                () = shutdown() => {}
+            }
+        });
+        let result = tokio::select! {
+            served = server => served.context("the HTTP server failed"),
+            projected = projector => match projected {
+                Ok(Err(error)) => Err(anyhow::anyhow!("the read-model projector stopped: {error}")),
+                Ok(Ok(())) => Err(anyhow::anyhow!("the read-model projector stopped")),
+                Err(error) => Err(anyhow::anyhow!("the read-model projector panicked: {error}")),
+            },
+        };
+        sweeper.abort();
+        result
+    });
+    Ok(Running {
+        addr,
+        state,
+        stop: Some(stop),
+        task,
+    })
+}
+
+pub async fn run(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
+    let running = start(settings, &args, Arc::new(SystemClock)).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "countersign serve: listening on http://{}", running.addr)?;
+        out.flush()?;
+    }
+    running.wait().await
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,74 @@
+//! Account commands. Accounts are registered by the device gateway when an app enrols (or
+//! opens a secure channel); the business API lists them and deletes one.
+
+use std::sync::Arc;
+
+use countersign_domain::account::{
+    Account, AccountCommand, AccountEvent, DeleteAccount, DeletedBy, RegisterAccount,
+};
+use countersign_domain::{AccountRef, Clock, Context};
+use countersign_eventstore::{Metadata, SharedStore};
+
+use crate::{CommandError, Executed, execute};
+
+/// Account commands on one store.
+#[derive(Clone)]
+pub struct AccountCommands {
+    store: SharedStore,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AccountCommands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountCommands").finish_non_exhaustive()
+    }
+}
+
+impl AccountCommands {
+    pub fn new(store: SharedStore, clock: Arc<dyn Clock>) -> Self {
+        Self { store, clock }
+    }
+
+    async fn run(
+        &self,
+        account: AccountRef,
+        command: AccountCommand,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        let mut ctx = Context::new(self.clock.now());
+        let metadata = Metadata {
+            server_id: Some(account.server_id.to_string()),
+            ..metadata.clone()
+        };
+        execute::<Account>(
+            &self.store,
+            &account.stream(),
+            command,
+            &mut ctx,
+            &metadata,
+            None,
+        )
+        .await
+    }
+
+    /// Registers an account (device gateway).
+    pub async fn register(
+        &self,
+        command: RegisterAccount,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        self.run(command.account, command.into(), metadata).await
+    }
+
+    /// Deletes an account on the business system's request.
+    pub async fn delete_by_server(
+        &self,
+        account: AccountRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        let command = DeleteAccount {
+            by: DeletedBy::Server,
+        };
+        self.run(account, command.into(), metadata).await
+    }
+}

@@ -1,0 +1,111 @@
+//! Per-server secrets and what is derived from them.
+//!
+//! Each server has one 32-byte random secret in the key vault (`server/{id}/secret`), made
+//! with the server. Everything a server must be able to recompute from a caller's input is
+//! derived from it with HMAC-SHA256 under a distinct label, so no derived value can be
+//! mistaken for another:
+//! - `hsid`: a session's internal id from the caller's nonce; the nonce itself is never stored;
+//! - `api-key`, `enrolment`: the secret part of a token issued under an idempotency key, so a
+//!   retried request answers the same token without the token ever being stored.
+//!
+//! Secrets are cached in memory (they never change while the server exists) and dropped from
+//! the cache when the server is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use countersign_domain::ServerId;
+use countersign_eventstore::vault::KeyVault;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::{CommandError, random_bytes};
+
+type Secret = Arc<Zeroizing<[u8; 32]>>;
+
+/// The vault reference of a server's secret.
+pub fn secret_ref(server: ServerId) -> String {
+    format!("server/{server}/secret")
+}
+
+/// Reads, creates and caches server secrets.
+#[derive(Clone)]
+pub struct ServerSecrets {
+    vault: KeyVault,
+    cache: Arc<RwLock<HashMap<ServerId, Secret>>>,
+}
+
+impl std::fmt::Debug for ServerSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSecrets").finish_non_exhaustive()
+    }
+}
+
+impl ServerSecrets {
+    pub fn new(vault: KeyVault) -> Self {
+        Self {
+            vault,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Makes the server's secret unless it exists (creating a server calls this first).
+    pub async fn create(&self, server: ServerId) -> Result<(), CommandError> {
+        let mut fresh = Zeroizing::new([0u8; 32]);
+        random_bytes(fresh.as_mut())?;
+        let kept = self.vault.put_if_absent(&secret_ref(server), fresh.as_ref()).await?;
+        self.remember(server, &kept)?;
+        Ok(())
+    }
+
+    /// Forgets and destroys the server's secret (deleting a server).
+    pub async fn destroy(&self, server: ServerId) -> Result<(), CommandError> {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.remove(&server);
+        }
+        self.vault.destroy(&secret_ref(server)).await?;
+        Ok(())
+    }
+
+    fn remember(&self, server: ServerId, bytes: &[u8]) -> Result<Secret, CommandError> {
+        let array: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| CommandError::Internal("a server secret is not 32 bytes".into()))?;
+        let secret = Arc::new(Zeroizing::new(array));
+        if let Ok(mut cache) = self.cache.write() {
+            cache.insert(server, Arc::clone(&secret));
+        }
+        Ok(secret)
+    }
+
+    /// The server's secret, or `NotFound` when the server has none (never existed, deleted).
+    async fn secret(&self, server: ServerId) -> Result<Secret, CommandError> {
+        if let Some(secret) = self.cache.read().ok().and_then(|c| c.get(&server).cloned()) {
+            return Ok(secret);
+        }
+        match self.vault.get(&secret_ref(server)).await? {
+            Some(bytes) => self.remember(server, &bytes),
+            None => Err(CommandError::Rejected {
+                kind: countersign_domain::ErrorKind::NotFound,
+                message: "server not found".into(),
+            }),
+        }
+    }
+
+    /// `HMAC-SHA256(secret, label ‖ 0x00 ‖ input)`.
+    pub async fn derive(
+        &self,
+        server: ServerId,
+        label: &str,
+        input: &[u8],
+    ) -> Result<[u8; 32], CommandError> {
+        let secret = self.secret(server).await?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(&secret[..])
+            .map_err(|_| CommandError::Internal("HMAC refused a 32-byte key".into()))?;
+        mac.update(label.as_bytes());
+        mac.update(&[0]);
+        mac.update(input);
+        Ok(mac.finalize().into_bytes().into())
+    }
+}

@@ -1,0 +1,230 @@
+//! Login-session commands: the edge work around the session aggregate.
+//!
+//! The caller names a session by its nonce, a bearer secret of at least 128 bits. Here it is
+//! checked and turned into the session's internal id, `hsid = HMAC-SHA256(server secret,
+//! "hsid" ‖ nonce)`, and dropped: no event, row or log line ever holds the nonce. A session
+//! takes its timeout and default ping time from the server's settings at the moment it is
+//! opened, read from the server's own stream (the write model), not from a read model.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use countersign_domain::server::Server;
+use countersign_domain::session::{
+    EndByServer, Expire, LogIn, OpenSession, ScanSession, Session, SessionCommand, SessionEvent,
+};
+use countersign_domain::{
+    AccountId, Clock, Context, ErrorKind, Hsid, ServerId, SessionRef, UserDigest,
+};
+use countersign_eventstore::{Metadata, SharedStore};
+
+use crate::secrets::ServerSecrets;
+use crate::{CommandError, Executed, execute, load};
+
+/// Fewest bytes of entropy a nonce must carry.
+pub const MIN_NONCE_BYTES: usize = 16;
+/// Longest nonce accepted, in characters.
+pub const MAX_NONCE_CHARS: usize = 512;
+
+/// Why a nonce was refused (HTTP 422). Never repeats the nonce.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NonceError {
+    #[error("the nonce must be hex or base64")]
+    Encoding,
+    #[error("the nonce must carry at least 128 bits (16 bytes); it carries {0}")]
+    TooShort(usize),
+    #[error("the nonce is longer than {MAX_NONCE_CHARS} characters")]
+    TooLong,
+}
+
+/// How many bytes a nonce carries: hex (even length) first, then base64 (standard or
+/// URL-safe, padded or not).
+pub fn nonce_bytes(nonce: &str) -> Result<usize, NonceError> {
+    if nonce.len() > MAX_NONCE_CHARS {
+        return Err(NonceError::TooLong);
+    }
+    let decoded = if nonce.len() % 2 == 0 && nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        nonce.len() / 2
+    } else {
+        let engines = [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            &base64::engine::general_purpose::URL_SAFE,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ];
+        engines
+            .iter()
+            .find_map(|engine| engine.decode(nonce).ok())
+            .map(|bytes| bytes.len())
+            .ok_or(NonceError::Encoding)?
+    };
+    if decoded < MIN_NONCE_BYTES {
+        return Err(NonceError::TooShort(decoded));
+    }
+    Ok(decoded)
+}
+
+/// What a business system sets when it opens a session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Ping interval; `None` takes the server's default.
+    pub ping_time_secs: Option<u32>,
+    /// Shown to the user while confirming.
+    pub announce_info: Option<String>,
+    /// Shown to the user once logged in.
+    pub session_info: Option<String>,
+    /// The user the session is meant for, when known.
+    pub user: Option<UserDigest>,
+}
+
+/// Session commands on one store.
+#[derive(Clone)]
+pub struct SessionCommands {
+    store: SharedStore,
+    secrets: ServerSecrets,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for SessionCommands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionCommands").finish_non_exhaustive()
+    }
+}
+
+impl SessionCommands {
+    pub fn new(store: SharedStore, secrets: ServerSecrets, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            secrets,
+            clock,
+        }
+    }
+
+    /// The session a nonce names at a server. Checks the nonce first (422 when it is too
+    /// weak), then derives; answers `NotFound` for a server without a secret.
+    pub async fn session_ref(
+        &self,
+        server: ServerId,
+        nonce: &str,
+    ) -> Result<SessionRef, CommandError> {
+        nonce_bytes(nonce).map_err(|e| CommandError::Rejected {
+            kind: ErrorKind::Invalid,
+            message: e.to_string(),
+        })?;
+        let hsid = self.secrets.derive(server, "hsid", nonce.as_bytes()).await?;
+        Ok(SessionRef::new(server, Hsid::from_bytes(hsid)))
+    }
+
+    async fn run(
+        &self,
+        session: SessionRef,
+        command: SessionCommand,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let mut ctx = Context::new(self.clock.now());
+        let metadata = Metadata {
+            server_id: Some(session.server_id.to_string()),
+            ..metadata.clone()
+        };
+        execute::<Session>(
+            &self.store,
+            &session.stream(),
+            command,
+            &mut ctx,
+            &metadata,
+            idempotency_key,
+        )
+        .await
+    }
+
+    /// Opens the session (or finds it open with the same options: no new event).
+    pub async fn open(
+        &self,
+        session: SessionRef,
+        options: SessionOptions,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let server = load::<Server>(&self.store, &session.server_id.stream()).await?;
+        let settings = match server.state {
+            Server::Active(active) => active.settings,
+            Server::NotCreated | Server::Deleted { .. } => {
+                return Err(CommandError::Rejected {
+                    kind: ErrorKind::NotFound,
+                    message: "server not found".into(),
+                });
+            }
+        };
+        let command = OpenSession {
+            session,
+            ping_time_secs: options
+                .ping_time_secs
+                .unwrap_or(settings.default_ping_time_secs),
+            timeout_secs: settings.session_timeout_secs,
+            app_login: false,
+            user: options.user,
+            announce_info: options.announce_info,
+            session_info: options.session_info,
+        };
+        self.run(session, command.into(), metadata, idempotency_key)
+            .await
+    }
+
+    /// The business system ends the session: logout when logged in, abort before.
+    pub async fn end_by_server(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, EndByServer.into(), metadata, None).await
+    }
+
+    /// Records that the session's deadline passed, if it did (nothing otherwise).
+    pub async fn expire(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, Expire.into(), metadata, None).await
+    }
+
+    /// A device picked up the session (from the device gateway).
+    pub async fn scan(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, ScanSession.into(), metadata, None).await
+    }
+
+    /// A device logged in with an account (from the device gateway, after its checks).
+    pub async fn log_in(
+        &self,
+        session: SessionRef,
+        account_id: AccountId,
+        user: UserDigest,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, LogIn { account_id, user }.into(), metadata, None)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonce_strength() {
+        assert_eq!(nonce_bytes(&"ab".repeat(16)), Ok(16));
+        assert_eq!(nonce_bytes(&"ab".repeat(15)), Err(NonceError::TooShort(15)));
+        assert_eq!(nonce_bytes("AAECAwQFBgcICQoLDA0ODw=="), Ok(16));
+        assert_eq!(nonce_bytes("AAECAwQFBgcICQoLDA0ODw"), Ok(16));
+        assert_eq!(nonce_bytes("-_-_-_-_-_-_-_-_-_-_-_"), Ok(16));
+        assert_eq!(nonce_bytes("short"), Err(NonceError::Encoding));
+        assert_eq!(nonce_bytes("AAAA"), Err(NonceError::TooShort(3)));
+        assert_eq!(nonce_bytes("not base64 at all!!"), Err(NonceError::Encoding));
+        assert_eq!(nonce_bytes(&"a".repeat(600)), Err(NonceError::TooLong));
+    }
+}
