@@ -29,6 +29,11 @@ pub enum BenchWhat {
     /// Needs a scratch database whose event log is empty (it fills the tree with synthetic
     /// leaves).
     Audit(AuditArgs),
+    /// The business API under load: session creations and status reads over HTTP.
+    Api(crate::bench_api::ApiArgs),
+    /// Read-model rebuild rate on a generated log (needs a scratch database with an empty
+    /// log); also checks the rebuild equals incremental processing.
+    Replay(crate::bench_api::ReplayBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +93,8 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Append(args) => append(settings, args).await,
         BenchWhat::Audit(args) => audit(settings, args).await,
+        BenchWhat::Api(args) => crate::bench_api::api(settings, args).await,
+        BenchWhat::Replay(args) => crate::bench_api::replay(settings, args).await,
     }
 }
 

@@ -7,6 +7,7 @@ use countersign_eventstore::{Opened, open};
 
 pub mod audit;
 pub mod bench;
+pub mod bench_api;
 pub mod config;
 pub mod demo;
 pub mod events;

@@ -9,6 +9,7 @@
     clippy::indexing_slicing
 )]
 
+mod api;
 mod binary;
 mod commands;
 mod crash;
