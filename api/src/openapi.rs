@@ -60,6 +60,7 @@ impl Modify for BearerSchemes {
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
+#[derive(Debug)]
 pub struct ApiDoc;
 
 /// `GET /openapi.json`.

@@ -383,8 +383,9 @@ pub async fn list_api_keys(
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     _admin: Admin,
-    Path((server_id, key_id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let (server_id, key_id) = path;
     let server = parse_server_id(&server_id)?;
     let key_id: ApiKeyId = key_id
         .parse()

@@ -41,6 +41,13 @@ pub(crate) async fn server_fingerprint(
     Ok(row.key_thumbprint)
 }
 
+fn image_error(error: crate::qr::QrImageError) -> ApiError {
+    match error {
+        crate::qr::QrImageError::Internal(cause) => ApiError::Internal(cause),
+        other => ApiError::Invalid(other.to_string()),
+    }
+}
+
 /// Serves a QR payload in the requested form.
 pub(crate) fn qr_answer(
     payload: &QrPayload,
@@ -63,12 +70,12 @@ pub(crate) fn qr_answer(
         QrFormat::Link => ("text/plain; charset=utf-8", payload.deep_link().into_bytes()),
         QrFormat::Png => (
             "image/png",
-            crate::qr::png(&payload.encode(), size).map_err(|e| ApiError::Invalid(e.to_string()))?,
+            crate::qr::png(&payload.encode(), size).map_err(image_error)?,
         ),
         QrFormat::Svg => (
             "image/svg+xml",
             crate::qr::svg(&payload.encode(), size)
-                .map_err(|e| ApiError::Invalid(e.to_string()))?
+                .map_err(image_error)?
                 .into_bytes(),
         ),
     };
@@ -138,10 +145,8 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
            ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe")),
     request_body(content = Option<PutSessionRequest>, description = "May be empty"),
     responses(
-        (status = 200, description = "Already open with these options", body = SessionOpenedView,
-         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
-        (status = 201, description = "Opened", body = SessionOpenedView,
-         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 200, description = "Already open with these options", content((SessionOpenedView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
+        (status = 201, description = "Opened", content((SessionOpenedView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not this key's server", body = Problem, content_type = "application/problem+json"),
@@ -155,11 +160,12 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
 pub async fn put_session(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, nonce)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(params): Query<QrParams>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let (_, nonce) = path;
     let request: PutSessionRequest = optional_json(&headers, &body)?;
     let key = idempotency_key(&headers)?;
     let session = session_ref(&state, &tenant, &nonce).await?;
@@ -302,9 +308,10 @@ async fn current_row(
 pub async fn get_session(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, nonce)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(read): Query<ReadParams>,
 ) -> Result<Json<SessionView>, ApiError> {
+    let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
     state.wait_for(read.min_position).await?;
     let row = current_row(&state, &tenant, session).await?;
@@ -326,8 +333,9 @@ pub async fn get_session(
 pub async fn delete_session(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, nonce)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
     let done = state
         .commands()
@@ -349,8 +357,7 @@ pub async fn delete_session(
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce"), QrParams),
     responses(
-        (status = 200, description = "The QR code", body = QrView,
-         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 200, description = "The QR code", content((QrView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
@@ -360,9 +367,10 @@ pub async fn delete_session(
 pub async fn session_qr(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, nonce)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(params): Query<QrParams>,
 ) -> Result<Response, ApiError> {
+    let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
     state
         .reads()
@@ -400,8 +408,9 @@ struct StateChange<'a> {
 pub async fn session_events(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, nonce)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
     let first = state
         .reads()

@@ -92,10 +92,11 @@ pub(crate) async fn open_user(state: &AppState, row: &UserRow) -> Result<UserVie
 pub async fn put_user(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, userid)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: HeaderMap,
     Json(request): Json<PutUserRequest>,
 ) -> Result<Response, ApiError> {
+    let (_, userid) = path;
     let key = idempotency_key(&headers)?;
     let (_, done) = state
         .commands()
@@ -148,9 +149,10 @@ pub async fn put_user(
 pub async fn get_user(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, userid)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(read): Query<ReadParams>,
 ) -> Result<Json<UserView>, ApiError> {
+    let (_, userid) = path;
     let user = user_ref(&tenant, &userid)?;
     state.wait_for(read.min_position).await?;
     let row = state
@@ -220,8 +222,9 @@ pub async fn list_users(
 pub async fn delete_user(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, userid)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let (_, userid) = path;
     let user = user_ref(&tenant, &userid)?;
     let done = state
         .commands()
@@ -263,9 +266,10 @@ fn account_view(row: &countersign_projections::AccountRow) -> AccountView {
 pub async fn list_accounts(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, userid)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(read): Query<ReadParams>,
 ) -> Result<Json<AccountList>, ApiError> {
+    let (_, userid) = path;
     let user = user_ref(&tenant, &userid)?;
     state.wait_for(read.min_position).await?;
     if state.reads().user(tenant.server, user.digest).await?.is_none() {
@@ -296,8 +300,9 @@ pub async fn list_accounts(
 pub async fn delete_account(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, userid, account_id)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    let (_, userid, account_id) = path;
     let user = user_ref(&tenant, &userid)?;
     let account_id: AccountId = account_id
         .parse()
@@ -331,8 +336,7 @@ pub async fn delete_account(
            ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same QR code")),
     request_body = CreateEnrolmentRequest,
     responses(
-        (status = 201, description = "Started", body = EnrolmentCreated,
-         content_type = ["application/json", "image/png", "image/svg+xml", "application/cbor", "text/plain"]),
+        (status = 201, description = "Started", content((EnrolmentCreated = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
@@ -423,9 +427,10 @@ pub async fn create_enrolment(
 pub async fn get_enrolment(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path((_, enrolment_id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Query(read): Query<ReadParams>,
 ) -> Result<Json<EnrolmentView>, ApiError> {
+    let (_, enrolment_id) = path;
     let id: EnrolmentId = enrolment_id
         .parse()
         .map_err(|_| ApiError::NotFound("no such enrolment".into()))?;

@@ -9,9 +9,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use countersign_commands::server::ServerCommands;
-use countersign_commands::user::UserCommands;
-use countersign_commands::{Clock, SystemClock};
+use countersign_commands::{Clock, Commands, SystemClock};
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
 use countersign_domain::user::UserEvent;
 use countersign_domain::{AnyEvent, DomainEvent as _};
@@ -41,8 +39,8 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let vault = KeyVault::new(opened.vault.clone(), settings.master_key()?);
     let store = opened.events.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let servers = ServerCommands::new(store.clone(), vault.clone(), clock.clone());
-    let users = UserCommands::new(store.clone(), vault, clock);
+    let commands = Commands::new(store.clone(), vault, clock);
+    let (servers, users) = (&commands.servers, &commands.users);
     let start = store.last_position().await?.map_or(0, |p| p + 1);
     let meta = Metadata {
         actor: Some("demo".into()),
@@ -51,7 +49,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "countersign demo on {}", settings.database_display())?;
 
-    let (server, _) = servers.create("Demo Bank", &meta).await?;
+    let (server, _) = servers.create("Demo Bank", &meta, None).await?;
     writeln!(
         out,
         "1. created virtual server {server} with a fresh P-256 key pair (private key sealed in the key vault)"
@@ -72,6 +70,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
                 ..ConfigureServer::default()
             },
             &meta,
+            None,
         )
         .await?;
     writeln!(
@@ -79,7 +78,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         "2. configured it: logo, PIN or biometric, 600 s session timeout, 30 s ping"
     )?;
     let (key_id, _token, _) = servers
-        .issue_api_key(server, "payments backend", &meta)
+        .issue_api_key(server, "payments backend", &meta, None)
         .await?;
     writeln!(
         out,
@@ -176,7 +175,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
 
 /// What opening the event with today's keys shows: sealed personal data opens only while the
 /// user's data key exists.
-async fn describe(users: &UserCommands, event: &RecordedEvent) -> String {
+async fn describe(users: &countersign_commands::user::UserCommands, event: &RecordedEvent) -> String {
     let decoded = match AnyEvent::decode(&event.event_type, event.schema_version, &event.payload) {
         Ok(decoded) => decoded,
         Err(error) => return format!("undecodable: {error}"),

@@ -12,9 +12,9 @@
 //!   [`AnyEvent`] over all aggregates.
 //! - [`aggregate`]: the decide/apply contract ([`Aggregate`], [`Context`]) and error classes.
 //! - [`validate`]: caller-input rules shared by aggregates.
-//! - Aggregates, one module each with its state, commands, events and rules: [`server`],
-//!   [`user`] (decide/apply implemented); [`account`], [`enrolment`], [`session`],
-//!   [`transaction`], [`second_factor`] (event types so far).
+//! - Aggregates, one module each with its state, commands, events and rules, decide/apply
+//!   implemented: [`server`], [`user`], [`account`], [`enrolment`], [`session`]; event types
+//!   so far: [`transaction`], [`second_factor`].
 
 pub mod account;
 pub mod aggregate;
@@ -35,8 +35,10 @@ pub mod validate;
 #[cfg(test)]
 mod testing;
 
+pub use account::Account;
 pub use aggregate::{Aggregate, Classify, Context, ErrorKind};
 pub use cbor::CborError;
+pub use enrolment::Enrolment;
 pub use event::{AnyEvent, DomainEvent, EventDecodeError};
 pub use ids::{
     AccountId, AccountRef, ApiKeyId, AppInstanceId, Clock, EnrolmentId, EnrolmentRef, FixedClock,
@@ -44,3 +46,6 @@ pub use ids::{
     Userid, UseridError,
 };
 pub use seal::{CounterSealer, DataKey, SealError, Sealed, Sealer};
+pub use server::Server;
+pub use session::Session;
+pub use user::User;

@@ -213,6 +213,7 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
         EnrolmentEvent::Started(EnrolmentStarted {
             enrolment: EnrolmentRef::new(server, EnrolmentId::from_bytes([13; 16])),
             user: digest,
+            ttl_secs: 600,
             expires_at: t,
         })
         .into(),
@@ -229,8 +230,11 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             expires_at: t,
             app_login: false,
             user: Some(digest),
+            announce_info: Some("Log in to Acme?\nFrom Berlin".into()),
+            session_info: None,
         })
         .into(),
+        SessionEvent::Scanned(SessionScanned { scanned_at: t }).into(),
         SessionEvent::Confirmed(SessionConfirmed { account_id }).into(),
         SessionEvent::SecondFactorVerified(SessionSecondFactorVerified {
             factor: SecondFactorKind::Biometric,

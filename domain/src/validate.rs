@@ -1,6 +1,7 @@
 //! Input rules shared by the aggregates: every way a caller's value can be refused.
 //!
-//! Owns the limits on names, labels, URLs and numeric settings. Each rule has its own
+//! Owns the limits on names, labels, texts shown to users, URLs, public keys and numeric
+//! settings. Each rule has its own
 //! [`ValidationError`] variant naming the field, so the API can say exactly what to fix.
 //! Messages never repeat the offending value: it may be personal data or a secret pasted into
 //! the wrong field.
@@ -75,6 +76,12 @@ pub enum ValidationError {
     /// The public key is not a valid SEC1-encoded P-256 point.
     #[error("public_key is not a valid P-256 SEC1 point")]
     PublicKey,
+    /// A named public key (of several in one command) is not a valid SEC1-encoded P-256 point.
+    #[error("{field} is not a valid P-256 SEC1 point")]
+    InvalidKey {
+        /// The field.
+        field: &'static str,
+    },
     /// The userid breaks a rule.
     #[error(transparent)]
     Userid(#[from] UseridError),
@@ -123,6 +130,41 @@ pub(crate) fn in_range(
     }
 }
 
+/// Checks a text shown to users that may span lines: at most `max` characters, no control
+/// characters except `\n`. Empty is allowed (it shows nothing).
+pub(crate) fn multiline_text(
+    field: &'static str,
+    text: &str,
+    max: usize,
+) -> Result<(), ValidationError> {
+    let chars = text.chars().count();
+    if chars > max {
+        return Err(ValidationError::TooLong {
+            field,
+            max,
+            actual: chars,
+            unit: "characters",
+        });
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(ValidationError::ControlCharacter { field });
+    }
+    Ok(())
+}
+
+/// A P-256 public key as events store it: the uncompressed SEC1 point (65 bytes) and its
+/// SHA-256 thumbprint. `None` when `sec1` (compressed or uncompressed) is not a point on the
+/// curve; the caller names the field in its error.
+pub(crate) fn p256_public_key(sec1: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
+    use p256::elliptic_curve::sec1::ToSec1Point;
+    use sha2::{Digest, Sha256};
+
+    let key = p256::PublicKey::from_sec1_bytes(sec1).ok()?;
+    let uncompressed = key.as_affine().to_sec1_point(false).as_bytes().to_vec();
+    let thumbprint: [u8; 32] = Sha256::digest(&uncompressed).into();
+    Some((uncompressed, thumbprint))
+}
+
 /// Longest accepted logo URL, in bytes.
 pub const LOGO_URL_MAX_BYTES: usize = 2048;
 
@@ -154,6 +196,45 @@ mod tests {
             display_text("name", &"é".repeat(101), 100),
             Err(ValidationError::TooLong { actual: 101, .. })
         ));
+    }
+
+    #[test]
+    fn multiline_text_allows_newlines_only() {
+        assert!(multiline_text("info", "", 10).is_ok());
+        assert!(multiline_text("info", "line 1\nline 2", 20).is_ok());
+        assert!(multiline_text("info", &"é".repeat(10), 10).is_ok());
+        assert!(matches!(
+            multiline_text("info", &"é".repeat(11), 10),
+            Err(ValidationError::TooLong { actual: 11, .. })
+        ));
+        for bad in ["a\rb", "a\tb", "\u{1b}[31m", "a\u{85}b"] {
+            assert_eq!(
+                multiline_text("info", bad, 10),
+                Err(ValidationError::ControlCharacter { field: "info" })
+            );
+        }
+    }
+
+    #[test]
+    fn p256_keys_normalise_to_uncompressed() {
+        use p256::elliptic_curve::sec1::ToSec1Point;
+        let public = p256::SecretKey::from_slice(&[0x42; 32])
+            .unwrap()
+            .public_key();
+        let uncompressed = public.as_affine().to_sec1_point(false).as_bytes().to_vec();
+        let compressed = public.as_affine().to_sec1_point(true).as_bytes().to_vec();
+        let (a, ta) = p256_public_key(&uncompressed).unwrap();
+        let (b, tb) = p256_public_key(&compressed).unwrap();
+        assert_eq!((a.len(), &a), (65, &uncompressed));
+        assert_eq!((b, tb), (uncompressed.clone(), ta));
+        // The server test vector's thumbprint (see server_lifecycle.snap).
+        assert_eq!(
+            hex::encode(ta),
+            "8964233423574cbc50a15c713208ecb85f8c6a62e319bba9680978380dd67859"
+        );
+        assert!(p256_public_key(&[]).is_none());
+        assert!(p256_public_key(&[0x04; 65]).is_none());
+        assert!(p256_public_key(&uncompressed[..64]).is_none());
     }
 
     #[test]

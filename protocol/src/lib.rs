@@ -6,11 +6,13 @@
 //!   the incremental builder, proof verification.
 //! - [`cose`]: COSE_Sign1 with ES256, the only signature format we emit or accept.
 //! - [`checkpoint`]: signed tree heads, and proofs checked against them.
+//! - [`qr`]: the versioned CBOR payload of login and enrolment QR codes and deep links.
 
 pub mod cbor;
 pub mod checkpoint;
 pub mod cose;
 pub mod merkle;
+pub mod qr;
 
 pub use checkpoint::{
     CheckpointError, TreeHead, sign_checkpoint, verify_checkpoint,

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use countersign_commands::secrets::ServerSecrets;
 use countersign_commands::server::ServerCommands;
 use countersign_commands::user::{UserCommands, data_key_ref};
 use countersign_commands::{CommandError, FixedClock, execute, load};
@@ -29,10 +30,10 @@ fn clock() -> Arc<FixedClock> {
 
 async fn user_lifecycle_and_shredding(db: &TestDb) {
     let vault = vault_for(db).await;
-    let servers = ServerCommands::new(db.store.clone(), vault.clone(), clock());
+    let servers = ServerCommands::new(db.store.clone(), vault.clone(), ServerSecrets::new(vault.clone()), clock());
     let users = UserCommands::new(db.store.clone(), vault.clone(), clock());
     let meta = Metadata::default();
-    let (server, created) = servers.create("Test Bank", &meta).await.unwrap();
+    let (server, created) = servers.create("Test Bank", &meta, None).await.unwrap();
     assert!(matches!(
         created.events.as_slice(),
         [ServerEvent::Created(_)]
@@ -129,8 +130,8 @@ async fn concurrent_commands_retry_on_conflict(db: &TestDb) {
     let vault = vault_for(db).await;
     let users = UserCommands::new(db.store.clone(), vault, clock());
     let meta = Metadata::default();
-    let servers = ServerCommands::new(db.store.clone(), vault_for(db).await, clock());
-    let (server, _) = servers.create("Race", &meta).await.unwrap();
+    let servers = { let v = vault_for(db).await; ServerCommands::new(db.store.clone(), v.clone(), ServerSecrets::new(v), clock()) };
+    let (server, _) = servers.create("Race", &meta, None).await.unwrap();
     let (user, _) = users.register(server, "racer", &meta).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -155,9 +156,9 @@ async fn concurrent_commands_retry_on_conflict(db: &TestDb) {
 /// A command retried with the same idempotency key answers the first result and writes nothing.
 async fn idempotency_keys(db: &TestDb) {
     let vault = vault_for(db).await;
-    let servers = ServerCommands::new(db.store.clone(), vault, clock());
+    let servers = ServerCommands::new(db.store.clone(), vault.clone(), ServerSecrets::new(vault.clone()), clock());
     let meta = Metadata::default();
-    let (server, _) = servers.create("Idempotent", &meta).await.unwrap();
+    let (server, _) = servers.create("Idempotent", &meta, None).await.unwrap();
     let stream = server.stream();
     let change = ConfigureServer {
         session_timeout_secs: Some(900),

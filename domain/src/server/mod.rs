@@ -19,9 +19,6 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-use p256::elliptic_curve::sec1::ToSec1Point;
-use sha2::{Digest, Sha256};
-
 pub use events::*;
 
 use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
@@ -232,10 +229,8 @@ fn validate_settings(s: &ServerSettings) -> Result<(), ValidationError> {
 }
 
 fn decide_create(cmd: CreateServer) -> Result<Vec<ServerEvent>, ServerError> {
-    let key = p256::PublicKey::from_sec1_bytes(&cmd.public_key)
-        .map_err(|_| ValidationError::PublicKey)?;
-    let public_key = key.as_affine().to_sec1_point(false).as_bytes().to_vec();
-    let key_thumbprint: [u8; 32] = Sha256::digest(&public_key).into();
+    let (public_key, key_thumbprint) =
+        validate::p256_public_key(&cmd.public_key).ok_or(ValidationError::PublicKey)?;
     let settings = ServerSettings::defaults(cmd.name);
     validate_settings(&settings)?;
     Ok(vec![ServerEvent::Created(ServerCreated {

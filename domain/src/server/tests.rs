@@ -4,6 +4,7 @@ use crate::event::DomainEvent;
 use crate::ids::Timestamp;
 use crate::testing::{NOW, given, given_nothing};
 use p256::elliptic_curve::sec1::ToSec1Point;
+use sha2::{Digest, Sha256};
 
 const ID: ServerId = ServerId::from_bytes([0x11; 16]);
 

@@ -13,6 +13,11 @@
 //!   consequence the state cannot tell whether a value is unchanged, and setting an attribute to
 //!   its current value is recorded again (harmless, and it leaks nothing about the value);
 //! - removing an absent attribute emits nothing (idempotent, like an HTTP `DELETE` repeated);
+//! - [`PutUser`] replaces the whole user in one decision: `user.registered` if the user does
+//!   not exist yet, then `user.attribute_set` for every given attribute, then
+//!   `user.attribute_removed` for every attribute not given. It validates every attribute
+//!   before emitting anything, so a bad one leaves the user as it was; its userid must name the
+//!   stream it is decided on;
 //! - a deleted user refuses every command with [`UserError::Deleted`].
 //!
 //! Whether the server exists is not this aggregate's knowledge: `commands` checks it first.
@@ -21,7 +26,7 @@ mod events;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use events::*;
 
@@ -72,6 +77,29 @@ pub struct RemoveAttribute {
     pub name: String,
 }
 
+/// Create the user if needed and make its attributes exactly `attributes` (an HTTP PUT of the
+/// whole user). The stream is `UserRef::new(server_id, &userid).stream()`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PutUser {
+    /// The tenant.
+    pub server_id: ServerId,
+    /// The caller's userid (its `Debug` hides it).
+    pub userid: Userid,
+    /// Every attribute the user is to have, by name; values are personal data, hidden from
+    /// `Debug`.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for PutUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PutUser")
+            .field("server_id", &self.server_id)
+            .field("userid", &self.userid)
+            .field("attributes", &self.attributes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// Delete the user (the edge then destroys the data key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteUser;
@@ -81,6 +109,8 @@ pub struct DeleteUser;
 pub enum UserCommand {
     /// See [`RegisterUser`].
     Register(RegisterUser),
+    /// See [`PutUser`].
+    Put(PutUser),
     /// See [`SetAttribute`].
     SetAttribute(SetAttribute),
     /// See [`RemoveAttribute`].
@@ -91,6 +121,7 @@ pub enum UserCommand {
 
 into_command!(UserCommand {
     Register(RegisterUser),
+    Put(PutUser),
     SetAttribute(SetAttribute),
     RemoveAttribute(RemoveAttribute),
     Delete(DeleteUser),
@@ -111,6 +142,10 @@ pub enum UserError {
     /// The user was deleted. HTTP 410.
     #[error("user was deleted")]
     Deleted,
+    /// The command's userid names another user than the stream it was decided on: a wiring
+    /// bug at the caller. HTTP 422.
+    #[error("the userid does not name this user")]
+    UserMismatch,
     /// A new attribute would exceed [`MAX_ATTRIBUTES`]. HTTP 409.
     #[error("at most {max} attributes per user")]
     TooManyAttributes {
@@ -128,7 +163,7 @@ pub enum UserError {
 impl Classify for UserError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Invalid(_) => ErrorKind::Invalid,
+            Self::Invalid(_) | Self::UserMismatch => ErrorKind::Invalid,
             Self::AlreadyExists | Self::TooManyAttributes { .. } => ErrorKind::Conflict,
             Self::NotFound => ErrorKind::NotFound,
             Self::Deleted => ErrorKind::Gone,
@@ -203,6 +238,18 @@ fn validate_attribute_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+fn validate_attribute_value(value: &str) -> Result<(), ValidationError> {
+    if value.len() > ATTRIBUTE_VALUE_MAX_BYTES {
+        return Err(ValidationError::TooLong {
+            field: "attribute value",
+            max: ATTRIBUTE_VALUE_MAX_BYTES,
+            actual: value.len(),
+            unit: "bytes",
+        });
+    }
+    Ok(())
+}
+
 fn seal(
     ctx: &mut Context<'_>,
     user: &UserRef,
@@ -211,6 +258,45 @@ fn seal(
 ) -> Result<Sealed, UserError> {
     let sealer = ctx.sealer.as_deref_mut().ok_or(UserError::SealerMissing)?;
     Ok(sealer.seal(&aad(&user.stream(), field), plaintext)?)
+}
+
+impl User {
+    fn decide_put(&self, cmd: PutUser, ctx: &mut Context<'_>) -> Result<Vec<UserEvent>, UserError> {
+        let user = UserRef::new(cmd.server_id, &cmd.userid);
+        let existing = match self {
+            Self::NotRegistered => None,
+            Self::Active(active) if active.user == user => Some(&active.attributes),
+            Self::Active(_) => return Err(UserError::UserMismatch),
+            Self::Deleted { .. } => return Err(UserError::Deleted),
+        };
+        for (name, value) in &cmd.attributes {
+            validate_attribute_name(name)?;
+            validate_attribute_value(value)?;
+        }
+        // After the PUT the user has exactly the given attributes, so only their number counts.
+        if cmd.attributes.len() > MAX_ATTRIBUTES {
+            return Err(UserError::TooManyAttributes {
+                max: MAX_ATTRIBUTES,
+            });
+        }
+        let mut events = Vec::with_capacity(cmd.attributes.len() + 1);
+        if existing.is_none() {
+            let userid = seal(ctx, &user, "userid", cmd.userid.as_str().as_bytes())?;
+            events.push(UserEvent::Registered(UserRegistered { user, userid }));
+        }
+        let removed: Vec<UserEvent> = existing
+            .into_iter()
+            .flatten()
+            .filter(|name| !cmd.attributes.contains_key(*name))
+            .map(|name| UserEvent::AttributeRemoved(UserAttributeRemoved { name: name.clone() }))
+            .collect();
+        for (name, value) in cmd.attributes {
+            let value = seal(ctx, &user, &attribute_field(&name), value.as_bytes())?;
+            events.push(UserEvent::AttributeSet(UserAttributeSet { name, value }));
+        }
+        events.extend(removed);
+        Ok(events)
+    }
 }
 
 impl Aggregate for User {
@@ -234,18 +320,11 @@ impl Aggregate for User {
                 let userid = seal(ctx, &user, "userid", cmd.userid.as_str().as_bytes())?;
                 Ok(vec![UserEvent::Registered(UserRegistered { user, userid })])
             }
+            UserCommand::Put(cmd) => self.decide_put(cmd, ctx),
             UserCommand::SetAttribute(cmd) => {
                 let active = self.active()?;
                 validate_attribute_name(&cmd.name)?;
-                if cmd.value.len() > ATTRIBUTE_VALUE_MAX_BYTES {
-                    return Err(ValidationError::TooLong {
-                        field: "attribute value",
-                        max: ATTRIBUTE_VALUE_MAX_BYTES,
-                        actual: cmd.value.len(),
-                        unit: "bytes",
-                    }
-                    .into());
-                }
+                validate_attribute_value(&cmd.value)?;
                 if !active.attributes.contains(&cmd.name)
                     && active.attributes.len() >= MAX_ATTRIBUTES
                 {

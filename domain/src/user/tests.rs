@@ -1,8 +1,10 @@
+use std::collections::BTreeMap;
+
 use super::*;
 use crate::aggregate::ErrorKind;
 use crate::event::DomainEvent;
 use crate::ids::Timestamp;
-use crate::seal::{Sealer, aad};
+use crate::seal::{CounterSealer, Sealer, aad};
 use crate::testing::{NOW, given, given_nothing, test_key, test_sealer};
 
 const SERVER: ServerId = ServerId::from_bytes([0x11; 16]);
@@ -265,6 +267,7 @@ fn delete_then_everything_is_gone() {
     assert_eq!(state, User::Deleted { user: user() });
     let commands: Vec<UserCommand> = vec![
         register().into(),
+        put(&[]).into(),
         set_cmd("a").into(),
         RemoveAttribute { name: "a".into() }.into(),
         DeleteUser.into(),
@@ -361,4 +364,184 @@ fn lifecycle_snapshot() {
     insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
         insta::assert_yaml_snapshot!(NAME, rendered);
     });
+}
+
+fn put(attributes: &[(&str, &str)]) -> PutUser {
+    PutUser {
+        server_id: SERVER,
+        userid: userid(),
+        attributes: attributes
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+/// `user.attribute_set` as the sealer produces it at its current nonce.
+fn sealed_set(sealer: &mut CounterSealer, name: &str, value: &str) -> UserEvent {
+    let value = sealer
+        .seal(
+            &aad(&user().stream(), &attribute_field(name)),
+            value.as_bytes(),
+        )
+        .unwrap();
+    UserEvent::AttributeSet(UserAttributeSet {
+        name: name.into(),
+        value,
+    })
+}
+
+fn removed(name: &str) -> UserEvent {
+    UserEvent::AttributeRemoved(UserAttributeRemoved { name: name.into() })
+}
+
+#[test]
+fn put_registers_a_new_user_with_its_attributes() {
+    let mut sealer = test_sealer();
+    let userid = sealer
+        .seal(&aad(&user().stream(), "userid"), b"alice@example.com")
+        .unwrap();
+    let expected = vec![
+        UserEvent::Registered(UserRegistered {
+            user: user(),
+            userid,
+        }),
+        sealed_set(&mut sealer, "email", "alice@example.com"),
+        sealed_set(&mut sealer, "given_name", "Alice"),
+    ];
+    let state = given_nothing::<User>()
+        .when(put(&[
+            ("given_name", "Alice"),
+            ("email", "alice@example.com"),
+        ]))
+        .then(expected);
+    let User::Active(u) = state else { panic!() };
+    assert_eq!(u.user, user());
+    assert_eq!(
+        u.attributes.into_iter().collect::<Vec<_>>(),
+        ["email", "given_name"]
+    );
+}
+
+#[test]
+fn put_without_attributes_registers_only() {
+    given_nothing::<User>()
+        .when(put(&[]))
+        .then(vec![registered()]);
+}
+
+#[test]
+fn put_replaces_the_attributes_of_an_existing_user() {
+    let mut sealer = test_sealer();
+    let expected = vec![
+        sealed_set(&mut sealer, "b", "x"),
+        sealed_set(&mut sealer, "c", "y"),
+        removed("a"),
+        removed("d"),
+    ];
+    let state = given::<User>([registered(), set("a"), set("b"), set("d")])
+        .when(put(&[("c", "y"), ("b", "x")]))
+        .then(expected);
+    let User::Active(u) = state else { panic!() };
+    assert_eq!(u.attributes.into_iter().collect::<Vec<_>>(), ["b", "c"]);
+    // An empty map removes everything; nothing to remove, nothing to record.
+    given::<User>([registered(), set("a")])
+        .when(put(&[]))
+        .then(vec![removed("a")]);
+    given::<User>([registered()]).when(put(&[])).then_nothing();
+}
+
+#[test]
+fn put_validates_every_attribute_before_emitting_anything() {
+    let charset = ValidationError::Charset {
+        field: "attribute name",
+        allowed: "a-z 0-9 _ . -",
+    };
+    let long_value = "x".repeat(4097);
+    let cases = [
+        (put(&[("email", "a"), ("Bad", "b")]), charset.clone()),
+        (
+            put(&[("", "b")]),
+            ValidationError::Empty {
+                field: "attribute name",
+            },
+        ),
+        (
+            put(&[("bio", &long_value)]),
+            ValidationError::TooLong {
+                field: "attribute value",
+                max: 4096,
+                actual: 4097,
+                unit: "bytes",
+            },
+        ),
+    ];
+    for (cmd, error) in cases {
+        given_nothing::<User>()
+            .when(cmd.clone())
+            .then_error(invalid(error.clone()));
+        given::<User>([registered(), set("a")])
+            .when(cmd)
+            .then_error(invalid(error));
+    }
+}
+
+#[test]
+fn put_counts_only_the_attributes_it_leaves() {
+    let names: Vec<String> = (0..65).map(|i| format!("a{i}")).collect();
+    let map = |n: usize| -> BTreeMap<String, String> {
+        names
+            .iter()
+            .take(n)
+            .map(|k| (k.clone(), "v".to_owned()))
+            .collect()
+    };
+    given_nothing::<User>()
+        .when(PutUser {
+            attributes: map(65),
+            ..put(&[])
+        })
+        .then_error(UserError::TooManyAttributes { max: 64 });
+    // 64 new ones replacing 64 old ones is fine: the user ends with 64.
+    let mut history = vec![registered()];
+    history.extend((0..64).map(|i| set(&format!("old{i}"))));
+    let events = given::<User>(history)
+        .when(PutUser {
+            attributes: map(64),
+            ..put(&[])
+        })
+        .events();
+    assert_eq!(events.len(), 128);
+}
+
+#[test]
+fn put_must_name_the_stream_it_is_decided_on() {
+    let err = given::<User>([registered()]).when(PutUser {
+        userid: Userid::new("bob").unwrap(),
+        ..put(&[])
+    });
+    err.then_error(UserError::UserMismatch);
+    assert_eq!(UserError::UserMismatch.kind(), ErrorKind::Invalid);
+    given::<User>([registered()])
+        .when(PutUser {
+            server_id: ServerId::from_bytes([0x12; 16]),
+            ..put(&[])
+        })
+        .then_error(UserError::UserMismatch);
+}
+
+#[test]
+fn put_without_sealer_is_internal() {
+    let mut ctx = crate::aggregate::Context::new(NOW);
+    let err = User::default()
+        .decide(put(&[("email", "a")]).into(), &mut ctx)
+        .unwrap_err();
+    assert_eq!(err, UserError::SealerMissing);
+}
+
+#[test]
+fn put_debug_shows_names_only() {
+    let text = format!("{:?}", put(&[("email", "alice@example.com")]));
+    assert!(text.contains("email"), "{text}");
+    assert!(!text.contains("alice"), "{text}");
 }

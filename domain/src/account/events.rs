@@ -2,7 +2,7 @@
 //!
 //! An account is one app instance's registration for one user at one server, with its own key
 //! pairs. Headless accounts (created by the secure channel) have no second factor; upgrading
-//! adds one. Rules arrive with the device gateway; only public keys and hashes appear here.
+//! adds one. Only public keys and hashes appear here.
 
 use serde::{Deserialize, Serialize};
 

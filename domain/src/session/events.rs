@@ -2,9 +2,9 @@
 //!
 //! A session is known only by its derived id (`hsid`): the caller's nonce is a bearer secret
 //! and never appears in an event. Flow, as the SDK sees it:
-//! `opened → confirmed → second_factor_verified? → logged_in → pinged* → logged_out`, or
-//! `aborted | expired | failed` before login. Events carry the deadlines (expiry, next ping)
-//! computed when they were decided, so readers never recompute timeouts.
+//! `opened → scanned? → confirmed → second_factor_verified? → logged_in → pinged* →
+//! logged_out`, or `aborted | expired | failed` before login. Events carry the deadlines
+//! (expiry, next ping) computed when they were decided, so readers never recompute timeouts.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +62,18 @@ pub struct SessionOpened {
     pub app_login: bool,
     /// The intended user, when the caller named one (push login, AppLogin).
     pub user: Option<UserDigest>,
+    /// Shown to the user while confirming: at most 1000 characters, no control characters
+    /// but `\n`.
+    pub announce_info: Option<String>,
+    /// Shown to the user once logged in; same rules as `announce_info`.
+    pub session_info: Option<String>,
+}
+
+/// `session.scanned` v1: a device picked up the session (read the QR code or opened the link).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionScanned {
+    /// When.
+    pub scanned_at: Timestamp,
 }
 
 /// `session.confirmed` v1: the user chose the account to continue with.
@@ -145,6 +157,7 @@ crate::domain_events! {
     /// Everything that happens to a session.
     pub enum SessionEvent {
         Opened(SessionOpened) = ("session.opened", 1),
+        Scanned(SessionScanned) = ("session.scanned", 1),
         Confirmed(SessionConfirmed) = ("session.confirmed", 1),
         SecondFactorVerified(SessionSecondFactorVerified) = ("session.second_factor_verified", 1),
         LoggedIn(SessionLoggedIn) = ("session.logged_in", 1),

@@ -14,7 +14,9 @@ pub struct EnrolmentStarted {
     pub enrolment: EnrolmentRef,
     /// The user the new account will belong to.
     pub user: UserDigest,
-    /// After this instant the enrolment can no longer complete.
+    /// The lifetime asked for, seconds (60..=604800); a retried start compares it.
+    pub ttl_secs: u32,
+    /// `started at + ttl`: from this instant the enrolment can no longer complete.
     pub expires_at: Timestamp,
 }
 
