@@ -348,19 +348,33 @@ impl ReadModels {
     }
 
     /// Empties the projections' tables and sets their checkpoints to 0, in one transaction.
+    /// PostgreSQL truncates (a rebuild then writes into fresh tables and indexes rather than
+    /// beside every dead row); SQLite's unqualified DELETE does the same.
     async fn reset(&self, projections: &[Projection]) -> Result<(), ProjectionError> {
+        let projections: Vec<Projection> = Projection::ALL
+            .into_iter()
+            .filter(|p| projections.contains(p))
+            .collect();
+        let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+        let tables: Vec<&str> = projections.iter().flat_map(|p| p.tables()).copied().collect();
         with_pool!(&self.inner.db, pool => {
             let mut tx = pool.begin().await?;
-            for projection in Projection::ALL.iter().filter(|p| projections.contains(p)) {
+            // Claimed first, so a projector writing a batch meanwhile finishes before or
+            // finds its checkpoint moved.
+            for name in &names {
                 sqlx::query("UPDATE rm_checkpoints SET position = 0 WHERE projection = $1")
-                    .bind(projection.name())
+                    .bind(*name)
                     .execute(&mut *tx)
                     .await?;
-                for table in projection.tables() {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
-                        .execute(&mut *tx)
-                        .await?;
-                }
+            }
+            let postgres = matches!(self.inner.db, Database::Postgres(_));
+            for table in &tables {
+                let sql = if postgres {
+                    format!("TRUNCATE {table}")
+                } else {
+                    format!("DELETE FROM {table}")
+                };
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
             tx.commit().await?;
         });

@@ -430,7 +430,7 @@ impl Fold {
         if self.changes.is_empty() {
             return Ok(());
         }
-        let (puts, put_history, patches, patch_history) = self.split()?; let __t = std::time::Instant::now();
+        let (puts, put_history, patches, patch_history) = self.split()?; let mut __t = std::time::Instant::now();
         if !puts.server_id.is_empty() {
             sqlx::query(upsert_sql!(
                 "SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::text[], $4::bigint[], \
@@ -453,7 +453,7 @@ impl Fold {
             .bind(&puts.updated_at)
             .bind(&puts.last_position)
             .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt1 {:?}", __t.elapsed()); } let __t = std::time::Instant::now();
+            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt1 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
         }
         if !put_history.position.is_empty() {
             sqlx::query(
@@ -466,7 +466,7 @@ impl Fold {
             .bind(&put_history.state)
             .bind(&put_history.at)
             .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt2 {:?}", __t.elapsed()); } let __t = std::time::Instant::now();
+            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt2 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
         }
         if patches.server_id.is_empty() {
             return Ok(());
@@ -489,7 +489,7 @@ impl Fold {
             .bind(&patch_history.at)
             .bind(&patch_history.conditional)
             .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt3 {:?}", __t.elapsed()); } let __t = std::time::Instant::now();
+            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt3 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
         }
         sqlx::query(
             "UPDATE rm_sessions s SET state = COALESCE(u.state, s.state), \
@@ -512,7 +512,7 @@ impl Fold {
         .bind(&patches.updated_at)
         .bind(&patches.last_position)
         .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt4 {:?}", __t.elapsed()); } let __t = std::time::Instant::now();
+            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt4 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
         Ok(())
     }
 
