@@ -133,7 +133,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 
 /// The Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text format (OpenMetrics)", body = String, content_type = "application/openmetrics-text")))]
 pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError> {
     let processed = *state.reads().processed().borrow();
     let head = state.store().last_position().await?;

@@ -92,6 +92,7 @@ async fn live_server(state: &AppState, server: ServerId) -> Result<ServerRow, Ap
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Created earlier under this idempotency key and deleted since", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
@@ -110,7 +111,9 @@ pub async fn create_server(
         .create(&request.name, &admin_metadata(), key.as_deref())
         .await?;
     state.wait_for(done.position).await?;
-    let row = live_server(&state, server).await?;
+    let row = live_server(&state, server).await.map_err(|_| {
+        ApiError::Gone("the server created under this idempotency key was deleted since".into())
+    })?;
     Ok(written(
         StatusCode::CREATED,
         done.position,
@@ -127,6 +130,7 @@ pub async fn create_server(
         (status = 200, description = "A page", body = ServerList),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]
@@ -168,6 +172,7 @@ pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]
@@ -342,6 +347,7 @@ pub async fn issue_api_key(
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]

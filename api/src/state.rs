@@ -125,6 +125,17 @@ impl AppState {
         let Some(position) = position else {
             return Ok(());
         };
+        if *self.0.reads.processed().borrow() > position {
+            return Ok(());
+        }
+        // No write was ever acknowledged beyond the log's head: such a position is the
+        // caller's mistake, not something to wait for.
+        let head = self.0.store.last_position().await?;
+        if head.is_none_or(|head| position > head) {
+            return Err(ApiError::Invalid(format!(
+                "min_position {position} is beyond the end of the log"
+            )));
+        }
         if self.0.reads.wait_for(position, self.0.config.max_wait).await? {
             Ok(())
         } else {

@@ -171,6 +171,7 @@ pub async fn get_user(
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not this key's server", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
@@ -421,6 +422,7 @@ pub async fn create_enrolment(
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such enrolment", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]

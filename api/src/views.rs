@@ -58,6 +58,7 @@ impl SecondFactorMode {
 #[serde(deny_unknown_fields)]
 pub struct CreateServerRequest {
     /// Shown to users in the app: 1..=100 characters.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
 }
 
@@ -66,6 +67,7 @@ pub struct CreateServerRequest {
 #[serde(deny_unknown_fields)]
 pub struct UpdateServerRequest {
     /// 1..=100 characters.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: Option<String>,
     /// An absolute `https` URL; `null` removes the logo.
     #[serde(default, deserialize_with = "double_option")]
@@ -159,6 +161,7 @@ pub struct ServerList {
 #[serde(deny_unknown_fields)]
 pub struct IssueApiKeyRequest {
     /// What the key is for: 1..=100 characters.
+    #[schema(min_length = 1, max_length = 100)]
     pub label: String,
 }
 
@@ -252,6 +255,7 @@ pub struct AccountList {
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrolmentRequest {
     /// A registered user.
+    #[schema(min_length = 1, max_length = 256)]
     pub userid: String,
     /// Seconds the QR code stays valid (60..=604800, default 600).
     #[schema(minimum = 60, maximum = 604800)]

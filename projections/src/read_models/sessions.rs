@@ -385,7 +385,10 @@ impl Fold {
         let mut put_history = HistoryColumns::default();
         let mut patches = PatchColumns::default();
         let mut patch_history = HistoryColumns::default();
-        for (key, change) in self.changes {
+        // In key order: PostgreSQL's index inserts then walk the B-tree in order.
+        let mut changes: Vec<(Key, Change)> = self.changes.into_iter().collect();
+        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, change) in changes {
             match change {
                 Change::Put { row, history } => {
                     puts.server_id.push(key.0.as_bytes().to_vec());
