@@ -7,13 +7,17 @@
 //!   by its hash in the servers read model and must not be revoked, and its server must not
 //!   be deleted;
 //! - an API key only reaches paths of its own server: another server's id in the path answers
-//!   404, exactly as a server that does not exist, so ids cannot be probed.
+//!   404, exactly as a server that does not exist, so ids cannot be probed;
+//! - a key that checked out is remembered for [`CREDENTIAL_TTL`] (by its hash); revoking a key
+//!   or deleting a server through this instance forgets every remembered key at once, other
+//!   instances stop accepting it within the TTL.
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use countersign_commands::server::api_key_hash;
 use countersign_domain::{ApiKeyId, ServerId};
+
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
@@ -55,6 +59,9 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// How long a checked API key is accepted without reading the read model again.
+pub const CREDENTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The caller holds an active API key of the server named in the path.
 #[derive(Debug, Clone, Copy)]
 pub struct Tenant {
@@ -62,6 +69,33 @@ pub struct Tenant {
     pub server: ServerId,
     /// The key used (for event metadata).
     pub key_id: ApiKeyId,
+    /// SHA-256 of the server's public key (goes into QR codes).
+    pub server_fingerprint: [u8; 32],
+}
+
+async fn check_api_key(state: &AppState, hash: [u8; 32]) -> Result<Tenant, ApiError> {
+    if let Some(tenant) = state.remembered_credential(&hash, CREDENTIAL_TTL) {
+        return Ok(tenant);
+    }
+    let key = state
+        .reads()
+        .api_key_by_hash(&hash)
+        .await?
+        .filter(|key| key.revoked_at.is_none())
+        .ok_or(ApiError::Unauthorized)?;
+    let server = state
+        .reads()
+        .server(key.server_id)
+        .await?
+        .filter(|s| s.deleted_at.is_none())
+        .ok_or(ApiError::Unauthorized)?;
+    let tenant = Tenant {
+        server: key.server_id,
+        key_id: key.key_id,
+        server_fingerprint: server.key_thumbprint,
+    };
+    state.remember_credential(hash, tenant);
+    Ok(tenant)
 }
 
 impl FromRequestParts<AppState> for Tenant {
@@ -69,12 +103,7 @@ impl FromRequestParts<AppState> for Tenant {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
-        let key = state
-            .reads()
-            .api_key_by_hash(&api_key_hash(token))
-            .await?
-            .filter(|key| key.revoked_at.is_none())
-            .ok_or(ApiError::Unauthorized)?;
+        let tenant = check_api_key(state, api_key_hash(token)).await?;
         let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::NotFound("no such server".into()))?;
@@ -82,16 +111,9 @@ impl FromRequestParts<AppState> for Tenant {
             .iter()
             .find(|(name, _)| *name == "server_id")
             .map(|(_, value)| value);
-        if in_path != Some(key.server_id.to_string().as_str()) {
+        if in_path != Some(tenant.server.to_string().as_str()) {
             return Err(ApiError::NotFound("no such server".into()));
         }
-        let server = state.reads().server(key.server_id).await?;
-        if server.is_none_or(|s| s.deleted_at.is_some()) {
-            return Err(ApiError::Unauthorized);
-        }
-        Ok(Self {
-            server: key.server_id,
-            key_id: key.key_id,
-        })
+        Ok(tenant)
     }
 }

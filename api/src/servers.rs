@@ -278,6 +278,7 @@ pub async fn delete_server(
         .delete(server, &admin_metadata())
         .await?;
     state.wait_for(done.position).await?;
+    state.forget_credentials();
     Ok(written(
         StatusCode::OK,
         done.position,
@@ -402,6 +403,7 @@ pub async fn revoke_api_key(
         .revoke_api_key(server, key_id, &admin_metadata())
         .await?;
     state.wait_for(done.position).await?;
+    state.forget_credentials();
     Ok(written(
         StatusCode::OK,
         done.position,

@@ -13,7 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_commands::session::SessionOptions;
 use countersign_domain::session::SessionEvent;
-use countersign_domain::{ServerId, SessionRef};
+use countersign_domain::SessionRef;
 use countersign_projections::SessionRow;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::Stream;
@@ -27,19 +27,6 @@ use crate::users::{open_user, tenant_metadata, user_ref};
 use crate::views::{
     PutSessionRequest, QrFormat, QrParams, QrView, ReadParams, SessionOpenedView, SessionView,
 };
-
-/// SHA-256 of the server's public key, which apps pin (from the servers read model).
-pub(crate) async fn server_fingerprint(
-    state: &AppState,
-    server: ServerId,
-) -> Result<[u8; 32], ApiError> {
-    let row = state
-        .reads()
-        .server(server)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("no such server".into()))?;
-    Ok(row.key_thumbprint)
-}
 
 fn image_error(error: crate::qr::QrImageError) -> ApiError {
     match error {
@@ -101,14 +88,14 @@ async fn session_ref(state: &AppState, tenant: &Tenant, nonce: &str) -> Result<S
         .await?)
 }
 
-async fn login_qr(state: &AppState, session: SessionRef) -> Result<QrPayload, ApiError> {
-    Ok(QrPayload {
+fn login_qr(state: &AppState, tenant: &Tenant, session: SessionRef) -> QrPayload {
+    QrPayload {
         kind: QrKind::Login,
         server_id: *session.server_id.as_bytes(),
         token: *session.hsid.as_bytes(),
         gateway: state.config().gateway_url.clone(),
-        server_key_fingerprint: server_fingerprint(state, session.server_id).await?,
-    })
+        server_key_fingerprint: tenant.server_fingerprint,
+    }
 }
 
 /// An optional JSON body: empty means all defaults.
@@ -193,7 +180,7 @@ pub async fn put_session(
     } else {
         StatusCode::OK
     };
-    let payload = login_qr(&state, session).await?;
+    let payload = login_qr(&state, &tenant, session);
     let format = params.format.unwrap_or_default();
     if format != QrFormat::Json {
         return qr_answer(&payload, format, params.size, status, done.position);
@@ -377,7 +364,7 @@ pub async fn session_qr(
         .session_state(session.server_id, session.hsid)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
-    let payload = login_qr(&state, session).await?;
+    let payload = login_qr(&state, &tenant, session);
     qr_answer(
         &payload,
         params.format.unwrap_or_default(),

@@ -14,6 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
+use crate::auth::Tenant;
 use crate::error::{ApiError, Json};
 use crate::metrics::Metrics;
 
@@ -56,7 +57,10 @@ impl ApiConfig {
     }
 }
 
+type Credentials = std::sync::RwLock<std::collections::HashMap<[u8; 32], (std::time::Instant, Tenant)>>;
+
 struct Inner {
+    credentials: Credentials,
     commands: Commands,
     reads: ReadModels,
     store: SharedStore,
@@ -86,6 +90,7 @@ impl AppState {
         config: ApiConfig,
     ) -> Self {
         Self(Arc::new(Inner {
+            credentials: Credentials::default(),
             commands,
             reads,
             store,
@@ -93,6 +98,29 @@ impl AppState {
             config,
             metrics: Metrics::new(),
         }))
+    }
+
+    /// A key checked less than `ttl` ago.
+    pub(crate) fn remembered_credential(&self, hash: &[u8; 32], ttl: Duration) -> Option<Tenant> {
+        let credentials = self.0.credentials.read().ok()?;
+        let (at, tenant) = credentials.get(hash)?;
+        (at.elapsed() < ttl).then_some(*tenant)
+    }
+
+    pub(crate) fn remember_credential(&self, hash: [u8; 32], tenant: Tenant) {
+        if let Ok(mut credentials) = self.0.credentials.write() {
+            if credentials.len() > 10_000 {
+                credentials.clear();
+            }
+            credentials.insert(hash, (std::time::Instant::now(), tenant));
+        }
+    }
+
+    /// Forgets every remembered key (a key was revoked or a server deleted).
+    pub(crate) fn forget_credentials(&self) {
+        if let Ok(mut credentials) = self.0.credentials.write() {
+            credentials.clear();
+        }
     }
 
     pub fn commands(&self) -> &Commands {

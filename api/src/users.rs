@@ -14,7 +14,7 @@ use countersign_protocol::qr::{QrKind, QrPayload};
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
 use crate::servers::{idempotency_key, page_limit, written};
-use crate::sessions::{qr_answer, server_fingerprint};
+use crate::sessions::qr_answer;
 use crate::state::AppState;
 use crate::views::{
     AccountList, AccountView, CreateEnrolmentRequest, EnrolmentCreated, EnrolmentView,
@@ -378,7 +378,7 @@ pub async fn create_enrolment(
         server_id: *tenant.server.as_bytes(),
         token: *token.expose(),
         gateway: state.config().gateway_url.clone(),
-        server_key_fingerprint: server_fingerprint(&state, tenant.server).await?,
+        server_key_fingerprint: tenant.server_fingerprint,
     };
     let format = params.format.unwrap_or_default();
     if format != QrFormat::Json {

@@ -196,26 +196,35 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     let prefix: Arc<str> = random_hex(8)?.into();
     let sessions_url: Arc<str> = format!("{base}/v1/servers/{server}/sessions").into();
 
+    // Each worker creates sessions 0, 1, 2… of its own, then re-reads those it created.
+    let created: Arc<Vec<AtomicU64>> = Arc::new((0..args.connections).map(|_| AtomicU64::new(0)).collect());
     let creations = {
         let (http, token, prefix, url) = (http.clone(), token.clone(), prefix.clone(), sessions_url.clone());
-        phase(args.connections, args.seconds, move |worker, i| {
+        let created = Arc::clone(&created);
+        phase(args.connections, args.seconds, move |worker, _| {
+            let n = created.get(worker).map_or(0, |c| c.load(Ordering::Relaxed));
             let request = http
-                .put(format!("{url}/{prefix}{worker:08x}{i:016x}"))
+                .put(format!("{url}/{prefix}{worker:08x}{n:016x}"))
                 .bearer_auth(&*token)
                 .send();
+            let created = Arc::clone(&created);
             async move {
-                matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::CREATED)
+                let ok = matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::CREATED);
+                if ok && let Some(c) = created.get(worker) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                ok
             }
         })
         .await
     };
-    // Reads target sessions that exist: each worker re-reads the ones it created.
-    let per_worker = (creations.requests / args.connections as u64).max(1);
     let reads = {
         let (http, token, prefix, url) = (http.clone(), token.clone(), prefix.clone(), sessions_url.clone());
+        let created = Arc::clone(&created);
         phase(args.connections, args.seconds, move |worker, i| {
+            let n = created.get(worker).map_or(1, |c| c.load(Ordering::Relaxed).max(1));
             let request = http
-                .get(format!("{url}/{prefix}{worker:08x}{:016x}", i % per_worker))
+                .get(format!("{url}/{prefix}{worker:08x}{:016x}", i % n))
                 .bearer_auth(&*token)
                 .send();
             async move { matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::OK) }

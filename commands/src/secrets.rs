@@ -9,12 +9,15 @@
 //!   retried request answers the same token without the token ever being stored.
 //!
 //! Secrets are cached in memory (they never change while the server exists) and dropped from
-//! the cache when the server is deleted.
+//! the cache when the server is deleted. Beside them sits a short-lived cache of each server's
+//! settings for opening sessions ([`SETTINGS_TTL`]): a change made through this process
+//! drops it at once, a change made by another instance is seen within the TTL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use countersign_domain::ServerId;
+use countersign_domain::server::ServerSettings;
 use countersign_eventstore::vault::KeyVault;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -23,6 +26,11 @@ use zeroize::Zeroizing;
 use crate::{CommandError, random_bytes};
 
 type Secret = Arc<Zeroizing<[u8; 32]>>;
+
+/// How long a server's settings are reused for opening sessions without reading its stream.
+pub const SETTINGS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type SettingsCache = Arc<RwLock<HashMap<ServerId, (std::time::Instant, ServerSettings)>>>;
 
 /// The vault reference of a server's secret.
 pub fn secret_ref(server: ServerId) -> String {
@@ -34,6 +42,7 @@ pub fn secret_ref(server: ServerId) -> String {
 pub struct ServerSecrets {
     vault: KeyVault,
     cache: Arc<RwLock<HashMap<ServerId, Secret>>>,
+    settings: SettingsCache,
 }
 
 impl std::fmt::Debug for ServerSecrets {
@@ -47,6 +56,31 @@ impl ServerSecrets {
         Self {
             vault,
             cache: Arc::default(),
+            settings: Arc::default(),
+        }
+    }
+
+    /// The server's settings if read less than [`SETTINGS_TTL`] ago.
+    pub fn cached_settings(&self, server: ServerId) -> Option<ServerSettings> {
+        let cache = self.settings.read().ok()?;
+        let (at, settings) = cache.get(&server)?;
+        (at.elapsed() < SETTINGS_TTL).then(|| settings.clone())
+    }
+
+    /// Remembers settings just read from the server's stream.
+    pub fn remember_settings(&self, server: ServerId, settings: ServerSettings) {
+        if let Ok(mut cache) = self.settings.write() {
+            if cache.len() > 10_000 {
+                cache.retain(|_, (at, _)| at.elapsed() < SETTINGS_TTL);
+            }
+            cache.insert(server, (std::time::Instant::now(), settings));
+        }
+    }
+
+    /// Drops the server's cached settings (they just changed).
+    pub fn forget_settings(&self, server: ServerId) {
+        if let Ok(mut cache) = self.settings.write() {
+            cache.remove(&server);
         }
     }
 
@@ -64,6 +98,7 @@ impl ServerSecrets {
         if let Ok(mut cache) = self.cache.write() {
             cache.remove(&server);
         }
+        self.forget_settings(server);
         self.vault.destroy(&secret_ref(server)).await?;
         Ok(())
     }

@@ -144,8 +144,11 @@ impl ServerCommands {
         metadata: &Metadata,
         idempotency_key: Option<&str>,
     ) -> Result<Executed<ServerEvent>, CommandError> {
-        self.run(server, change.into(), metadata, idempotency_key)
-            .await
+        let done = self
+            .run(server, change.into(), metadata, idempotency_key)
+            .await;
+        self.secrets.forget_settings(server);
+        done
     }
 
     /// Issues an API key; the token is in the answer and nowhere else. With an idempotency

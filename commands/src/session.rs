@@ -146,14 +146,23 @@ impl SessionCommands {
         metadata: &Metadata,
         idempotency_key: Option<&str>,
     ) -> Result<Executed<SessionEvent>, CommandError> {
-        let server = load::<Server>(&self.store, &session.server_id.stream()).await?;
-        let settings = match server.state {
-            Server::Active(active) => active.settings,
-            Server::NotCreated | Server::Deleted { .. } => {
-                return Err(CommandError::Rejected {
-                    kind: ErrorKind::NotFound,
-                    message: "server not found".into(),
-                });
+        let settings = match self.secrets.cached_settings(session.server_id) {
+            Some(settings) => settings,
+            None => {
+                let server = load::<Server>(&self.store, &session.server_id.stream()).await?;
+                match server.state {
+                    Server::Active(active) => {
+                        self.secrets
+                            .remember_settings(session.server_id, active.settings.clone());
+                        active.settings
+                    }
+                    Server::NotCreated | Server::Deleted { .. } => {
+                        return Err(CommandError::Rejected {
+                            kind: ErrorKind::NotFound,
+                            message: "server not found".into(),
+                        });
+                    }
+                }
             }
         };
         let command = OpenSession {

@@ -330,3 +330,93 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn serve_starts_on_the_embedded_default_and_answers() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("COUNTERSIGN_DATABASE_URL")
+        .env_remove("COUNTERSIGN_CONFIG")
+        .env_remove("COUNTERSIGN_ADMIN_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = KillOnDrop(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("countersign serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    let admin_key = std::fs::read_to_string(dir.path().join("countersign.db.admin-key")).unwrap();
+    assert!(admin_key.trim().len() >= 64, "a fresh admin key file");
+    assert!(
+        !line.contains(admin_key.trim()),
+        "the admin key is never printed"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let created = http
+            .post(format!("{base}/v1/servers"))
+            .bearer_auth(admin_key.trim())
+            .json(&serde_json::json!({"name": "Served"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let doc: serde_json::Value = http
+            .get(format!("{base}/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(doc["paths"]["/v1/servers/{server_id}/sessions/{nonce}"].is_object());
+    });
+    drop(server);
+}
+
+#[test]
+fn replay_of_100k_events_rebuilds_identical_read_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("replay.db").display());
+    let out = run_ok(
+        dir.path(),
+        &["bench", "replay", "--events", "100000", "--json", "--database-url", &url],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["identical"], true, "{report}");
+    assert!(report["events"].as_u64().unwrap() >= 100_000);
+    let out = run_ok(dir.path(), &["replay", "--quiet", "--projection", "sessions", "--database-url", &url]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("into sessions"));
+    let out = run(dir.path(), &["replay", "--projection", "nonsense", "--database-url", &url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown projection"));
+}
+
+#[test]
+fn replay_of_100k_events_rebuilds_identical_read_models_on_postgres() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(countersign_eventstore::testing::TestDb::postgres());
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    std::fs::write(&key, "22".repeat(32)).unwrap();
+    let out = run_ok(
+        dir.path(),
+        &["bench", "replay", "--events", "100000", "--json", "--database-url", db.url(),
+          "--master-key-file", key.to_str().unwrap()],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["identical"], true, "{report}");
+    runtime.block_on(db.finish());
+}
