@@ -97,19 +97,12 @@ CREATE TABLE rm_sessions (
     opened_at      bigint  NOT NULL,
     updated_at     bigint  NOT NULL,
     last_position  bigint  NOT NULL,
+    -- State changes, oldest first: `position:state:at;` each.
+    history        text    NOT NULL,
     PRIMARY KEY (server_id, hsid)
 );
 -- The expiry sweep: sessions waiting for the user by expiry, logged-in ones by ping deadline.
--- Partial, so the (many) finished sessions cost nothing in these indexes.
+-- Partial, so the (many) finished and one-shot sessions cost nothing in these indexes.
 CREATE INDEX rm_sessions_expiry ON rm_sessions (expires_at) WHERE state IN ('pending', 'scanned');
-CREATE INDEX rm_sessions_ping ON rm_sessions (ping_deadline) WHERE state = 'logged_in';
-
--- One row per state change of a session, at the position of the event that made it.
-CREATE TABLE rm_session_history (
-    server_id bytea  NOT NULL,
-    hsid      bytea  NOT NULL,
-    position  bigint NOT NULL,
-    state     text   NOT NULL,
-    at        bigint NOT NULL,
-    PRIMARY KEY (server_id, hsid, position)
-);
+CREATE INDEX rm_sessions_ping ON rm_sessions (ping_deadline)
+    WHERE state = 'logged_in' AND ping_deadline IS NOT NULL;

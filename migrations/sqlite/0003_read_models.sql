@@ -97,19 +97,12 @@ CREATE TABLE rm_sessions (
     opened_at      INTEGER  NOT NULL,
     updated_at     INTEGER  NOT NULL,
     last_position  INTEGER  NOT NULL,
+    -- State changes, oldest first: `position:state:at;` each.
+    history        TEXT    NOT NULL,
     PRIMARY KEY (server_id, hsid)
 ) WITHOUT ROWID;
 -- The expiry sweep: sessions waiting for the user by expiry, logged-in ones by ping deadline.
--- Partial, so the (many) finished sessions cost nothing in these indexes.
+-- Partial, so the (many) finished and one-shot sessions cost nothing in these indexes.
 CREATE INDEX rm_sessions_expiry ON rm_sessions (expires_at) WHERE state IN ('pending', 'scanned');
-CREATE INDEX rm_sessions_ping ON rm_sessions (ping_deadline) WHERE state = 'logged_in';
-
--- One row per state change of a session, at the position of the event that made it.
-CREATE TABLE rm_session_history (
-    server_id BLOB  NOT NULL,
-    hsid      BLOB  NOT NULL,
-    position  INTEGER NOT NULL,
-    state     TEXT   NOT NULL,
-    at        INTEGER NOT NULL,
-    PRIMARY KEY (server_id, hsid, position)
-) WITHOUT ROWID;
+CREATE INDEX rm_sessions_ping ON rm_sessions (ping_deadline)
+    WHERE state = 'logged_in' AND ping_deadline IS NOT NULL;

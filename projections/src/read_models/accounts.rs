@@ -115,8 +115,9 @@ impl Fold {
                 Change::Put(row) => {
                     row.user_digest = patch.user_digest.or(row.user_digest);
                     row.second_factor = patch.second_factor.or(row.second_factor);
-                    row.signing_key_thumbprint =
-                        patch.signing_key_thumbprint.unwrap_or(row.signing_key_thumbprint);
+                    row.signing_key_thumbprint = patch
+                        .signing_key_thumbprint
+                        .unwrap_or(row.signing_key_thumbprint);
                     row.last_position = patch.last_position;
                 }
                 Change::Patch(old) => {
@@ -145,18 +146,24 @@ impl Fold {
                 Change::Delete => deleted.key(key),
                 Change::Put(row) => {
                     put.key(key);
-                    put.user_digest.push(row.user_digest.map(|d| d.as_bytes().to_vec()));
+                    put.user_digest
+                        .push(row.user_digest.map(|d| d.as_bytes().to_vec()));
                     put.app_instance.push(row.app_instance.as_bytes().to_vec());
                     put.second_factor.push(row.second_factor);
-                    put.thumbprint.push(Some(row.signing_key_thumbprint.to_vec()));
+                    put.thumbprint
+                        .push(Some(row.signing_key_thumbprint.to_vec()));
                     put.registered_at.push(row.registered_at.as_millis());
                     put.last_position.push(db_position(row.last_position)?);
                 }
                 Change::Patch(p) => {
                     patched.key(key);
-                    patched.user_digest.push(p.user_digest.map(|d| d.as_bytes().to_vec()));
+                    patched
+                        .user_digest
+                        .push(p.user_digest.map(|d| d.as_bytes().to_vec()));
                     patched.second_factor.push(p.second_factor);
-                    patched.thumbprint.push(p.signing_key_thumbprint.map(|t| t.to_vec()));
+                    patched
+                        .thumbprint
+                        .push(p.signing_key_thumbprint.map(|t| t.to_vec()));
                     patched.last_position.push(db_position(p.last_position)?);
                 }
             }
@@ -215,7 +222,10 @@ impl Fold {
         Ok(())
     }
 
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
         for ((server, account), change) in &self.changes {
             let (server, account) = (server.as_bytes().as_slice(), account.as_bytes().as_slice());
             let query = match change {

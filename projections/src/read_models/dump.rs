@@ -106,21 +106,16 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("opened_at", Int),
             ("updated_at", Int),
             ("last_position", Int),
-        ],
-    ),
-    (
-        "rm_session_history",
-        &[
-            ("server_id", Bytes),
-            ("hsid", Bytes),
-            ("position", Int),
-            ("state", Text),
-            ("at", Int),
+            ("history", Text),
         ],
     ),
 ];
 
-fn render(row: &impl Get, table: &str, columns: &[(&str, Kind)]) -> Result<String, ProjectionError> {
+fn render(
+    row: &impl Get,
+    table: &str,
+    columns: &[(&str, Kind)],
+) -> Result<String, ProjectionError> {
     let mut line = table.to_owned();
     for (i, (name, kind)) in columns.iter().enumerate() {
         let value = match kind {

@@ -120,13 +120,16 @@ impl Fold {
                     put.user_digest.push(row.user_digest.as_bytes().to_vec());
                     put.expires_at.push(row.expires_at.as_millis());
                     put.state.push(row.state);
-                    put.account_id.push(row.account_id.map(|a| a.as_bytes().to_vec()));
+                    put.account_id
+                        .push(row.account_id.map(|a| a.as_bytes().to_vec()));
                     put.last_position.push(db_position(row.last_position)?);
                     &mut put
                 }
                 Change::Patch(p) => {
                     patched.state.push(p.state);
-                    patched.account_id.push(p.account_id.map(|a| a.as_bytes().to_vec()));
+                    patched
+                        .account_id
+                        .push(p.account_id.map(|a| a.as_bytes().to_vec()));
                     patched.last_position.push(db_position(p.last_position)?);
                     &mut patched
                 }
@@ -171,9 +174,15 @@ impl Fold {
         Ok(())
     }
 
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
         for ((server, enrolment), change) in &self.changes {
-            let (server, enrolment) = (server.as_bytes().as_slice(), enrolment.as_bytes().as_slice());
+            let (server, enrolment) = (
+                server.as_bytes().as_slice(),
+                enrolment.as_bytes().as_slice(),
+            );
             let query = match change {
                 Change::Put(row) => sqlx::query(
                     "INSERT INTO rm_enrolments (server_id, enrolment_id, user_digest, state, expires_at, account_id, last_position) \

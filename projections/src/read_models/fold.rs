@@ -15,7 +15,9 @@ use std::str::FromStr;
 use countersign_domain::{DomainEvent, ServerId, Timestamp};
 use countersign_eventstore::RecordedEvent;
 
-use super::{Checkpoints, Projection, ProjectionError, accounts, enrolments, servers, sessions, users};
+use super::{
+    Checkpoints, Projection, ProjectionError, accounts, enrolments, servers, sessions, users,
+};
 
 pub(crate) use super::rows::db_position;
 
@@ -81,7 +83,10 @@ fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
 impl Batch {
     /// Folds consecutive events; a projection takes only events at or past its checkpoint.
     /// Events of other aggregates (transactions, second factors…) are not read models' concern.
-    pub fn fold(events: &[RecordedEvent], checkpoints: &Checkpoints) -> Result<Self, ProjectionError> {
+    pub fn fold(
+        events: &[RecordedEvent],
+        checkpoints: &Checkpoints,
+    ) -> Result<Self, ProjectionError> {
         let mut batch = Self::default();
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Ok(batch);
@@ -122,22 +127,17 @@ impl Batch {
     }
 
     pub async fn write_postgres(self, tx: &mut sqlx::PgConnection) -> Result<(), ProjectionError> {
-        let t0 = std::time::Instant::now();
         self.servers.write_postgres(tx).await?;
-        let t1 = std::time::Instant::now();
         self.users.write_postgres(tx).await?;
-        let t2 = std::time::Instant::now();
         self.accounts.write_postgres(tx).await?;
-        let t3 = std::time::Instant::now();
         self.enrolments.write_postgres(tx).await?;
-        let t4 = std::time::Instant::now();
-        self.sessions.write_postgres(tx).await?;
-        let t5 = std::time::Instant::now();
-        if std::env::var("CS_PROFILE").is_ok() { eprintln!("s {:?} u {:?} a {:?} e {:?} sess {:?}", t1-t0, t2-t1, t3-t2, t4-t3, t5-t4); }
-        Ok(())
+        self.sessions.write_postgres(tx).await
     }
 
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
         self.servers.write_sqlite(tx).await?;
         self.users.write_sqlite(tx).await?;
         self.accounts.write_sqlite(tx).await?;

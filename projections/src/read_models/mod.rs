@@ -125,7 +125,7 @@ impl Projection {
             Self::Users => &["rm_user_attributes", "rm_users"],
             Self::Accounts => &["rm_accounts"],
             Self::Enrolments => &["rm_enrolments"],
-            Self::Sessions => &["rm_session_history", "rm_sessions"],
+            Self::Sessions => &["rm_sessions"],
         }
     }
 }
@@ -356,7 +356,11 @@ impl ReadModels {
             .filter(|p| projections.contains(p))
             .collect();
         let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-        let tables: Vec<&str> = projections.iter().flat_map(|p| p.tables()).copied().collect();
+        let tables: Vec<&str> = projections
+            .iter()
+            .flat_map(|p| p.tables())
+            .copied()
+            .collect();
         with_pool!(&self.inner.db, pool => {
             let mut tx = pool.begin().await?;
             // Claimed first, so a projector writing a batch meanwhile finishes before or
@@ -396,25 +400,12 @@ impl ReadModels {
             let mut checkpoints = self.load_checkpoints().await?;
             let from = checkpoints.iter().copied().min().unwrap_or(0);
             let total = store.last_position().await?.map_or(0, |p| p + 1);
-            let mut pipeline = Pipeline::start(
-                store.clone(),
-                from,
-                checkpoints,
-                self.batch_size(),
-                follow,
-            );
-            let mut waited = Duration::ZERO;
-            let mut writing = Duration::ZERO;
-            loop {
-                let w0 = Instant::now();
-                let Some(batch) = pipeline.next().await else { break };
-                waited += w0.elapsed();
+            let mut pipeline =
+                Pipeline::start(store.clone(), from, checkpoints, self.batch_size(), follow);
+            while let Some(batch) = pipeline.next().await {
                 let batch = batch?;
-                let w1 = Instant::now();
                 let (to, events) = (batch.to, batch.events);
-                let written = self.write(batch, &checkpoints).await?;
-                writing += w1.elapsed();
-                match written {
+                match self.write(batch, &checkpoints).await? {
                     Written::Conflict => {
                         tracing::debug!("another projector moved the read models; reloading");
                         continue 'restart;
@@ -429,7 +420,6 @@ impl ReadModels {
                     }
                 }
             }
-            if std::env::var("CS_PROFILE").is_ok() { eprintln!("waited {waited:?} writing {writing:?}"); }
             return Ok(processed);
         }
     }
@@ -548,19 +538,14 @@ impl Pipeline {
             }
         });
         let folder = tokio::spawn(async move {
-            let mut folding = Duration::ZERO;
             while let Some(page) = pages.recv().await {
-                let f0 = Instant::now();
-                let batch = page.and_then(|events: Vec<RecordedEvent>| {
-                    Batch::fold(&events, &checkpoints)
-                });
-                folding += f0.elapsed();
+                let batch =
+                    page.and_then(|events: Vec<RecordedEvent>| Batch::fold(&events, &checkpoints));
                 let failed = batch.is_err();
                 if batches_tx.send(batch).await.is_err() || failed {
                     return;
                 }
             }
-            if std::env::var("CS_PROFILE").is_ok() { eprintln!("folding {folding:?}"); }
         });
         Self {
             batches,

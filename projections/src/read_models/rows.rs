@@ -3,8 +3,7 @@
 //! (an id of the wrong length, a negative position) is [`ProjectionError::Damaged`].
 
 use countersign_domain::{
-    AccountId, ApiKeyId, AppInstanceId, EnrolmentId, Hsid, Sealed, ServerId, Timestamp,
-    UserDigest,
+    AccountId, ApiKeyId, AppInstanceId, EnrolmentId, Hsid, Sealed, ServerId, Timestamp, UserDigest,
 };
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
@@ -38,7 +37,15 @@ macro_rules! from_bytes {
         })+
     };
 }
-from_bytes!(ServerId, ApiKeyId, AccountId, EnrolmentId, AppInstanceId, UserDigest, Hsid);
+from_bytes!(
+    ServerId,
+    ApiKeyId,
+    AccountId,
+    EnrolmentId,
+    AppInstanceId,
+    UserDigest,
+    Hsid
+);
 
 impl FromBytes for [u8; 32] {
     fn from_slice(bytes: &[u8]) -> Option<Self> {

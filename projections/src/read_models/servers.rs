@@ -61,17 +61,23 @@ enum Change {
     },
 }
 
+/// API key changes stay in log order: keys are stored by secret hash but revoked by id, so
+/// merging them by either could reorder two writes of one row.
 #[derive(Debug)]
 enum KeyChange {
     Put(ApiKeyRow),
-    Revoke(Timestamp),
+    Revoke {
+        server: ServerId,
+        key_id: ApiKeyId,
+        revoked_at: Timestamp,
+    },
 }
 
 /// The batch's servers and API keys.
 #[derive(Debug, Default)]
 pub(crate) struct Fold {
     servers: HashMap<ServerId, Change>,
-    keys: HashMap<(ServerId, ApiKeyId), KeyChange>,
+    keys: Vec<KeyChange>,
 }
 
 impl Fold {
@@ -95,28 +101,19 @@ impl Fold {
             }
             ServerEvent::Configured(e) => settings = Some(e.settings),
             ServerEvent::Deleted(e) => deleted_at = Some(e.deleted_at),
-            ServerEvent::ApiKeyIssued(e) => {
-                self.keys.insert(
-                    (server, e.key_id),
-                    KeyChange::Put(ApiKeyRow {
-                        secret_hash: e.secret_hash,
-                        server_id: server,
-                        key_id: e.key_id,
-                        label: e.label,
-                        issued_at: e.issued_at,
-                        revoked_at: None,
-                    }),
-                );
-            }
-            ServerEvent::ApiKeyRevoked(e) => match self.keys.entry((server, e.key_id)) {
-                Entry::Occupied(mut o) => match o.get_mut() {
-                    KeyChange::Put(row) => row.revoked_at = Some(e.revoked_at),
-                    KeyChange::Revoke(at) => *at = e.revoked_at,
-                },
-                Entry::Vacant(v) => {
-                    v.insert(KeyChange::Revoke(e.revoked_at));
-                }
-            },
+            ServerEvent::ApiKeyIssued(e) => self.keys.push(KeyChange::Put(ApiKeyRow {
+                secret_hash: e.secret_hash,
+                server_id: server,
+                key_id: e.key_id,
+                label: e.label,
+                issued_at: e.issued_at,
+                revoked_at: None,
+            })),
+            ServerEvent::ApiKeyRevoked(e) => self.keys.push(KeyChange::Revoke {
+                server,
+                key_id: e.key_id,
+                revoked_at: e.revoked_at,
+            }),
         }
         match self.servers.entry(server) {
             Entry::Occupied(mut o) => match o.get_mut() {
@@ -209,7 +206,7 @@ macro_rules! write_rows {
                 }
             }
         }
-        for ((server, key), change) in &fold.keys {
+        for change in &fold.keys {
             match change {
                 KeyChange::Put(row) => {
                     sqlx::query(
@@ -220,20 +217,24 @@ macro_rules! write_rows {
                            revoked_at = EXCLUDED.revoked_at",
                     )
                     .bind(row.secret_hash.as_slice())
-                    .bind(server.as_bytes().as_slice())
-                    .bind(key.as_bytes().as_slice())
+                    .bind(row.server_id.as_bytes().as_slice())
+                    .bind(row.key_id.as_bytes().as_slice())
                     .bind(row.label.as_str())
                     .bind(row.issued_at.as_millis())
                     .bind(row.revoked_at.map(Timestamp::as_millis))
                     .execute(&mut *tx)
                     .await?;
                 }
-                KeyChange::Revoke(revoked_at) => {
+                KeyChange::Revoke {
+                    server,
+                    key_id,
+                    revoked_at,
+                } => {
                     sqlx::query(
                         "UPDATE rm_api_keys SET revoked_at = $3 WHERE server_id = $1 AND key_id = $2",
                     )
                     .bind(server.as_bytes().as_slice())
-                    .bind(key.as_bytes().as_slice())
+                    .bind(key_id.as_bytes().as_slice())
                     .bind(revoked_at.as_millis())
                     .execute(&mut *tx)
                     .await?;
@@ -249,7 +250,10 @@ impl Fold {
         write_rows!(self, tx)
     }
 
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
         write_rows!(self, tx)
     }
 }

@@ -1,15 +1,18 @@
-//! The sessions read model: one row per session (`rm_sessions`, the API's hottest read: one
-//! primary-key lookup) and its state changes (`rm_session_history`).
+//! The sessions read model: one row per session in `rm_sessions` (the API's hottest read: one
+//! primary-key lookup), its state changes kept in the same row.
 //!
 //! States: `session.opened` → pending; `scanned`, `confirmed`, `second_factor_verified` →
 //! scanned; `logged_in` → logged_in; `pinged` moves the ping deadline only; `logged_out`,
-//! `aborted`, `expired`, `failed` → their state. A history row is written only when the state
+//! `aborted`, `expired`, `failed` → their state. A history entry is written only when the state
 //! changes. Times are the event's own where it carries one, else the envelope's
 //! `recorded_at`.
 //!
-//! Whether the first state event of a batch changes the state of a session opened in an
-//! earlier batch depends on the stored row, so that history row is inserted by SQL that
-//! compares with it (before the row is updated); every later one the fold decides itself.
+//! The history (`position:state:at;` per change, oldest first) is a column of the session's
+//! row rather than a table of its own: a row per change and its index entry cost PostgreSQL
+//! about as much as everything else a replay writes, and nothing reads history but by session.
+//! A batch appends to it. Whether the batch's first state event changes the state of a
+//! session opened in an earlier batch depends on the stored state, so the update compares
+//! with it; every later change the fold decides itself.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -157,8 +160,8 @@ struct Patch {
     ping_deadline: Option<Option<Timestamp>>,
     updated_at: Timestamp,
     last_position: u64,
-    /// History rows; `true` marks the first, kept only if the stored state differs.
-    history: Vec<(History, bool)>,
+    /// State changes to append; the first is kept only if the stored state differs from it.
+    history: Vec<History>,
 }
 
 #[derive(Debug)]
@@ -209,9 +212,7 @@ impl Fold {
                 },
                 at.recorded_at,
             ),
-            SessionEvent::SecondFactorVerified(e) => {
-                (state(SessionState::Scanned), e.verified_at)
-            }
+            SessionEvent::SecondFactorVerified(e) => (state(SessionState::Scanned), e.verified_at),
             SessionEvent::LoggedIn(e) => (
                 Delta {
                     account_id: Some(e.account_id),
@@ -233,19 +234,19 @@ impl Fold {
             SessionEvent::Expired(e) => (state(SessionState::Expired), e.expired_at),
             SessionEvent::Failed(e) => (state(SessionState::Failed), e.failed_at),
         };
-        let entry = History {
+        let change = delta.state.map(|state| History {
             position: at.position,
-            state: SessionState::Pending,
+            state,
             at: time,
-        };
+        });
         match self.changes.entry(key) {
             Entry::Occupied(mut occupied) => match occupied.get_mut() {
                 Change::Put { row, history } => {
-                    if let Some(new) = delta.state
-                        && new != row.state
+                    if let Some(change) = change
+                        && change.state != row.state
                     {
-                        history.push(History { state: new, ..entry });
-                        row.state = new;
+                        history.push(change);
+                        row.state = change.state;
                     }
                     row.account_id = delta.account_id.or(row.account_id);
                     row.user_digest = delta.user_digest.or(row.user_digest);
@@ -255,7 +256,7 @@ impl Fold {
                     row.updated_at = time;
                     row.last_position = at.position;
                 }
-                Change::Patch(patch) => patch.merge(delta, entry),
+                Change::Patch(patch) => patch.merge(&delta, change, time, at.position),
             },
             Entry::Vacant(vacant) => {
                 let mut patch = Patch {
@@ -267,7 +268,7 @@ impl Fold {
                     last_position: at.position,
                     history: Vec::new(),
                 };
-                patch.merge(delta, entry);
+                patch.merge(&delta, change, time, at.position);
                 vacant.insert(Change::Patch(patch));
             }
         }
@@ -283,23 +284,57 @@ fn state(state: SessionState) -> Delta {
 }
 
 impl Patch {
-    fn merge(&mut self, delta: Delta, entry: History) {
-        if let Some(new) = delta.state {
-            match self.state {
-                None => self.history.push((History { state: new, ..entry }, true)),
-                Some(old) if old != new => self.history.push((History { state: new, ..entry }, false)),
-                Some(_) => {}
+    fn merge(&mut self, delta: &Delta, change: Option<History>, time: Timestamp, position: u64) {
+        if let Some(change) = change {
+            // The first change is always recorded here (the update compares it with the
+            // stored state); later ones only if they change the state this patch reached.
+            if self.state != Some(change.state) || self.history.is_empty() {
+                self.history.push(change);
             }
-            self.state = Some(new);
+            self.state = Some(change.state);
         }
         self.account_id = delta.account_id.or(self.account_id);
         self.user_digest = delta.user_digest.or(self.user_digest);
         if delta.ping_deadline.is_some() {
             self.ping_deadline = delta.ping_deadline;
         }
-        self.updated_at = entry.at;
-        self.last_position = entry.position;
+        self.updated_at = time;
+        self.last_position = position;
     }
+}
+
+/// Appends `entries` in the stored form, `position:state:at;` each.
+fn encode_history(entries: &[History]) -> String {
+    let mut text = String::with_capacity(entries.len() * 28);
+    for h in entries {
+        text.push_str(&format!(
+            "{}:{}:{};",
+            h.position,
+            h.state.as_str(),
+            h.at.as_millis()
+        ));
+    }
+    text
+}
+
+fn decode_history(text: &str) -> Result<Vec<HistoryRow>, ProjectionError> {
+    let damaged = || ProjectionError::Damaged(format!("session history {text:?}"));
+    text.split_terminator(';')
+        .map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            let (Some(position), Some(state), Some(at)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(damaged());
+            };
+            let state = SessionState::parse(state).ok_or_else(damaged)?;
+            Ok(HistoryRow {
+                position: position.parse().map_err(|_| damaged())?,
+                state: state.as_str().to_owned(),
+                at: Timestamp::from_millis(at.parse().map_err(|_| damaged())?),
+            })
+        })
+        .collect()
 }
 
 fn bytes<const N: usize>(id: Option<&[u8; N]>) -> Option<Vec<u8>> {
@@ -324,28 +359,7 @@ struct PutColumns {
     opened_at: Vec<i64>,
     updated_at: Vec<i64>,
     last_position: Vec<i64>,
-}
-
-#[derive(Default)]
-struct HistoryColumns {
-    server_id: Vec<Vec<u8>>,
-    hsid: Vec<Vec<u8>>,
-    position: Vec<i64>,
-    state: Vec<&'static str>,
-    at: Vec<i64>,
-    conditional: Vec<bool>,
-}
-
-impl HistoryColumns {
-    fn push(&mut self, key: &Key, h: &History, conditional: bool) -> Result<(), ProjectionError> {
-        self.server_id.push(key.0.as_bytes().to_vec());
-        self.hsid.push(key.1.as_bytes().to_vec());
-        self.position.push(db_position(h.position)?);
-        self.state.push(h.state.as_str());
-        self.at.push(h.at.as_millis());
-        self.conditional.push(conditional);
-        Ok(())
-    }
+    history: Vec<String>,
 }
 
 #[derive(Default)]
@@ -359,6 +373,29 @@ struct PatchColumns {
     ping_deadline: Vec<Option<i64>>,
     updated_at: Vec<i64>,
     last_position: Vec<i64>,
+    /// The first change's state (`None`: the batch changed no state).
+    first_state: Vec<Option<&'static str>>,
+    /// Every change, to append when the stored state differs from the first's.
+    all: Vec<String>,
+    /// Every change but the first, to append when it does not.
+    rest: Vec<String>,
+}
+
+/// What a patch appends to the stored history (see [`Fold::write_postgres`]).
+struct PatchHistory {
+    first_state: Option<&'static str>,
+    all: String,
+    rest: String,
+}
+
+impl Patch {
+    fn history(&self) -> PatchHistory {
+        PatchHistory {
+            first_state: self.history.first().map(|h| h.state.as_str()),
+            all: encode_history(&self.history),
+            rest: encode_history(self.history.get(1..).unwrap_or_default()),
+        }
+    }
 }
 
 macro_rules! upsert_sql {
@@ -366,7 +403,7 @@ macro_rules! upsert_sql {
         concat!(
             "INSERT INTO rm_sessions (server_id, hsid, state, ping_time_secs, expires_at, ",
             "ping_deadline, app_login, intended_user, user_digest, account_id, announce_info, ",
-            "session_info, opened_at, updated_at, last_position) ",
+            "session_info, opened_at, updated_at, last_position, history) ",
             $values,
             " ON CONFLICT (server_id, hsid) DO UPDATE SET state = EXCLUDED.state, ",
             "ping_time_secs = EXCLUDED.ping_time_secs, expires_at = EXCLUDED.expires_at, ",
@@ -374,20 +411,19 @@ macro_rules! upsert_sql {
             "intended_user = EXCLUDED.intended_user, user_digest = EXCLUDED.user_digest, ",
             "account_id = EXCLUDED.account_id, announce_info = EXCLUDED.announce_info, ",
             "session_info = EXCLUDED.session_info, opened_at = EXCLUDED.opened_at, ",
-            "updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position"
+            "updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position, ",
+            "history = EXCLUDED.history"
         )
     };
 }
 
 impl Fold {
-    fn split(self) -> Result<(PutColumns, HistoryColumns, PatchColumns, HistoryColumns), ProjectionError> {
+    fn split(self) -> Result<(PutColumns, PatchColumns), ProjectionError> {
         let mut puts = PutColumns::default();
-        let mut put_history = HistoryColumns::default();
         let mut patches = PatchColumns::default();
-        let mut patch_history = HistoryColumns::default();
         // In key order: PostgreSQL's index inserts then walk the B-tree in order.
         let mut changes: Vec<(Key, Change)> = self.changes.into_iter().collect();
-        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        changes.sort_unstable_by_key(|(key, _)| *key);
         for (key, change) in changes {
             match change {
                 Change::Put { row, history } => {
@@ -396,49 +432,58 @@ impl Fold {
                     puts.state.push(row.state.as_str());
                     puts.ping_time_secs.push(i64::from(row.ping_time_secs));
                     puts.expires_at.push(row.expires_at.as_millis());
-                    puts.ping_deadline.push(row.ping_deadline.map(Timestamp::as_millis));
+                    puts.ping_deadline
+                        .push(row.ping_deadline.map(Timestamp::as_millis));
                     puts.app_login.push(row.app_login);
-                    puts.intended_user.push(bytes(row.intended_user.as_ref().map(UserDigest::as_bytes)));
-                    puts.user_digest.push(bytes(row.user_digest.as_ref().map(UserDigest::as_bytes)));
-                    puts.account_id.push(bytes(row.account_id.as_ref().map(AccountId::as_bytes)));
+                    puts.intended_user
+                        .push(bytes(row.intended_user.as_ref().map(UserDigest::as_bytes)));
+                    puts.user_digest
+                        .push(bytes(row.user_digest.as_ref().map(UserDigest::as_bytes)));
+                    puts.account_id
+                        .push(bytes(row.account_id.as_ref().map(AccountId::as_bytes)));
                     puts.announce_info.push(row.announce_info);
                     puts.session_info.push(row.session_info);
                     puts.opened_at.push(row.opened_at.as_millis());
                     puts.updated_at.push(row.updated_at.as_millis());
                     puts.last_position.push(db_position(row.last_position)?);
-                    for h in &history {
-                        put_history.push(&key, h, false)?;
-                    }
+                    puts.history.push(encode_history(&history));
                 }
                 Change::Patch(p) => {
+                    let history = p.history();
                     patches.server_id.push(key.0.as_bytes().to_vec());
                     patches.hsid.push(key.1.as_bytes().to_vec());
                     patches.state.push(p.state.map(SessionState::as_str));
-                    patches.account_id.push(bytes(p.account_id.as_ref().map(AccountId::as_bytes)));
-                    patches.user_digest.push(bytes(p.user_digest.as_ref().map(UserDigest::as_bytes)));
+                    patches
+                        .account_id
+                        .push(bytes(p.account_id.as_ref().map(AccountId::as_bytes)));
+                    patches
+                        .user_digest
+                        .push(bytes(p.user_digest.as_ref().map(UserDigest::as_bytes)));
                     patches.set_ping.push(p.ping_deadline.is_some());
-                    patches.ping_deadline.push(p.ping_deadline.flatten().map(Timestamp::as_millis));
+                    patches
+                        .ping_deadline
+                        .push(p.ping_deadline.flatten().map(Timestamp::as_millis));
                     patches.updated_at.push(p.updated_at.as_millis());
                     patches.last_position.push(db_position(p.last_position)?);
-                    for (h, conditional) in &p.history {
-                        patch_history.push(&key, h, *conditional)?;
-                    }
+                    patches.first_state.push(history.first_state);
+                    patches.all.push(history.all);
+                    patches.rest.push(history.rest);
                 }
             }
         }
-        Ok((puts, put_history, patches, patch_history))
+        Ok((puts, patches))
     }
 
     pub async fn write_postgres(self, tx: &mut sqlx::PgConnection) -> Result<(), ProjectionError> {
         if self.changes.is_empty() {
             return Ok(());
         }
-        let (puts, put_history, patches, patch_history) = self.split()?; let mut __t = std::time::Instant::now();
+        let (puts, patches) = self.split()?;
         if !puts.server_id.is_empty() {
             sqlx::query(upsert_sql!(
                 "SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::text[], $4::bigint[], \
                  $5::bigint[], $6::bigint[], $7::boolean[], $8::bytea[], $9::bytea[], $10::bytea[], \
-                 $11::text[], $12::text[], $13::bigint[], $14::bigint[], $15::bigint[])"
+                 $11::text[], $12::text[], $13::bigint[], $14::bigint[], $15::bigint[], $16::text[])"
             ))
             .bind(&puts.server_id)
             .bind(&puts.hsid)
@@ -455,161 +500,106 @@ impl Fold {
             .bind(&puts.opened_at)
             .bind(&puts.updated_at)
             .bind(&puts.last_position)
+            .bind(&puts.history)
             .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt1 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
+            .await?;
         }
-        if !put_history.position.is_empty() {
+        if !patches.server_id.is_empty() {
+            // SET sees the stored row: the first change is appended only if it changes the
+            // stored state.
             sqlx::query(
-                "INSERT INTO rm_session_history (server_id, hsid, position, state, at) \
-                 SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::bigint[], $4::text[], $5::bigint[])",
+                "UPDATE rm_sessions s SET state = COALESCE(u.state, s.state), \
+                   account_id = COALESCE(u.account_id, s.account_id), \
+                   user_digest = COALESCE(u.user_digest, s.user_digest), \
+                   ping_deadline = CASE WHEN u.set_ping THEN u.ping_deadline ELSE s.ping_deadline END, \
+                   updated_at = u.updated_at, last_position = u.last_position, \
+                   history = s.history || CASE WHEN s.state = u.first_state THEN u.rest ELSE u.all_changes END \
+                 FROM UNNEST($1::bytea[], $2::bytea[], $3::text[], $4::bytea[], $5::bytea[], \
+                   $6::boolean[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], \
+                   $12::text[]) AS u(server_id, hsid, state, account_id, user_digest, set_ping, \
+                   ping_deadline, updated_at, last_position, first_state, all_changes, rest) \
+                 WHERE s.server_id = u.server_id AND s.hsid = u.hsid",
             )
-            .bind(&put_history.server_id)
-            .bind(&put_history.hsid)
-            .bind(&put_history.position)
-            .bind(&put_history.state)
-            .bind(&put_history.at)
-            .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt2 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
-        }
-        if patches.server_id.is_empty() {
-            return Ok(());
-        }
-        // Before the update: the first state change of each session is compared with the
-        // stored state, and none is recorded for a session that does not exist.
-        if !patch_history.position.is_empty() {
-            sqlx::query(
-                "INSERT INTO rm_session_history (server_id, hsid, position, state, at) \
-                 SELECT u.server_id, u.hsid, u.position, u.state, u.at \
-                 FROM UNNEST($1::bytea[], $2::bytea[], $3::bigint[], $4::text[], $5::bigint[], $6::boolean[]) \
-                   AS u(server_id, hsid, position, state, at, conditional) \
-                 JOIN rm_sessions s ON s.server_id = u.server_id AND s.hsid = u.hsid \
-                 WHERE NOT u.conditional OR s.state <> u.state",
-            )
-            .bind(&patch_history.server_id)
-            .bind(&patch_history.hsid)
-            .bind(&patch_history.position)
-            .bind(&patch_history.state)
-            .bind(&patch_history.at)
-            .bind(&patch_history.conditional)
-            .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt3 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
-        }
-        sqlx::query(
-            "UPDATE rm_sessions s SET state = COALESCE(u.state, s.state), \
-               account_id = COALESCE(u.account_id, s.account_id), \
-               user_digest = COALESCE(u.user_digest, s.user_digest), \
-               ping_deadline = CASE WHEN u.set_ping THEN u.ping_deadline ELSE s.ping_deadline END, \
-               updated_at = u.updated_at, last_position = u.last_position \
-             FROM UNNEST($1::bytea[], $2::bytea[], $3::text[], $4::bytea[], $5::bytea[], $6::boolean[], \
-                         $7::bigint[], $8::bigint[], $9::bigint[]) \
-               AS u(server_id, hsid, state, account_id, user_digest, set_ping, ping_deadline, updated_at, last_position) \
-             WHERE s.server_id = u.server_id AND s.hsid = u.hsid",
-        )
-        .bind(&patches.server_id)
-        .bind(&patches.hsid)
-        .bind(&patches.state)
-        .bind(&patches.account_id)
-        .bind(&patches.user_digest)
-        .bind(&patches.set_ping)
-        .bind(&patches.ping_deadline)
-        .bind(&patches.updated_at)
-        .bind(&patches.last_position)
-        .execute(&mut *tx)
-            .await?; if std::env::var("CS_PROFILE").is_ok() { eprintln!("  stmt4 {:?}", __t.elapsed()); } __t = std::time::Instant::now();
-        Ok(())
-    }
-
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
-        let mut patches = Vec::new();
-        let mut conditional_history = Vec::new();
-        for (key, change) in &self.changes {
-            match change {
-                Change::Put { row, history } => {
-                    sqlx::query(upsert_sql!(
-                        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-                    ))
-                    .bind(key.0.as_bytes().as_slice())
-                    .bind(key.1.as_bytes().as_slice())
-                    .bind(row.state.as_str())
-                    .bind(i64::from(row.ping_time_secs))
-                    .bind(row.expires_at.as_millis())
-                    .bind(row.ping_deadline.map(Timestamp::as_millis))
-                    .bind(row.app_login)
-                    .bind(row.intended_user.as_ref().map(|d| d.as_bytes().as_slice()))
-                    .bind(row.user_digest.as_ref().map(|d| d.as_bytes().as_slice()))
-                    .bind(row.account_id.as_ref().map(|a| a.as_bytes().as_slice()))
-                    .bind(row.announce_info.as_deref())
-                    .bind(row.session_info.as_deref())
-                    .bind(row.opened_at.as_millis())
-                    .bind(row.updated_at.as_millis())
-                    .bind(db_position(row.last_position)?)
-                    .execute(&mut *tx)
-                    .await?;
-                    for h in history {
-                        insert_history_sqlite(tx, key, h, false).await?;
-                    }
-                }
-                Change::Patch(patch) => {
-                    conditional_history.extend(patch.history.iter().map(|(h, c)| (key, h, *c)));
-                    patches.push((key, patch));
-                }
-            }
-        }
-        for (key, h, conditional) in conditional_history {
-            insert_history_sqlite(tx, key, h, conditional).await?;
-        }
-        for (key, p) in patches {
-            sqlx::query(
-                "UPDATE rm_sessions SET state = COALESCE($3, state), \
-                   account_id = COALESCE($4, account_id), user_digest = COALESCE($5, user_digest), \
-                   ping_deadline = CASE WHEN $6 THEN $7 ELSE ping_deadline END, \
-                   updated_at = $8, last_position = $9 \
-                 WHERE server_id = $1 AND hsid = $2",
-            )
-            .bind(key.0.as_bytes().as_slice())
-            .bind(key.1.as_bytes().as_slice())
-            .bind(p.state.map(SessionState::as_str))
-            .bind(p.account_id.as_ref().map(|a| a.as_bytes().as_slice()))
-            .bind(p.user_digest.as_ref().map(|d| d.as_bytes().as_slice()))
-            .bind(p.ping_deadline.is_some())
-            .bind(p.ping_deadline.flatten().map(Timestamp::as_millis))
-            .bind(p.updated_at.as_millis())
-            .bind(db_position(p.last_position)?)
+            .bind(&patches.server_id)
+            .bind(&patches.hsid)
+            .bind(&patches.state)
+            .bind(&patches.account_id)
+            .bind(&patches.user_digest)
+            .bind(&patches.set_ping)
+            .bind(&patches.ping_deadline)
+            .bind(&patches.updated_at)
+            .bind(&patches.last_position)
+            .bind(&patches.first_state)
+            .bind(&patches.all)
+            .bind(&patches.rest)
             .execute(&mut *tx)
             .await?;
         }
         Ok(())
     }
-}
 
-/// One history row, kept only if its session exists and, when `conditional`, is in another
-/// state (so it runs before the session is updated).
-async fn insert_history_sqlite(
-    tx: &mut sqlx::SqliteConnection,
-    key: &Key,
-    h: &History,
-    conditional: bool,
-) -> Result<(), ProjectionError> {
-    sqlx::query(
-        "INSERT INTO rm_session_history (server_id, hsid, position, state, at) \
-         SELECT server_id, hsid, $3, $4, $5 FROM rm_sessions \
-         WHERE server_id = $1 AND hsid = $2 AND (NOT $6 OR state <> $4)",
-    )
-    .bind(key.0.as_bytes().as_slice())
-    .bind(key.1.as_bytes().as_slice())
-    .bind(db_position(h.position)?)
-    .bind(h.state.as_str())
-    .bind(h.at.as_millis())
-    .bind(conditional)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
+        for (key, change) in &self.changes {
+            let (server, hsid) = (key.0.as_bytes().as_slice(), key.1.as_bytes().as_slice());
+            let query = match change {
+                Change::Put { row, history } => sqlx::query(upsert_sql!(
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                ))
+                .bind(server)
+                .bind(hsid)
+                .bind(row.state.as_str())
+                .bind(i64::from(row.ping_time_secs))
+                .bind(row.expires_at.as_millis())
+                .bind(row.ping_deadline.map(Timestamp::as_millis))
+                .bind(row.app_login)
+                .bind(row.intended_user.as_ref().map(|d| d.as_bytes().as_slice()))
+                .bind(row.user_digest.as_ref().map(|d| d.as_bytes().as_slice()))
+                .bind(row.account_id.as_ref().map(|a| a.as_bytes().as_slice()))
+                .bind(row.announce_info.as_deref())
+                .bind(row.session_info.as_deref())
+                .bind(row.opened_at.as_millis())
+                .bind(row.updated_at.as_millis())
+                .bind(db_position(row.last_position)?)
+                .bind(encode_history(history)),
+                Change::Patch(p) => {
+                    let history = p.history();
+                    sqlx::query(
+                        "UPDATE rm_sessions SET state = COALESCE($3, state), \
+                           account_id = COALESCE($4, account_id), user_digest = COALESCE($5, user_digest), \
+                           ping_deadline = CASE WHEN $6 THEN $7 ELSE ping_deadline END, \
+                           updated_at = $8, last_position = $9, \
+                           history = history || CASE WHEN state = $10 THEN $12 ELSE $11 END \
+                         WHERE server_id = $1 AND hsid = $2",
+                    )
+                    .bind(server)
+                    .bind(hsid)
+                    .bind(p.state.map(SessionState::as_str))
+                    .bind(p.account_id.as_ref().map(|a| a.as_bytes().as_slice()))
+                    .bind(p.user_digest.as_ref().map(|d| d.as_bytes().as_slice()))
+                    .bind(p.ping_deadline.is_some())
+                    .bind(p.ping_deadline.flatten().map(Timestamp::as_millis))
+                    .bind(p.updated_at.as_millis())
+                    .bind(db_position(p.last_position)?)
+                    .bind(history.first_state)
+                    .bind(history.all)
+                    .bind(history.rest)
+                }
+            };
+            query.execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
 }
 
 fn session_row(row: &impl Get) -> Result<SessionRow, ProjectionError> {
     let state = row.text(2)?;
     if SessionState::parse(&state).is_none() {
-        return Err(ProjectionError::Damaged(format!("unknown session state {state:?}")));
+        return Err(ProjectionError::Damaged(format!(
+            "unknown session state {state:?}"
+        )));
     }
     Ok(SessionRow {
         server_id: row.id(0)?,
@@ -633,11 +623,13 @@ fn session_row(row: &impl Get) -> Result<SessionRow, ProjectionError> {
 }
 
 macro_rules! select_session {
-    () => {
+    ($more:literal) => {
         concat!(
             "SELECT server_id, hsid, state, ping_time_secs, expires_at, ping_deadline, app_login, ",
             "intended_user, user_digest, account_id, announce_info, session_info, opened_at, ",
-            "updated_at, last_position FROM rm_sessions WHERE server_id = $1 AND hsid = $2"
+            "updated_at, last_position",
+            $more,
+            " FROM rm_sessions WHERE server_id = $1 AND hsid = $2"
         )
     };
 }
@@ -650,7 +642,7 @@ impl ReadModels {
         hsid: Hsid,
     ) -> Result<Option<SessionRow>, ProjectionError> {
         with_pool!(self.reads(), pool => {
-            sqlx::query(select_session!())
+            sqlx::query(select_session!(""))
                 .bind(server.as_bytes().as_slice())
                 .bind(hsid.as_bytes().as_slice())
                 .fetch_optional(pool)
@@ -667,35 +659,16 @@ impl ReadModels {
         hsid: Hsid,
     ) -> Result<Option<SessionRow>, ProjectionError> {
         with_pool!(self.reads(), pool => {
-            let mut tx = pool.begin().await?;
-            let Some(row) = sqlx::query(select_session!())
+            let Some(row) = sqlx::query(select_session!(", history"))
                 .bind(server.as_bytes().as_slice())
                 .bind(hsid.as_bytes().as_slice())
-                .fetch_optional(&mut *tx)
+                .fetch_optional(pool)
                 .await?
             else {
                 return Ok(None);
             };
             let mut session = session_row(&row)?;
-            let history = sqlx::query(
-                "SELECT position, state, at FROM rm_session_history \
-                 WHERE server_id = $1 AND hsid = $2 ORDER BY position",
-            )
-            .bind(server.as_bytes().as_slice())
-            .bind(hsid.as_bytes().as_slice())
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            session.history = history
-                .iter()
-                .map(|r| {
-                    Ok(HistoryRow {
-                        position: r.position(0)?,
-                        state: r.text(1)?,
-                        at: r.time(2)?,
-                    })
-                })
-                .collect::<Result<_, ProjectionError>>()?;
+            session.history = decode_history(&row.text(15)?)?;
             Ok(Some(session))
         })
     }
@@ -731,4 +704,3 @@ impl ReadModels {
         Ok(rows)
     }
 }
-

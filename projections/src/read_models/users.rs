@@ -138,7 +138,8 @@ impl Fold {
                     put.key(key);
                     put.sealed.push(userid_sealed.clone());
                     put.registered_at.push(registered_at.as_millis());
-                    put.registered_position.push(db_position(*registered_position)?);
+                    put.registered_position
+                        .push(db_position(*registered_position)?);
                     put.last_position.push(db_position(*last_position)?);
                 }
                 Change::Touch { last_position } => {
@@ -221,7 +222,10 @@ impl Fold {
         Ok(())
     }
 
-    pub async fn write_sqlite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), ProjectionError> {
+    pub async fn write_sqlite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
         for (server, digest) in &self.deleted {
             for sql in [
                 "DELETE FROM rm_user_attributes WHERE server_id = $1 AND user_digest = $2",
