@@ -40,7 +40,11 @@ pub async fn sweep(state: &AppState) -> (usize, usize) {
         Ok(due) => {
             counts.1 = due.len();
             for enrolment in due {
-                if let Err(error) = state.commands().enrolments.expire(enrolment, &metadata).await
+                if let Err(error) = state
+                    .commands()
+                    .enrolments
+                    .expire(enrolment, &metadata)
+                    .await
                 {
                     tracing::warn!(%error, "could not expire an enrolment");
                 }

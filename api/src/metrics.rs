@@ -144,10 +144,7 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
         .set(i64::try_from(behind).unwrap_or(i64::MAX));
     let mut lag_seconds = 0.0;
     if behind > 0 {
-        let oldest = state
-            .store()
-            .read_all(processed, 1)
-            .await?;
+        let oldest = state.store().read_all(processed, 1).await?;
         if let Some(event) = oldest.first() {
             let age_ms = state.clock().now().as_millis() - event.recorded_at;
             lag_seconds = age_ms.max(0) as f64 / 1000.0;

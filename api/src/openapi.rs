@@ -13,8 +13,14 @@ impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         for (name, what) in [
-            ("admin", "The admin key from the configuration: manages servers."),
-            ("api_key", "A server's API key (`cs_…`): everything inside that server."),
+            (
+                "admin",
+                "The admin key from the configuration: manages servers.",
+            ),
+            (
+                "api_key",
+                "A server's API key (`cs_…`): everything inside that server.",
+            ),
         ] {
             components.add_security_scheme(
                 name,

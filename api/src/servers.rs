@@ -224,11 +224,13 @@ pub async fn update_server(
         let mode = request
             .second_factor
             .unwrap_or_else(|| SecondFactorMode::of(&current));
-        Some(mode.policy(
-            request
-                .second_factor_cache_secs
-                .unwrap_or(current.login_reuse_window_secs),
-        ))
+        Some(
+            mode.policy(
+                request
+                    .second_factor_cache_secs
+                    .unwrap_or(current.login_reuse_window_secs),
+            ),
+        )
     } else {
         None
     };

@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_commands::session::SessionOptions;
-use countersign_domain::session::SessionEvent;
 use countersign_domain::SessionRef;
+use countersign_domain::session::SessionEvent;
 use countersign_projections::SessionRow;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::Stream;
@@ -53,8 +53,14 @@ pub(crate) fn qr_answer(
             return Ok(written(status, position, view));
         }
         QrFormat::Raw => ("application/cbor", payload.encode()),
-        QrFormat::Base64url => ("text/plain; charset=utf-8", payload.to_base64url().into_bytes()),
-        QrFormat::Link => ("text/plain; charset=utf-8", payload.deep_link().into_bytes()),
+        QrFormat::Base64url => (
+            "text/plain; charset=utf-8",
+            payload.to_base64url().into_bytes(),
+        ),
+        QrFormat::Link => (
+            "text/plain; charset=utf-8",
+            payload.deep_link().into_bytes(),
+        ),
         QrFormat::Png => (
             "image/png",
             crate::qr::png(&payload.encode(), size).map_err(image_error)?,
@@ -73,14 +79,16 @@ pub(crate) fn qr_answer(
     if let Some(position) = position
         && let Ok(value) = position.to_string().parse()
     {
-        response
-            .headers_mut()
-            .insert(crate::POSITION_HEADER, value);
+        response.headers_mut().insert(crate::POSITION_HEADER, value);
     }
     Ok(response)
 }
 
-async fn session_ref(state: &AppState, tenant: &Tenant, nonce: &str) -> Result<SessionRef, ApiError> {
+async fn session_ref(
+    state: &AppState,
+    tenant: &Tenant,
+    nonce: &str,
+) -> Result<SessionRef, ApiError> {
     Ok(state
         .commands()
         .sessions

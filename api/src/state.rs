@@ -57,7 +57,8 @@ impl ApiConfig {
     }
 }
 
-type Credentials = std::sync::RwLock<std::collections::HashMap<[u8; 32], (std::time::Instant, Tenant)>>;
+type Credentials =
+    std::sync::RwLock<std::collections::HashMap<[u8; 32], (std::time::Instant, Tenant)>>;
 
 struct Inner {
     credentials: Credentials,
@@ -164,7 +165,12 @@ impl AppState {
                 "min_position {position} is beyond the end of the log"
             )));
         }
-        if self.0.reads.wait_for(position, self.0.config.max_wait).await? {
+        if self
+            .0
+            .reads
+            .wait_for(position, self.0.config.max_wait)
+            .await?
+        {
             Ok(())
         } else {
             Err(ApiError::NotReady(position))

@@ -17,9 +17,9 @@ use crate::servers::{idempotency_key, page_limit, written};
 use crate::sessions::qr_answer;
 use crate::state::AppState;
 use crate::views::{
-    AccountList, AccountView, CreateEnrolmentRequest, EnrolmentCreated, EnrolmentView,
-    PageParams, PutUserRequest, QrFormat, QrParams, QrView, ReadParams, UserList, UserView,
-    UserWritten, Written,
+    AccountList, AccountView, CreateEnrolmentRequest, EnrolmentCreated, EnrolmentView, PageParams,
+    PutUserRequest, QrFormat, QrParams, QrView, ReadParams, UserList, UserView, UserWritten,
+    Written,
 };
 
 pub(crate) fn tenant_metadata(tenant: &Tenant) -> Metadata {
@@ -109,12 +109,10 @@ pub async fn put_user(
             key.as_deref(),
         )
         .await?;
-    let created = done.events.iter().any(|e| {
-        matches!(
-            e,
-            countersign_domain::user::UserEvent::Registered(_)
-        )
-    });
+    let created = done
+        .events
+        .iter()
+        .any(|e| matches!(e, countersign_domain::user::UserEvent::Registered(_)));
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -273,7 +271,12 @@ pub async fn list_accounts(
     let (_, userid) = path;
     let user = user_ref(&tenant, &userid)?;
     state.wait_for(read.min_position).await?;
-    if state.reads().user(tenant.server, user.digest).await?.is_none() {
+    if state
+        .reads()
+        .user(tenant.server, user.digest)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound("no such user".into()));
     }
     let accounts = state
@@ -366,13 +369,10 @@ pub async fn create_enrolment(
             key.as_deref(),
         )
         .await?;
-    let expires_at = done
-        .events
-        .iter()
-        .find_map(|e| match e {
-            countersign_domain::enrolment::EnrolmentEvent::Started(s) => Some(s.expires_at),
-            _ => None,
-        });
+    let expires_at = done.events.iter().find_map(|e| match e {
+        countersign_domain::enrolment::EnrolmentEvent::Started(s) => Some(s.expires_at),
+        _ => None,
+    });
     let payload = QrPayload {
         kind: QrKind::Enrolment,
         server_id: *tenant.server.as_bytes(),
@@ -382,7 +382,13 @@ pub async fn create_enrolment(
     };
     let format = params.format.unwrap_or_default();
     if format != QrFormat::Json {
-        return qr_answer(&payload, format, params.size, StatusCode::CREATED, done.position);
+        return qr_answer(
+            &payload,
+            format,
+            params.size,
+            StatusCode::CREATED,
+            done.position,
+        );
     }
     let expires_at = match expires_at {
         Some(at) => at.as_millis(),
@@ -449,4 +455,3 @@ pub async fn get_enrolment(
         account_id: row.account_id.map(|a| a.to_string()),
     }))
 }
-

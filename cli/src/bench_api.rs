@@ -21,8 +21,7 @@ use anyhow::{Context as _, bail};
 use countersign_commands::SystemClock;
 use countersign_domain::server::{ServerCreated, ServerEvent, ServerSettings};
 use countersign_domain::session::{
-    LogoutReason, SessionEvent, SessionLoggedIn, SessionLoggedOut, SessionOpened,
-    SessionScanned,
+    LogoutReason, SessionEvent, SessionLoggedIn, SessionLoggedOut, SessionOpened, SessionScanned,
 };
 use countersign_domain::user::{UserAttributeSet, UserEvent, UserRegistered};
 use countersign_domain::{
@@ -109,10 +108,8 @@ where
         let stop = Arc::clone(&stop);
         let errors = Arc::clone(&errors);
         tasks.push(tokio::spawn(async move {
-            let mut latencies =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
-                    Histogram::new(3).unwrap_or_else(|_| unreachable_histogram())
-                });
+            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_histogram()));
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
@@ -179,8 +176,9 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         .error_for_status()?
         .json()
         .await?;
-    let server = created["server"]["server_id"]
-        .as_str()
+    let server = created
+        .pointer("/server/server_id")
+        .and_then(|v| v.as_str())
         .context("no server id")?
         .to_owned();
     let key: serde_json::Value = http
@@ -192,14 +190,24 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         .error_for_status()?
         .json()
         .await?;
-    let token: Arc<str> = key["token"].as_str().context("no token")?.into();
+    let token: Arc<str> = key
+        .get("token")
+        .and_then(|v| v.as_str())
+        .context("no token")?
+        .into();
     let prefix: Arc<str> = random_hex(8)?.into();
     let sessions_url: Arc<str> = format!("{base}/v1/servers/{server}/sessions").into();
 
     // Each worker creates sessions 0, 1, 2… of its own, then re-reads those it created.
-    let created: Arc<Vec<AtomicU64>> = Arc::new((0..args.connections).map(|_| AtomicU64::new(0)).collect());
+    let created: Arc<Vec<AtomicU64>> =
+        Arc::new((0..args.connections).map(|_| AtomicU64::new(0)).collect());
     let creations = {
-        let (http, token, prefix, url) = (http.clone(), token.clone(), prefix.clone(), sessions_url.clone());
+        let (http, token, prefix, url) = (
+            http.clone(),
+            token.clone(),
+            prefix.clone(),
+            sessions_url.clone(),
+        );
         let created = Arc::clone(&created);
         phase(args.connections, args.seconds, move |worker, _| {
             let n = created.get(worker).map_or(0, |c| c.load(Ordering::Relaxed));
@@ -209,7 +217,8 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
                 .send();
             let created = Arc::clone(&created);
             async move {
-                let ok = matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::CREATED);
+                let ok =
+                    matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::CREATED);
                 if ok && let Some(c) = created.get(worker) {
                     c.fetch_add(1, Ordering::Relaxed);
                 }
@@ -218,10 +227,16 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         })
         .await
     };
-    let reads = {
-        let (http, token, prefix, url) = (http.clone(), token.clone(), prefix.clone(), sessions_url.clone());
-        let created = Arc::clone(&created);
-        phase(args.connections, args.seconds, move |worker, i| {
+    let reads =
+        {
+            let (http, token, prefix, url) = (
+                http.clone(),
+                token.clone(),
+                prefix.clone(),
+                sessions_url.clone(),
+            );
+            let created = Arc::clone(&created);
+            phase(args.connections, args.seconds, move |worker, i| {
             let n = created.get(worker).map_or(1, |c| c.load(Ordering::Relaxed).max(1));
             let request = http
                 .get(format!("{url}/{prefix}{worker:08x}{:016x}", i % n))
@@ -230,7 +245,7 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
             async move { matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::OK) }
         })
         .await
-    };
+        };
     let baseline = baseline_lookups(&running, args.connections, args.seconds).await?;
     running.stop().await?;
     let report = ApiReport {
@@ -244,7 +259,11 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        writeln!(out, "bench api on {} with {} connections", report.backend, report.connections)?;
+        writeln!(
+            out,
+            "bench api on {} with {} connections",
+            report.backend, report.connections
+        )?;
         for (name, p) in [
             ("session creations (PUT)", &report.session_creations),
             ("session status reads (GET)", &report.session_status_reads),
@@ -277,7 +296,10 @@ async fn baseline_lookups(
         async move {
             let mut hsid = [0u8; 32];
             hsid[..8].copy_from_slice(&i.to_be_bytes());
-            reads.session_state(server, Hsid::from_bytes(hsid)).await.is_ok()
+            reads
+                .session_state(server, Hsid::from_bytes(hsid))
+                .await
+                .is_ok()
         }
     })
     .await;
@@ -298,7 +320,11 @@ struct ReplayReport {
 
 #[allow(clippy::disallowed_methods)] // the bench is an edge: it makes its own ids
 fn event<E: DomainEvent>(e: &E) -> anyhow::Result<NewEvent> {
-    Ok(NewEvent::from_domain(Uuid::now_v7(), e, Metadata::default())?)
+    Ok(NewEvent::from_domain(
+        Uuid::now_v7(),
+        e,
+        Metadata::default(),
+    )?)
 }
 
 /// Appends about `target` events of realistic flows: per server 50 users; per user an
@@ -311,8 +337,11 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
     let mut batch: Vec<(String, Vec<NewEvent>)> = Vec::new();
     while written < target {
         let server = ServerId::from_bytes(u128::from(n / 50 + 1).to_be_bytes());
-        if n % 50 == 0 {
-            let public = p256::SecretKey::from_slice(&[1; 32])?.public_key().to_sec1_bytes().to_vec();
+        if n.is_multiple_of(50) {
+            let public = p256::SecretKey::from_slice(&[1; 32])?
+                .public_key()
+                .to_sec1_bytes()
+                .to_vec();
             let created = ServerEvent::Created(ServerCreated {
                 server_id: server,
                 key_thumbprint: [3; 32],
@@ -325,7 +354,11 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
         let user = UserRef::new(server, &userid);
         let stream = user.stream();
         let seal = |field: &str, value: &str| {
-            key.seal([(n % 251) as u8; 12], &countersign_domain::seal::aad(&stream, field), value.as_bytes())
+            key.seal(
+                [(n % 251) as u8; 12],
+                &countersign_domain::seal::aad(&stream, field),
+                value.as_bytes(),
+            )
         };
         batch.push((
             stream.clone(),
@@ -356,7 +389,9 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
                 session_info: None,
             }))?];
             if s < 2 {
-                events.push(event(&SessionEvent::Scanned(SessionScanned { scanned_at: now }))?);
+                events.push(event(&SessionEvent::Scanned(SessionScanned {
+                    scanned_at: now,
+                }))?);
                 events.push(event(&SessionEvent::LoggedIn(SessionLoggedIn {
                     account_id: AccountId::from_bytes([1; 16]),
                     user: user.digest,
@@ -381,13 +416,19 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
     Ok(written)
 }
 
-async fn flush(store: &SharedStore, batch: &mut Vec<(String, Vec<NewEvent>)>) -> anyhow::Result<u64> {
+async fn flush(
+    store: &SharedStore,
+    batch: &mut Vec<(String, Vec<NewEvent>)>,
+) -> anyhow::Result<u64> {
     let mut appends = Vec::new();
     for (stream, events) in batch.drain(..) {
         let store = store.clone();
         appends.push(tokio::spawn(async move {
             let count = events.len() as u64;
-            store.append(&stream, ExpectedVersion::Any, events).await.map(|_| count)
+            store
+                .append(&stream, ExpectedVersion::Any, events)
+                .await
+                .map(|_| count)
         }));
     }
     let mut written = 0;
@@ -400,7 +441,9 @@ async fn flush(store: &SharedStore, batch: &mut Vec<(String, Vec<NewEvent>)>) ->
 pub async fn replay(settings: &Settings, args: ReplayBenchArgs) -> anyhow::Result<()> {
     let opened = crate::connect(settings).await?;
     if opened.events.last_position().await?.is_some() {
-        bail!("bench replay generates its own log: give it a scratch database with an empty event log");
+        bail!(
+            "bench replay generates its own log: give it a scratch database with an empty event log"
+        );
     }
     let store = opened.events.clone();
     let t = Instant::now();

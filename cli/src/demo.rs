@@ -124,7 +124,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         "position", "type", "stream"
     )?;
     for event in &events {
-        let learned = describe(&users, event).await;
+        let learned = describe(users, event).await;
         let stream: String = event.stream.chars().take(24).collect();
         writeln!(
             out,
@@ -175,7 +175,10 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
 
 /// What opening the event with today's keys shows: sealed personal data opens only while the
 /// user's data key exists.
-async fn describe(users: &countersign_commands::user::UserCommands, event: &RecordedEvent) -> String {
+async fn describe(
+    users: &countersign_commands::user::UserCommands,
+    event: &RecordedEvent,
+) -> String {
     let decoded = match AnyEvent::decode(&event.event_type, event.schema_version, &event.payload) {
         Ok(decoded) => decoded,
         Err(error) => return format!("undecodable: {error}"),

@@ -120,7 +120,13 @@ pub async fn start(
     let reads = ReadModels::new(opened.database.clone());
     let mut config = ApiConfig::new(admin_key.trim(), args.gateway_url.clone());
     config.max_wait = Duration::from_millis(args.max_wait_ms);
-    let state = AppState::new(commands, reads.clone(), opened.events.clone(), clock, config);
+    let state = AppState::new(
+        commands,
+        reads.clone(),
+        opened.events.clone(),
+        clock,
+        config,
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -163,7 +169,11 @@ pub async fn run(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
     let running = start(settings, &args, Arc::new(SystemClock)).await?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "countersign serve: listening on http://{}", running.addr)?;
+        writeln!(
+            out,
+            "countersign serve: listening on http://{}",
+            running.addr
+        )?;
         out.flush()?;
     }
     running.wait().await

@@ -8,8 +8,7 @@
 use std::sync::Arc;
 
 use countersign_domain::enrolment::{
-    CompleteEnrolment, Enrolment, EnrolmentCommand, EnrolmentEvent, ExpireEnrolment,
-    StartEnrolment,
+    CompleteEnrolment, Enrolment, EnrolmentCommand, EnrolmentEvent, ExpireEnrolment, StartEnrolment,
 };
 use countersign_domain::user::User;
 use countersign_domain::{
@@ -123,7 +122,12 @@ impl EnrolmentCommands {
         }
         let mut token = Zeroizing::new([0u8; 32]);
         match idempotency_key {
-            Some(key) => *token = self.secrets.derive(server, "enrolment", key.as_bytes()).await?,
+            Some(key) => {
+                *token = self
+                    .secrets
+                    .derive(server, "enrolment", key.as_bytes())
+                    .await?
+            }
             None => random_bytes(token.as_mut())?,
         }
         let token = EnrolmentToken(token);
@@ -146,8 +150,13 @@ impl EnrolmentCommands {
         account_id: AccountId,
         metadata: &Metadata,
     ) -> Result<Executed<EnrolmentEvent>, CommandError> {
-        self.run(enrolment, CompleteEnrolment { account_id }.into(), metadata, None)
-            .await
+        self.run(
+            enrolment,
+            CompleteEnrolment { account_id }.into(),
+            metadata,
+            None,
+        )
+        .await
     }
 
     /// Records that the enrolment's deadline passed, if it did.

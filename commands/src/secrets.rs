@@ -88,7 +88,10 @@ impl ServerSecrets {
     pub async fn create(&self, server: ServerId) -> Result<(), CommandError> {
         let mut fresh = Zeroizing::new([0u8; 32]);
         random_bytes(fresh.as_mut())?;
-        let kept = self.vault.put_if_absent(&secret_ref(server), fresh.as_ref()).await?;
+        let kept = self
+            .vault
+            .put_if_absent(&secret_ref(server), fresh.as_ref())
+            .await?;
         self.remember(server, &kept)?;
         Ok(())
     }

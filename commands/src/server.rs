@@ -170,7 +170,10 @@ impl ServerCommands {
                     .derive(server, "api-key-id", key.as_bytes())
                     .await?;
                 id.copy_from_slice(derived.get(..16).unwrap_or(&[0; 16]));
-                *secret = self.secrets.derive(server, "api-key", key.as_bytes()).await?;
+                *secret = self
+                    .secrets
+                    .derive(server, "api-key", key.as_bytes())
+                    .await?;
             }
             None => {
                 random_bytes(&mut id)?;

@@ -43,7 +43,7 @@ pub fn nonce_bytes(nonce: &str) -> Result<usize, NonceError> {
     if nonce.len() > MAX_NONCE_CHARS {
         return Err(NonceError::TooLong);
     }
-    let decoded = if nonce.len() % 2 == 0 && nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let decoded = if nonce.len().is_multiple_of(2) && nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         nonce.len() / 2
     } else {
         let engines = [
@@ -111,7 +111,10 @@ impl SessionCommands {
             kind: ErrorKind::Invalid,
             message: e.to_string(),
         })?;
-        let hsid = self.secrets.derive(server, "hsid", nonce.as_bytes()).await?;
+        let hsid = self
+            .secrets
+            .derive(server, "hsid", nonce.as_bytes())
+            .await?;
         Ok(SessionRef::new(server, Hsid::from_bytes(hsid)))
     }
 
@@ -232,9 +235,16 @@ mod tests {
         assert_eq!(nonce_bytes("AAECAwQFBgcICQoLDA0ODw"), Ok(16));
         assert_eq!(nonce_bytes("-_-_-_-_-_-_-_-_-_-_-w"), Ok(16));
         assert_eq!(nonce_bytes("short"), Err(NonceError::Encoding));
-        assert_eq!(nonce_bytes("AAAA"), Err(NonceError::TooShort(2)), "hex first");
+        assert_eq!(
+            nonce_bytes("AAAA"),
+            Err(NonceError::TooShort(2)),
+            "hex first"
+        );
         assert_eq!(nonce_bytes("AAA="), Err(NonceError::TooShort(2)));
-        assert_eq!(nonce_bytes("not base64 at all!!"), Err(NonceError::Encoding));
+        assert_eq!(
+            nonce_bytes("not base64 at all!!"),
+            Err(NonceError::Encoding)
+        );
         assert_eq!(nonce_bytes(&"a".repeat(600)), Err(NonceError::TooLong));
     }
 }

@@ -162,7 +162,9 @@ impl UserCommands {
             server_id: server,
             userid,
         };
-        let done = self.run(&user, command.into(), Some(key), metadata, None).await?;
+        let done = self
+            .run(&user, command.into(), Some(key), metadata, None)
+            .await?;
         Ok((user, done))
     }
 
@@ -178,7 +180,8 @@ impl UserCommands {
             name: name.to_owned(),
             value: value.to_owned(),
         };
-        self.run(user, command.into(), Some(key), metadata, None).await
+        self.run(user, command.into(), Some(key), metadata, None)
+            .await
     }
 
     pub async fn remove_attribute(
@@ -199,7 +202,9 @@ impl UserCommands {
         user: &UserRef,
         metadata: &Metadata,
     ) -> Result<Executed<UserEvent>, CommandError> {
-        let result = self.run(user, DeleteUser.into(), None, metadata, None).await;
+        let result = self
+            .run(user, DeleteUser.into(), None, metadata, None)
+            .await;
         // Destroy even if the user was already deleted: a crash after the event and before
         // the destruction must not leave the key behind.
         self.vault.destroy(&data_key_ref(user)).await?;

@@ -11,7 +11,9 @@ use countersign::config::Settings;
 use countersign::serve::{Running, ServeArgs, start};
 use countersign_commands::Clock;
 use countersign_domain::account::RegisterAccount;
-use countersign_domain::{AccountId, AccountRef, AppInstanceId, ServerId, Timestamp, UserRef, Userid};
+use countersign_domain::{
+    AccountId, AccountRef, AppInstanceId, ServerId, Timestamp, UserRef, Userid,
+};
 use countersign_eventstore::testing::TestDb;
 use countersign_eventstore::{Direction, Metadata};
 use countersign_protocol::qr::{QrKind, QrPayload};
@@ -69,7 +71,9 @@ impl Api {
             expiry_interval_ms: 50,
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
-        let running = start(&settings, &args, Arc::new(clock.clone())).await.unwrap();
+        let running = start(&settings, &args, Arc::new(clock.clone()))
+            .await
+            .unwrap();
         Self {
             base: format!("http://{}", running.addr),
             running,
@@ -105,14 +109,23 @@ impl Api {
         (status, value)
     }
 
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         self.call(method, path, Some(ADMIN_KEY), body).await
     }
 
     /// A server with one API key: (server id, token).
     pub async fn tenant(&self, name: &str) -> (String, String) {
         let (status, created) = self
-            .admin(reqwest::Method::POST, "/v1/servers", Some(json!({"name": name})))
+            .admin(
+                reqwest::Method::POST,
+                "/v1/servers",
+                Some(json!({"name": name})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         let server = created["server"]["server_id"].as_str().unwrap().to_owned();
@@ -178,7 +191,12 @@ async fn admin_manages_servers_and_keys(db: &TestDb) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(problem["status"], 401);
     let (status, _) = api
-        .call(Method::GET, "/v1/servers", Some("wrong-key-wrong-key-wrong-key-wrong"), None)
+        .call(
+            Method::GET,
+            "/v1/servers",
+            Some("wrong-key-wrong-key-wrong-key-wrong"),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
@@ -192,7 +210,11 @@ async fn admin_manages_servers_and_keys(db: &TestDb) {
     let position = created["position"].as_u64().unwrap();
 
     let (status, read) = api
-        .admin(Method::GET, &format!("/v1/servers/{server}?min_position={position}"), None)
+        .admin(
+            Method::GET,
+            &format!("/v1/servers/{server}?min_position={position}"),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(read["name"], "Bank");
@@ -201,16 +223,21 @@ async fn admin_manages_servers_and_keys(db: &TestDb) {
         .admin(
             Method::PATCH,
             &format!("/v1/servers/{server}"),
-            Some(json!({"name": "Bank 2", "second_factor": "pin", "second_factor_cache_secs": 60,
+            Some(
+                json!({"name": "Bank 2", "second_factor": "pin", "second_factor_cache_secs": 60,
                         "session_timeout_secs": 120, "default_ping_time_secs": 30,
-                        "logo_url": "https://bank.example/logo.png"})),
+                        "logo_url": "https://bank.example/logo.png"}),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(updated["server"]["second_factor"], "pin");
     assert_eq!(updated["server"]["second_factor_cache_secs"], 60);
     assert_eq!(updated["server"]["session_timeout_secs"], 120);
-    assert_eq!(updated["server"]["logo_url"], "https://bank.example/logo.png");
+    assert_eq!(
+        updated["server"]["logo_url"],
+        "https://bank.example/logo.png"
+    );
 
     let before = api.head().await;
     for bad in [
@@ -221,31 +248,56 @@ async fn admin_manages_servers_and_keys(db: &TestDb) {
         json!({"unknown": 1}),
     ] {
         let (status, problem) = api
-            .admin(Method::PATCH, &format!("/v1/servers/{server}"), Some(bad.clone()))
+            .admin(
+                Method::PATCH,
+                &format!("/v1/servers/{server}"),
+                Some(bad.clone()),
+            )
             .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad} → {problem}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad} → {problem}"
+        );
         assert!(problem["detail"].is_string());
     }
     assert_eq!(api.head().await, before, "refused updates wrote nothing");
 
     let (status, key) = api
-        .admin(Method::POST, &format!("/v1/servers/{server}/api-keys"), Some(json!({"label": "web"})))
+        .admin(
+            Method::POST,
+            &format!("/v1/servers/{server}/api-keys"),
+            Some(json!({"label": "web"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let token = key["token"].as_str().unwrap().to_owned();
-    assert!(token.starts_with("cs_") && token.len() >= 3 + 32 + 1 + 64, "{token}");
+    assert!(
+        token.starts_with("cs_") && token.len() >= 3 + 32 + 1 + 64,
+        "{token}"
+    );
     let key_id = key["key_id"].as_str().unwrap().to_owned();
     let (status, keys) = api
         .admin(Method::GET, &format!("/v1/servers/{server}/api-keys"), None)
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(keys["api_keys"][0]["key_id"], key_id.as_str());
-    assert!(!keys.to_string().contains(&token[20..]), "a listing never shows a secret");
+    assert!(
+        !keys.to_string().contains(&token[20..]),
+        "a listing never shows a secret"
+    );
 
     let users = format!("/v1/servers/{server}/users");
-    assert_eq!(api.call(Method::GET, &users, Some(&token), None).await.0, StatusCode::OK);
+    assert_eq!(
+        api.call(Method::GET, &users, Some(&token), None).await.0,
+        StatusCode::OK
+    );
     let (status, _) = api
-        .admin(Method::DELETE, &format!("/v1/servers/{server}/api-keys/{key_id}"), None)
+        .admin(
+            Method::DELETE,
+            &format!("/v1/servers/{server}/api-keys/{key_id}"),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -258,9 +310,13 @@ async fn admin_manages_servers_and_keys(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["servers"].as_array().unwrap().len(), 1);
 
-    let (status, _) = api.admin(Method::DELETE, &format!("/v1/servers/{server}"), None).await;
+    let (status, _) = api
+        .admin(Method::DELETE, &format!("/v1/servers/{server}"), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = api.admin(Method::GET, &format!("/v1/servers/{server}"), None).await;
+    let (status, _) = api
+        .admin(Method::GET, &format!("/v1/servers/{server}"), None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     api.stop().await;
 }
@@ -270,36 +326,74 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     let (server, token) = api.tenant("Bank").await;
     let alice = format!("/v1/servers/{server}/users/alice%40example.org");
     let (status, put) = api
-        .call(Method::PUT, &alice, Some(&token), Some(json!({"attributes": {"name": "Alice", "email": "alice@example.org"}})))
+        .call(
+            Method::PUT,
+            &alice,
+            Some(&token),
+            Some(json!({"attributes": {"name": "Alice", "email": "alice@example.org"}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{put}");
     let (status, put) = api
-        .call(Method::PUT, &alice, Some(&token), Some(json!({"attributes": {"name": "Alice A."}})))
+        .call(
+            Method::PUT,
+            &alice,
+            Some(&token),
+            Some(json!({"attributes": {"name": "Alice A."}})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let position = put["position"].as_u64().unwrap();
     let (status, user) = api
-        .call(Method::GET, &format!("{alice}?min_position={position}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{alice}?min_position={position}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(user, json!({"userid": "alice@example.org", "attributes": {"name": "Alice A."}}));
+    assert_eq!(
+        user,
+        json!({"userid": "alice@example.org", "attributes": {"name": "Alice A."}})
+    );
 
     for who in ["bob", "carol"] {
         let (status, _) = api
-            .call(Method::PUT, &format!("/v1/servers/{server}/users/{who}"), Some(&token), Some(json!({})))
+            .call(
+                Method::PUT,
+                &format!("/v1/servers/{server}/users/{who}"),
+                Some(&token),
+                Some(json!({})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     let head = api.head().await.unwrap();
     let (status, page) = api
-        .call(Method::GET, &format!("/v1/servers/{server}/users?limit=2&min_position={head}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{server}/users?limit=2&min_position={head}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let names: Vec<&str> = page["users"].as_array().unwrap().iter().map(|u| u["userid"].as_str().unwrap()).collect();
+    let names: Vec<&str> = page["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userid"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["alice@example.org", "bob"]);
     let next = page["next"].as_u64().unwrap();
     let (_, page) = api
-        .call(Method::GET, &format!("/v1/servers/{server}/users?limit=2&after={next}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{server}/users?limit=2&after={next}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(page["users"][0]["userid"], "carol");
     assert!(page.get("next").is_none());
@@ -307,21 +401,45 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     let account = register_account(&api, &server, "alice@example.org", 7).await;
     let head = api.head().await.unwrap();
     let (status, accounts) = api
-        .call(Method::GET, &format!("{alice}/accounts?min_position={head}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{alice}/accounts?min_position={head}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(accounts["accounts"][0]["account_id"], account.to_string());
     let (status, _) = api
-        .call(Method::DELETE, &format!("/v1/servers/{server}/users/bob/accounts/{account}"), Some(&token), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/servers/{server}/users/bob/accounts/{account}"),
+            Some(&token),
+            None,
+        )
         .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "an account is deleted only through its own user");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "an account is deleted only through its own user"
+    );
     let (status, deleted) = api
-        .call(Method::DELETE, &format!("{alice}/accounts/{account}"), Some(&token), None)
+        .call(
+            Method::DELETE,
+            &format!("{alice}/accounts/{account}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let position = deleted["position"].as_u64().unwrap();
     let (_, accounts) = api
-        .call(Method::GET, &format!("{alice}/accounts?min_position={position}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{alice}/accounts?min_position={position}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(accounts["accounts"], json!([]));
 
@@ -329,7 +447,12 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     let position = deleted["position"].as_u64().unwrap();
     let (status, _) = api
-        .call(Method::GET, &format!("{alice}?min_position={position}"), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{alice}?min_position={position}"),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let events = api.running.state.store().read_all(0, 10_000).await.unwrap();
@@ -349,11 +472,21 @@ async fn tenants_are_isolated(db: &TestDb) {
     let (a, key_a) = api.tenant("A").await;
     let (b, key_b) = api.tenant("B").await;
     let (status, _) = api
-        .call(Method::PUT, &format!("/v1/servers/{a}/users/alice"), Some(&key_a), Some(json!({})))
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{a}/users/alice"),
+            Some(&key_a),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, opened) = api
-        .call(Method::PUT, &format!("/v1/servers/{a}/sessions/{}", nonce(1)), Some(&key_a), None)
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{a}/sessions/{}", nonce(1)),
+            Some(&key_a),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
     let head = api.head().await.unwrap();
@@ -371,16 +504,34 @@ async fn tenants_are_isolated(db: &TestDb) {
         format!("/v1/servers/{b}/sessions/{}", nonce(1)),
     ] {
         let (status, _) = api.call(Method::GET, &path, Some(&key_b), None).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: B sees nothing of A under its own id");
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{path}: B sees nothing of A under its own id"
+        );
     }
     let (status, _) = api
-        .call(Method::GET, &format!("/v1/servers/{a}/sessions/{}", nonce(1)), Some(&key_a), None)
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{a}/sessions/{}", nonce(1)),
+            Some(&key_a),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = api
-        .call(Method::GET, &format!("/v1/servers/{a}/users"), Some(ADMIN_KEY), None)
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{a}/users"),
+            Some(ADMIN_KEY),
+            None,
+        )
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "the admin key is not an API key");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the admin key is not an API key"
+    );
     api.stop().await;
 }
 
@@ -412,7 +563,10 @@ async fn idempotency_keys_answer_the_same(db: &TestDb) {
     let first: Value = issue().await.unwrap().json().await.unwrap();
     let head = api.head().await;
     let second: Value = issue().await.unwrap().json().await.unwrap();
-    assert_eq!(first["token"], second["token"], "the same token, never stored");
+    assert_eq!(
+        first["token"], second["token"],
+        "the same token, never stored"
+    );
     assert_eq!(api.head().await, head);
     let token = first["token"].as_str().unwrap().to_owned();
 
@@ -476,7 +630,12 @@ async fn session_login_flow(db: &TestDb) {
     let api = Api::start(db).await;
     let (server, token) = api.tenant("Bank").await;
     let (status, _) = api
-        .call(Method::PUT, &format!("/v1/servers/{server}/users/alice"), Some(&token), Some(json!({"attributes": {"name": "Alice"}})))
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/users/alice"),
+            Some(&token),
+            Some(json!({"attributes": {"name": "Alice"}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let account = register_account(&api, &server, "alice", 3).await;
@@ -484,57 +643,137 @@ async fn session_login_flow(db: &TestDb) {
     let before = api.head().await;
     for weak in ["abcd", &"ab".repeat(15), "not-a-nonce!"] {
         let (status, problem) = api
-            .call(Method::PUT, &format!("/v1/servers/{server}/sessions/{weak}"), Some(&token), None)
+            .call(
+                Method::PUT,
+                &format!("/v1/servers/{server}/sessions/{weak}"),
+                Some(&token),
+                None,
+            )
             .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{weak}: {problem}");
-        assert!(!problem.to_string().contains(weak), "errors never repeat the nonce");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{weak}: {problem}"
+        );
+        assert!(
+            !problem.to_string().contains(weak),
+            "errors never repeat the nonce"
+        );
     }
     assert_eq!(api.head().await, before);
 
     let nonce = nonce(9);
     let path = format!("/v1/servers/{server}/sessions/{nonce}");
     let (status, opened) = api
-        .call(Method::PUT, &path, Some(&token), Some(json!({"announce_info": "Log in to Bank", "userid": "alice"})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&token),
+            Some(json!({"announce_info": "Log in to Bank", "userid": "alice"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
     assert_eq!(opened["state"], "pending");
     let payload = QrPayload::from_deep_link(opened["qr"]["deep_link"].as_str().unwrap()).unwrap();
     assert_eq!(payload.kind, QrKind::Login);
     assert_eq!(payload.gateway, "wss://gateway.test/v1/device");
-    assert_ne!(hex::encode(payload.token), nonce, "the QR carries the hsid, not the nonce");
+    assert_ne!(
+        hex::encode(payload.token),
+        nonce,
+        "the QR carries the hsid, not the nonce"
+    );
     let (status, again) = api
-        .call(Method::PUT, &path, Some(&token), Some(json!({"announce_info": "Log in to Bank", "userid": "alice"})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&token),
+            Some(json!({"announce_info": "Log in to Bank", "userid": "alice"})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "the same PUT again changes nothing");
     assert_eq!(again["qr"], opened["qr"]);
     let (status, _) = api
-        .call(Method::PUT, &path, Some(&token), Some(json!({"ping_time_secs": 60})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&token),
+            Some(json!({"ping_time_secs": 60})),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
 
-    let raw = api.http.get(api.url(&format!("{path}/qr?format=raw"))).bearer_auth(&token).send().await.unwrap();
+    let raw = api
+        .http
+        .get(api.url(&format!("{path}/qr?format=raw")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.headers()["content-type"], "application/cbor");
-    assert_eq!(QrPayload::decode(&raw.bytes().await.unwrap()).unwrap(), payload);
-    let png = api.http.get(api.url(&format!("{path}/qr?format=png&size=300"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        QrPayload::decode(&raw.bytes().await.unwrap()).unwrap(),
+        payload
+    );
+    let png = api
+        .http
+        .get(api.url(&format!("{path}/qr?format=png&size=300")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(png.headers()["content-type"], "image/png");
     assert!(png.bytes().await.unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
-    let svg = api.http.get(api.url(&format!("{path}/qr?format=svg"))).bearer_auth(&token).send().await.unwrap();
-    assert!(String::from_utf8(svg.bytes().await.unwrap().to_vec()).unwrap().contains("<svg"));
-    let (status, _) = api.call(Method::GET, &format!("{path}/qr?format=png&size=5"), Some(&token), None).await;
+    let svg = api
+        .http
+        .get(api.url(&format!("{path}/qr?format=svg")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8(svg.bytes().await.unwrap().to_vec())
+            .unwrap()
+            .contains("<svg")
+    );
+    let (status, _) = api
+        .call(
+            Method::GET,
+            &format!("{path}/qr?format=png&size=5"),
+            Some(&token),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
     let (status, session) = api
-        .call(Method::GET, &format!("{path}?min_position={}", opened["position"]), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{path}?min_position={}", opened["position"]),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(session["state"], "pending");
-    assert_eq!(session["can_provoke"], true, "alice has an account to push to");
+    assert_eq!(
+        session["can_provoke"], true,
+        "alice has an account to push to"
+    );
 
-    let events = api.http.get(api.url(&format!("{path}/events"))).bearer_auth(&token).send().await.unwrap();
+    let events = api
+        .http
+        .get(api.url(&format!("{path}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(events.headers()["content-type"], "text/event-stream");
     let mut stream = events.bytes_stream();
     let mut buffer = String::new();
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "pending");
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "pending"
+    );
 
     let session_ref = api
         .running
@@ -545,8 +784,14 @@ async fn session_login_flow(db: &TestDb) {
         .await
         .unwrap();
     let sessions = &api.running.state.commands().sessions;
-    sessions.scan(session_ref, &Metadata::default()).await.unwrap();
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "scanned");
+    sessions
+        .scan(session_ref, &Metadata::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "scanned"
+    );
     let alice = UserRef::new(server.parse().unwrap(), &Userid::new("alice").unwrap());
     let done = sessions
         .log_in(session_ref, account, alice.digest, &Metadata::default())
@@ -557,7 +802,12 @@ async fn session_login_flow(db: &TestDb) {
     assert_eq!(change["position"], done.position.unwrap());
 
     let (status, session) = api
-        .call(Method::GET, &format!("{path}?min_position={}", done.position.unwrap()), Some(&token), None)
+        .call(
+            Method::GET,
+            &format!("{path}?min_position={}", done.position.unwrap()),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(session["state"], "logged_in");
@@ -569,7 +819,10 @@ async fn session_login_flow(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(ended["state"], "logged_out");
     let (_, ended_again) = api.call(Method::DELETE, &path, Some(&token), None).await;
-    assert_eq!(ended_again["position"], ended["position"], "ending twice writes nothing");
+    assert_eq!(
+        ended_again["position"], ended["position"],
+        "ending twice writes nothing"
+    );
 
     let stream_events = api
         .running
@@ -578,11 +831,25 @@ async fn session_login_flow(db: &TestDb) {
         .read_stream(&session_ref.stream(), None, Direction::Forwards, 100)
         .await
         .unwrap();
-    let types: Vec<&str> = stream_events.iter().map(|e| e.event_type.as_str()).collect();
-    assert_eq!(types, ["session.opened", "session.scanned", "session.logged_in", "session.logged_out"]);
+    let types: Vec<&str> = stream_events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "session.opened",
+            "session.scanned",
+            "session.logged_in",
+            "session.logged_out"
+        ]
+    );
     let all = api.running.state.store().read_all(0, 10_000).await.unwrap();
     assert!(
-        !all.iter().any(|e| e.payload.windows(nonce.len()).any(|w| w == nonce.as_bytes())
+        !all.iter().any(|e| e
+            .payload
+            .windows(nonce.len())
+            .any(|w| w == nonce.as_bytes())
             || e.payload.windows(16).any(|w| w == [9u8; 16])),
         "the nonce is never stored"
     );
@@ -593,7 +860,11 @@ async fn sessions_expire_as_events(db: &TestDb) {
     let api = Api::start(db).await;
     let (server, token) = api.tenant("Bank").await;
     let (status, _) = api
-        .admin(Method::PATCH, &format!("/v1/servers/{server}"), Some(json!({"session_timeout_secs": 30})))
+        .admin(
+            Method::PATCH,
+            &format!("/v1/servers/{server}"),
+            Some(json!({"session_timeout_secs": 30})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let swept = format!("/v1/servers/{server}/sessions/{}", nonce(1));
@@ -602,21 +873,42 @@ async fn sessions_expire_as_events(db: &TestDb) {
         let (status, _) = api.call(Method::PUT, path, Some(&token), None).await;
         assert_eq!(status, StatusCode::CREATED);
     }
-    let events = api.http.get(api.url(&format!("{swept}/events"))).bearer_auth(&token).send().await.unwrap();
+    let events = api
+        .http
+        .get(api.url(&format!("{swept}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     let mut stream = events.bytes_stream();
     let mut buffer = String::new();
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "pending");
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "pending"
+    );
     api.clock.advance_secs(31);
     // The sweeper finds the first one; the second is read before the sweeper gets to it or
     // after — either way it answers expired.
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "expired");
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "expired"
+    );
     let (status, session) = api.call(Method::GET, &read, Some(&token), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(session["state"], "expired");
     let (status, _) = api.call(Method::PUT, &read, Some(&token), None).await;
-    assert_eq!(status, StatusCode::GONE, "an expired session cannot be reopened");
+    assert_eq!(
+        status,
+        StatusCode::GONE,
+        "an expired session cannot be reopened"
+    );
     let all = api.running.state.store().read_all(0, 10_000).await.unwrap();
-    assert_eq!(all.iter().filter(|e| e.event_type == "session.expired").count(), 2);
+    assert_eq!(
+        all.iter()
+            .filter(|e| e.event_type == "session.expired")
+            .count(),
+        2
+    );
     api.stop().await;
 }
 
@@ -628,35 +920,143 @@ async fn bad_input_is_refused_without_writing(db: &TestDb) {
     let send = |request: reqwest::RequestBuilder| async move {
         let response = request.send().await.unwrap();
         let status = response.status();
-        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
         let body: Value = response.json().await.unwrap_or(Value::Null);
         (status, content_type, body)
     };
     let cases = vec![
-        ("malformed JSON", api.http.put(&user).bearer_auth(&token).header("content-type", "application/json").body("{\"attributes\": "), StatusCode::BAD_REQUEST),
-        ("unknown field", api.http.put(&user).bearer_auth(&token).json(&json!({"attributes": {}, "admin": true})), StatusCode::UNPROCESSABLE_ENTITY),
-        ("wrong type", api.http.put(&user).bearer_auth(&token).json(&json!({"attributes": [1]})), StatusCode::UNPROCESSABLE_ENTITY),
-        ("bad attribute name", api.http.put(&user).bearer_auth(&token).json(&json!({"attributes": {"Bad Name": "x"}})), StatusCode::UNPROCESSABLE_ENTITY),
-        ("oversize body", api.http.put(&user).bearer_auth(&token).json(&json!({"attributes": {"a": "x".repeat(100_000)}})), StatusCode::PAYLOAD_TOO_LARGE),
-        ("not JSON", api.http.put(&user).bearer_auth(&token).header("content-type", "text/plain").body("{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("no key", api.http.put(&user).json(&json!({})), StatusCode::UNAUTHORIZED),
-        ("wrong key", api.http.put(&user).bearer_auth("cs_00_00").json(&json!({})), StatusCode::UNAUTHORIZED),
-        ("bad server id", api.http.get(api.url("/v1/servers/zz/users")).bearer_auth(&token), StatusCode::NOT_FOUND),
-        ("bad admin path id", api.http.get(api.url("/v1/servers/xyz")).bearer_auth(ADMIN_KEY), StatusCode::NOT_FOUND),
-        ("bad query", api.http.get(api.url(&format!("/v1/servers/{server}/users?limit=lots"))).bearer_auth(&token), StatusCode::BAD_REQUEST),
-        ("unknown route", api.http.get(api.url("/v1/nothing")), StatusCode::NOT_FOUND),
-        ("wrong method", api.http.post(&user).bearer_auth(&token).json(&json!({})), StatusCode::METHOD_NOT_ALLOWED),
-        ("userid too long", api.http.put(api.url(&format!("/v1/servers/{server}/users/{}", "a".repeat(300)))).bearer_auth(&token).json(&json!({})), StatusCode::UNPROCESSABLE_ENTITY),
-        ("enrol an unknown user", api.http.post(api.url(&format!("/v1/servers/{server}/enrolments"))).bearer_auth(&token).json(&json!({"userid": "nobody"})), StatusCode::NOT_FOUND),
+        (
+            "malformed JSON",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body("{\"attributes\": "),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "unknown field",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .json(&json!({"attributes": {}, "admin": true})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "wrong type",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .json(&json!({"attributes": [1]})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "bad attribute name",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .json(&json!({"attributes": {"Bad Name": "x"}})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "oversize body",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .json(&json!({"attributes": {"a": "x".repeat(100_000)}})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "not JSON",
+            api.http
+                .put(&user)
+                .bearer_auth(&token)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "no key",
+            api.http.put(&user).json(&json!({})),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "wrong key",
+            api.http.put(&user).bearer_auth("cs_00_00").json(&json!({})),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "bad server id",
+            api.http
+                .get(api.url("/v1/servers/zz/users"))
+                .bearer_auth(&token),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "bad admin path id",
+            api.http
+                .get(api.url("/v1/servers/xyz"))
+                .bearer_auth(ADMIN_KEY),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "bad query",
+            api.http
+                .get(api.url(&format!("/v1/servers/{server}/users?limit=lots")))
+                .bearer_auth(&token),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "unknown route",
+            api.http.get(api.url("/v1/nothing")),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "wrong method",
+            api.http.post(&user).bearer_auth(&token).json(&json!({})),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "userid too long",
+            api.http
+                .put(api.url(&format!("/v1/servers/{server}/users/{}", "a".repeat(300))))
+                .bearer_auth(&token)
+                .json(&json!({})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "enrol an unknown user",
+            api.http
+                .post(api.url(&format!("/v1/servers/{server}/enrolments")))
+                .bearer_auth(&token)
+                .json(&json!({"userid": "nobody"})),
+            StatusCode::NOT_FOUND,
+        ),
     ];
     for (what, request, expected) in cases {
         let (status, content_type, body) = send(request).await;
         assert_eq!(status, expected, "{what}: {body}");
-        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{what}");
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/problem+json"),
+            "{what}"
+        );
         assert_eq!(body["status"], expected.as_u16(), "{what}");
-        assert!(body["type"].as_str().unwrap().starts_with("urn:countersign:problem:"));
+        assert!(
+            body["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:countersign:problem:")
+        );
     }
-    assert_eq!(api.head().await, before, "no refused request wrote an event");
+    assert_eq!(
+        api.head().await,
+        before,
+        "no refused request wrote an event"
+    );
     api.stop().await;
 }
 
@@ -665,11 +1065,24 @@ async fn reads_wait_for_their_writes(db: &TestDb) {
     let (server, token) = api.tenant("Bank").await;
     for i in 0..20 {
         let (status, put) = api
-            .call(Method::PUT, &format!("/v1/servers/{server}/users/u{i}"), Some(&token), Some(json!({"attributes": {"n": i.to_string()}})))
+            .call(
+                Method::PUT,
+                &format!("/v1/servers/{server}/users/u{i}"),
+                Some(&token),
+                Some(json!({"attributes": {"n": i.to_string()}})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED);
         let (status, user) = api
-            .call(Method::GET, &format!("/v1/servers/{server}/users/u{i}?min_position={}", put["position"]), Some(&token), None)
+            .call(
+                Method::GET,
+                &format!(
+                    "/v1/servers/{server}/users/u{i}?min_position={}",
+                    put["position"]
+                ),
+                Some(&token),
+                None,
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "read-your-writes at once, no retry");
         assert_eq!(user["attributes"]["n"], i.to_string());
@@ -677,7 +1090,9 @@ async fn reads_wait_for_their_writes(db: &TestDb) {
     let future = api.head().await.unwrap() + 1_000;
     let response = api
         .http
-        .get(api.url(&format!("/v1/servers/{server}/users/u0?min_position={future}")))
+        .get(api.url(&format!(
+            "/v1/servers/{server}/users/u0?min_position={future}"
+        )))
         .bearer_auth(&token)
         .send()
         .await
@@ -693,15 +1108,39 @@ async fn reads_wait_for_their_writes(db: &TestDb) {
 async fn operations_endpoints(db: &TestDb) {
     let api = Api::start(db).await;
     let (server, token) = api.tenant("Bank").await;
-    let _ = api.call(Method::GET, &format!("/v1/servers/{server}/users"), Some(&token), None).await;
+    let _ = api
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{server}/users"),
+            Some(&token),
+            None,
+        )
+        .await;
     let (status, health) = api.call(Method::GET, "/healthz", None, None).await;
-    assert_eq!((status, health["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(
+        (status, health["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
     let (status, ready) = api.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(ready["head"].as_u64().is_some());
-    let metrics = api.http.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("countersign_http_requests_total{"), "{metrics}");
-    assert!(metrics.contains("route=\"/v1/servers/{server_id}/users\""), "{metrics}");
+    let metrics = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("countersign_http_requests_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("route=\"/v1/servers/{server_id}/users\""),
+        "{metrics}"
+    );
     assert!(metrics.contains("countersign_projection_lag_positions"));
     assert!(metrics.contains("countersign_projection_lag_seconds"));
     assert!(!metrics.contains(&server), "metrics name routes, not ids");
@@ -709,13 +1148,22 @@ async fn operations_endpoints(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     let paths = doc["paths"].as_object().unwrap();
     for path in [
-        "/v1/servers", "/v1/servers/{server_id}", "/v1/servers/{server_id}/api-keys",
-        "/v1/servers/{server_id}/api-keys/{key_id}", "/v1/servers/{server_id}/users",
-        "/v1/servers/{server_id}/users/{userid}", "/v1/servers/{server_id}/users/{userid}/accounts",
+        "/v1/servers",
+        "/v1/servers/{server_id}",
+        "/v1/servers/{server_id}/api-keys",
+        "/v1/servers/{server_id}/api-keys/{key_id}",
+        "/v1/servers/{server_id}/users",
+        "/v1/servers/{server_id}/users/{userid}",
+        "/v1/servers/{server_id}/users/{userid}/accounts",
         "/v1/servers/{server_id}/users/{userid}/accounts/{account_id}",
-        "/v1/servers/{server_id}/enrolments", "/v1/servers/{server_id}/enrolments/{enrolment_id}",
-        "/v1/servers/{server_id}/sessions/{nonce}", "/v1/servers/{server_id}/sessions/{nonce}/qr",
-        "/v1/servers/{server_id}/sessions/{nonce}/events", "/healthz", "/readyz", "/metrics",
+        "/v1/servers/{server_id}/enrolments",
+        "/v1/servers/{server_id}/enrolments/{enrolment_id}",
+        "/v1/servers/{server_id}/sessions/{nonce}",
+        "/v1/servers/{server_id}/sessions/{nonce}/qr",
+        "/v1/servers/{server_id}/sessions/{nonce}/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
     ] {
         assert!(paths.contains_key(path), "{path} is documented");
     }
@@ -726,11 +1174,35 @@ async fn replay_rebuilds_the_same_read_models(db: &TestDb) {
     let api = Api::start(db).await;
     let (server, token) = api.tenant("Bank").await;
     for i in 0..5 {
-        api.call(Method::PUT, &format!("/v1/servers/{server}/users/u{i}"), Some(&token), Some(json!({"attributes": {"k": "v"}}))).await;
-        api.call(Method::PUT, &format!("/v1/servers/{server}/sessions/{}", nonce(i)), Some(&token), None).await;
+        api.call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/users/u{i}"),
+            Some(&token),
+            Some(json!({"attributes": {"k": "v"}})),
+        )
+        .await;
+        api.call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/sessions/{}", nonce(i)),
+            Some(&token),
+            None,
+        )
+        .await;
     }
-    api.call(Method::DELETE, &format!("/v1/servers/{server}/users/u1"), Some(&token), None).await;
-    api.call(Method::DELETE, &format!("/v1/servers/{server}/sessions/{}", nonce(2)), Some(&token), None).await;
+    api.call(
+        Method::DELETE,
+        &format!("/v1/servers/{server}/users/u1"),
+        Some(&token),
+        None,
+    )
+    .await;
+    api.call(
+        Method::DELETE,
+        &format!("/v1/servers/{server}/sessions/{}", nonce(2)),
+        Some(&token),
+        None,
+    )
+    .await;
     let head = api.head().await.unwrap();
     let reads = api.running.state.reads().clone();
     assert!(reads.wait_for(head, Duration::from_secs(10)).await.unwrap());
@@ -747,13 +1219,39 @@ async fn snapshots_of_bodies_and_events(db: &TestDb) {
     let (server, token) = api.tenant("Snapshot Bank").await;
     let start = api.head().await.unwrap() + 1;
     let (_, user) = api
-        .call(Method::PUT, &format!("/v1/servers/{server}/users/erin"), Some(&token), Some(json!({"attributes": {"name": "Erin"}})))
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/users/erin"),
+            Some(&token),
+            Some(json!({"attributes": {"name": "Erin"}})),
+        )
         .await;
     let path = format!("/v1/servers/{server}/sessions/{}", nonce(5));
-    let (_, opened) = api.call(Method::PUT, &path, Some(&token), Some(json!({"session_info": "Welcome"}))).await;
-    let (_, session) = api.call(Method::GET, &format!("{path}?min_position={}", opened["position"]), Some(&token), None).await;
+    let (_, opened) = api
+        .call(
+            Method::PUT,
+            &path,
+            Some(&token),
+            Some(json!({"session_info": "Welcome"})),
+        )
+        .await;
+    let (_, session) = api
+        .call(
+            Method::GET,
+            &format!("{path}?min_position={}", opened["position"]),
+            Some(&token),
+            None,
+        )
+        .await;
     let (_, ended) = api.call(Method::DELETE, &path, Some(&token), None).await;
-    let (_, problem) = api.call(Method::PUT, &format!("/v1/servers/{server}/sessions/abc"), Some(&token), None).await;
+    let (_, problem) = api
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/sessions/abc"),
+            Some(&token),
+            None,
+        )
+        .await;
     let bodies = json!({"put_user": user, "put_session": opened, "get_session": session, "delete_session": ended, "weak_nonce": problem});
     let redactions = |value: &Value| {
         let text = value.to_string().replace(&server, "[server]");
@@ -762,7 +1260,13 @@ async fn snapshots_of_bodies_and_events(db: &TestDb) {
         value
     };
     insta::assert_json_snapshot!("api_bodies", redactions(&bodies));
-    let events = api.running.state.store().read_all(start, 100).await.unwrap();
+    let events = api
+        .running
+        .state
+        .store()
+        .read_all(start, 100)
+        .await
+        .unwrap();
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
@@ -780,8 +1284,24 @@ fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, item) in map.iter_mut() {
-                let volatile = key.ends_with("_at") || key.ends_with("position") || key.ends_with("_id")
-                    || matches!(key.as_str(), "base64url" | "deep_link" | "hsid" | "session" | "user" | "userid_sealed" | "value" | "userid" | "digest" | "nonce" | "ciphertext" | "expires_at");
+                let volatile = key.ends_with("_at")
+                    || key.ends_with("position")
+                    || key.ends_with("_id")
+                    || matches!(
+                        key.as_str(),
+                        "base64url"
+                            | "deep_link"
+                            | "hsid"
+                            | "session"
+                            | "user"
+                            | "userid_sealed"
+                            | "value"
+                            | "userid"
+                            | "digest"
+                            | "nonce"
+                            | "ciphertext"
+                            | "expires_at"
+                    );
                 let scalar = !(item.is_object() || item.is_array() || item.is_null());
                 if volatile && scalar && !(key == "userid" && item.is_string()) {
                     *item = Value::String(format!("[{key}]"));

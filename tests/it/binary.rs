@@ -348,7 +348,9 @@ fn serve_starts_on_the_embedded_default_and_answers() {
     let stdout = child.stdout.take().unwrap();
     let server = KillOnDrop(child);
     let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
     let base = line
         .trim()
         .strip_prefix("countersign serve: listening on ")
@@ -392,14 +394,35 @@ fn replay_of_100k_events_rebuilds_identical_read_models() {
     let url = format!("sqlite://{}", dir.path().join("replay.db").display());
     let out = run_ok(
         dir.path(),
-        &["bench", "replay", "--events", "100000", "--json", "--database-url", &url],
+        &[
+            "bench",
+            "replay",
+            "--events",
+            "100000",
+            "--json",
+            "--database-url",
+            &url,
+        ],
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["identical"], true, "{report}");
     assert!(report["events"].as_u64().unwrap() >= 100_000);
-    let out = run_ok(dir.path(), &["replay", "--quiet", "--projection", "sessions", "--database-url", &url]);
+    let out = run_ok(
+        dir.path(),
+        &[
+            "replay",
+            "--quiet",
+            "--projection",
+            "sessions",
+            "--database-url",
+            &url,
+        ],
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("into sessions"));
-    let out = run(dir.path(), &["replay", "--projection", "nonsense", "--database-url", &url]);
+    let out = run(
+        dir.path(),
+        &["replay", "--projection", "nonsense", "--database-url", &url],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown projection"));
 }
@@ -413,8 +436,17 @@ fn replay_of_100k_events_rebuilds_identical_read_models_on_postgres() {
     std::fs::write(&key, "22".repeat(32)).unwrap();
     let out = run_ok(
         dir.path(),
-        &["bench", "replay", "--events", "100000", "--json", "--database-url", db.url(),
-          "--master-key-file", key.to_str().unwrap()],
+        &[
+            "bench",
+            "replay",
+            "--events",
+            "100000",
+            "--json",
+            "--database-url",
+            db.url(),
+            "--master-key-file",
+            key.to_str().unwrap(),
+        ],
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["identical"], true, "{report}");

@@ -30,7 +30,12 @@ fn clock() -> Arc<FixedClock> {
 
 async fn user_lifecycle_and_shredding(db: &TestDb) {
     let vault = vault_for(db).await;
-    let servers = ServerCommands::new(db.store.clone(), vault.clone(), ServerSecrets::new(vault.clone()), clock());
+    let servers = ServerCommands::new(
+        db.store.clone(),
+        vault.clone(),
+        ServerSecrets::new(vault.clone()),
+        clock(),
+    );
     let users = UserCommands::new(db.store.clone(), vault.clone(), clock());
     let meta = Metadata::default();
     let (server, created) = servers.create("Test Bank", &meta, None).await.unwrap();
@@ -130,7 +135,10 @@ async fn concurrent_commands_retry_on_conflict(db: &TestDb) {
     let vault = vault_for(db).await;
     let users = UserCommands::new(db.store.clone(), vault, clock());
     let meta = Metadata::default();
-    let servers = { let v = vault_for(db).await; ServerCommands::new(db.store.clone(), v.clone(), ServerSecrets::new(v), clock()) };
+    let servers = {
+        let v = vault_for(db).await;
+        ServerCommands::new(db.store.clone(), v.clone(), ServerSecrets::new(v), clock())
+    };
     let (server, _) = servers.create("Race", &meta, None).await.unwrap();
     let (user, _) = users.register(server, "racer", &meta).await.unwrap();
     let mut tasks = Vec::new();
@@ -156,7 +164,12 @@ async fn concurrent_commands_retry_on_conflict(db: &TestDb) {
 /// A command retried with the same idempotency key answers the first result and writes nothing.
 async fn idempotency_keys(db: &TestDb) {
     let vault = vault_for(db).await;
-    let servers = ServerCommands::new(db.store.clone(), vault.clone(), ServerSecrets::new(vault.clone()), clock());
+    let servers = ServerCommands::new(
+        db.store.clone(),
+        vault.clone(),
+        ServerSecrets::new(vault.clone()),
+        clock(),
+    );
     let meta = Metadata::default();
     let (server, _) = servers.create("Idempotent", &meta, None).await.unwrap();
     let stream = server.stream();

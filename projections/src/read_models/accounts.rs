@@ -321,7 +321,12 @@ impl ReadModels {
         user: UserDigest,
     ) -> Result<Vec<AccountRow>, ProjectionError> {
         let mut rows = with_pool!(self.reads(), pool => {
-            sqlx::query(select_accounts!("WHERE server_id = $1 AND user_digest = $2"))
+            // Through the user index, in a form SQLite without statistics does not trade for a
+            // scan of the tenant's primary-key range.
+            sqlx::query(select_accounts!(
+                "WHERE (server_id, account_id) IN (SELECT server_id, account_id FROM rm_accounts \
+                 WHERE server_id = $1 AND user_digest = $2)"
+            ))
                 .bind(server.as_bytes().as_slice())
                 .bind(user.as_bytes().as_slice())
                 .fetch_all(pool)

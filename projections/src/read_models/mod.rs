@@ -13,9 +13,9 @@
 //!   writes the batch and the other reloads and carries on from there.
 //! - **Rebuild equals incremental.** A batch is folded in memory first (see [`fold`]): events
 //!   touching one row become one upsert, one update of the fields they set, or one delete.
-//!   An update applies only the fields its events determine, and history rows that depend on
-//!   the stored state are decided in SQL against it, so any cut of the log into batches gives
-//!   the same tables ([`ReadModels::dump`] compares them).
+//!   An update applies only the fields its events determine (a session's history entry that
+//!   depends on the stored state is decided in SQL against it), so any cut of the log into
+//!   batches gives the same tables ([`ReadModels::dump`] compares them).
 //! - **Sealed personal data stays sealed.** The userid and attribute values are stored as the
 //!   CBOR of the [`Sealed`](countersign_domain::Sealed) values the events carry; the API opens
 //!   them with the user's data key. `user.deleted` deletes the user's rows.
@@ -252,13 +252,17 @@ impl ReadModels {
 
     /// Reads every projection's checkpoint and publishes the lowest.
     async fn load_checkpoints(&self) -> Result<Checkpoints, ProjectionError> {
+        let first = !self.inner.loaded.load(Ordering::Acquire);
         let rows: Vec<(String, i64)> = with_pool!(&self.inner.db, pool => {
             // A projection added after the migration that seeded the others starts at 0.
-            for name in Self::NAMES {
-                sqlx::query("INSERT INTO rm_checkpoints (projection, position) VALUES ($1, 0) ON CONFLICT (projection) DO NOTHING")
-                    .bind(*name)
-                    .execute(pool)
-                    .await?;
+            for name in Self::NAMES.iter().filter(|_| first) {
+                sqlx::query(
+                    "INSERT INTO rm_checkpoints (projection, position) VALUES ($1, 0) \
+                     ON CONFLICT (projection) DO NOTHING",
+                )
+                .bind(*name)
+                .execute(pool)
+                .await?;
             }
             sqlx::query("SELECT projection, position FROM rm_checkpoints")
                 .fetch_all(pool)
@@ -295,11 +299,16 @@ impl ReadModels {
     /// then follows the log as it grows, one transaction per batch. Failures of the database
     /// or the log are logged and retried with a growing pause.
     pub async fn run(&self, store: SharedStore) -> Result<(), ProjectionError> {
-        let mut backoff = Duration::from_millis(100);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
+            let before = *self.inner.processed.borrow();
             match self.project(&store, true, &mut |_, _| {}).await {
                 Ok(_) => {}
                 Err(error) if error.is_transient() => {
+                    if *self.inner.processed.borrow() != before {
+                        backoff = FIRST_BACKOFF;
+                    }
                     tracing::warn!(%error, "read models: retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);

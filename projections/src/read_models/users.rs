@@ -2,7 +2,8 @@
 //! (`rm_user_attributes`), personal data kept sealed: the userid and values are the CBOR of
 //! the [`Sealed`] values in the events, which only the user's data key opens.
 //! `user.deleted` deletes the user's rows; users are paged by the position of their
-//! registration, a cursor that new registrations cannot shift.
+//! registration, a cursor that new registrations cannot shift. Attributes come sorted by
+//! name in byte order (on both backends, whatever the database's collation).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -354,7 +355,7 @@ impl ReadModels {
             let mut user_row = user_row(&row)?;
             user_row.attributes = sqlx::query(
                 "SELECT name, value_sealed FROM rm_user_attributes \
-                 WHERE server_id = $1 AND user_digest = $2 ORDER BY name",
+                 WHERE server_id = $1 AND user_digest = $2",
             )
             .bind(server.as_bytes().as_slice())
             .bind(user.as_bytes().as_slice())
@@ -364,6 +365,7 @@ impl ReadModels {
             .map(|r| Ok((r.text(0)?, r.sealed(1)?)))
             .collect::<Result<_, ProjectionError>>()?;
             tx.commit().await?;
+            user_row.attributes.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(Some(user_row))
         })
     }
@@ -398,8 +400,7 @@ impl ReadModels {
             let attributes = sqlx::query(
                 "SELECT u.user_digest, a.name, a.value_sealed FROM rm_users u \
                  JOIN rm_user_attributes a ON a.server_id = u.server_id AND a.user_digest = u.user_digest \
-                 WHERE u.server_id = $1 AND u.registered_position > $2 AND u.registered_position <= $3 \
-                 ORDER BY u.user_digest, a.name",
+                 WHERE u.server_id = $1 AND u.registered_position > $2 AND u.registered_position <= $3",
             )
             .bind(server.as_bytes().as_slice())
             .bind(after)
@@ -413,6 +414,7 @@ impl ReadModels {
             }
             for user in &mut users {
                 user.attributes = by_user.remove(&user.user_digest).unwrap_or_default();
+                user.attributes.sort_by(|a, b| a.0.cmp(&b.0));
             }
             Ok(users)
         })
