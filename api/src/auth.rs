@@ -62,6 +62,11 @@ impl FromRequestParts<AppState> for Admin {
 /// How long a checked API key is accepted without reading the read model again.
 pub const CREDENTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The caller's API key, whatever server it belongs to (no path check).
+pub(crate) async fn api_key_of(parts: &Parts, state: &AppState) -> Result<Tenant, ApiError> {
+    check_api_key(state, api_key_hash(bearer(parts)?)).await
+}
+
 /// The caller holds an active API key of the server named in the path.
 #[derive(Debug, Clone, Copy)]
 pub struct Tenant {

@@ -8,6 +8,7 @@
 //! Errors are RFC 9457 problem+json (see [`error`]). The caller's session nonce appears in
 //! URLs, so request logs name the matched route, never the path.
 
+pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod expiry;
@@ -94,6 +95,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/sessions/{nonce}/events",
             get(sessions::session_events),
+        )
+        .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/key", get(audit::key))
+        .route("/audit/proofs/inclusion", get(audit::inclusion))
+        .route("/audit/proofs/consistency", get(audit::consistency))
+        .route(
+            "/servers/{server_id}/audit/leaves/{position}",
+            get(audit::leaf),
         );
     Router::new()
         .nest("/v1", v1)

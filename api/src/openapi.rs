@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Json;
-use crate::{error, metrics, servers, sessions, state, users, views};
+use crate::{audit, error, metrics, servers, sessions, state, users, views};
 
 struct BearerSchemes;
 
@@ -54,6 +54,7 @@ impl Modify for BearerSchemes {
         users::get_enrolment,
         sessions::put_session, sessions::get_session, sessions::delete_session,
         sessions::session_qr, sessions::session_events,
+        audit::checkpoint, audit::key, audit::inclusion, audit::consistency, audit::leaf,
         state::healthz, state::readyz, metrics::scrape,
     ),
     components(schemas(error::Problem, views::QrFormat)),
@@ -63,6 +64,7 @@ impl Modify for BearerSchemes {
         (name = "users", description = "Users and their accounts; API key"),
         (name = "enrolments", description = "Enrolment QR codes; API key"),
         (name = "sessions", description = "Login sessions by nonce; API key"),
+        (name = "audit", description = "Signed checkpoints and Merkle proofs; any valid credential, leaves for their own tenant only"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

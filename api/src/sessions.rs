@@ -367,6 +367,7 @@ pub async fn session_qr(
 ) -> Result<Response, ApiError> {
     let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
+    state.wait_for(params.min_position).await?;
     state
         .reads()
         .session_state(session.server_id, session.hsid)
@@ -392,21 +393,25 @@ struct StateChange<'a> {
 /// state`, data `{"state": …, "position": …}`); the stream ends after a final state.
 #[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/events", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("nonce" = String, Path, description = "The caller's secret session nonce")),
+           ("nonce" = String, Path, description = "The caller's secret session nonce"), ReadParams),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn session_events(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(path): Path<(String, String)>,
+    Query(read): Query<ReadParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (_, nonce) = path;
     let session = session_ref(&state, &tenant, &nonce).await?;
+    state.wait_for(read.min_position).await?;
     let first = state
         .reads()
         .session_state(session.server_id, session.hsid)

@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use countersign_commands::{Clock, Commands};
 use countersign_eventstore::SharedStore;
 use countersign_projections::ReadModels;
+use countersign_projections::audit::AuditTree;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -62,6 +63,8 @@ type Credentials =
 
 struct Inner {
     credentials: Credentials,
+    audit: AuditTree,
+    audit_key: Option<p256::ecdsa::VerifyingKey>,
     commands: Commands,
     reads: ReadModels,
     store: SharedStore,
@@ -90,8 +93,11 @@ impl AppState {
         clock: Arc<dyn Clock>,
         config: ApiConfig,
     ) -> Self {
+        let audit = AuditTree::new(reads.database().clone());
         Self(Arc::new(Inner {
             credentials: Credentials::default(),
+            audit,
+            audit_key: None,
             commands,
             reads,
             store,
@@ -122,6 +128,28 @@ impl AppState {
         if let Ok(mut credentials) = self.0.credentials.write() {
             credentials.clear();
         }
+    }
+
+    /// The audit tree to serve proofs from and the key this deployment signs checkpoints
+    /// with (served at `/v1/audit/key`). Call before sharing the state.
+    #[must_use]
+    pub fn with_audit(self, tree: AuditTree, key: p256::ecdsa::VerifyingKey) -> Self {
+        match Arc::try_unwrap(self.0) {
+            Ok(mut inner) => {
+                inner.audit = tree;
+                inner.audit_key = Some(key);
+                Self(Arc::new(inner))
+            }
+            Err(shared) => Self(shared),
+        }
+    }
+
+    pub fn audit(&self) -> &AuditTree {
+        &self.0.audit
+    }
+
+    pub fn audit_key(&self) -> Option<&p256::ecdsa::VerifyingKey> {
+        self.0.audit_key.as_ref()
     }
 
     pub fn commands(&self) -> &Commands {

@@ -391,6 +391,9 @@ pub enum QrFormat {
 #[into_params(parameter_in = Query)]
 pub struct QrParams {
     pub format: Option<QrFormat>,
+    /// Wait (bounded) until the read model has processed this log position.
+    #[param(minimum = 0)]
+    pub min_position: Option<u64>,
     /// Image size in pixels, 64..=2048 (default 256).
     #[param(minimum = 64, maximum = 2048)]
     pub size: Option<u32>,

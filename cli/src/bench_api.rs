@@ -161,6 +161,7 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         gateway_url: "wss://gateway.bench/v1/device".into(),
         max_wait_ms: 5_000,
         expiry_interval_ms: 1_000,
+        checkpoint_interval_ms: 1_000,
     };
     let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -44,6 +44,13 @@ pub struct ServeArgs {
     /// How often expired sessions and enrolments are swept, milliseconds.
     #[arg(long, env = "COUNTERSIGN_EXPIRY_INTERVAL_MS", default_value_t = 1_000)]
     pub expiry_interval_ms: u64,
+    /// Longest time between signed audit checkpoints while events arrive, milliseconds.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_CHECKPOINT_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub checkpoint_interval_ms: u64,
 }
 
 fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
@@ -115,6 +122,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let opened = crate::connect(settings).await?;
     let vault = KeyVault::new(opened.vault.clone(), settings.master_key()?);
+    let audit_key = crate::audit::signing_key(&vault).await?;
     let admin_key = admin_key(settings, args)?;
     let commands = Commands::new(opened.events.clone(), vault, clock.clone());
     let reads = ReadModels::new(opened.database.clone());
@@ -124,8 +132,12 @@ pub async fn start(
         commands,
         reads.clone(),
         opened.events.clone(),
-        clock,
+        clock.clone(),
         config,
+    )
+    .with_audit(
+        countersign_projections::audit::AuditTree::new(opened.database.clone()),
+        *audit_key.verifying_key(),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -137,6 +149,13 @@ pub async fn start(
     let sweep_every = Duration::from_millis(args.expiry_interval_ms.max(10));
     let sweep_state = state.clone();
     let store = opened.events.clone();
+    let checkpointer = tokio::spawn(checkpoints(
+        opened.events.clone(),
+        state.audit().clone(),
+        audit_key,
+        clock,
+        Duration::from_millis(args.checkpoint_interval_ms.max(10)),
+    ));
     let task = tokio::spawn(async move {
         let projector = tokio::spawn(async move { reads.run(store).await });
         let sweeper = tokio::spawn(countersign_api::expiry::run(sweep_state, sweep_every));
@@ -155,6 +174,7 @@ pub async fn start(
             },
         };
         sweeper.abort();
+        checkpointer.abort();
         result
     });
     Ok(Running {
@@ -163,6 +183,35 @@ pub async fn start(
         stop: Some(stop),
         task,
     })
+}
+
+/// Keeps the audit tree up to date and signs a checkpoint at most every `interval` while
+/// events arrive (waking on commits). Failures are logged and retried.
+async fn checkpoints(
+    store: countersign_eventstore::SharedStore,
+    tree: countersign_projections::audit::AuditTree,
+    key: p256::ecdsa::SigningKey,
+    clock: Arc<dyn Clock>,
+    interval: Duration,
+) {
+    let mut head = store.head();
+    loop {
+        head.borrow_and_update();
+        let started = std::time::Instant::now();
+        if let Err(error) = tree
+            .checkpoint(&store, &key, "countersign", clock.now().as_millis())
+            .await
+        {
+            tracing::warn!(%error, "could not sign an audit checkpoint");
+        }
+        tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+        // Then wait for the next commit (or re-check after an interval, for writers this
+        // process cannot hear).
+        tokio::select! {
+            _ = head.changed() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 pub async fn run(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {

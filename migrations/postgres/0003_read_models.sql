@@ -1,7 +1,9 @@
 -- Read models of the business API, built only from the event log by `projections`.
 -- Every table is keyed by server_id first (tenant isolation); ids and sealed values are
 -- bytes; times are milliseconds since the Unix epoch. Personal data (userid, attribute
--- values) is stored only as the sealed CBOR bytes the events carry.
+-- values) is stored only as the sealed CBOR bytes the events carry. A session's state history
+-- is a column of its row (read only with the session; a table of one row per change cost
+-- about as much to write as all the rest of a replay).
 -- A derived cache: `countersign replay` deletes and rebuilds it from position 0.
 
 -- Each projection's next position to process (last processed + 1), written in the same
@@ -14,15 +16,15 @@ INSERT INTO rm_checkpoints (projection, position) VALUES
     ('servers', 0), ('users', 0), ('accounts', 0), ('enrolments', 0), ('sessions', 0);
 
 CREATE TABLE rm_servers (
-    server_id      bytea  PRIMARY KEY,
-    name           text   NOT NULL,
+    server_id      bytea   PRIMARY KEY,
+    name           text    NOT NULL,
     logo_url       text,
-    settings       text   NOT NULL,
-    public_key     bytea  NOT NULL,
-    key_thumbprint bytea  NOT NULL,
-    created_at     bigint NOT NULL,
+    settings       text    NOT NULL,
+    public_key     bytea   NOT NULL,
+    key_thumbprint bytea   NOT NULL,
+    created_at     bigint  NOT NULL,
     deleted_at     bigint,
-    last_position  bigint NOT NULL
+    last_position  bigint  NOT NULL
 );
 
 CREATE TABLE rm_api_keys (

@@ -337,6 +337,37 @@ impl AuditTree {
         Ok(rows)
     }
 
+    /// The newest checkpoint, or the one for exactly `size`.
+    pub async fn find_checkpoint(
+        &self,
+        size: Option<u64>,
+    ) -> Result<Option<StoredCheckpoint>, AuditError> {
+        let (sql, bound) = match size {
+            Some(size) => (
+                "SELECT tree_size, root_hash, timestamp_ms, signed FROM audit_checkpoints WHERE tree_size = $1",
+                to_i64(size)?,
+            ),
+            None => (
+                "SELECT tree_size, root_hash, timestamp_ms, signed FROM audit_checkpoints \
+                 WHERE tree_size > $1 ORDER BY tree_size DESC LIMIT 1",
+                0,
+            ),
+        };
+        let found: Option<(i64, Vec<u8>, i64, Vec<u8>)> = with_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(bound).fetch_optional(pool).await?
+        });
+        let Some((size, root, timestamp_ms, signed)) = found else {
+            return Ok(None);
+        };
+        Ok(Some(StoredCheckpoint {
+            tree_size: u64::try_from(size)
+                .map_err(|_| AuditError::Damaged("negative checkpoint size".into()))?,
+            root_hash: to_hash(&root)?,
+            timestamp_ms,
+            signed,
+        }))
+    }
+
     /// Keeps a checkpoint (idempotent for the same size).
     pub async fn store_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), AuditError> {
         with_pool!(&self.db, pool => {

@@ -69,6 +69,7 @@ impl Api {
             gateway_url: "wss://gateway.test/v1/device".into(),
             max_wait_ms: 2_000,
             expiry_interval_ms: 50,
+            checkpoint_interval_ms: 100,
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))
@@ -620,7 +621,7 @@ where
         let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .expect("an event within 10 s")
-            .expect("the stream stays open")
+            .unwrap_or_else(|| panic!("the stream stays open; had {buffer:?}"))
             .unwrap();
         buffer.push_str(std::str::from_utf8(chunk.as_ref()).unwrap());
     }
@@ -869,17 +870,21 @@ async fn sessions_expire_as_events(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     let swept = format!("/v1/servers/{server}/sessions/{}", nonce(1));
     let read = format!("/v1/servers/{server}/sessions/{}", nonce(2));
+    let mut opened_at = 0;
     for path in [&swept, &read] {
-        let (status, _) = api.call(Method::PUT, path, Some(&token), None).await;
+        let (status, opened) = api.call(Method::PUT, path, Some(&token), None).await;
         assert_eq!(status, StatusCode::CREATED);
+        opened_at = opened["position"].as_u64().unwrap();
     }
+    // Without min_position the stream may start before the read model has the session (404).
     let events = api
         .http
-        .get(api.url(&format!("{swept}/events")))
+        .get(api.url(&format!("{swept}/events?min_position={opened_at}")))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
     let mut stream = events.bytes_stream();
     let mut buffer = String::new();
     assert_eq!(
@@ -1315,7 +1320,176 @@ fn redact(value: &mut Value) {
     }
 }
 
+/// The newest checkpoint once it covers `position` (the server signs one per 100 ms here).
+async fn checkpoint_covering(api: &Api, token: &str, position: u64) -> Value {
+    let mut ticks = tokio::time::interval(Duration::from_millis(20));
+    for _ in 0..500 {
+        ticks.tick().await;
+        let (status, checkpoint) = api
+            .call(Method::GET, "/v1/audit/checkpoint", Some(token), None)
+            .await;
+        if status == StatusCode::OK && checkpoint["tree_size"].as_u64().unwrap() > position {
+            return checkpoint;
+        }
+    }
+    panic!("no checkpoint covered position {position} within 10 s");
+}
+
+fn unb64(text: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.as_str().unwrap())
+        .unwrap()
+}
+
+fn hashes(proof: &Value) -> Vec<Vec<u8>> {
+    proof["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| hex::decode(h.as_str().unwrap()).unwrap())
+        .collect()
+}
+
+async fn audit_checkpoints_and_proofs(db: &TestDb) {
+    use countersign_protocol::checkpoint::{
+        verify_consistency_between_checkpoints, verify_inclusion_against_checkpoint,
+    };
+    let api = Api::start(db).await;
+    let (a, key_a) = api.tenant("A").await;
+    let (b, key_b) = api.tenant("B").await;
+    let (_, put) = api
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{a}/users/alice"),
+            Some(&key_a),
+            Some(json!({"attributes": {"k": "v"}})),
+        )
+        .await;
+    let position = put["position"].as_u64().unwrap();
+    let first = checkpoint_covering(&api, &key_b, position).await;
+    let (status, key) = api
+        .call(Method::GET, "/v1/audit/key", Some(&key_b), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(
+        &hex::decode(key["public_key"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let size = first["tree_size"].as_u64().unwrap();
+
+    let (status, leaf) = api
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{a}/audit/leaves/{position}"),
+            Some(&key_a),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{leaf}");
+    let canonical = unb64(&leaf["canonical"]);
+    let (status, _) = api
+        .call(
+            Method::GET,
+            &format!("/v1/servers/{b}/audit/leaves/{position}"),
+            Some(&key_b),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "B never reads A's leaves");
+    let (status, proof) = api
+        .call(
+            Method::GET,
+            &format!("/v1/audit/proofs/inclusion?position={position}&tree_size={size}"),
+            Some(&key_b),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let signed = unb64(&first["signed"]);
+    verify_inclusion_against_checkpoint(&canonical, position, &hashes(&proof), &signed, &key)
+        .unwrap();
+    let mut forged = canonical.clone();
+    forged[10] ^= 1;
+    assert!(
+        verify_inclusion_against_checkpoint(&forged, position, &hashes(&proof), &signed, &key)
+            .is_err()
+    );
+
+    let (_, more) = api
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{b}/users/bob"),
+            Some(&key_b),
+            Some(json!({})),
+        )
+        .await;
+    let second = checkpoint_covering(&api, &key_a, more["position"].as_u64().unwrap()).await;
+    let size2 = second["tree_size"].as_u64().unwrap();
+    let (status, proof) = api
+        .call(
+            Method::GET,
+            &format!("/v1/audit/proofs/consistency?from={size}&to={size2}"),
+            Some(&key_a),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    verify_consistency_between_checkpoints(
+        &signed,
+        &unb64(&second["signed"]),
+        &hashes(&proof),
+        &key,
+    )
+    .unwrap();
+    let (status, by_size) = api
+        .call(
+            Method::GET,
+            &format!("/v1/audit/checkpoint?tree_size={size}"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(by_size["signed"], first["signed"]);
+
+    for (path, expected) in [
+        (
+            format!("/v1/audit/proofs/inclusion?position={size}&tree_size={size}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!(
+                "/v1/audit/proofs/inclusion?position=0&tree_size={}",
+                size2 + 1_000
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!("/v1/audit/proofs/consistency?from={size2}&to={size}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/v1/audit/proofs/inclusion?position=x".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/audit/checkpoint?tree_size=999999".to_owned(),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (status, body) = api.call(Method::GET, &path, Some(&key_a), None).await;
+        assert_eq!(status, expected, "{path}: {body}");
+    }
+    let (status, _) = api
+        .call(Method::GET, "/v1/audit/checkpoint", None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    api.stop().await;
+}
+
 countersign_eventstore::on_both_backends!(
+    audit_checkpoints_and_proofs,
     admin_manages_servers_and_keys,
     users_accounts_and_shredding,
     tenants_are_isolated,

@@ -162,10 +162,10 @@ pub struct ReadModels {
 
 #[derive(Debug)]
 struct Inner {
-    /// Where the projector writes (and PostgreSQL reads).
+    /// Where the projector writes (on SQLite one connection of its own).
     db: Database,
     /// Where queries read: on SQLite a pool of read-only connections, so reads never wait for
-    /// the projector's (or the key vault's) single write connection.
+    /// the write connection.
     reads: Database,
     processed: watch::Sender<u64>,
     loaded: AtomicBool,
@@ -185,15 +185,27 @@ impl ReadModels {
 
     /// Read models over `db` (the log's database, migrated by the event store's `open`).
     pub fn new(db: Database) -> Self {
-        let reads = match &db {
-            Database::Postgres(pool) => Database::Postgres(pool.clone()),
+        let (db, reads) = match db {
+            Database::Postgres(pool) => {
+                (Database::Postgres(pool.clone()), Database::Postgres(pool))
+            }
             Database::Sqlite(pool) => {
-                let options = (*pool.connect_options()).clone().read_only(true);
-                Database::Sqlite(
-                    sqlx::sqlite::SqlitePoolOptions::new()
-                        .max_connections(4)
-                        .connect_lazy_with(options),
-                )
+                let options = (*pool.connect_options()).clone();
+                // Own connections: the projector's write transactions do not hold the key
+                // vault's, and commit without waiting for the disk (`synchronous = NORMAL`,
+                // still atomic: a crash loses whole batches with their checkpoints, which are
+                // then projected again), as on PostgreSQL.
+                let writes = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_lazy_with(
+                        options
+                            .clone()
+                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal),
+                    );
+                let reads = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_lazy_with(options.read_only(true));
+                (Database::Sqlite(writes), Database::Sqlite(reads))
             }
         };
         let (processed, _) = watch::channel(0);
@@ -221,6 +233,11 @@ impl ReadModels {
 
     pub(crate) fn reads(&self) -> &Database {
         &self.inner.reads
+    }
+
+    /// The database the read models live in (the log's own).
+    pub fn database(&self) -> &Database {
+        &self.inner.db
     }
 
     /// The lowest next-position over all projections, as this process has seen it: updated

@@ -303,16 +303,13 @@ impl Patch {
     }
 }
 
-/// Appends `entries` in the stored form, `position:state:at;` each.
+/// The stored form of `entries`: `position:state:at;` each.
 fn encode_history(entries: &[History]) -> String {
-    let mut text = String::with_capacity(entries.len() * 28);
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(entries.len() * 32);
     for h in entries {
-        text.push_str(&format!(
-            "{}:{}:{};",
-            h.position,
-            h.state.as_str(),
-            h.at.as_millis()
-        ));
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{}:{}:{};", h.position, h.state, h.at.as_millis());
     }
     text
 }
