@@ -42,6 +42,23 @@ pub enum AuditWhat {
     },
     /// Print the audit public key (SEC1, hex): give it to whoever verifies.
     Key,
+    /// Watch a deployment's checkpoints as a CT monitor does: verify each new one with the
+    /// audit key and check, with a consistency proof, that it extends the previous one. Prints
+    /// a JSON line per checkpoint; exits non-zero at the first violation. The credential (any
+    /// API key or the admin key) comes from `COUNTERSIGN_MONITOR_TOKEN`, never the command line.
+    Monitor {
+        /// The deployment's base URL, e.g. `https://countersign.example.com`.
+        url: String,
+        /// The audit public key (hex SEC1), pinned out of band.
+        #[arg(long)]
+        audit_key: String,
+        /// Poll interval, milliseconds.
+        #[arg(long, default_value_t = 1_000)]
+        interval_ms: u64,
+        /// Stop after this many new checkpoints (default: run until stopped).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Recompute the tree from the stored events and check every signed checkpoint; exits
     /// non-zero and names the first position that disagrees.
     Verify {
@@ -72,6 +89,15 @@ pub async fn signing_key(vault: &KeyVault) -> anyhow::Result<SigningKey> {
 }
 
 pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
+    if let AuditWhat::Monitor {
+        url,
+        audit_key,
+        interval_ms,
+        count,
+    } = &args.what
+    {
+        return monitor(url, audit_key, Duration::from_millis(*interval_ms), *count).await;
+    }
     let opened = crate::connect(settings).await?;
     let tree = AuditTree::new(opened.database.clone());
     let vault = || -> anyhow::Result<KeyVault> {
@@ -118,6 +144,7 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
             )
             .await?;
         }
+        AuditWhat::Monitor { .. } => unreachable_monitor()?,
         AuditWhat::Key => {
             let key = signing_key(&vault()?).await?;
             writeln!(out, "{}", hex::encode(key.verifying_key().to_sec1_bytes()))?;
@@ -156,6 +183,137 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `run` answers `Monitor` before opening a database.
+fn unreachable_monitor() -> anyhow::Result<()> {
+    anyhow::bail!("audit monitor runs without a database")
+}
+
+fn unbase64(value: &serde_json::Value, what: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let text = value
+        .get(what)
+        .and_then(|v| v.as_str())
+        .with_context(|| format!("the answer has no {what}"))?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .with_context(|| format!("{what} is not base64url"))
+}
+
+async fn fetch(
+    http: &reqwest::Client,
+    url: String,
+    token: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let response = http.get(&url).bearer_auth(token).send().await?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let response = response
+        .error_for_status()
+        .with_context(|| format!("GET {}", url.split('?').next().unwrap_or("")))?;
+    Ok(Some(response.json().await?))
+}
+
+/// `audit monitor`: see [`AuditWhat::Monitor`].
+async fn monitor(
+    base: &str,
+    audit_key: &str,
+    interval: Duration,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use countersign_protocol::checkpoint::{
+        verify_checkpoint, verify_consistency_between_checkpoints,
+    };
+    let key = VerifyingKey::from_sec1_bytes(
+        &hex::decode(audit_key.trim()).context("--audit-key is not hex")?,
+    )
+    .context("--audit-key is not a P-256 public key")?;
+    let token = Zeroizing::new(std::env::var("COUNTERSIGN_MONITOR_TOKEN").context(
+        "set COUNTERSIGN_MONITOR_TOKEN to an API key (or the admin key) of the deployment",
+    )?);
+    let base = base.trim_end_matches('/');
+    let http = reqwest::Client::new();
+    let mut previous: Option<(u64, Vec<u8>)> = None;
+    let mut seen = 0u64;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let Some(answer) = fetch(&http, format!("{base}/v1/audit/checkpoint"), &token).await?
+        else {
+            continue;
+        };
+        let signed = unbase64(&answer, "signed")?;
+        let head = verify_checkpoint(&signed, &key)
+            .map_err(|e| anyhow::anyhow!("checkpoint does not verify with the audit key: {e}"))?;
+        match &previous {
+            Some((size, _)) if head.tree_size < *size => anyhow::bail!(
+                "the log shrank: checkpoint of size {} after one of size {size}",
+                head.tree_size
+            ),
+            Some((size, old)) if head.tree_size == *size => {
+                if *old != signed
+                    && verify_checkpoint(old, &key).map(|h| h.root_hash).ok()
+                        != Some(head.root_hash)
+                {
+                    anyhow::bail!("two different roots signed for size {size}: the log forked");
+                }
+                continue;
+            }
+            Some((size, old)) => {
+                let proof = fetch(
+                    &http,
+                    format!(
+                        "{base}/v1/audit/proofs/consistency?from={size}&to={}",
+                        head.tree_size
+                    ),
+                    &token,
+                )
+                .await?
+                .context("no consistency proof served")?;
+                let hashes = proof
+                    .get("hashes")
+                    .and_then(|h| h.as_array())
+                    .context("the proof has no hashes")?
+                    .iter()
+                    .map(|h| {
+                        h.as_str()
+                            .and_then(|h| hex::decode(h).ok())
+                            .context("a proof hash is not hex")
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                verify_consistency_between_checkpoints(old, &signed, &hashes, &key).map_err(
+                    |e| {
+                        anyhow::anyhow!(
+                            "checkpoint of size {} is not consistent with size {size}: {e}",
+                            head.tree_size
+                        )
+                    },
+                )?;
+            }
+            None => {}
+        }
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{{\"tree_size\":{},\"root_hash\":\"{}\",\"timestamp_ms\":{},\"consistent_with\":{}}}",
+                head.tree_size,
+                hex::encode(head.root_hash),
+                head.timestamp_ms,
+                previous
+                    .as_ref()
+                    .map_or("null".to_owned(), |(size, _)| size.to_string())
+            )?;
+            out.flush()?;
+        }
+        previous = Some((head.tree_size, signed));
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            return Ok(());
+        }
+    }
 }
 
 /// The audit role: catch up on every commit, sign when the interval has passed and the tree

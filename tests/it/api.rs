@@ -1488,7 +1488,84 @@ async fn audit_checkpoints_and_proofs(db: &TestDb) {
     api.stop().await;
 }
 
+async fn audit_monitor_follows_the_checkpoints(db: &TestDb) {
+    let api = Api::start(db).await;
+    let (server, token) = api.tenant("Monitored").await;
+    let (_, key) = api
+        .call(Method::GET, "/v1/audit/key", Some(&token), None)
+        .await;
+    let audit_key = key["public_key"].as_str().unwrap().to_owned();
+    let monitor = tokio::process::Command::new(crate::binary::binary())
+        .args([
+            "audit",
+            "monitor",
+            &api.base,
+            "--audit-key",
+            &audit_key,
+            "--interval-ms",
+            "50",
+            "--count",
+            "2",
+        ])
+        .env("COUNTERSIGN_MONITOR_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Keep the log growing until the monitor has seen two checkpoints.
+    let writer = async {
+        for i in 0..200 {
+            api.call(
+                Method::PUT,
+                &format!("/v1/servers/{server}/users/m{i}"),
+                Some(&token),
+                Some(json!({})),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    };
+    let out = tokio::select! {
+        out = monitor.wait_with_output() => out.unwrap(),
+        () = writer => panic!("the monitor saw fewer than two checkpoints"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[1]["tree_size"].as_u64() > lines[0]["tree_size"].as_u64());
+    assert_eq!(lines[1]["consistent_with"], lines[0]["tree_size"]);
+
+    let wrong_key = hex::encode(p256_point(42));
+    let out = tokio::process::Command::new(crate::binary::binary())
+        .args([
+            "audit",
+            "monitor",
+            &api.base,
+            "--audit-key",
+            &wrong_key,
+            "--count",
+            "1",
+        ])
+        .env("COUNTERSIGN_MONITOR_TOKEN", &token)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
+    api.stop().await;
+}
+
 countersign_eventstore::on_both_backends!(
+    audit_monitor_follows_the_checkpoints,
     audit_checkpoints_and_proofs,
     admin_manages_servers_and_keys,
     users_accounts_and_shredding,

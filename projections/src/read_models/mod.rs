@@ -162,6 +162,8 @@ pub struct ReadModels {
 
 #[derive(Debug)]
 struct Inner {
+    /// The database as given to [`ReadModels::new`].
+    given: Database,
     /// Where the projector writes (on SQLite one connection of its own).
     db: Database,
     /// Where queries read: on SQLite a pool of read-only connections, so reads never wait for
@@ -184,8 +186,8 @@ impl ReadModels {
     pub const NAMES: &[&str] = &["servers", "users", "accounts", "enrolments", "sessions"];
 
     /// Read models over `db` (the log's database, migrated by the event store's `open`).
-    pub fn new(db: Database) -> Self {
-        let (db, reads) = match db {
+    pub fn new(given: Database) -> Self {
+        let (db, reads) = match given.clone() {
             Database::Postgres(pool) => {
                 (Database::Postgres(pool.clone()), Database::Postgres(pool))
             }
@@ -211,6 +213,7 @@ impl ReadModels {
         let (processed, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
+                given,
                 db,
                 reads,
                 processed,
@@ -235,9 +238,10 @@ impl ReadModels {
         &self.inner.reads
     }
 
-    /// The database the read models live in (the log's own).
+    /// The database the read models live in (the log's own), as given to
+    /// [`ReadModels::new`]: on SQLite not the projector's own connections.
     pub fn database(&self) -> &Database {
-        &self.inner.db
+        &self.inner.given
     }
 
     /// The lowest next-position over all projections, as this process has seen it: updated
