@@ -423,7 +423,8 @@ pub async fn session_events(
         session: SessionRef,
         processed: tokio::sync::watch::Receiver<u64>,
         pending: Option<SessionRow>,
-        last: Option<u64>,
+        /// The state last sent: pings move a session's position, not its state.
+        last: Option<String>,
         done: bool,
     }
     let start = Follow {
@@ -455,10 +456,10 @@ pub async fn session_events(
                 }
             };
             let Some(row) = row else { continue };
-            if follow.last == Some(row.last_position) {
+            if follow.last.as_deref() == Some(row.state.as_str()) {
                 continue;
             }
-            follow.last = Some(row.last_position);
+            follow.last = Some(row.state.clone());
             follow.done = is_final(&row);
             let data = serde_json::to_string(&StateChange {
                 state: &row.state,
