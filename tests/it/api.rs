@@ -110,6 +110,18 @@ impl Api {
         (status, value)
     }
 
+    /// A GET that waits for the read models to reach `position` (read-your-writes).
+    pub async fn read(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        position: impl std::fmt::Display,
+    ) -> (StatusCode, Value) {
+        let joiner = if path.contains('?') { '&' } else { '?' };
+        let path = format!("{path}{joiner}min_position={position}");
+        self.call(Method::GET, &path, token, None).await
+    }
+
     pub async fn admin(
         &self,
         method: reqwest::Method,
@@ -345,14 +357,7 @@ async fn users_accounts_and_shredding(db: &TestDb) {
         .await;
     assert_eq!(status, StatusCode::OK);
     let position = put["position"].as_u64().unwrap();
-    let (status, user) = api
-        .call(
-            Method::GET,
-            &format!("{alice}?min_position={position}"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, user) = api.read(&alice, Some(&token), position).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         user,
@@ -372,11 +377,10 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     }
     let head = api.head().await.unwrap();
     let (status, page) = api
-        .call(
-            Method::GET,
-            &format!("/v1/servers/{server}/users?limit=2&min_position={head}"),
+        .read(
+            &format!("/v1/servers/{server}/users?limit=2"),
             Some(&token),
-            None,
+            head,
         )
         .await;
     assert_eq!(status, StatusCode::OK);
@@ -402,12 +406,7 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     let account = register_account(&api, &server, "alice@example.org", 7).await;
     let head = api.head().await.unwrap();
     let (status, accounts) = api
-        .call(
-            Method::GET,
-            &format!("{alice}/accounts?min_position={head}"),
-            Some(&token),
-            None,
-        )
+        .read(&format!("{alice}/accounts"), Some(&token), head)
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(accounts["accounts"][0]["account_id"], account.to_string());
@@ -435,26 +434,14 @@ async fn users_accounts_and_shredding(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     let position = deleted["position"].as_u64().unwrap();
     let (_, accounts) = api
-        .call(
-            Method::GET,
-            &format!("{alice}/accounts?min_position={position}"),
-            Some(&token),
-            None,
-        )
+        .read(&format!("{alice}/accounts"), Some(&token), position)
         .await;
     assert_eq!(accounts["accounts"], json!([]));
 
     let (status, deleted) = api.call(Method::DELETE, &alice, Some(&token), None).await;
     assert_eq!(status, StatusCode::OK);
     let position = deleted["position"].as_u64().unwrap();
-    let (status, _) = api
-        .call(
-            Method::GET,
-            &format!("{alice}?min_position={position}"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, _) = api.read(&alice, Some(&token), position).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let events = api.running.state.store().read_all(0, 10_000).await.unwrap();
     for event in &events {
@@ -746,14 +733,7 @@ async fn session_login_flow(db: &TestDb) {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let (status, session) = api
-        .call(
-            Method::GET,
-            &format!("{path}?min_position={}", opened["position"]),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, session) = api.read(&path, Some(&token), &opened["position"]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(session["state"], "pending");
     assert_eq!(
@@ -1240,14 +1220,7 @@ async fn snapshots_of_bodies_and_events(db: &TestDb) {
             Some(json!({"session_info": "Welcome"})),
         )
         .await;
-    let (_, session) = api
-        .call(
-            Method::GET,
-            &format!("{path}?min_position={}", opened["position"]),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (_, session) = api.read(&path, Some(&token), &opened["position"]).await;
     let (_, ended) = api.call(Method::DELETE, &path, Some(&token), None).await;
     let (_, problem) = api
         .call(
