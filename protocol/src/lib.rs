@@ -7,10 +7,14 @@
 //! - [`cose`]: COSE_Sign1 with ES256, the only signature format we emit or accept.
 //! - [`checkpoint`]: signed tree heads, and proofs checked against them.
 //! - [`qr`]: the versioned CBOR payload of login and enrolment QR codes and deep links.
+//! - [`device`]: the messages between devices and the device gateway, with their limits.
+//! - [`channel`]: the Noise `IK` channel those messages travel in, and its framing.
 
 pub mod cbor;
+pub mod channel;
 pub mod checkpoint;
 pub mod cose;
+pub mod device;
 pub mod merkle;
 pub mod qr;
 

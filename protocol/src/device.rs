@@ -1,0 +1,619 @@
+//! The messages between a device (the mobile SDK) and the device gateway, version 1.
+//!
+//! Every message is one CBOR item travelling inside the Noise channel ([`crate::channel`]):
+//! the handshake carries a [`Hello`] (device → gateway) and a [`Welcome`] (gateway → device);
+//! after it, the device sends [`Request`]s and the gateway answers each with a
+//! [`ServerMessage::Reply`] carrying the request's `id`, and tells the device of things it did
+//! not ask about with [`ServerMessage::Notice`] (a logout from the business API, an account
+//! deleted by the server).
+//!
+//! Rules enforced by [`decode`]:
+//! - at most [`MAX_MESSAGE_BYTES`] bytes and [`MAX_DEPTH`] levels of nesting, checked before
+//!   serde sees anything;
+//! - exactly one item, no trailing bytes; ids, tokens and keys of their exact lengths
+//!   ([`Bytes`]); strings within their documented limits ([`Request::validate`]);
+//! - enums are externally tagged maps (`{"scan": {"hsid": h'…'}}`), field names in
+//!   snake_case, so a reader in another language sees names, not indexes.
+//!
+//! A version the gateway does not speak is refused in the handshake
+//! ([`Refusal::UnsupportedVersion`]) rather than misread.
+
+use std::fmt;
+
+use serde::de::{DeserializeOwned, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cbor::{self, CborError};
+
+/// The protocol version this code speaks.
+pub const VERSION: u16 = 1;
+/// Largest message, in bytes of CBOR (a message may span several Noise frames).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Deepest nesting of arrays and maps a message may have.
+pub const MAX_DEPTH: usize = 16;
+/// Longest text field a device may send (announce info, names), in bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+/// A byte string of exactly `N` bytes (ids, hsids, tokens). Encoded as a CBOR byte string;
+/// any other length or type is a decoding error.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bytes<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> fmt::Debug for Bytes<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl<const N: usize> Serialize for Bytes<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Bytes<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Exact<const N: usize>;
+        impl<const N: usize> Visitor<'_> for Exact<N> {
+            type Value = Bytes<N>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a byte string of {N} bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                <[u8; N]>::try_from(v)
+                    .map(Bytes)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+        }
+        d.deserialize_bytes(Exact::<N>)
+    }
+}
+
+/// A secret of `N` bytes (an enrolment token): like [`Bytes`] on the wire, but `Debug`
+/// prints nothing and the memory is wiped on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret<const N: usize>(Bytes<N>);
+
+impl<const N: usize> Secret<N> {
+    /// Wraps secret bytes.
+    pub fn new(bytes: [u8; N]) -> Self {
+        Self(Bytes(bytes))
+    }
+    /// The bytes, for the one place that uses them.
+    pub fn expose(&self) -> &[u8; N] {
+        &self.0.0
+    }
+}
+
+impl<const N: usize> Drop for Secret<N> {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0.0);
+    }
+}
+
+impl<const N: usize> fmt::Debug for Secret<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A variable-length byte string (public keys).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.0))
+    }
+}
+
+/// First handshake message's payload, device → gateway (encrypted to the server's key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the device speaks.
+    pub version: u16,
+    /// Who the device says it is.
+    pub intent: Intent,
+}
+
+/// Who the device says it is; the Noise static key proves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Intent {
+    /// An enrolled account: the device's Noise static key must be this account's channel key.
+    Account {
+        /// The account.
+        account_id: Bytes<16>,
+    },
+    /// A device with no account at this server yet: it may read the server's parameters,
+    /// enrol (its static key becomes the new account's channel key) or report that it has no
+    /// account for a session.
+    Guest,
+}
+
+/// Second handshake message's payload, gateway → device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Welcome {
+    /// The channel is open.
+    Accepted {
+        /// The server's current parameters (the SDK refreshes its cache from them).
+        server: ServerParams,
+    },
+    /// The gateway closes the connection after this.
+    Refused {
+        /// Why.
+        reason: Refusal,
+    },
+}
+
+/// Why the gateway refused a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The device speaks a version the gateway does not.
+    UnsupportedVersion,
+    /// No such account at this server.
+    UnknownAccount,
+    /// The account was deleted (the device should forget it).
+    AccountDeleted,
+    /// The Noise static key is not the account's channel key.
+    KeyMismatch,
+    /// The server was deleted.
+    ServerGone,
+}
+
+/// A virtual server's parameters, as the SDK caches them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerParams {
+    /// The server id.
+    pub server_id: Bytes<16>,
+    /// Display name.
+    pub name: String,
+    /// Logo URL, if set.
+    pub logo_url: Option<String>,
+    /// The second factor a login needs: "none", "pin", "biometric" or "pin_or_biometric".
+    pub second_factor: String,
+    /// Seconds a verified second factor may be reused for a login (0: never).
+    pub second_factor_cache_secs: u32,
+    /// Ping interval of sessions opened without one, seconds.
+    pub default_ping_time_secs: u32,
+}
+
+/// A device request; the gateway answers with a reply carrying the same `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the device; unique among its requests in flight on this connection.
+    pub id: u32,
+    /// What it asks.
+    pub body: RequestBody,
+}
+
+/// What a device may ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestBody {
+    /// Guest only: create an account through an enrolment token; the channel's static key
+    /// becomes its channel key.
+    Enrol {
+        /// The enrolment token from the QR code or link.
+        token: Secret<32>,
+        /// The account's signing public key, SEC1 P-256.
+        signing_public_key: Blob,
+        /// The app installation.
+        app_instance: Bytes<16>,
+    },
+    /// Pick up a login session from its QR code or link; answers its details.
+    Scan {
+        /// The session's derived id.
+        hsid: Bytes<32>,
+    },
+    /// Account only: the user chose this account for the session.
+    Confirm {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// Account only: log in to the session with this account.
+    LogIn {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// Account only: a continuous session is still in use.
+    Ping {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// Account only: the user logs out.
+    LogOut {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// The user declined the session before logging in.
+    Abort {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// The session cannot go on on this device.
+    Fail {
+        /// The session.
+        hsid: Bytes<32>,
+        /// Why.
+        reason: FailReason,
+    },
+    /// Account only: the user removed this account from the app.
+    DeleteAccount,
+}
+
+/// Why a device gave up on a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The app holds no account for the session's server (NOACCOUNTS).
+    NoAccounts,
+}
+
+impl Request {
+    /// Checks the limits serde cannot: key and text lengths.
+    ///
+    /// # Errors
+    /// A [`DeviceError`] with [`ErrorCode::Invalid`].
+    pub fn validate(&self) -> Result<(), DeviceError> {
+        if let RequestBody::Enrol {
+            signing_public_key, ..
+        } = &self.body
+            && !matches!(signing_public_key.0.len(), 33 | 65)
+        {
+            return Err(DeviceError::new(
+                ErrorCode::Invalid,
+                "signing_public_key must be a SEC1 P-256 point (33 or 65 bytes)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A message from the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The answer to a request.
+    Reply {
+        /// The request's id.
+        id: u32,
+        /// Its outcome.
+        outcome: Outcome,
+    },
+    /// Something the device did not ask about.
+    Notice(Notice),
+}
+
+/// A request's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done.
+    Ok(Answer),
+    /// Refused.
+    Err(DeviceError),
+}
+
+/// What a successful request answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    /// The account exists; reconnect with [`Intent::Account`].
+    Enrolled {
+        /// The new account.
+        account_id: Bytes<16>,
+        /// The user it belongs to, as the business system names them.
+        userid: String,
+    },
+    /// A session's details (after a scan).
+    Session(SessionDetails),
+    /// Logged in.
+    LoggedIn {
+        /// Shown to the user once logged in.
+        session_info: Option<String>,
+        /// 0 for a one-shot login; otherwise ping at least this often, seconds.
+        ping_time_secs: u32,
+    },
+    /// Done, nothing to say.
+    Done,
+}
+
+/// A login session, as a device sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDetails {
+    /// Shown to the user while confirming.
+    pub announce_info: Option<String>,
+    /// 0 for a one-shot login.
+    pub ping_time_secs: u32,
+    /// Whether the server's policy asks a second factor for this login.
+    pub second_factor_required: bool,
+    /// Milliseconds since the Unix epoch after which the login is refused.
+    pub expires_at_ms: i64,
+}
+
+/// Something the gateway tells a device without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notice {
+    /// A session this device took part in ended.
+    SessionEnded {
+        /// The session.
+        hsid: Bytes<32>,
+        /// How.
+        how: SessionEnd,
+    },
+    /// The server deleted this account; the device should forget it. The gateway closes
+    /// the connection after this.
+    AccountDeleted {
+        /// The account.
+        account_id: Bytes<16>,
+    },
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEnd {
+    /// Logged out (by the business system, the user, or a missed ping).
+    LoggedOut,
+    /// Cancelled before login.
+    Aborted,
+    /// Not logged in in time.
+    Expired,
+    /// Failed.
+    Failed,
+}
+
+/// A refused request: a code to act on and a message for people. Messages never echo
+/// secrets or foreign content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct DeviceError {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+impl DeviceError {
+    /// A refusal.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What went wrong with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or breaks a rule.
+    Invalid,
+    /// No such session or enrolment.
+    NotFound,
+    /// The session or enrolment is past its deadline.
+    Expired,
+    /// The session ended or the enrolment was used.
+    Ended,
+    /// The request conflicts with what happened already (another account logged in).
+    Conflict,
+    /// This channel may not do this (a guest asking to log in, another account's session).
+    NotAllowed,
+    /// The server's policy needs a second factor this device did not give.
+    SecondFactorRequired,
+    /// The gateway failed; try again later.
+    Internal,
+}
+
+/// Why bytes are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// Longer than [`MAX_MESSAGE_BYTES`].
+    #[error("message is {0} bytes, at most {MAX_MESSAGE_BYTES} allowed")]
+    TooLong(usize),
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("message nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// Not CBOR, or not the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] CborError),
+}
+
+/// Encodes a message as canonical CBOR.
+///
+/// # Errors
+/// [`MessageError::Malformed`] if serde fails, [`MessageError::TooLong`] past the limit.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, MessageError> {
+    let bytes = cbor::to_canonical_vec(message)?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLong(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes one message, enforcing the size and depth limits first.
+///
+/// # Errors
+/// See [`MessageError`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MessageError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLong(bytes.len()));
+    }
+    let value = cbor::decode_value(bytes)?;
+    if depth(&value) > MAX_DEPTH {
+        return Err(MessageError::TooDeep);
+    }
+    Ok(cbor::from_slice(bytes)?)
+}
+
+fn depth(value: &cbor4ii::core::Value) -> usize {
+    use cbor4ii::core::Value;
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(k, v)| depth(k).max(depth(v)))
+                .max()
+                .unwrap_or(0)
+        }
+        Value::Tag(_, inner) => 1 + depth(inner),
+        _ => 0,
+    }
+}
+
+/// `DeviceError` from a decoding failure, for replies.
+impl From<MessageError> for DeviceError {
+    fn from(e: MessageError) -> Self {
+        Self::new(ErrorCode::Invalid, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(message: &T) {
+        let bytes = encode(message).unwrap();
+        assert_eq!(&decode::<T>(&bytes).unwrap(), message);
+        assert_eq!(encode(&decode::<T>(&bytes).unwrap()).unwrap(), bytes);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        round_trip(&Hello {
+            version: VERSION,
+            intent: Intent::Account {
+                account_id: Bytes([7; 16]),
+            },
+        });
+        round_trip(&Hello {
+            version: VERSION,
+            intent: Intent::Guest,
+        });
+        round_trip(&Welcome::Refused {
+            reason: Refusal::KeyMismatch,
+        });
+        round_trip(&Welcome::Accepted {
+            server: ServerParams {
+                server_id: Bytes([1; 16]),
+                name: "Bank".into(),
+                logo_url: None,
+                second_factor: "none".into(),
+                second_factor_cache_secs: 0,
+                default_ping_time_secs: 0,
+            },
+        });
+        for body in [
+            RequestBody::Enrol {
+                token: Secret::new([9; 32]),
+                signing_public_key: Blob(vec![4; 65]),
+                app_instance: Bytes([3; 16]),
+            },
+            RequestBody::Scan { hsid: Bytes([2; 32]) },
+            RequestBody::LogIn { hsid: Bytes([2; 32]) },
+            RequestBody::Fail {
+                hsid: Bytes([2; 32]),
+                reason: FailReason::NoAccounts,
+            },
+            RequestBody::DeleteAccount,
+        ] {
+            round_trip(&Request { id: 5, body });
+        }
+        round_trip(&ServerMessage::Reply {
+            id: 5,
+            outcome: Outcome::Err(DeviceError::new(ErrorCode::Expired, "session expired")),
+        });
+        round_trip(&ServerMessage::Reply {
+            id: 6,
+            outcome: Outcome::Ok(Answer::Session(SessionDetails {
+                announce_info: Some("Log in to Bank".into()),
+                ping_time_secs: 30,
+                second_factor_required: false,
+                expires_at_ms: 1_700_000_000_000,
+            })),
+        });
+        round_trip(&ServerMessage::Notice(Notice::SessionEnded {
+            hsid: Bytes([2; 32]),
+            how: SessionEnd::LoggedOut,
+        }));
+    }
+
+    #[test]
+    fn names_are_readable_on_the_wire() {
+        let bytes = encode(&Request {
+            id: 1,
+            body: RequestBody::Scan { hsid: Bytes([0; 32]) },
+        })
+        .unwrap();
+        let json = cbor::value_to_json(&cbor::decode_value(&bytes).unwrap());
+        assert_eq!(json["body"]["scan"]["hsid"].as_str().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn wrong_lengths_and_shapes_are_typed_errors() {
+        // A 31-byte hsid.
+        let mut short = encode(&Request {
+            id: 1,
+            body: RequestBody::Scan { hsid: Bytes([0; 32]) },
+        })
+        .unwrap();
+        let at = short.len() - 34;
+        assert_eq!(short[at], 0x58, "bstr(32) head");
+        short[at + 1] = 31;
+        short.pop();
+        assert!(matches!(
+            decode::<Request>(&short),
+            Err(MessageError::Malformed(_))
+        ));
+        for garbage in [&b""[..], b"\xff", b"\xa0", b"\x82\x01", b"\x01\x02"] {
+            assert!(decode::<Request>(garbage).is_err());
+        }
+        let unknown = cbor::to_canonical_vec(&serde_json::json!({"id": 1, "body": {"launch": {}}}))
+            .unwrap();
+        assert!(matches!(
+            decode::<Request>(&unknown),
+            Err(MessageError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn size_and_depth_are_limited_before_serde() {
+        let mut deep = vec![0x81u8; MAX_DEPTH + 1];
+        deep.push(0x00);
+        assert_eq!(decode::<Request>(&deep), Err(MessageError::TooDeep));
+        let long = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(
+            decode::<Request>(&long),
+            Err(MessageError::TooLong(MAX_MESSAGE_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn an_invalid_signing_key_length_is_refused() {
+        let request = Request {
+            id: 1,
+            body: RequestBody::Enrol {
+                token: Secret::new([0xab; 32]),
+                signing_public_key: Blob(vec![4; 64]),
+                app_instance: Bytes([0; 16]),
+            },
+        };
+        assert_eq!(request.validate().unwrap_err().code, ErrorCode::Invalid);
+        assert!(!format!("{request:?}").contains("abababab"), "the token is secret");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<ServerMessage>(&bytes);
+            let _ = decode::<Hello>(&bytes);
+        }
+    }
+}
