@@ -158,7 +158,7 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     let serve_args = ServeArgs {
         listen: "127.0.0.1:0".parse()?,
         admin_key_file: Some(admin_file),
-        gateway_url: "wss://gateway.bench/v1/device".into(),
+        gateway_url: Some("wss://gateway.bench/v1/device".into()),
         max_wait_ms: 5_000,
         expiry_interval_ms: 1_000,
         checkpoint_interval_ms: 1_000,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use countersign_api::{ApiConfig, AppState};
 use countersign_commands::{Clock, Commands, SystemClock};
+use countersign_device_gateway::{Gateway, GatewayConfig};
 use countersign_eventstore::vault::KeyVault;
 use countersign_projections::ReadModels;
 use zeroize::Zeroizing;
@@ -31,13 +32,11 @@ pub struct ServeArgs {
     /// File holding the admin key (one line).
     #[arg(long, env = "COUNTERSIGN_ADMIN_KEY_FILE")]
     pub admin_key_file: Option<PathBuf>,
-    /// Where apps reach the device gateway; written into QR codes.
-    #[arg(
-        long,
-        env = "COUNTERSIGN_GATEWAY_URL",
-        default_value = "ws://127.0.0.1:8080/v1/device"
-    )]
-    pub gateway_url: String,
+    /// Where apps reach the device gateway, as they see it (behind a proxy:
+    /// `wss://gw.example.com/v1/device`); written into QR codes. Default:
+    /// `ws://{listen address}/v1/device`.
+    #[arg(long, env = "COUNTERSIGN_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
     /// Longest a read waits for `min_position`, milliseconds.
     #[arg(long, env = "COUNTERSIGN_MAX_WAIT_MS", default_value_t = 5_000)]
     pub max_wait_ms: u64,
@@ -124,9 +123,27 @@ pub async fn start(
     let vault = KeyVault::new(opened.vault.clone(), settings.master_key()?);
     let audit_key = crate::audit::signing_key(&vault).await?;
     let admin_key = admin_key(settings, args)?;
-    let commands = Commands::new(opened.events.clone(), vault, clock.clone());
+    let commands = Commands::new(opened.events.clone(), vault.clone(), clock.clone());
     let reads = ReadModels::new(opened.database.clone());
-    let mut config = ApiConfig::new(admin_key.trim(), args.gateway_url.clone());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let gateway_url = args
+        .gateway_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{addr}/v1/device"));
+    let gateway = Gateway::new(
+        commands.clone(),
+        reads.clone(),
+        opened.events.clone(),
+        vault.clone(),
+        GatewayConfig {
+            max_wait: Duration::from_millis(args.max_wait_ms),
+            ..GatewayConfig::default()
+        },
+    );
+    let mut config = ApiConfig::new(admin_key.trim(), gateway_url);
     config.max_wait = Duration::from_millis(args.max_wait_ms);
     let state = AppState::new(
         commands,
@@ -139,13 +156,9 @@ pub async fn start(
         countersign_projections::audit::AuditTree::new(opened.database.clone()),
         *audit_key.verifying_key(),
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %settings.database_display(), "serving");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = countersign_api::router(state.clone());
+    let app = countersign_api::router(state.clone()).merge(gateway.router());
     let sweep_every = Duration::from_millis(args.expiry_interval_ms.max(10));
     let sweep_state = state.clone();
     let store = opened.events.clone();
@@ -159,6 +172,7 @@ pub async fn start(
     let task = tokio::spawn(async move {
         let projector = tokio::spawn(async move { reads.run(store).await });
         let sweeper = tokio::spawn(countersign_api::expiry::run(sweep_state, sweep_every));
+        let notices = tokio::spawn(async move { gateway.follow().await });
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             tokio::select! {
                 _ = stopped => {}
@@ -174,6 +188,7 @@ pub async fn start(
             },
         };
         sweeper.abort();
+        notices.abort();
         checkpointer.abort();
         result
     });

@@ -9,7 +9,7 @@ use countersign_domain::account::{
 use countersign_domain::{AccountRef, Clock, Context};
 use countersign_eventstore::{Metadata, SharedStore};
 
-use crate::{CommandError, Executed, execute};
+use crate::{CommandError, Executed, Loaded, execute, load};
 
 /// Account commands on one store.
 #[derive(Clone)]
@@ -58,6 +58,21 @@ impl AccountCommands {
         metadata: &Metadata,
     ) -> Result<Executed<AccountEvent>, CommandError> {
         self.run(command.account, command.into(), metadata).await
+    }
+
+    /// The user removed the account from the app (device gateway).
+    pub async fn delete_by_app(
+        &self,
+        account: AccountRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        let command = DeleteAccount { by: DeletedBy::App };
+        self.run(account, command.into(), metadata).await
+    }
+
+    /// The account's current state, from its own stream (the write model).
+    pub async fn load(&self, account: AccountRef) -> Result<Loaded<Account>, CommandError> {
+        load::<Account>(&self.store, &account.stream()).await
     }
 
     /// Deletes an account on the business system's request.

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::secrets::ServerSecrets;
 use crate::user::parse_userid;
-use crate::{CommandError, Executed, execute, load, random_bytes};
+use crate::{CommandError, Executed, Loaded, execute, load, random_bytes};
 
 /// An enrolment token; `Debug` prints nothing of it.
 pub struct EnrolmentToken(Zeroizing<[u8; 32]>);
@@ -157,6 +157,11 @@ impl EnrolmentCommands {
             None,
         )
         .await
+    }
+
+    /// The enrolment's current state, from its own stream (the write model).
+    pub async fn load(&self, enrolment: EnrolmentRef) -> Result<Loaded<Enrolment>, CommandError> {
+        load::<Enrolment>(&self.store, &enrolment.stream()).await
     }
 
     /// Records that the enrolment's deadline passed, if it did.

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use countersign_domain::server::Server;
 use countersign_domain::session::{
-    EndByServer, Expire, LogIn, OpenSession, ScanSession, Session, SessionCommand, SessionEvent,
+    Abort, AbortedBy, ConfirmSession, EndByServer, Expire, Fail, LogIn, LogOut, LogoutReason,
+    OpenSession, Ping, ScanSession, Session, SessionCommand, SessionEvent, SessionFailure,
 };
 use countersign_domain::{
     AccountId, Clock, Context, ErrorKind, Hsid, ServerId, SessionRef, UserDigest,
@@ -19,7 +20,7 @@ use countersign_domain::{
 use countersign_eventstore::{Metadata, SharedStore};
 
 use crate::secrets::ServerSecrets;
-use crate::{CommandError, Executed, execute, load};
+use crate::{CommandError, Executed, Loaded, execute, load};
 
 /// Fewest bytes of entropy a nonce must carry.
 pub const MIN_NONCE_BYTES: usize = 16;
@@ -220,6 +221,66 @@ impl SessionCommands {
     ) -> Result<Executed<SessionEvent>, CommandError> {
         self.run(session, LogIn { account_id, user }.into(), metadata, None)
             .await
+    }
+
+    /// The user chose an account for the session (device gateway).
+    pub async fn confirm(
+        &self,
+        session: SessionRef,
+        account_id: AccountId,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, ConfirmSession { account_id }.into(), metadata, None)
+            .await
+    }
+
+    /// A continuous session is still in use (device gateway).
+    pub async fn ping(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, Ping.into(), metadata, None).await
+    }
+
+    /// The user logged out in the app (device gateway).
+    pub async fn log_out_by_user(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let command = LogOut {
+            reason: LogoutReason::User,
+        };
+        self.run(session, command.into(), metadata, None).await
+    }
+
+    /// The user declined the session in the app (device gateway).
+    pub async fn abort_by_user(
+        &self,
+        session: SessionRef,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let command = Abort {
+            by: AbortedBy::User,
+        };
+        self.run(session, command.into(), metadata, None).await
+    }
+
+    /// The session cannot go on on the device (device gateway).
+    pub async fn fail(
+        &self,
+        session: SessionRef,
+        reason: SessionFailure,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, Fail { reason }.into(), metadata, None)
+            .await
+    }
+
+    /// The session's current state, from its own stream (the write model).
+    pub async fn load(&self, session: SessionRef) -> Result<Loaded<Session>, CommandError> {
+        load::<Session>(&self.store, &session.stream()).await
     }
 }
 

@@ -155,7 +155,7 @@ pub(crate) fn multiline_text(
 /// A P-256 public key as events store it: the uncompressed SEC1 point (65 bytes) and its
 /// SHA-256 thumbprint. `None` when `sec1` (compressed or uncompressed) is not a point on the
 /// curve; the caller names the field in its error.
-pub(crate) fn p256_public_key(sec1: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
+pub fn p256_public_key(sec1: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
     use p256::elliptic_curve::sec1::ToSec1Point;
     use sha2::{Digest, Sha256};
 

@@ -66,7 +66,7 @@ impl Api {
         let args = ServeArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_key_file: Some(admin),
-            gateway_url: "wss://gateway.test/v1/device".into(),
+            gateway_url: Some("wss://gateway.test/v1/device".into()),
             max_wait_ms: 2_000,
             expiry_interval_ms: 50,
             checkpoint_interval_ms: 100,

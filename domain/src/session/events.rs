@@ -45,6 +45,8 @@ pub enum SessionFailure {
     SecondFactorLocked,
     /// The account is not allowed for this session.
     AccountNotAllowed,
+    /// The app that scanned it holds no account for this server (the SDK's NOACCOUNTS).
+    NoAccounts,
 }
 
 /// `session.opened` v1.

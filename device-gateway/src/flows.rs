@@ -1,0 +1,431 @@
+//! What each device request does: the checks only the gateway can make (who is on this
+//! channel, the server's policy), then a command, then the answer.
+//!
+//! - `enrol` (guest): the enrolment token names the enrolment; the new account's id is
+//!   derived from the enrolment and the channel key, so a device that lost the answer and
+//!   retries lands on the same account, while another device presenting the same token finds
+//!   the enrolment completed. The enrolment is completed before the account is registered:
+//!   a crash in between is repaired by the retry, and no second account can use the token.
+//! - `confirm` / `log_in`: only an account channel; the session must be meant for the
+//!   account's user, if the business system named one; a server whose policy asks a second
+//!   factor for logins answers `second_factor_required` (the SFS flow plugs in here).
+//! - `ping` / `log_out`: only by the account that logged in.
+//! - errors of the domain keep their meaning: not found, expired, ended, conflict; anything
+//!   on our side is `internal` with no detail (the cause is logged).
+
+use std::collections::HashSet;
+
+use countersign_commands::CommandError;
+use countersign_domain::account::RegisterAccount;
+use countersign_domain::enrolment::Enrolment;
+use countersign_domain::server::ServerSettings;
+use countersign_domain::session::{Session, SessionFailure};
+use countersign_domain::{
+    AccountId, AccountRef, AppInstanceId, EnrolmentRef, ErrorKind, Hsid, ServerId, SessionRef,
+    UserRef,
+};
+use countersign_domain::account::ActiveAccount;
+use countersign_eventstore::Metadata;
+use countersign_protocol::device::{
+    Answer, Bytes, DeviceError, ErrorCode, FailReason, RequestBody, SessionDetails,
+};
+use sha2::{Digest, Sha256};
+
+use crate::Gateway;
+use crate::hub::ConnectionId;
+
+/// Who is on the channel.
+#[derive(Debug)]
+pub(crate) enum Identity {
+    /// No account yet; the key the device connected with.
+    Guest { channel_key: Vec<u8> },
+    /// An enrolled, active account.
+    Account(Box<ActiveAccount>),
+}
+
+/// A connection's state between requests.
+pub(crate) struct Connection {
+    pub gateway: Gateway,
+    pub server: ServerId,
+    pub settings: ServerSettings,
+    pub identity: Identity,
+    pub id: ConnectionId,
+    /// Sessions this connection scanned (it may abort them).
+    pub scanned: HashSet<Hsid>,
+    /// Set by a request after which the gateway closes the channel.
+    pub close_after_reply: bool,
+}
+
+fn error(code: ErrorCode, message: &str) -> DeviceError {
+    DeviceError::new(code, message)
+}
+
+/// Maps a command's refusal to the device's error codes; internal failures are logged and
+/// answered without detail.
+fn refused(e: CommandError) -> DeviceError {
+    match e {
+        CommandError::Rejected { kind, message } => {
+            let code = match kind {
+                ErrorKind::Invalid => ErrorCode::Invalid,
+                ErrorKind::NotFound => ErrorCode::NotFound,
+                ErrorKind::Conflict => ErrorCode::Conflict,
+                ErrorKind::Gone if message.contains("expired") => ErrorCode::Expired,
+                ErrorKind::Gone => ErrorCode::Ended,
+                ErrorKind::Internal => ErrorCode::Internal,
+            };
+            DeviceError::new(code, message)
+        }
+        CommandError::Conflict { .. } => error(ErrorCode::Conflict, "busy; try again"),
+        other => internal(&other),
+    }
+}
+
+fn internal(e: &dyn std::fmt::Display) -> DeviceError {
+    tracing::error!(error = %e, "device request failed");
+    error(ErrorCode::Internal, "internal error")
+}
+
+impl Connection {
+    fn metadata(&self) -> Metadata {
+        let actor = match &self.identity {
+            Identity::Guest { .. } => "device".to_owned(),
+            Identity::Account(active) => format!("account:{}", active.account.account_id),
+        };
+        Metadata {
+            actor: Some(actor),
+            ..Metadata::default()
+        }
+    }
+
+    fn account(&self) -> Result<&ActiveAccount, DeviceError> {
+        match &self.identity {
+            Identity::Account(active) => Ok(active),
+            Identity::Guest { .. } => Err(error(
+                ErrorCode::NotAllowed,
+                "only an enrolled account may do this; connect as the account",
+            )),
+        }
+    }
+
+    fn session(&self, hsid: &Bytes<32>) -> SessionRef {
+        SessionRef::new(self.server, Hsid::from_bytes(hsid.0))
+    }
+
+    async fn load_session(&self, session: SessionRef) -> Result<Session, DeviceError> {
+        let loaded = self
+            .gateway
+            .0
+            .commands
+            .sessions
+            .load(session)
+            .await
+            .map_err(refused)?;
+        match loaded.state {
+            Session::NotOpened => Err(error(ErrorCode::NotFound, "session not found")),
+            state => Ok(state),
+        }
+    }
+
+    /// The session must be meant for this account's user, when the opener named one.
+    fn check_intended_user(&self, state: &Session) -> Result<(), DeviceError> {
+        let account = self.account()?;
+        match state.opened().and_then(|o| o.user) {
+            Some(intended) if account.user != Some(intended) => Err(error(
+                ErrorCode::NotAllowed,
+                "this session is meant for another user",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Handles one request.
+pub(crate) async fn handle(
+    conn: &mut Connection,
+    body: RequestBody,
+) -> Result<Answer, DeviceError> {
+    let commands = conn.gateway.0.commands.clone();
+    let metadata = conn.metadata();
+    match body {
+        RequestBody::Enrol {
+            token,
+            signing_public_key,
+            app_instance,
+        } => enrol(conn, token.expose(), signing_public_key.0, app_instance.0).await,
+        RequestBody::Scan { hsid } => {
+            let session = conn.session(&hsid);
+            commands
+                .sessions
+                .scan(session, &metadata)
+                .await
+                .map_err(refused)?;
+            conn.scanned.insert(session.hsid);
+            conn.gateway
+                .0
+                .hub
+                .watch_session(conn.id, conn.server, session.hsid);
+            let state = conn.load_session(session).await?;
+            let opened = state
+                .opened()
+                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
+            Ok(Answer::Session(SessionDetails {
+                announce_info: opened.announce_info.clone(),
+                ping_time_secs: opened.ping_time_secs,
+                second_factor_required: conn.settings.second_factor.require_for_login,
+                expires_at_ms: opened.expires_at.as_millis(),
+            }))
+        }
+        RequestBody::Confirm { hsid } => {
+            let session = conn.session(&hsid);
+            let account = conn.account()?.account.account_id;
+            let state = conn.load_session(session).await?;
+            conn.check_intended_user(&state)?;
+            commands
+                .sessions
+                .confirm(session, account, &metadata)
+                .await
+                .map_err(refused)?;
+            conn.gateway
+                .0
+                .hub
+                .watch_session(conn.id, conn.server, session.hsid);
+            Ok(Answer::Done)
+        }
+        RequestBody::LogIn { hsid } => {
+            let session = conn.session(&hsid);
+            let active = conn.account()?;
+            let (account, user) = (active.account.account_id, active.user);
+            let user = user.ok_or_else(|| {
+                error(ErrorCode::NotAllowed, "this account is not linked to a user")
+            })?;
+            let state = conn.load_session(session).await?;
+            conn.check_intended_user(&state)?;
+            if conn.settings.second_factor.require_for_login {
+                return Err(error(
+                    ErrorCode::SecondFactorRequired,
+                    "this server asks a second factor for logins",
+                ));
+            }
+            commands
+                .sessions
+                .log_in(session, account, user, &metadata)
+                .await
+                .map_err(refused)?;
+            conn.gateway
+                .0
+                .hub
+                .watch_session(conn.id, conn.server, session.hsid);
+            let opened = state
+                .opened()
+                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
+            Ok(Answer::LoggedIn {
+                session_info: opened.session_info.clone(),
+                ping_time_secs: opened.ping_time_secs,
+            })
+        }
+        RequestBody::Ping { hsid } => {
+            let session = conn.session(&hsid);
+            logged_in_by_me(conn, session).await?;
+            commands
+                .sessions
+                .ping(session, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
+        }
+        RequestBody::LogOut { hsid } => {
+            let session = conn.session(&hsid);
+            match logged_in_by_me(conn, session).await {
+                Ok(()) => {}
+                // Logging out of a session that ended already is done.
+                Err(e) if e.code == ErrorCode::Ended => return Ok(Answer::Done),
+                Err(e) => return Err(e),
+            }
+            commands
+                .sessions
+                .log_out_by_user(session, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
+        }
+        RequestBody::Abort { hsid } => {
+            let session = conn.session(&hsid);
+            if !conn.scanned.contains(&session.hsid) {
+                return Err(error(
+                    ErrorCode::NotAllowed,
+                    "scan the session on this connection before aborting it",
+                ));
+            }
+            commands
+                .sessions
+                .abort_by_user(session, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
+        }
+        RequestBody::Fail { hsid, reason } => {
+            let session = conn.session(&hsid);
+            let reason = match reason {
+                FailReason::NoAccounts => SessionFailure::NoAccounts,
+            };
+            commands
+                .sessions
+                .fail(session, reason, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
+        }
+        RequestBody::DeleteAccount => {
+            let account = conn.account()?.account;
+            commands
+                .accounts
+                .delete_by_app(account, &metadata)
+                .await
+                .map_err(refused)?;
+            conn.close_after_reply = true;
+            Ok(Answer::Done)
+        }
+    }
+}
+
+/// The session is logged in by this connection's account; `ended` once it is over.
+async fn logged_in_by_me(conn: &Connection, session: SessionRef) -> Result<(), DeviceError> {
+    let me = conn.account()?.account.account_id;
+    match conn.load_session(session).await? {
+        Session::LoggedIn { account_id, .. } if account_id == me => Ok(()),
+        Session::LoggedOut { .. }
+        | Session::Aborted { .. }
+        | Session::Expired { .. }
+        | Session::Failed { .. } => Err(error(ErrorCode::Ended, "the session has ended")),
+        _ => Err(error(
+            ErrorCode::NotAllowed,
+            "this account is not logged in to the session",
+        )),
+    }
+}
+
+/// The account id an enrolment gives a channel key.
+fn account_id_for(enrolment: &EnrolmentRef, channel_key: &[u8]) -> AccountId {
+    let digest = Sha256::new()
+        .chain_update(b"countersign/account\0")
+        .chain_update(enrolment.server_id.as_bytes())
+        .chain_update(enrolment.enrolment_id.as_bytes())
+        .chain_update(channel_key)
+        .finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
+    AccountId::from_bytes(id)
+}
+
+async fn enrol(
+    conn: &mut Connection,
+    token: &[u8; 32],
+    signing_public_key: Vec<u8>,
+    app_instance: [u8; 16],
+) -> Result<Answer, DeviceError> {
+    let Identity::Guest { channel_key } = &conn.identity else {
+        return Err(error(
+            ErrorCode::NotAllowed,
+            "enrol on a guest connection with the new account's channel key",
+        ));
+    };
+    let channel_key = channel_key.clone();
+    if countersign_domain::validate::p256_public_key(&signing_public_key).is_none() {
+        return Err(error(
+            ErrorCode::Invalid,
+            "signing_public_key is not a P-256 point",
+        ));
+    }
+    let gateway = conn.gateway.clone();
+    let commands = &gateway.0.commands;
+    let metadata = conn.metadata();
+    let enrolment = EnrolmentRef::new(
+        conn.server,
+        countersign_commands::enrolment::enrolment_id(token),
+    );
+    let loaded = commands
+        .enrolments
+        .load(enrolment)
+        .await
+        .map_err(refused)?;
+    let started = match loaded.state {
+        Enrolment::NotStarted => return Err(error(ErrorCode::NotFound, "enrolment not found")),
+        Enrolment::Expired { .. } => return Err(error(ErrorCode::Expired, "enrolment expired")),
+        Enrolment::Pending { started } | Enrolment::Completed { started, .. } => started,
+    };
+    let account_id = account_id_for(&enrolment, &channel_key);
+    commands
+        .enrolments
+        .complete(enrolment, account_id, &metadata)
+        .await
+        .map_err(|e| match refused(e) {
+            e if e.code == ErrorCode::Conflict => error(
+                ErrorCode::Ended,
+                "this enrolment was used by another device",
+            ),
+            e => e,
+        })?;
+    let account = AccountRef::new(conn.server, account_id);
+    let register = RegisterAccount {
+        account,
+        app_instance: AppInstanceId::from_bytes(app_instance),
+        user: Some(started.user),
+        channel_public_key: channel_key.clone(),
+        signing_public_key,
+        second_factor: None,
+    };
+    match commands.accounts.register(register, &metadata).await {
+        Ok(_) => {}
+        Err(CommandError::Rejected {
+            kind: ErrorKind::Conflict,
+            ..
+        }) => {
+            // A retry: the account is ours if it has our channel key.
+            let existing = commands.accounts.load(account).await.map_err(refused)?;
+            let ours = matches!(&existing.state,
+                countersign_domain::Account::Active(a) if a.channel_public_key == channel_key);
+            if !ours {
+                return Err(error(ErrorCode::Conflict, "account exists"));
+            }
+        }
+        Err(e) => return Err(refused(e)),
+    }
+    let userid = userid(&gateway, UserRef {
+        server_id: conn.server,
+        digest: started.user,
+    }, loaded.position)
+    .await?;
+    tracing::info!(server = %conn.server, account = %account_id, "device enrolled");
+    Ok(Answer::Enrolled {
+        account_id: Bytes(*account_id.as_bytes()),
+        userid,
+    })
+}
+
+/// The user's userid, opened from the users read model once it has seen `position`.
+async fn userid(
+    gateway: &Gateway,
+    user: UserRef,
+    position: Option<u64>,
+) -> Result<String, DeviceError> {
+    let reads = &gateway.0.reads;
+    if let Some(position) = position {
+        reads
+            .wait_for(position, gateway.0.config.max_wait)
+            .await
+            .map_err(|e| internal(&e))?;
+    }
+    let row = reads
+        .user(user.server_id, user.digest)
+        .await
+        .map_err(|e| internal(&e))?
+        .ok_or_else(|| error(ErrorCode::NotFound, "the enrolment's user was deleted"))?;
+    gateway
+        .0
+        .commands
+        .users
+        .open(&user.stream(), "userid", &row.userid_sealed)
+        .await
+        .map_err(|e| internal(&e))?
+        .ok_or_else(|| error(ErrorCode::NotFound, "the enrolment's user was deleted"))
+}

@@ -1,0 +1,259 @@
+//! Who is connected, and what they wait to hear about.
+//!
+//! Each connection registers here with the account it authenticated as (if any) and the
+//! sessions it took part in. [`Hub::follow`] tails the event log and turns the events a device
+//! must hear of into notices: a session ended (by the business system's DELETE, a missed
+//! ping, an expiry), an account deleted by the server. Tailing the log, rather than being
+//! called by the API, means a DELETE handled by any process reaches the device, and nothing
+//! is told before it is committed.
+//!
+//! The lock is a plain mutex held only to copy senders out, never across an await. A
+//! connection whose queue is full misses a notice rather than slowing the others down; the
+//! device then learns the state from its next request's answer.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use countersign_domain::{AccountId, Hsid, ServerId};
+use countersign_eventstore::{RecordedEvent, SharedStore, StoreError};
+use countersign_protocol::device::{Bytes, Notice, SessionEnd};
+use tokio::sync::mpsc;
+
+/// Notices a connection may have queued before new ones are dropped.
+const QUEUE: usize = 64;
+/// Events read from the log per round.
+const BATCH: usize = 1_000;
+
+/// A connection's id within this process.
+pub type ConnectionId = u64;
+
+#[derive(Default)]
+struct Registry {
+    next: ConnectionId,
+    senders: HashMap<ConnectionId, mpsc::Sender<Notice>>,
+    sessions: HashMap<(ServerId, Hsid), HashSet<ConnectionId>>,
+    accounts: HashMap<(ServerId, AccountId), HashSet<ConnectionId>>,
+    watched: HashMap<ConnectionId, Vec<(ServerId, Hsid)>>,
+    account_of: HashMap<ConnectionId, (ServerId, AccountId)>,
+}
+
+/// The registry of connections of this process. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Hub(Arc<Mutex<Registry>>);
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hub(..)")
+    }
+}
+
+impl Hub {
+    fn with<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> Option<T> {
+        self.0.lock().ok().map(|mut registry| f(&mut registry))
+    }
+
+    /// Registers a connection; answers its id and where its notices arrive.
+    pub fn register(
+        &self,
+        account: Option<(ServerId, AccountId)>,
+    ) -> (ConnectionId, mpsc::Receiver<Notice>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let id = self
+            .with(|r| {
+                r.next += 1;
+                let id = r.next;
+                r.senders.insert(id, tx);
+                if let Some(key) = account {
+                    r.accounts.entry(key).or_default().insert(id);
+                    r.account_of.insert(id, key);
+                }
+                id
+            })
+            .unwrap_or_default();
+        (id, rx)
+    }
+
+    /// The connection took part in a session: tell it when the session ends.
+    pub fn watch_session(&self, connection: ConnectionId, server: ServerId, hsid: Hsid) {
+        self.with(|r| {
+            if r.sessions
+                .entry((server, hsid))
+                .or_default()
+                .insert(connection)
+            {
+                r.watched
+                    .entry(connection)
+                    .or_default()
+                    .push((server, hsid));
+            }
+        });
+    }
+
+    /// The connection closed.
+    pub fn unregister(&self, connection: ConnectionId) {
+        self.with(|r| {
+            r.senders.remove(&connection);
+            for key in r.watched.remove(&connection).unwrap_or_default() {
+                if let Some(set) = r.sessions.get_mut(&key) {
+                    set.remove(&connection);
+                    if set.is_empty() {
+                        r.sessions.remove(&key);
+                    }
+                }
+            }
+            if let Some(key) = r.account_of.remove(&connection)
+                && let Some(set) = r.accounts.get_mut(&key)
+            {
+                set.remove(&connection);
+                if set.is_empty() {
+                    r.accounts.remove(&key);
+                }
+            }
+        });
+    }
+
+    /// How many connections are open.
+    pub fn connections(&self) -> usize {
+        self.with(|r| r.senders.len()).unwrap_or_default()
+    }
+
+    fn send(&self, to: Vec<mpsc::Sender<Notice>>, notice: &Notice) {
+        for sender in to {
+            if sender.try_send(notice.clone()).is_err() {
+                tracing::debug!("a device connection missed a notice (queue full or closed)");
+            }
+        }
+    }
+
+    /// Tells everyone watching the session that it ended.
+    pub fn session_ended(&self, server: ServerId, hsid: Hsid, how: SessionEnd) {
+        let to = self
+            .with(|r| {
+                r.sessions
+                    .remove(&(server, hsid))
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| r.senders.get(c).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let notice = Notice::SessionEnded {
+            hsid: Bytes(*hsid.as_bytes()),
+            how,
+        };
+        self.send(to, &notice);
+    }
+
+    /// Tells the account's connections that it was deleted.
+    pub fn account_deleted(&self, server: ServerId, account: AccountId) {
+        let to = self
+            .with(|r| {
+                r.accounts
+                    .get(&(server, account))
+                    .map(|set| {
+                        set.iter()
+                            .filter_map(|c| r.senders.get(c).cloned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let notice = Notice::AccountDeleted {
+            account_id: Bytes(*account.as_bytes()),
+        };
+        self.send(to, &notice);
+    }
+
+    /// Turns one committed event into notices, if it is one a device must hear of.
+    pub fn dispatch(&self, event: &RecordedEvent) {
+        let how = match event.event_type.as_str() {
+            "session.logged_out" => Some(SessionEnd::LoggedOut),
+            "session.aborted" => Some(SessionEnd::Aborted),
+            "session.expired" => Some(SessionEnd::Expired),
+            "session.failed" => Some(SessionEnd::Failed),
+            _ => None,
+        };
+        if let Some(how) = how {
+            if let Some((server, hsid)) = scoped(&event.stream, "session-")
+                .and_then(|(s, h)| Some((ServerId::parse_hex(s).ok()?, Hsid::parse_hex(h).ok()?)))
+            {
+                self.session_ended(server, hsid, how);
+            }
+        } else if event.event_type == "account.deleted"
+            && let Some((server, account)) = scoped(&event.stream, "account-").and_then(|(s, a)| {
+                Some((ServerId::parse_hex(s).ok()?, AccountId::parse_hex(a).ok()?))
+            })
+        {
+            self.account_deleted(server, account);
+        }
+    }
+
+    /// Tails the log from its current end, dispatching every event, until the store fails.
+    ///
+    /// # Errors
+    /// The store's error; the caller restarts the follower (events are not lost: the log is
+    /// read again from where it stopped).
+    pub async fn follow(&self, store: SharedStore) -> Result<(), StoreError> {
+        let mut head = store.head();
+        head.borrow_and_update();
+        let mut next = store.last_position().await?.map_or(0, |p| p + 1);
+        loop {
+            head.borrow_and_update();
+            let events = store.read_all(next, BATCH).await?;
+            if events.is_empty() {
+                if head.changed().await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            for event in &events {
+                next = event.position + 1;
+                self.dispatch(event);
+            }
+        }
+    }
+}
+
+/// `{prefix}{server hex}-{id hex}` → the two hex parts.
+fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    stream.strip_prefix(prefix)?.split_once('-')
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn notices_reach_watchers_only_and_unregistering_forgets() {
+        let hub = Hub::default();
+        let server = ServerId::from_bytes([1; 16]);
+        let account = AccountId::from_bytes([2; 16]);
+        let hsid = Hsid::from_bytes([3; 32]);
+        let (a, mut rx_a) = hub.register(Some((server, account)));
+        let (b, mut rx_b) = hub.register(None);
+        hub.watch_session(a, server, hsid);
+        hub.session_ended(server, hsid, SessionEnd::LoggedOut);
+        assert_eq!(
+            rx_a.try_recv().unwrap(),
+            Notice::SessionEnded {
+                hsid: Bytes([3; 32]),
+                how: SessionEnd::LoggedOut
+            }
+        );
+        assert!(rx_b.try_recv().is_err());
+        hub.account_deleted(server, account);
+        assert!(matches!(rx_a.try_recv().unwrap(), Notice::AccountDeleted { .. }));
+        hub.unregister(a);
+        hub.unregister(b);
+        assert_eq!(hub.connections(), 0);
+        hub.account_deleted(server, account);
+        assert!(rx_a.try_recv().is_err());
+    }
+
+    #[test]
+    fn stream_names_parse() {
+        assert_eq!(scoped("session-ab-cd", "session-"), Some(("ab", "cd")));
+        assert_eq!(scoped("account-ab-cd", "session-"), None);
+    }
+}

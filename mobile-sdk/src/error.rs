@@ -1,0 +1,71 @@
+//! The SDK's one error type, [`SdkError`].
+//!
+//! Rules: a message never contains a key, a token, an hsid or a PIN (ids of accounts and
+//! servers are not secret and may appear in logs, not here); variants keep apart the app's
+//! mistake (a bad QR code, an unknown account, a call in the wrong state), what the server
+//! decided (a refusal, a request error) and a failure of the machine or the network. The
+//! type is `Clone` so a session snapshot can carry the reason it failed.
+
+use countersign_protocol::device::{DeviceError, Refusal};
+use countersign_protocol::qr::QrError;
+
+use crate::machine::{State, TransitionError};
+use crate::storage::StorageError;
+
+/// Everything that can go wrong in the SDK.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SdkError {
+    /// The app's mistake: the input is not a countersign QR code or link.
+    #[error("not a countersign QR code or link: {0}")]
+    InvalidInput(#[from] QrError),
+    /// A login QR code for a server this app holds no account at.
+    #[error("no account for this server")]
+    NoAccounts,
+    /// The server's key does not hash to the pinned fingerprint: stop, do not talk to it.
+    #[error("the server key does not match the pinned fingerprint")]
+    FingerprintMismatch,
+    /// The gateway refused the channel (the account is deleted, the key does not match…).
+    #[error("the gateway refused the channel: {0:?}")]
+    Refused(Refusal),
+    /// The gateway refused a request.
+    #[error("the gateway refused the request: {0}")]
+    Server(DeviceError),
+    /// The network or the channel failed (connection lost, malformed frame, HTTP error).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The local state could not be read or written (wrong key, tampered file, disk).
+    #[error("storage: {0}")]
+    Storage(StorageError),
+    /// The app's mistake: this call makes no sense in the session's current state.
+    #[error("{action} is not possible in state {state:?}")]
+    InvalidState {
+        /// The session's state, unchanged.
+        state: State,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// Second factors come with the second-factor service; not available yet.
+    #[error("second factors are not available yet")]
+    SecondFactorUnavailable,
+    /// The app's mistake: no such account on this device (or not eligible here).
+    #[error("unknown account")]
+    UnknownAccount,
+    /// The gateway did not answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl From<TransitionError> for SdkError {
+    fn from(e: TransitionError) -> Self {
+        Self::InvalidState {
+            state: e.state,
+            action: e.input,
+        }
+    }
+}
+
+impl From<DeviceError> for SdkError {
+    fn from(e: DeviceError) -> Self {
+        Self::Server(e)
+    }
+}

@@ -1,0 +1,35 @@
+//! The countersign mobile SDK: what an app links to log its user in with a QR code or a
+//! link, and to enrol accounts.
+//!
+//! - [`sdk`]: [`Sdk`], the entry point: local state, accounts, servers, history, sessions,
+//!   refresh, delete, listen.
+//! - [`session`]: [`SessionHandle`] and the driver of one login or enrolment.
+//! - [`machine`]: the session state machine (seed 004), pure.
+//! - [`client`] (private): HTTP key fetch, WebSocket, Noise handshake, request multiplexing.
+//! - [`storage`]: where the state blob lives ([`EncryptedFileStorage`], [`MemoryStorage`]).
+//! - [`persisted`] (private): the state inside the blob.
+//! - [`callbacks`]: how the app hears what happens.
+//! - [`model`]: the values the app sees.
+//! - [`error`]: the one error type, [`SdkError`].
+//!
+//! The only workspace crate this depends on is `countersign-protocol`: the SDK speaks the
+//! device protocol (docs/device-protocol.md) and knows nothing of the server's insides.
+
+pub mod callbacks;
+mod client;
+pub mod error;
+pub mod machine;
+pub mod model;
+mod persisted;
+mod random;
+pub mod sdk;
+pub mod session;
+pub mod storage;
+
+pub use callbacks::{Callbacks, ChannelCallbacks, Event, NoCallbacks};
+pub use error::SdkError;
+pub use machine::{HistoryStatus, Interaction, SessionKind, State};
+pub use model::{AccountInfo, HistoryEntry, SecondFactor, ServerInfo, SessionSnapshot};
+pub use sdk::{ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
+pub use session::{SessionHandle, decode_input};
+pub use storage::{EncryptedFileStorage, MemoryStorage, Storage, StorageError};

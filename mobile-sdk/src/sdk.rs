@@ -1,0 +1,415 @@
+//! [`Sdk`], the app's entry point: opens the local state, lists accounts, servers and
+//! history, starts sessions, and keeps accounts in step with their servers (refresh,
+//! delete, listen).
+//!
+//! Rules enforced here:
+//! - the state lives behind one lock, changed by [`Inner::write`]: the change is saved first
+//!   and only then becomes visible, so memory never runs ahead of storage; the lock is never
+//!   held across an `.await`;
+//! - an account the gateway reports deleted (a `refused: account_deleted` handshake or an
+//!   `account_deleted` notice) is forgotten at once and the app told
+//!   ([`Callbacks::on_account_deleted`]);
+//! - account connections use the server key pinned at enrolment, never a fetched one.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use countersign_protocol::device::{Answer, Bytes, Intent, Notice, Refusal, RequestBody};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::callbacks::{Callbacks, NoCallbacks};
+use crate::client::{self, Connection, Target};
+use crate::error::SdkError;
+use crate::model::{AccountInfo, HistoryEntry, ServerInfo};
+use crate::persisted::Persisted;
+use crate::session::{self, SessionHandle};
+use crate::storage::{Storage, StorageError};
+
+/// How the SDK behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdkConfig {
+    /// With exactly one eligible account, a login does not wait for the user to pick it.
+    pub skip_single_account_confirmation: bool,
+    /// A session still starting or waiting for the user this long after its last state
+    /// change goes to Done (Aborted). Default 120 s.
+    pub interaction_timeout: Duration,
+    /// How long one request (or a handshake, or the key fetch) may take. Default 10 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for SdkConfig {
+    fn default() -> Self {
+        Self {
+            skip_single_account_confirmation: false,
+            interaction_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The mobile SDK. Cheap to clone; every clone shares the same state.
+#[derive(Clone)]
+pub struct Sdk {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Sdk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sdk")
+            .field("storage", &self.inner.storage)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Sdk::refresh`] did, account by account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RefreshReport {
+    /// Accounts whose server answered; their server's parameters are up to date.
+    pub refreshed: Vec<String>,
+    /// Accounts the server deleted, now forgotten.
+    pub forgotten: Vec<AccountInfo>,
+    /// Accounts that could not be checked, and why (kept).
+    pub failed: Vec<(String, SdkError)>,
+}
+
+/// Why a [`Listener`] stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEnd {
+    /// The server deleted the account; the SDK forgot it.
+    AccountDeleted(AccountInfo),
+    /// The connection closed for another reason (or the listener was stopped).
+    Closed,
+}
+
+/// An open connection for one account, so that a server-side deletion reaches the device at
+/// once. Dropping it closes the connection.
+pub struct Listener {
+    account_id: String,
+    task: Option<JoinHandle<ListenEnd>>,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("account_id", &self.account_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// Waits until the connection ends; answers why.
+    pub async fn ended(mut self) -> ListenEnd {
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(ListenEnd::Closed),
+            None => ListenEnd::Closed,
+        }
+    }
+
+    /// Closes the connection.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Sdk {
+    /// Opens the SDK over `storage`; a first open creates the app instance id.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] when the state cannot be read (wrong key, tampered) or written.
+    pub fn open(storage: Arc<dyn Storage>, config: SdkConfig) -> Result<Self, SdkError> {
+        let state = match storage.load()? {
+            Some(bytes) => Persisted::decode(&zeroize::Zeroizing::new(bytes))?,
+            None => {
+                let state = Persisted::new(crate::random::bytes()?);
+                storage.save(&state.encode()?)?;
+                state
+            }
+        };
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| SdkError::Transport(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                storage,
+                config,
+                state: Mutex::new(state),
+                http,
+            }),
+        })
+    }
+
+    /// This app installation's id, 32 hex digits.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state lock is poisoned.
+    pub fn app_instance(&self) -> Result<String, SdkError> {
+        self.inner.read(|s| s.app_instance.clone())
+    }
+
+    /// The accounts on this device, oldest first.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state lock is poisoned.
+    pub fn accounts(&self) -> Result<Vec<AccountInfo>, SdkError> {
+        self.inner.read(|s| {
+            let mut accounts: Vec<AccountInfo> =
+                s.accounts.values().map(|a| s.account_info(a)).collect();
+            accounts.sort_by(|a, b| {
+                (a.created_at_ms, &a.account_id).cmp(&(b.created_at_ms, &b.account_id))
+            });
+            accounts
+        })
+    }
+
+    /// The servers this device holds accounts at.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state lock is poisoned.
+    pub fn servers(&self) -> Result<Vec<ServerInfo>, SdkError> {
+        self.inner
+            .read(|s| s.servers.values().map(|r| r.info()).collect())
+    }
+
+    /// The history, oldest first.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state lock is poisoned.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>, SdkError> {
+        self.inner.read(|s| s.history.clone())
+    }
+
+    /// Starts a session from a QR code's raw bytes, its base64url text or a `countersign:`
+    /// deep link, and runs its `Starting` phase: answers the session waiting for the user
+    /// (or already Active/Done when nothing was asked of them).
+    ///
+    /// # Errors
+    /// [`SdkError::InvalidInput`] for input that is no countersign code (no session is
+    /// made). Every other failure ends the session in `Error` (recorded in the history and
+    /// told to `callbacks`) and is also answered here: [`SdkError::NoAccounts`] for a login
+    /// at a server this device has no account at, [`SdkError::FingerprintMismatch`],
+    /// [`SdkError::Server`], [`SdkError::Transport`], [`SdkError::Timeout`].
+    pub async fn start_session(
+        &self,
+        input: &[u8],
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<SessionHandle, SdkError> {
+        session::start(Arc::clone(&self.inner), input, callbacks).await
+    }
+
+    /// Deletes an account: tells its server (`delete_account`), then forgets it. It is
+    /// forgotten too when the server says it is already gone.
+    ///
+    /// # Errors
+    /// [`SdkError::UnknownAccount`]; network errors leave the account in place, so the
+    /// app may retry.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn delete_account(&self, account_id: &str) -> Result<AccountInfo, SdkError> {
+        let info = self
+            .inner
+            .read(|s| s.accounts.get(account_id).map(|a| s.account_info(a)))?
+            .ok_or(SdkError::UnknownAccount)?;
+        match self
+            .inner
+            .connect_account(account_id, None, &NoCallbacks)
+            .await
+        {
+            Ok((connection, _notices)) => {
+                match connection.request(RequestBody::DeleteAccount).await? {
+                    Answer::Done => {}
+                    _ => {
+                        return Err(SdkError::Transport(
+                            "unexpected answer to delete_account".into(),
+                        ));
+                    }
+                }
+            }
+            Err(SdkError::Refused(Refusal::AccountDeleted | Refusal::UnknownAccount)) => {}
+            Err(e) => return Err(e),
+        }
+        self.inner.write(|s| s.forget_account(account_id))?;
+        tracing::info!("account deleted");
+        Ok(info)
+    }
+
+    /// Connects each account once: refreshes its server's parameters, and forgets the
+    /// accounts the server deleted (telling `callbacks`).
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state cannot be read; per-account failures are in the
+    /// report.
+    pub async fn refresh(&self, callbacks: &dyn Callbacks) -> Result<RefreshReport, SdkError> {
+        let mut report = RefreshReport::default();
+        for account in self.accounts()? {
+            let id = account.account_id.clone();
+            match self.inner.connect_account(&id, None, callbacks).await {
+                Ok(_) => report.refreshed.push(id),
+                Err(SdkError::Refused(Refusal::AccountDeleted)) => report.forgotten.push(account),
+                Err(e) => report.failed.push((id, e)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Keeps a connection open for `account_id` until the server deletes the account (it is
+    /// then forgotten at once and `callbacks` told) or the connection ends.
+    ///
+    /// # Errors
+    /// As the handshake: [`SdkError::UnknownAccount`], [`SdkError::Refused`] (an
+    /// `account_deleted` refusal forgets the account first), transport errors.
+    pub async fn listen(
+        &self,
+        account_id: &str,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<Listener, SdkError> {
+        let (connection, notices) = self
+            .inner
+            .connect_account(account_id, None, callbacks.as_ref())
+            .await?;
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::spawn(listen(inner, connection, notices, callbacks));
+        Ok(Listener {
+            account_id: account_id.to_owned(),
+            task: Some(task),
+        })
+    }
+}
+
+async fn listen(
+    inner: Arc<Inner>,
+    connection: Connection,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    callbacks: Arc<dyn Callbacks>,
+) -> ListenEnd {
+    // Held so the connection stays open while listening.
+    let _connection = connection;
+    while let Some(notice) = notices.recv().await {
+        if let Notice::AccountDeleted { account_id } = notice {
+            match inner.account_deleted(&hex::encode(account_id.0), callbacks.as_ref()) {
+                Ok(Some(info)) => return ListenEnd::AccountDeleted(info),
+                Ok(None) => return ListenEnd::Closed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not forget a deleted account");
+                    return ListenEnd::Closed;
+                }
+            }
+        }
+    }
+    ListenEnd::Closed
+}
+
+/// The shared core of [`Sdk`] and its sessions.
+pub(crate) struct Inner {
+    storage: Arc<dyn Storage>,
+    pub(crate) config: SdkConfig,
+    state: Mutex<Persisted>,
+    pub(crate) http: reqwest::Client,
+}
+
+fn poisoned<T>(_: T) -> SdkError {
+    SdkError::Storage(StorageError::Io("the state lock is poisoned".into()))
+}
+
+/// Milliseconds since the Unix epoch: the SDK is an edge and reads the clock.
+pub(crate) fn now_ms() -> i64 {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the SDK is an edge: it reads the clock"
+    )]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Parses an id of `N` bytes from hex (ids in the state are hex).
+pub(crate) fn parse_id<const N: usize>(text: &str) -> Result<[u8; N], SdkError> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| SdkError::Storage(StorageError::Malformed("an id is not hex".into())))?;
+    Ok(out)
+}
+
+impl Inner {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Persisted) -> T) -> Result<T, SdkError> {
+        let state = self.state.lock().map_err(poisoned)?;
+        Ok(f(&state))
+    }
+
+    /// Applies `f` to a copy, saves the copy if it changed, then makes it current.
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&mut Persisted) -> T) -> Result<T, SdkError> {
+        let mut state = self.state.lock().map_err(poisoned)?;
+        let mut next = state.clone();
+        let out = f(&mut next);
+        if next != *state {
+            self.storage.save(&next.encode()?)?;
+            *state = next;
+        }
+        Ok(out)
+    }
+
+    /// Forgets an account the server deleted; tells `callbacks` if it was known.
+    pub(crate) fn account_deleted(
+        &self,
+        account_id: &str,
+        callbacks: &dyn Callbacks,
+    ) -> Result<Option<AccountInfo>, SdkError> {
+        let info = self.write(|s| s.forget_account(account_id))?;
+        if let Some(info) = &info {
+            tracing::info!(account_id, "the server deleted the account; forgotten");
+            callbacks.on_account_deleted(info);
+        }
+        Ok(info)
+    }
+
+    /// Opens a channel as `account_id` with its pinned server key, at `gateway` (default:
+    /// the one stored at enrolment). Refreshes the server's cached parameters from the
+    /// `Welcome`; forgets the account on an `account_deleted` refusal.
+    pub(crate) async fn connect_account(
+        &self,
+        account_id: &str,
+        gateway: Option<&str>,
+        callbacks: &dyn Callbacks,
+    ) -> Result<(Connection, mpsc::UnboundedReceiver<Notice>), SdkError> {
+        let (account, server) = self
+            .read(|s| {
+                let account = s.accounts.get(account_id)?.clone();
+                let server = s.servers.get(&account.server_id)?.clone();
+                Some((account, server))
+            })?
+            .ok_or(SdkError::UnknownAccount)?;
+        let target = Target {
+            server_id: parse_id(&server.server_id)?,
+            gateway: gateway.unwrap_or(&server.gateway).to_owned(),
+            public_key: server.public_key()?,
+        };
+        let key = account.channel_key.to_key()?;
+        let intent = Intent::Account {
+            account_id: Bytes(parse_id(&account.account_id)?),
+        };
+        match client::connect(&target, &key, intent, self.config.request_timeout).await {
+            Ok((connection, notices)) => {
+                self.write(|s| {
+                    if let Some(record) = s.servers.get_mut(&server.server_id) {
+                        record.refresh(connection.params());
+                    }
+                })?;
+                Ok((connection, notices))
+            }
+            Err(SdkError::Refused(Refusal::AccountDeleted)) => {
+                self.account_deleted(account_id, callbacks)?;
+                Err(SdkError::Refused(Refusal::AccountDeleted))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
