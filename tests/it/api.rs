@@ -51,6 +51,11 @@ pub struct Api {
 
 impl Api {
     pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(db, Some("wss://gateway.test/v1/device")).await
+    }
+
+    /// With `gateway_url: None` the QR codes name this process's own device gateway.
+    pub async fn start_with(db: &TestDb, gateway_url: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("master.key");
         std::fs::write(&master, "11".repeat(32)).unwrap();
@@ -66,7 +71,7 @@ impl Api {
         let args = ServeArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_key_file: Some(admin),
-            gateway_url: Some("wss://gateway.test/v1/device".into()),
+            gateway_url: gateway_url.map(str::to_owned),
             max_wait_ms: 2_000,
             expiry_interval_ms: 50,
             checkpoint_interval_ms: 100,
@@ -592,7 +597,7 @@ async fn idempotency_keys_answer_the_same(db: &TestDb) {
 }
 
 /// Reads the next `event: state` of a server-sent event stream.
-async fn next_state<S, B>(stream: &mut S, buffer: &mut String) -> Value
+pub(crate) async fn next_state<S, B>(stream: &mut S, buffer: &mut String) -> Value
 where
     S: futures::Stream<Item = reqwest::Result<B>> + Unpin,
     B: AsRef<[u8]>,

@@ -13,3 +13,4 @@ mod api;
 mod binary;
 mod commands;
 mod crash;
+mod device;
