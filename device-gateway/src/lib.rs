@@ -243,7 +243,13 @@ async fn channel(
         Ok(None) => return problem(StatusCode::NOT_FOUND, "no such server"),
         Err(error) => return internal(&error),
     };
+    // Small buffers: most connections sit idle between a few small messages, and tungstenite's
+    // 128 KiB defaults would cost that much per device. Frames larger than a Noise message
+    // are refused at the WebSocket layer.
     upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_frame_size(countersign_protocol::channel::MAX_FRAME)
         .max_message_size(countersign_protocol::channel::MAX_FRAME)
         .on_upgrade(move |socket| connection::serve_socket(gateway, server, key, socket))
 }
