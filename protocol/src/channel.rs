@@ -431,6 +431,18 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_frames_never_panic(
+            frame in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+        ) {
+            let _ = Responder::read(&key(2), &[5; 16], &frame);
+            let (mut device, mut server) = open_pair();
+            proptest::prop_assert!(server.open(&frame).is_err());
+            let _ = device.open(&frame);
+        }
+    }
+
     #[test]
     fn debug_never_prints_keys() {
         let k = key(0xab);

@@ -1263,7 +1263,7 @@ async fn snapshots_of_bodies_and_events(db: &TestDb) {
 
 /// Replaces values that change from run to run (ids, times, positions, sealed bytes, QR
 /// payloads) with placeholders, keeping the shape.
-fn redact(value: &mut Value) {
+pub(crate) fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, item) in map.iter_mut() {

@@ -602,7 +602,234 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     api.stop().await;
 }
 
+/// A TCP relay that records every byte both ways, standing where a network observer would.
+async fn recording_relay(
+    listener: tokio::net::TcpListener,
+    target: std::net::SocketAddr,
+    record: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let Ok((inbound, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        let (mut in_read, mut in_write) = inbound.into_split();
+        let (mut out_read, mut out_write) = outbound.into_split();
+        let up = record.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = in_read.read(&mut buf).await {
+                up.lock().unwrap().extend_from_slice(&buf[..n]);
+                if out_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let down = record.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = out_read.read(&mut buf).await {
+                down.lock().unwrap().extend_from_slice(&buf[..n]);
+                if in_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Every form a secret could take on the wire: raw, hex (both cases), base64 (all alphabets).
+fn encodings(bytes: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let mut forms = vec![
+        bytes.to_vec(),
+        hex::encode(bytes).into_bytes(),
+        hex::encode_upper(bytes).into_bytes(),
+    ];
+    forms.extend(engines.iter().map(|e| e.encode(bytes).into_bytes()));
+    forms
+}
+
+async fn frames_carry_nothing_readable(db: &TestDb) {
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("ws://{}/v1/device", relay.local_addr().unwrap());
+    let api = Api::start_with(db, Some(&gateway)).await;
+    let record = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(recording_relay(relay, api.running.addr, record.clone()));
+
+    let userid = "zed.userid.secret";
+    let (server, token) = tenant(&api, "Bank", userid).await;
+    let enrolment = enrolment_qr(&api, &server, &token, userid).await;
+    let phone = sdk();
+    let account = enrol(&phone, &enrolment).await;
+    let link = open_session(&api, &server, &token, 7, json!({"ping_time_secs": 60, "announce_info": "Pay the rent"})).await;
+    let hsid = countersign_protocol::qr::QrPayload::from_deep_link(&link).unwrap().token;
+    let login = phone
+        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(Some(&account)).await.unwrap();
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
+        .await
+        .unwrap();
+    let view = session_view(&api, &server, &token, 7).await;
+    assert_eq!(view["userid"], userid);
+    login.stop_session().await.unwrap();
+
+    let recorded = record.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&recorded);
+    assert!(text.contains("101 Switching Protocols"), "the relay saw the WebSocket");
+    assert!(recorded.len() > 2_000, "the relay saw the conversation");
+    let token_bytes = countersign_protocol::qr::QrPayload::from_base64url(&enrolment)
+        .unwrap()
+        .token;
+    let secrets: Vec<(&str, Vec<u8>)> = vec![
+        ("userid", userid.as_bytes().to_vec()),
+        ("attribute", format!("{userid} at Bank").into_bytes()),
+        ("announce info", b"Pay the rent".to_vec()),
+        ("hsid", hsid.to_vec()),
+        ("account id", hex::decode(&account).unwrap()),
+        ("enrolment token", token_bytes.to_vec()),
+    ];
+    for (what, secret) in &secrets {
+        for form in encodings(secret) {
+            assert!(
+                !recorded.windows(form.len()).any(|w| w == form.as_slice()),
+                "the {what} crossed the wire readable ({})",
+                String::from_utf8_lossy(&form)
+            );
+        }
+    }
+    api.stop().await;
+}
+
+async fn replayed_truncated_and_oversized_frames_fail(db: &TestDb) {
+    let api = Api::start_with(db, None).await;
+    let (server, token) = tenant(&api, "Bank", "gina").await;
+    let link = open_session(&api, &server, &token, 8, json!({})).await;
+    let hsid = Bytes(countersign_protocol::qr::QrPayload::from_deep_link(&link).unwrap().token);
+    let key = StaticKey::from_bytes(&[5; 32]).unwrap();
+
+    // Record a guest's handshake and one request as they went over the wire.
+    let (mut ws, initiator) = RawDevice::open(&api, &server, &key, Intent::Guest).await;
+    let reply = ws.next().await.unwrap().unwrap().into_data();
+    let (mut channel, _) = initiator.finish(&reply).unwrap();
+    let scan = device::encode(&Request {
+        id: 1,
+        body: RequestBody::Scan { hsid },
+    })
+    .unwrap();
+    let recorded_request = channel.seal(&scan).unwrap().remove(0);
+    drop(ws);
+    let head = api.head().await;
+
+    // Replayed on a new connection: the server answers the handshake with new keys, so the
+    // recorded request does not decrypt and the connection closes; nothing is written.
+    let (mut ws, _) = RawDevice::open(&api, &server, &key, Intent::Guest).await;
+    let _answer = ws.next().await.unwrap().unwrap();
+    ws.send(Message::Binary(recorded_request.clone().into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, ws.next()).await.unwrap(),
+        None | Some(Err(_)) | Some(Ok(Message::Close(_)))
+    ));
+    assert_eq!(api.head().await, head, "a replay changes nothing");
+
+    // Truncated: half a frame does not authenticate.
+    let (mut raw, _) = RawDevice::connect(&api, &server, &key, Intent::Guest).await;
+    let frame = raw.channel.seal(&scan).unwrap().remove(0);
+    raw.ws
+        .send(Message::Binary(frame[..frame.len() / 2].to_vec().into()))
+        .await
+        .unwrap();
+    assert!(raw.closed().await);
+    // Oversized: a WebSocket message longer than a Noise message is refused by the socket.
+    let (mut raw, _) = RawDevice::connect(&api, &server, &key, Intent::Guest).await;
+    raw.ws
+        .send(Message::Binary(vec![1u8; 70_000].into()))
+        .await
+        .unwrap();
+    assert!(raw.closed().await);
+    assert_eq!(api.head().await, head, "refused frames change nothing");
+
+    // A QR code whose pinned key is not the server's: the SDK refuses to talk.
+    let mut forged =
+        countersign_protocol::qr::QrPayload::from_base64url(&enrolment_qr(&api, &server, &token, "gina").await)
+            .unwrap();
+    forged.server_key_fingerprint[0] ^= 1;
+    let phone = sdk();
+    let refused = phone
+        .start_session(forged.to_base64url().as_bytes(), Arc::new(NoCallbacks))
+        .await;
+    assert!(matches!(refused, Err(SdkError::FingerprintMismatch)), "{refused:?}");
+    assert!(phone.accounts().unwrap().is_empty());
+    api.stop().await;
+}
+
+async fn snapshots_of_device_event_streams(db: &TestDb) {
+    let api = Api::start_with(db, None).await;
+    let (server, token) = tenant(&api, "Bank", "hana").await;
+    let start = api.head().await.unwrap() + 1;
+    let phone = sdk();
+    let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "hana").await).await;
+    let link = open_session(&api, &server, &token, 9, json!({"ping_time_secs": 60})).await;
+    let login = phone
+        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(Some(&account)).await.unwrap();
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
+        .await
+        .unwrap();
+    login.stop_session().await.unwrap();
+    let events = api.running.state.store().read_all(start, 100).await.unwrap();
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let decoded = <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
+                &e.event_type,
+                e.schema_version,
+                &e.payload,
+            )
+            .unwrap();
+            let mut payload = decoded.to_json();
+            for key in [
+                "app_instance",
+                "channel_public_key",
+                "signing_public_key",
+                "signing_key_thumbprint",
+            ] {
+                if let Some(v) = payload.get_mut(key) {
+                    *v = Value::String(format!("[{key}]"));
+                }
+            }
+            json!({
+                "type": e.event_type,
+                "stream": e.stream.split('-').next(),
+                "actor": e.metadata.actor.as_deref().map(|a| a.split(':').next()),
+                "payload": payload,
+            })
+        })
+        .collect();
+    let mut events = Value::Array(events);
+    crate::api::redact(&mut events);
+    insta::assert_json_snapshot!("device_enrol_login_logout_events", events);
+    api.stop().await;
+}
+
 countersign_eventstore::on_both_backends!(
+    frames_carry_nothing_readable,
+    replayed_truncated_and_oversized_frames_fail,
+    snapshots_of_device_event_streams,
     device_enrols_logs_in_and_the_api_logs_out,
     device_logout_reaches_the_business_sse,
     a_continuous_session_without_pings_logs_out,
