@@ -15,6 +15,10 @@ use uuid::Uuid;
 
 use crate::Settings;
 
+/// The device benches (a module of this one so the crate root stays as it is).
+#[path = "bench_device.rs"]
+mod device;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -34,6 +38,10 @@ pub enum BenchWhat {
     /// Read-model rebuild rate on a generated log (needs a scratch database with an empty
     /// log); also checks the rebuild equals incremental processing.
     Replay(crate::bench_api::ReplayBenchArgs),
+    /// End-to-end QR logins against a running server, virtual devices in this process.
+    Logins(device::LoginsArgs),
+    /// Idle device connections held against a running server: its memory per connection.
+    Connections(device::ConnectionsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +103,8 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Audit(args) => audit(settings, args).await,
         BenchWhat::Api(args) => crate::bench_api::api(settings, args).await,
         BenchWhat::Replay(args) => crate::bench_api::replay(settings, args).await,
+        BenchWhat::Logins(args) => device::logins(args).await,
+        BenchWhat::Connections(args) => device::connections(args).await,
     }
 }
 

@@ -1,22 +1,39 @@
-//! `countersign demo`: a guided tour on the embedded default. It creates a virtual server
-//! (with its key pair and an API key), registers users with attributes, deletes one (which
-//! shreds their personal data), and prints every event it wrote.
+//! `countersign demo`: the whole story in one process, on the embedded default. It starts
+//! `countersign serve` on a loopback port (business API and device gateway), creates a virtual
+//! server (its key pair, logins without a second factor, an API key) and, as the business
+//! system over HTTP, users with attributes (deleting one, which shreds their personal data).
+//! A virtual phone (the mobile SDK, its state in a temporary folder) enrols from the enrolment
+//! QR image and logs in to a continuous session from the session's QR image; the business
+//! system sees `logged_in` with the user's attributes, then logs the session out and the phone
+//! hears it. Last, every event the story wrote, what a reader of the log learns from each, and
+//! the signed audit trail over them.
 //!
 //! Without `--database-url` it uses a fresh SQLite file in a temporary folder, so it can be
 //! run any number of times on a machine with nothing but the binary.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context as _;
-use countersign_commands::{Clock, Commands, SystemClock};
+use anyhow::{Context as _, bail};
+use countersign_commands::{Clock, SystemClock};
+use countersign_domain::account::AccountEvent;
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
+use countersign_domain::session::{LogoutReason, SessionEvent};
 use countersign_domain::user::UserEvent;
 use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Metadata, RecordedEvent};
+use countersign_mobile_sdk::{
+    ChannelCallbacks, EncryptedFileStorage, HistoryStatus, Sdk, SdkConfig, SessionHandle, State,
+};
+use reqwest::Method;
+use serde_json::{Value, json};
 
 use crate::Settings;
+use crate::device::States;
+use crate::serve::ServeArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -25,45 +42,65 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
+/// How long the demo waits for one step of the phone or the server before it gives up.
+const STEP: Duration = Duration::from_secs(30);
+
 pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
-    // Keep the temporary folder alive until the end of the demo.
-    let (settings, _tmp) = if settings.database_url_is_default {
-        let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
-        let mut s = settings.clone();
-        s.database_url = format!("sqlite://{}", dir.path().join("demo.db").display());
-        (s, Some(dir))
-    } else {
-        (settings.clone(), None)
-    };
+    // Holds the admin key, the phone's state and (by default) the database; removed at the end.
+    let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let mut settings = settings.clone();
+    if settings.database_url_is_default {
+        settings.database_url = format!("sqlite://{}", tmp.path().join("demo.db").display());
+    }
     let opened = crate::connect(&settings).await?;
-    let vault = KeyVault::new(opened.vault.clone(), settings.master_key()?);
     let store = opened.events.clone();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let commands = Commands::new(store.clone(), vault, clock);
-    let (servers, users) = (&commands.servers, &commands.users);
     let start = store.last_position().await?.map_or(0, |p| p + 1);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "countersign demo on {}", settings.database_display())?;
+
+    let admin_key_file = tmp.path().join("admin.key");
+    crate::config::create_secret_file(&admin_key_file)?;
+    let serve = ServeArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_key_file: Some(admin_key_file),
+        gateway_url: None,
+        max_wait_ms: 5_000,
+        expiry_interval_ms: 1_000,
+        checkpoint_interval_ms: 1_000,
+    };
+    let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
+    let base = format!("http://{}", running.addr);
+    writeln!(
+        out,
+        " 1. started countersign serve in this process on {base}: the business API, and the \
+         device gateway at ws://{}/v1/device",
+        running.addr
+    )?;
+
+    // The operator's part, through the command services (what the admin API calls).
+    let commands = running.state.commands().clone();
     let meta = Metadata {
         actor: Some("demo".into()),
         ..Metadata::default()
     };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "countersign demo on {}", settings.database_display())?;
-
-    let (server, _) = servers.create("Demo Bank", &meta, None).await?;
+    let (server, _) = commands.servers.create("Demo Bank", &meta, None).await?;
     writeln!(
         out,
-        "1. created virtual server {server} with a fresh P-256 key pair (private key sealed in the key vault)"
+        " 2. created virtual server Demo Bank ({server}) with a fresh P-256 key pair (private \
+         key sealed in the key vault)"
     )?;
-    servers
+    commands
+        .servers
         .configure(
             server,
             ConfigureServer {
                 logo_url: Some(Some("https://bank.example/logo.png".into())),
+                // Logins without a second factor: the second-factor service does not exist yet.
                 second_factor: Some(SecondFactorPolicy {
                     pin_allowed: true,
                     biometric_allowed: true,
-                    require_for_login: true,
-                    login_reuse_window_secs: 120,
+                    require_for_login: false,
+                    login_reuse_window_secs: 0,
                 }),
                 session_timeout_secs: Some(600),
                 default_ping_time_secs: Some(30),
@@ -75,47 +112,187 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     writeln!(
         out,
-        "2. configured it: logo, PIN or biometric, 600 s session timeout, 30 s ping"
+        " 3. configured it: logo, logins without a second factor, 600 s session timeout, 30 s ping"
     )?;
-    let (key_id, _token, _) = servers
+    let (key_id, token, issued) = commands
+        .servers
         .issue_api_key(server, "payments backend", &meta, None)
         .await?;
+    // The API checks keys against its read models: wait until they hold this one.
+    running
+        .state
+        .wait_for(issued.position)
+        .await
+        .map_err(|e| anyhow::anyhow!("the read models did not catch up: {e}"))?;
     writeln!(
         out,
-        "3. issued API key {key_id} (the token goes to the caller once; the log keeps only its SHA-256)"
+        " 4. issued API key {key_id} to the business system (the token goes to the caller once; \
+         the log keeps only its SHA-256)"
     )?;
 
-    let (alice, _) = users.register(server, "alice@bank.example", &meta).await?;
-    users
-        .set_attribute(&alice, "name", "Alice Martin", &meta)
+    // The business system's part: HTTP with its API key.
+    let business = Business {
+        http: reqwest::Client::new(),
+        base: format!("{base}/v1/servers/{server}"),
+        token: token.expose().to_owned(),
+    };
+    let alice = "alice@bank.example";
+    business
+        .json(
+            Method::PUT,
+            &format!("/users/{alice}"),
+            Some(json!({"attributes": {"name": "Alice Martin", "groups": "payments,approvers"}})),
+        )
         .await?;
-    users
-        .set_attribute(&alice, "groups", "payments,approvers", &meta)
-        .await?;
-    let (bob, _) = users.register(server, "bob@bank.example", &meta).await?;
-    users
-        .set_attribute(&bob, "name", "Bob Stone", &meta)
-        .await?;
-    users
-        .set_attribute(&bob, "phone", "+32 470 00 00 00", &meta)
-        .await?;
-    users.remove_attribute(&bob, "phone", &meta).await?;
     writeln!(
         out,
-        "4. registered alice and bob with attributes, sealed with a data key per user"
+        " 5. business system: registered {alice} with attributes name and groups, sealed with a \
+         data key per user"
     )?;
-    users.delete(&bob, &meta).await?;
+    let bob = "bob@bank.example";
+    business
+        .json(
+            Method::PUT,
+            &format!("/users/{bob}"),
+            Some(json!({"attributes": {"name": "Bob Stone", "phone": "+32 470 00 00 00"}})),
+        )
+        .await?;
+    business
+        .json(Method::DELETE, &format!("/users/{bob}"), None)
+        .await?;
     writeln!(
         out,
-        "5. deleted bob: his data key is destroyed, his personal data in the log is unreadable for good"
-    )?;
-    let done = servers.revoke_api_key(server, key_id, &meta).await?;
-    writeln!(
-        out,
-        "6. revoked the API key (position {})",
-        done.position.unwrap_or(0)
+        " 6. business system: registered {bob}, then deleted him: his data key is destroyed, his \
+         personal data in the log is unreadable for good"
     )?;
 
+    // The phone: the mobile SDK, its encrypted state in a temporary folder.
+    let phone = Sdk::open(
+        Arc::new(EncryptedFileStorage::in_dir(tmp.path().join("phone"))?),
+        SdkConfig::default(),
+    )?;
+    let image = business
+        .bytes(
+            Method::POST,
+            "/enrolments?format=png",
+            Some(json!({"userid": alice})),
+        )
+        .await?;
+    writeln!(
+        out,
+        " 7. business system: started an enrolment for {alice} and shows its QR code ({} byte \
+         PNG)",
+        image.len()
+    )?;
+    let (callbacks, events) = ChannelCallbacks::new();
+    let mut states = States::new(events, "    phone: ");
+    let enrolment = phone
+        .start_session(&crate::device::read_qr_png(&image)?, callbacks)
+        .await?;
+    states.print(&mut out)?;
+    enrolment.confirm_enrol().await?;
+    let enrolled = finished(&enrolment).await?;
+    states.print(&mut out)?;
+    let account = enrolled
+        .account_id
+        .context("the enrolment answered no account")?;
+    writeln!(
+        out,
+        "    phone: scanned it, confirmed, and holds account {account} for {alice} at Demo Bank"
+    )?;
+
+    let nonce = random_nonce()?;
+    let session = format!("/sessions/{nonce}");
+    let session_opened = business
+        .json(
+            Method::PUT,
+            &session,
+            Some(json!({
+                "ping_time_secs": 30,
+                "announce_info": "Log in to Demo Bank",
+                "session_info": "Welcome back",
+            })),
+        )
+        .await?;
+    // Reads wait for the write they follow (read-your-writes): the opening's log position.
+    let opened_at = session_opened
+        .get("position")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let mut heard = business
+        .follow(&format!("{session}/events?min_position={opened_at}"))
+        .await?;
+    let image = business
+        .bytes(
+            Method::GET,
+            &format!("{session}/qr?format=png&min_position={opened_at}"),
+            None,
+        )
+        .await?;
+    writeln!(
+        out,
+        " 8. business system: opened a continuous login session (30 s ping) and shows its QR code"
+    )?;
+    let (callbacks, events) = ChannelCallbacks::new();
+    let mut states = States::new(events, "    phone: ");
+    let login = phone
+        .start_session(&crate::device::read_qr_png(&image)?, callbacks)
+        .await?;
+    states.print(&mut out)?;
+    writeln!(
+        out,
+        "    phone: shows {:?}; the user picks account {account}",
+        login.announce_info().unwrap_or_default()
+    )?;
+    login.set_account(Some(&account)).await?;
+    states.print(&mut out)?;
+    if login.state() != State::Active {
+        bail!("the phone did not log in: {:?}", login.snapshot().error);
+    }
+    let position = loop {
+        let (state, position) = heard.next_state().await?;
+        writeln!(out, "    business system hears: {state}")?;
+        if state == "logged_in" {
+            break position;
+        }
+    };
+    let view = business
+        .json(
+            Method::GET,
+            &format!("{session}?min_position={position}"),
+            None,
+        )
+        .await?;
+    writeln!(
+        out,
+        " 9. business system: the session is {} for {}, with attributes:",
+        text(&view, "state"),
+        text(&view, "userid")
+    )?;
+    if let Some(attributes) = view.get("attributes").and_then(Value::as_object) {
+        for (name, value) in attributes {
+            writeln!(out, "      {name} = {value}")?;
+        }
+    }
+
+    business.json(Method::DELETE, &session, None).await?;
+    writeln!(out, "10. business system: logged the session out")?;
+    let ended = finished(&login).await?;
+    states.print(&mut out)?;
+    if ended.history_status == Some(HistoryStatus::LoggedOut) {
+        writeln!(out, "    phone: logged out by the server")?;
+    }
+    let (state, _) = heard.next_state().await?;
+    writeln!(out, "    business system hears: {state}")?;
+    commands
+        .servers
+        .revoke_api_key(server, key_id, &meta)
+        .await?;
+    writeln!(out, "11. revoked the business system's API key")?;
+    drop((login, enrolment, phone));
+    running.stop().await?;
+
+    let users = &commands.users;
     let events = store.read_all(start, 10_000).await?;
     writeln!(out, "\nthe event log ({} events):", events.len())?;
     writeln!(
@@ -173,6 +350,116 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (bounded) for a session to end; answers its last snapshot.
+async fn finished(
+    session: &SessionHandle,
+) -> anyhow::Result<countersign_mobile_sdk::SessionSnapshot> {
+    let last = tokio::time::timeout(STEP, session.wait_for(|s| s.state.is_final()))
+        .await
+        .context("the phone's session did not end in time")?;
+    if last.state == State::Error {
+        bail!("the phone's session failed: {:?}", last.error);
+    }
+    Ok(last)
+}
+
+/// A text field of a JSON object, `?` if missing.
+fn text<'a>(value: &'a Value, field: &str) -> &'a str {
+    value.get(field).and_then(Value::as_str).unwrap_or("?")
+}
+
+/// A session nonce: 16 random bytes, hex (the business system's secret for the session).
+fn random_nonce() -> anyhow::Result<String> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(hex::encode(nonce))
+}
+
+/// The business system: HTTP calls under one server, with its API key.
+struct Business {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Business {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = tokio::time::timeout(STEP, request.send())
+            .await
+            .with_context(|| format!("{method} {path}: no answer in time"))?
+            .with_context(|| format!("{method} {path}"))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let problem = response.text().await.unwrap_or_default();
+            bail!("{method} {path}: {status} {problem}");
+        }
+        Ok(response)
+    }
+
+    /// The answer's JSON body (`null` for an empty one).
+    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let bytes = self.send(method, path, body).await?.bytes().await?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(self.send(method, path, body).await?.bytes().await?.to_vec())
+    }
+
+    /// Opens a session's server-sent event stream.
+    async fn follow(&self, path: &str) -> anyhow::Result<StateStream> {
+        Ok(StateStream {
+            response: self.send(Method::GET, path, None).await?,
+            buffer: String::new(),
+        })
+    }
+}
+
+/// A session's `event: state` stream, as the business system follows it.
+struct StateStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl StateStream {
+    /// The next state and its log position.
+    async fn next_state(&mut self) -> anyhow::Result<(String, u64)> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
+                    continue;
+                };
+                let change: Value = serde_json::from_str(data.trim())?;
+                let position = change.get("position").and_then(Value::as_u64);
+                return Ok((text(&change, "state").to_owned(), position.unwrap_or(0)));
+            }
+            let chunk = tokio::time::timeout(STEP, self.response.chunk())
+                .await
+                .context("the session's event stream said nothing in time")??
+                .context("the session's event stream ended")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
 /// What opening the event with today's keys shows: sealed personal data opens only while the
 /// user's data key exists.
 async fn describe(
@@ -186,6 +473,13 @@ async fn describe(
     let user_event = match &decoded {
         AnyEvent::User(user_event) => user_event,
         AnyEvent::Server(server_event) => return describe_server(server_event),
+        AnyEvent::Session(session_event) => return describe_session(session_event),
+        AnyEvent::Account(AccountEvent::Registered(e)) => {
+            return format!(
+                "account {}, its public keys; the user only as a digest",
+                e.account.account_id
+            );
+        }
         _ => return String::new(),
     };
     let (field, sealed) = match user_event {
@@ -200,6 +494,25 @@ async fn describe(
         Ok(Some(text)) => format!("{field} = {text:?}"),
         Ok(None) => format!("{field} = <erased>"),
         Err(_) => format!("{field} = <does not open>"),
+    }
+}
+
+fn describe_session(event: &SessionEvent) -> String {
+    match event {
+        SessionEvent::Opened(e) => format!(
+            "ping {} s, expires {} s after opening",
+            e.ping_time_secs, e.timeout_secs
+        ),
+        SessionEvent::LoggedIn(e) => format!(
+            "account {}, the user only as a digest, continuous: {}",
+            e.account_id, e.continuous
+        ),
+        SessionEvent::LoggedOut(e) => match e.reason {
+            LogoutReason::User => "by the user".to_owned(),
+            LogoutReason::Server => "by the business system".to_owned(),
+            LogoutReason::PingMissed => "the device stopped pinging".to_owned(),
+        },
+        _ => String::new(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bench_api;
 pub mod config;
 pub mod demo;
+pub mod device;
 pub mod events;
 pub mod replay;
 pub mod serve;
@@ -44,6 +45,8 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Print a new random master key (64 hex digits) for `--master-key-file`.
     Keygen,
+    /// A virtual phone on the mobile SDK: enrol, log in, accounts, history, delete-account.
+    Device(device::DeviceArgs),
 }
 
 impl Cli {
@@ -91,6 +94,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&settings, args).await,
         Command::Bench(args) => bench::run(&settings, args).await,
         Command::Audit(args) => audit::run(&settings, args).await,
+        Command::Device(args) => device::run(args).await,
         Command::Keygen => {
             use std::io::Write as _;
             let key = config::new_master_key_hex()?;

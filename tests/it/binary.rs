@@ -76,6 +76,24 @@ fn demo_runs_on_the_embedded_default_with_nothing_installed() {
         stdout.contains("<erased>"),
         "the deleted user's personal data no longer opens:\n{stdout}"
     );
+    // The story with a phone: enrolled, logged in, seen by the business system, logged out.
+    for expected in [
+        "phone: state: done (enrolled)",
+        "phone: state: active (logged in)",
+        "business system hears: logged_in",
+        "the session is logged_in for alice@bank.example",
+        "name = \"Alice Martin\"",
+        "phone: logged out by the server",
+        "business system hears: logged_out",
+        "session.logged_in",
+        "account.registered",
+        "audit verify: OK",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "demo output lacks {expected}:\n{stdout}"
+        );
+    }
 }
 
 #[test]

@@ -356,7 +356,7 @@ async fn no_accounts_and_two_servers(db: &TestDb) {
             .into_iter()
             .map(|a| a.account_id)
             .collect();
-        assert_eq!(&eligible, &[account.clone()]);
+        assert_eq!(eligible, std::slice::from_ref(account));
         login.set_account(Some(account)).await.unwrap();
         let done = tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Done))
             .await

@@ -14,3 +14,4 @@ mod binary;
 mod commands;
 mod crash;
 mod device;
+mod device_cli;

@@ -1,0 +1,757 @@
+//! `countersign device`: a virtual phone. It is the mobile SDK ([`countersign_mobile_sdk`])
+//! behind a command line, with its state in a folder (`--home`), so the platform can be tried
+//! and tested end to end without a phone: enrol from a QR image, log in, list the accounts and
+//! the history, delete an account.
+//!
+//! Rules kept here:
+//! - the SDK decides; this module only reads input, prints what the SDK reports and answers
+//!   its questions (which account, confirm or not), from the terminal or from `--yes`;
+//! - a login or enrolment is never confirmed without `--yes` or an explicit `y` on stdin, and
+//!   a declined or interrupted session is stopped (`stop_session`) before the command exits,
+//!   so the server never keeps a session the device gave up on;
+//! - a QR image is untrusted input: it is decoded with size limits and checked indexing.
+//!
+//! Everything printed goes through the writer passed in (stdout for the binary); errors go
+//! up as `anyhow` errors and the binary prints them on stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use countersign_mobile_sdk::{
+    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Sdk, SdkConfig,
+    SdkError, SessionHandle, SessionKind, SessionSnapshot, State, decode_input,
+};
+use countersign_protocol::qr::{DEEP_LINK_PREFIX, QrKind};
+use tokio::sync::mpsc;
+
+const EXIT_STATUS: &str = "\
+Exit status: 0 when the enrolment or login completed (a continuous login: once the session \
+ended, by the server or by Ctrl-C / SIGTERM, which log out first), and for the listing \
+commands; 1 on any error, with the reason on stderr, for example `no account for this server \
+on this device` (a login QR code of a server this device has not enrolled at), `login \
+declined`, `the server asks a second factor`.";
+
+/// A virtual phone built on the mobile SDK, its state in `--home`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXIT_STATUS)]
+pub struct DeviceArgs {
+    /// Folder holding this device's state (encrypted; created if missing).
+    #[arg(long, env = "COUNTERSIGN_DEVICE_HOME")]
+    pub home: PathBuf,
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// Enrol an account from an enrolment QR code.
+    #[command(after_help = EXIT_STATUS)]
+    Enrol(EnrolArgs),
+    /// Log in to a session from its QR code; a continuous session stays up until the server
+    /// logs it out or Ctrl-C.
+    #[command(after_help = EXIT_STATUS)]
+    Login(LoginArgs),
+    /// List the accounts on this device.
+    Accounts,
+    /// List the sessions this device took part in, oldest first.
+    History,
+    /// Delete an account: tell its server, then forget it here.
+    DeleteAccount {
+        /// The account id (32 hex digits, as `accounts` lists it).
+        account_id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EnrolArgs {
+    /// A QR code: a PNG image or a file with its bytes or text, a `countersign:` link, or
+    /// the base64url text.
+    pub input: String,
+    /// Confirm without asking.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoginArgs {
+    /// A QR code: a PNG image or a file with its bytes or text, a `countersign:` link, or
+    /// the base64url text.
+    pub input: String,
+    /// Confirm without asking, with `--account` or else the first eligible account.
+    #[arg(long)]
+    pub yes: bool,
+    /// The account to log in with (default: ask, or the first with `--yes`).
+    #[arg(long)]
+    pub account: Option<String>,
+}
+
+pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
+    let storage = EncryptedFileStorage::in_dir(&args.home)
+        .with_context(|| format!("cannot open the device home {}", args.home.display()))?;
+    let sdk = Sdk::open(Arc::new(storage), SdkConfig::default())
+        .with_context(|| format!("cannot read the device state in {}", args.home.display()))?;
+    let mut out = std::io::stdout();
+    let mut answers = Answers;
+    match args.command {
+        DeviceCommand::Enrol(enrol) => {
+            let input = read_input(&enrol.input)?;
+            let choice = Choice {
+                yes: enrol.yes,
+                account: None,
+            };
+            run_session(
+                &sdk,
+                &input,
+                SessionKind::Enrolment,
+                &choice,
+                &mut answers,
+                &mut out,
+            )
+            .await
+        }
+        DeviceCommand::Login(login) => {
+            let input = read_input(&login.input)?;
+            let choice = Choice {
+                yes: login.yes,
+                account: login.account,
+            };
+            run_session(
+                &sdk,
+                &input,
+                SessionKind::Login,
+                &choice,
+                &mut answers,
+                &mut out,
+            )
+            .await
+        }
+        DeviceCommand::Accounts => print_accounts(&sdk, &mut out),
+        DeviceCommand::History => print_history(&sdk, &mut out),
+        DeviceCommand::DeleteAccount { account_id } => {
+            let info = match sdk.delete_account(&account_id).await {
+                Err(SdkError::UnknownAccount) => bail!("no account {account_id} on this device"),
+                other => other.context("cannot delete the account")?,
+            };
+            writeln!(
+                out,
+                "deleted account {} ({} at {}); the server was told",
+                info.account_id, info.userid, info.server_name
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// What the command line already decided for the user.
+#[derive(Debug, Clone, Default)]
+struct Choice {
+    /// Confirm without asking.
+    yes: bool,
+    /// Log in with this account.
+    account: Option<String>,
+}
+
+/// Where the user's answers come from: lines of stdin (typed, or written by a script).
+#[derive(Debug)]
+struct Answers;
+
+impl Answers {
+    /// Prints `question` and reads one line; `None` at the end of the input.
+    async fn ask(&mut self, question: &str, out: &mut dyn Write) -> anyhow::Result<Option<String>> {
+        write!(out, "{question}")?;
+        out.flush()?;
+        // std's stdin keeps its buffer between calls, so lines written ahead are not lost.
+        let line = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| (n > 0).then_some(line))
+        })
+        .await
+        .context("cannot read stdin")?
+        .context("cannot read stdin")?;
+        if line.is_none() {
+            writeln!(out)?;
+        }
+        Ok(line.map(|l| l.trim().to_owned()))
+    }
+}
+
+/// Runs one enrolment or login to its end (enrolled, logged in once, or logged out of a
+/// continuous session), printing every state change.
+///
+/// # Errors
+/// The input is no QR code of `expected` kind, the user declined, or the session failed
+/// (`no account for this server on this device` for NOACCOUNTS).
+async fn run_session(
+    sdk: &Sdk,
+    input: &[u8],
+    expected: SessionKind,
+    choice: &Choice,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let payload = decode_input(input)?;
+    match (payload.kind, expected) {
+        (QrKind::Login, SessionKind::Enrolment) => {
+            bail!("this is a login QR code: use `countersign device login`")
+        }
+        (QrKind::Enrolment, SessionKind::Login) => {
+            bail!("this is an enrolment QR code: use `countersign device enrol`")
+        }
+        _ => {}
+    }
+    let (callbacks, events) = ChannelCallbacks::new();
+    let mut states = States::new(events, "");
+    let started = sdk.start_session(input, callbacks).await;
+    states.print(out)?;
+    let session = match started {
+        Ok(session) => session,
+        Err(SdkError::NoAccounts) => bail!("no account for this server on this device"),
+        Err(error) => return Err(error).context("the session could not start"),
+    };
+    let snapshot = session.snapshot();
+    writeln!(
+        out,
+        "server: {} ({})",
+        snapshot.server_name.as_deref().unwrap_or("?"),
+        snapshot.server_id
+    )?;
+    if let Some(announce) = session.announce_info() {
+        writeln!(out, "announce: {announce}")?;
+    }
+    let confirmed = match expected {
+        SessionKind::Enrolment => confirm_enrolment(&session, choice, answers, out).await,
+        SessionKind::Login => confirm_login(&session, choice, answers, out).await,
+    };
+    states.print(out)?;
+    if let Err(error) = confirmed {
+        // Declined, or the answer could not be read: the server must not wait for us.
+        if !session.state().is_final() {
+            let _ = session.stop_session().await;
+        }
+        states.print(out)?;
+        return Err(error);
+    }
+    let mut last = session.snapshot();
+    if last.state == State::UserInteraction(Interaction::WaitForSecondFactor) {
+        let _ = session.input_cancel().await;
+        states.print(out)?;
+        bail!(
+            "the server asks a second factor, which a virtual device cannot give yet \
+             (set the server's second_factor to none)"
+        );
+    }
+    if last.state == State::Active {
+        let mut interrupt = Interrupt::new()?;
+        if let Some(info) = &last.session_info {
+            writeln!(out, "session info: {info}")?;
+        }
+        writeln!(
+            out,
+            "logged in as {}; the session stays open (pinging every {} s) until the server \
+             logs it out or Ctrl-C",
+            account_label(sdk, last.account_id.as_deref()),
+            last.ping_time_secs.unwrap_or(0)
+        )?;
+        out.flush()?;
+        last = stay_logged_in(&session, &mut states, &mut interrupt, out).await?;
+    }
+    states.print(out)?;
+    finish(sdk, &last, out)
+}
+
+async fn confirm_enrolment(
+    session: &SessionHandle,
+    choice: &Choice,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if !choice.yes {
+        let server = session.snapshot().server_name.unwrap_or_default();
+        let answer = answers
+            .ask(&format!("Enrol an account at {server}? [y/N] "), out)
+            .await?;
+        if !is_yes(answer.as_deref()) {
+            bail!("enrolment declined");
+        }
+    }
+    session
+        .confirm_enrol()
+        .await
+        .context("the enrolment failed")
+}
+
+async fn confirm_login(
+    session: &SessionHandle,
+    choice: &Choice,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let eligible = session.eligible_accounts()?;
+    let account = match &choice.account {
+        Some(wanted) => eligible
+            .iter()
+            .find(|a| &a.account_id == wanted)
+            .with_context(|| format!("account {wanted} may not log in to this session"))?,
+        None if choice.yes => eligible
+            .first()
+            .context("no account for this server on this device")?,
+        None => {
+            writeln!(out, "accounts at this server:")?;
+            for (n, account) in eligible.iter().enumerate() {
+                writeln!(
+                    out,
+                    "  {}. {} (account {})",
+                    n + 1,
+                    account.userid,
+                    account.account_id
+                )?;
+            }
+            let question = if eligible.len() == 1 {
+                "Account [1]: ".to_owned()
+            } else {
+                format!("Account [1-{}]: ", eligible.len())
+            };
+            let answer = answers.ask(&question, out).await?;
+            let picked = match answer.as_deref() {
+                None => bail!("login declined"),
+                Some("") if eligible.len() == 1 => Some(0),
+                Some(text) => text.parse::<usize>().ok().and_then(|n| n.checked_sub(1)),
+            };
+            picked
+                .and_then(|n| eligible.get(n))
+                .with_context(|| format!("no account number {:?}", answer.unwrap_or_default()))?
+        }
+    };
+    if !choice.yes {
+        let server = session.snapshot().server_name.unwrap_or_default();
+        let answer = answers
+            .ask(
+                &format!("Log in as {} at {server}? [y/N] ", account.userid),
+                out,
+            )
+            .await?;
+        if !is_yes(answer.as_deref()) {
+            bail!("login declined");
+        }
+    }
+    session
+        .set_account(Some(&account.account_id))
+        .await
+        .context("the login failed")
+}
+
+fn is_yes(answer: Option<&str>) -> bool {
+    answer.is_some_and(|a| a.eq_ignore_ascii_case("y") || a.eq_ignore_ascii_case("yes"))
+}
+
+/// Waits while the session is Active (the SDK pings); on Ctrl-C or SIGTERM logs out first.
+async fn stay_logged_in(
+    session: &SessionHandle,
+    states: &mut States,
+    interrupt: &mut Interrupt,
+    out: &mut dyn Write,
+) -> anyhow::Result<SessionSnapshot> {
+    let ended = session.wait_for(|s| s.state.is_final());
+    tokio::pin!(ended);
+    loop {
+        tokio::select! {
+            snapshot = &mut ended => {
+                states.print(out)?;
+                if snapshot.history_status == Some(HistoryStatus::LoggedOut) {
+                    writeln!(out, "logged out by the server")?;
+                }
+                return Ok(snapshot);
+            }
+            Some(event) = states.events.recv() => states.show(&event, out)?,
+            () = interrupt.recv() => {
+                writeln!(out, "interrupted: logging out")?;
+                session.stop_session().await.context("cannot log out")?;
+                states.print(out)?;
+                return Ok(session.snapshot());
+            }
+        }
+    }
+}
+
+/// Prints the outcome of a finished session; errors for anything but a success.
+fn finish(sdk: &Sdk, last: &SessionSnapshot, out: &mut dyn Write) -> anyhow::Result<()> {
+    let account = last.account_id.as_deref();
+    match (last.state, last.history_status) {
+        (State::Done, Some(HistoryStatus::Enrolled)) => {
+            writeln!(out, "enrolled {}", account_label(sdk, account))?;
+        }
+        (State::Done, Some(HistoryStatus::LoggedInOneShot)) => {
+            if let Some(info) = &last.session_info {
+                writeln!(out, "session info: {info}")?;
+            }
+            writeln!(out, "logged in as {}", account_label(sdk, account))?;
+        }
+        (State::Done, Some(HistoryStatus::LoggedOut)) => writeln!(out, "session ended")?,
+        (State::Done, _) => bail!("the session was aborted"),
+        (_, _) => match &last.error {
+            Some(error) => bail!("the session failed: {error}"),
+            None => bail!("the session failed"),
+        },
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `userid at server (account id)`, or the bare id if the account is not (or no longer) here.
+fn account_label(sdk: &Sdk, account_id: Option<&str>) -> String {
+    let Some(id) = account_id else {
+        return "?".to_owned();
+    };
+    let found = sdk
+        .accounts()
+        .ok()
+        .and_then(|all| all.into_iter().find(|a| a.account_id == id));
+    match found {
+        Some(a) => format!(
+            "{} at {} (account {})",
+            a.userid, a.server_name, a.account_id
+        ),
+        None => format!("account {id}"),
+    }
+}
+
+/// Turns the SDK's callbacks into one printed line per state change, in order, each line
+/// starting with `prefix`.
+pub(crate) struct States {
+    events: mpsc::UnboundedReceiver<Event>,
+    last: Option<(State, Option<HistoryStatus>)>,
+    prefix: &'static str,
+}
+
+impl States {
+    pub(crate) fn new(events: mpsc::UnboundedReceiver<Event>, prefix: &'static str) -> Self {
+        Self {
+            events,
+            last: None,
+            prefix,
+        }
+    }
+
+    /// Prints what happened since the last call.
+    pub(crate) fn print(&mut self, out: &mut dyn Write) -> anyhow::Result<()> {
+        while let Ok(event) = self.events.try_recv() {
+            self.show(&event, out)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    fn show(&mut self, event: &Event, out: &mut dyn Write) -> anyhow::Result<()> {
+        match event {
+            Event::State(snapshot) => {
+                let now = (snapshot.state, snapshot.history_status);
+                if self.last != Some(now) {
+                    self.last = Some(now);
+                    writeln!(out, "{}state: {}", self.prefix, describe_state(snapshot))?;
+                }
+            }
+            Event::AccountDeleted(account) => writeln!(
+                out,
+                "{}the server deleted account {} ({}); forgotten",
+                self.prefix, account.account_id, account.userid
+            )?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn describe_state(snapshot: &SessionSnapshot) -> String {
+    match snapshot.state {
+        State::Starting => "starting".to_owned(),
+        State::UserInteraction(Interaction::WaitForConfirmation) => {
+            "waiting for confirmation".to_owned()
+        }
+        State::UserInteraction(Interaction::WaitForSecondFactor) => {
+            "waiting for a second factor".to_owned()
+        }
+        State::Active => "active (logged in)".to_owned(),
+        State::Done => match snapshot.history_status {
+            Some(status) => format!("done ({})", status_text(status)),
+            None => "done".to_owned(),
+        },
+        State::Error => match &snapshot.error {
+            Some(error) => format!("error ({error})"),
+            None => "error".to_owned(),
+        },
+    }
+}
+
+fn status_text(status: HistoryStatus) -> &'static str {
+    match status {
+        HistoryStatus::LoggedIn => "logged in",
+        HistoryStatus::LoggedInOneShot => "logged in once",
+        HistoryStatus::LoggedOut => "logged out",
+        HistoryStatus::Aborted => "aborted",
+        HistoryStatus::Error => "error",
+        HistoryStatus::Enrolled => "enrolled",
+    }
+}
+
+/// Ctrl-C, or SIGTERM on unix. Listening starts when it is made, so a signal that comes
+/// before [`Interrupt::recv`] is polled is not lost (nor does it kill the process).
+struct Interrupt {
+    #[cfg(unix)]
+    signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+}
+
+impl Interrupt {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let interrupt = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
+            let terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+            Ok(Self {
+                signals: (interrupt, terminate),
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            let (interrupt, terminate) = &mut self.signals;
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print_accounts(sdk: &Sdk, out: &mut dyn Write) -> anyhow::Result<()> {
+    let accounts = sdk.accounts()?;
+    if accounts.is_empty() {
+        writeln!(out, "no accounts on this device")?;
+        return Ok(());
+    }
+    let name_width = accounts
+        .iter()
+        .map(|a| a.server_name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("server".len());
+    writeln!(
+        out,
+        "{:<32}  {:<name_width$}  {:<32}  userid",
+        "account", "server", "server id"
+    )?;
+    for a in &accounts {
+        writeln!(
+            out,
+            "{:<32}  {:<name_width$}  {:<32}  {}",
+            a.account_id, a.server_name, a.server_id, a.userid
+        )?;
+    }
+    Ok(())
+}
+
+fn print_history(sdk: &Sdk, out: &mut dyn Write) -> anyhow::Result<()> {
+    let history = sdk.history()?;
+    if history.is_empty() {
+        writeln!(out, "no history on this device")?;
+        return Ok(());
+    }
+    let servers = sdk.servers()?;
+    let server_name = |id: &str| {
+        servers
+            .iter()
+            .find(|s| s.server_id == id)
+            .map_or_else(|| id.to_owned(), |s| s.name.clone())
+    };
+    writeln!(
+        out,
+        "{:<20}  {:<9}  {:<24}  status",
+        "time (UTC)", "kind", "server"
+    )?;
+    for entry in &history {
+        let kind = match entry.kind {
+            SessionKind::Login => "login",
+            SessionKind::Enrolment => "enrolment",
+        };
+        writeln!(
+            out,
+            "{:<20}  {kind:<9}  {:<24}  {}",
+            utc(entry.at_ms),
+            server_name(&entry.server_id),
+            status_text(entry.status)
+        )?;
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD hh:mm:ssZ` of milliseconds since the Unix epoch (proleptic Gregorian calendar;
+/// Howard Hinnant's `civil_from_days`).
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, time) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        time / 3600,
+        time % 3600 / 60,
+        time % 60
+    )
+}
+
+/// The QR code's bytes from what the user gave: a `countersign:` link or base64url text as
+/// is, else a file: a PNG image is decoded, text is trimmed, other bytes are the payload.
+///
+/// # Errors
+/// An unreadable file, or an image without a readable QR code.
+pub fn read_input(input: &str) -> anyhow::Result<Vec<u8>> {
+    let is_link = input
+        .get(..DEEP_LINK_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(DEEP_LINK_PREFIX));
+    let path = Path::new(input);
+    if is_link || !path.is_file() {
+        return Ok(input.trim().as_bytes().to_vec());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {input}"))?;
+    if bytes.starts_with(PNG_SIGNATURE) {
+        return read_qr_png(&bytes).with_context(|| format!("cannot read a QR code in {input}"));
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => Ok(text.trim().as_bytes().to_vec()),
+        Err(_) => Ok(bytes),
+    }
+}
+
+const PNG_SIGNATURE: &[u8] = &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+/// A phone photo is a few megapixels; this bounds what a hostile file makes us allocate.
+const PNG_MAX_BYTES: usize = 64 << 20;
+
+/// Decodes a PNG image (any colour type) and answers the bytes of the first QR code in it.
+///
+/// # Errors
+/// Not a PNG, too large, or no QR code that decodes.
+pub fn read_qr_png(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut decoder = png::Decoder::new_with_limits(
+        std::io::Cursor::new(bytes),
+        png::Limits {
+            bytes: PNG_MAX_BYTES,
+        },
+    );
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().context("not a readable PNG image")?;
+    let size = reader
+        .output_buffer_size()
+        .context("the PNG image is too large")?;
+    let mut pixels = vec![0u8; size];
+    let frame = reader
+        .next_frame(&mut pixels)
+        .context("not a readable PNG image")?;
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let channels = frame.color_type.samples();
+    let gray: Vec<u8> = pixels
+        .get(..frame.buffer_size())
+        .context("the PNG frame is larger than its buffer")?
+        .chunks_exact(channels.max(1))
+        .map(luma)
+        .collect();
+    if gray.len() < width * height {
+        bail!("the PNG image is truncated");
+    }
+    let mut prepared = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| {
+        gray.get(y * width + x).copied().unwrap_or(255)
+    });
+    for grid in prepared.detect_grids() {
+        let mut out = Vec::new();
+        if grid.decode_to(&mut out).is_ok() {
+            return Ok(out);
+        }
+    }
+    bail!("no QR code found in the image")
+}
+
+/// One pixel (gray, gray+alpha, RGB or RGBA, 8 bits each) as a gray level over white.
+fn luma(pixel: &[u8]) -> u8 {
+    let (gray, alpha) = match *pixel {
+        [g] => (u32::from(g), 255),
+        [g, a] => (u32::from(g), u32::from(a)),
+        [r, g, b] => (
+            (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b)) / 1000,
+            255,
+        ),
+        [r, g, b, a] => (
+            (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b)) / 1000,
+            u32::from(a),
+        ),
+        _ => (255, 255),
+    };
+    // Transparent pixels show the (white) background.
+    u8::try_from((gray * alpha + 255 * (255 - alpha)) / 255).unwrap_or(255)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_epoch_milliseconds() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_790_000_000_999), "2026-09-21 14:13:20Z");
+        assert_eq!(utc(-1), "1969-12-31 23:59:59Z");
+    }
+
+    #[test]
+    fn a_png_qr_code_reads_back_to_its_bytes() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(150).collect();
+        let image = countersign_api::qr::png(&data, 256).unwrap();
+        assert_eq!(read_qr_png(&image).unwrap(), data);
+    }
+
+    #[test]
+    fn an_image_without_a_qr_code_is_an_error() {
+        let mut png = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut png, 64, 64);
+            encoder.set_color(png::ColorType::Rgba);
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&[200u8; 64 * 64 * 4]).unwrap();
+        }
+        assert!(read_qr_png(&png).is_err());
+        assert!(read_qr_png(b"\x89PNG\r\n\x1a\nnot really").is_err());
+    }
+
+    #[test]
+    fn links_and_text_are_taken_as_given() {
+        assert_eq!(
+            read_input("countersign:abc").unwrap(),
+            b"countersign:abc".to_vec()
+        );
+        assert_eq!(read_input(" AAEC ").unwrap(), b"AAEC".to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("qr.txt");
+        std::fs::write(&file, "countersign:xyz\n").unwrap();
+        assert_eq!(
+            read_input(file.to_str().unwrap()).unwrap(),
+            b"countersign:xyz".to_vec()
+        );
+    }
+}
