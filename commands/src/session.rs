@@ -278,6 +278,25 @@ impl SessionCommands {
             .await
     }
 
+    /// The challenge an SFS attestation must carry for `purpose` (`"login"`, `"upgrade"`,
+    /// `"transaction"`) on `id` by `account`: `HMAC-SHA256(server secret, "sf-challenge" ‖
+    /// purpose ‖ 0x00 ‖ id ‖ account id)`. Derived, so the server keeps no state per challenge
+    /// and any instance recognises it.
+    pub async fn second_factor_challenge(
+        &self,
+        server: ServerId,
+        purpose: &str,
+        id: &[u8],
+        account: AccountId,
+    ) -> Result<[u8; 32], CommandError> {
+        let mut input = Vec::with_capacity(purpose.len() + 1 + id.len() + 16);
+        input.extend_from_slice(purpose.as_bytes());
+        input.push(0);
+        input.extend_from_slice(id);
+        input.extend_from_slice(account.as_bytes());
+        self.secrets.derive(server, "sf-challenge", &input).await
+    }
+
     /// The session's current state, from its own stream (the write model).
     pub async fn load(&self, session: SessionRef) -> Result<Loaded<Session>, CommandError> {
         load::<Session>(&self.store, &session.stream()).await

@@ -27,7 +27,8 @@ use countersign_domain::{
 use countersign_domain::account::ActiveAccount;
 use countersign_eventstore::Metadata;
 use countersign_protocol::device::{
-    Answer, Bytes, DeviceError, ErrorCode, FailReason, RequestBody, SessionDetails,
+    Answer, Bytes, ChallengePurpose, DeviceError, ErrorCode, FailReason, RequestBody,
+    SessionDetails,
 };
 use sha2::{Digest, Sha256};
 
@@ -274,6 +275,28 @@ pub(crate) async fn handle(
                 .await
                 .map_err(refused)?;
             Ok(Answer::Done)
+        }
+        RequestBody::Challenge { purpose } => {
+            let account = conn.account()?.account.account_id;
+            let (purpose, id) = match purpose {
+                ChallengePurpose::Login { hsid } => ("login", hsid.0.to_vec()),
+                ChallengePurpose::Upgrade => ("upgrade", Vec::new()),
+            };
+            let challenge = commands
+                .sessions
+                .second_factor_challenge(conn.server, purpose, &id, account)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Challenge {
+                challenge: Bytes(challenge),
+            })
+        }
+        RequestBody::VerifySecondFactor { .. } | RequestBody::UpgradeAccount { .. } => {
+            conn.account()?;
+            Err(error(
+                ErrorCode::BadAttestation,
+                "this server does not accept second-factor attestations yet",
+            ))
         }
         RequestBody::DeleteAccount => {
             let account = conn.account()?.account;

@@ -33,6 +33,8 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 pub const MAX_DEPTH: usize = 16;
 /// Longest text field a device may send (announce info, names), in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
+/// Longest SFS attestation accepted, in bytes.
+pub const MAX_ATTESTATION_BYTES: usize = 1024;
 
 /// A byte string of exactly `N` bytes (ids, hsids, tokens). Encoded as a CBOR byte string;
 /// any other length or type is a decoding error.
@@ -242,6 +244,37 @@ pub enum RequestBody {
     },
     /// Account only: the user removed this account from the app.
     DeleteAccount,
+    /// Account only: the challenge an SFS attestation must carry for this purpose.
+    Challenge {
+        /// What the second factor is for.
+        purpose: ChallengePurpose,
+    },
+    /// Account only: an SFS attestation for a session's challenge (before `log_in`).
+    VerifySecondFactor {
+        /// The session.
+        hsid: Bytes<32>,
+        /// The COSE_Sign1 attestation from the SFS.
+        attestation: Blob,
+    },
+    /// Account only: add a second factor to a headless account, proven by an attestation
+    /// for the `upgrade` challenge.
+    UpgradeAccount {
+        /// The COSE_Sign1 attestation from the SFS.
+        attestation: Blob,
+    },
+}
+
+/// What a second-factor challenge is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChallengePurpose {
+    /// A login session.
+    Login {
+        /// The session.
+        hsid: Bytes<32>,
+    },
+    /// Upgrading this headless account.
+    Upgrade,
 }
 
 /// Why a device gave up on a session.
@@ -258,17 +291,24 @@ impl Request {
     /// # Errors
     /// A [`DeviceError`] with [`ErrorCode::Invalid`].
     pub fn validate(&self) -> Result<(), DeviceError> {
-        if let RequestBody::Enrol {
-            signing_public_key, ..
-        } = &self.body
-            && !matches!(signing_public_key.0.len(), 33 | 65)
-        {
-            return Err(DeviceError::new(
+        match &self.body {
+            RequestBody::Enrol {
+                signing_public_key, ..
+            } if !matches!(signing_public_key.0.len(), 33 | 65) => Err(DeviceError::new(
                 ErrorCode::Invalid,
                 "signing_public_key must be a SEC1 P-256 point (33 or 65 bytes)",
-            ));
+            )),
+            RequestBody::VerifySecondFactor { attestation, .. }
+            | RequestBody::UpgradeAccount { attestation }
+                if attestation.0.len() > MAX_ATTESTATION_BYTES =>
+            {
+                Err(DeviceError::new(
+                    ErrorCode::Invalid,
+                    "the attestation is longer than an attestation can be",
+                ))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -316,6 +356,11 @@ pub enum Answer {
         session_info: Option<String>,
         /// 0 for a one-shot login; otherwise ping at least this often, seconds.
         ping_time_secs: u32,
+    },
+    /// The challenge to have the SFS attest.
+    Challenge {
+        /// 32 bytes.
+        challenge: Bytes<32>,
     },
     /// Done, nothing to say.
     Done,
@@ -406,6 +451,8 @@ pub enum ErrorCode {
     NotAllowed,
     /// The server's policy needs a second factor this device did not give.
     SecondFactorRequired,
+    /// The attestation was refused (untrusted key, other challenge, stale, replayed...).
+    BadAttestation,
     /// The gateway failed; try again later.
     Internal,
 }
@@ -515,8 +562,12 @@ mod tests {
                 signing_public_key: Blob(vec![4; 65]),
                 app_instance: Bytes([3; 16]),
             },
-            RequestBody::Scan { hsid: Bytes([2; 32]) },
-            RequestBody::LogIn { hsid: Bytes([2; 32]) },
+            RequestBody::Scan {
+                hsid: Bytes([2; 32]),
+            },
+            RequestBody::LogIn {
+                hsid: Bytes([2; 32]),
+            },
             RequestBody::Fail {
                 hsid: Bytes([2; 32]),
                 reason: FailReason::NoAccounts,
@@ -548,11 +599,16 @@ mod tests {
     fn names_are_readable_on_the_wire() {
         let bytes = encode(&Request {
             id: 1,
-            body: RequestBody::Scan { hsid: Bytes([0; 32]) },
+            body: RequestBody::Scan {
+                hsid: Bytes([0; 32]),
+            },
         })
         .unwrap();
         let json = cbor::value_to_json(&cbor::decode_value(&bytes).unwrap());
-        assert_eq!(json["body"]["scan"]["hsid"].as_str().map(str::len), Some(64));
+        assert_eq!(
+            json["body"]["scan"]["hsid"].as_str().map(str::len),
+            Some(64)
+        );
     }
 
     #[test]
@@ -560,7 +616,9 @@ mod tests {
         // A 31-byte hsid.
         let mut short = encode(&Request {
             id: 1,
-            body: RequestBody::Scan { hsid: Bytes([0; 32]) },
+            body: RequestBody::Scan {
+                hsid: Bytes([0; 32]),
+            },
         })
         .unwrap();
         let at = short.len() - 34;
@@ -574,8 +632,8 @@ mod tests {
         for garbage in [&b""[..], b"\xff", b"\xa0", b"\x82\x01", b"\x01\x02"] {
             assert!(decode::<Request>(garbage).is_err());
         }
-        let unknown = cbor::to_canonical_vec(&serde_json::json!({"id": 1, "body": {"launch": {}}}))
-            .unwrap();
+        let unknown =
+            cbor::to_canonical_vec(&serde_json::json!({"id": 1, "body": {"launch": {}}})).unwrap();
         assert!(matches!(
             decode::<Request>(&unknown),
             Err(MessageError::Malformed(_))
@@ -605,7 +663,10 @@ mod tests {
             },
         };
         assert_eq!(request.validate().unwrap_err().code, ErrorCode::Invalid);
-        assert!(!format!("{request:?}").contains("abababab"), "the token is secret");
+        assert!(
+            !format!("{request:?}").contains("abababab"),
+            "the token is secret"
+        );
     }
 
     proptest::proptest! {
