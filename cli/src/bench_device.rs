@@ -36,8 +36,8 @@ use countersign_mobile_sdk::{
 };
 use countersign_protocol::channel::{Channel, Initiator, Responder, StaticKey};
 use countersign_protocol::device::{
-    self, Answer, Blob, Bytes, Hello, Intent, Outcome, Request, RequestBody, Secret,
-    ServerMessage, VERSION, Welcome,
+    self, Answer, Blob, Bytes, Hello, Intent, Outcome, Request, RequestBody, Secret, ServerMessage,
+    VERSION, Welcome,
 };
 use countersign_protocol::qr::QrPayload;
 use futures::{SinkExt as _, StreamExt as _};
@@ -425,10 +425,7 @@ impl RawConnection {
             let Some(message) = self.channel.open(&frame)? else {
                 continue;
             };
-            if let ServerMessage::Reply {
-                id: got,
-                outcome,
-            } = device::decode(&message)?
+            if let ServerMessage::Reply { id: got, outcome } = device::decode(&message)?
                 && got == id
             {
                 return Ok(outcome);
@@ -500,7 +497,10 @@ impl RawDevice {
     async fn log_in(&self, target: &Target, hsid: [u8; 32]) -> anyhow::Result<()> {
         let mut connection = RawConnection::open(target, &self.key, self.intent(), None).await?;
         let hsid = Bytes(hsid);
-        expect_ok(connection.request(RequestBody::Scan { hsid }).await?, "scan")?;
+        expect_ok(
+            connection.request(RequestBody::Scan { hsid }).await?,
+            "scan",
+        )?;
         expect_ok(
             connection.request(RequestBody::Confirm { hsid }).await?,
             "confirm",
@@ -667,6 +667,8 @@ struct LoginsReport {
     baseline_put_per_sec: f64,
     baseline_put_p50_ms: f64,
     baseline_handshakes_per_sec_one_core: f64,
+    /// The gateway's half of a handshake alone (`Responder::read` + `accept`).
+    baseline_responder_halves_per_sec_one_core: f64,
 }
 
 struct WorkerResult {
@@ -729,9 +731,10 @@ pub async fn logins(args: LoginsArgs) -> anyhow::Result<()> {
         phases.push(phase);
     }
     let (put_rate, put_p50) = baseline_puts(&business, &prefix, &args).await?;
-    let handshakes = tokio::task::spawn_blocking(|| handshakes_per_sec(Duration::from_secs(3)))
-        .await
-        .context("the handshake baseline died")??;
+    let (handshakes, responder_halves) =
+        tokio::task::spawn_blocking(|| handshakes_per_sec(Duration::from_secs(3)))
+            .await
+            .context("the handshake baseline died")??;
     let report = LoginsReport {
         api: business.base.clone(),
         devices: args.devices,
@@ -739,6 +742,7 @@ pub async fn logins(args: LoginsArgs) -> anyhow::Result<()> {
         baseline_put_per_sec: put_rate,
         baseline_put_p50_ms: put_p50,
         baseline_handshakes_per_sec_one_core: handshakes,
+        baseline_responder_halves_per_sec_one_core: responder_halves,
     };
     print_logins(&report, args.json)
 }
@@ -853,7 +857,9 @@ async fn login_phase(
                     }
                     Err(error) => {
                         result.errors += 1;
-                        result.first_error.get_or_insert_with(|| format!("{error:#}"));
+                        result
+                            .first_error
+                            .get_or_insert_with(|| format!("{error:#}"));
                     }
                 }
             }
@@ -949,24 +955,31 @@ async fn baseline_puts(
     Ok((rate, ms(&all, 0.5)))
 }
 
-/// Complete Noise IK handshakes (initiator and responder, in memory) per second, on the
-/// calling thread: the cryptographic floor of one login's connection.
-fn handshakes_per_sec(duration: Duration) -> anyhow::Result<f64> {
+/// Complete Noise IK handshakes (initiator and responder, in memory) per second on the
+/// calling thread, and the rate of the responder's half alone: the cryptographic floor of
+/// one login's connection, for the whole and for the gateway's share.
+fn handshakes_per_sec(duration: Duration) -> anyhow::Result<(f64, f64)> {
     let device = new_key()?;
     let server = new_key()?;
     let server_public = server.public_key()?;
     let id = [7u8; 16];
     let started = Instant::now();
+    let mut responding = Duration::ZERO;
     let mut n = 0u64;
     while started.elapsed() < duration {
         let (initiator, first) = Initiator::start(&device, &server_public, &id, b"hello")?;
+        let t = Instant::now();
         let (responder, _) = Responder::read(&server, &id, &first)?;
         let (_, second) = responder.accept(b"welcome")?;
+        responding += t.elapsed();
         let (channel, _) = initiator.finish(&second)?;
         std::hint::black_box(channel);
         n += 1;
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok((
+        n as f64 / started.elapsed().as_secs_f64(),
+        n as f64 / responding.as_secs_f64().max(1e-9),
+    ))
 }
 
 fn print_logins(report: &LoginsReport, json: bool) -> anyhow::Result<()> {
@@ -1020,10 +1033,12 @@ fn print_logins(report: &LoginsReport, json: bool) -> anyhow::Result<()> {
     writeln!(
         out,
         "baseline: bare session PUTs at the same concurrency {:.0}/s (p50 {:.1} ms); \
-         full Noise IK handshakes (both sides) on one core {:.0}/s",
+         full Noise IK handshakes (both sides) on one core {:.0}/s, the gateway's half \
+         alone {:.0}/s",
         report.baseline_put_per_sec,
         report.baseline_put_p50_ms,
-        report.baseline_handshakes_per_sec_one_core
+        report.baseline_handshakes_per_sec_one_core,
+        report.baseline_responder_halves_per_sec_one_core
     )?;
     Ok(())
 }
@@ -1036,6 +1051,9 @@ struct RssReading {
     connections: usize,
     server_rss_kib: u64,
     kib_per_connection: f64,
+    /// Growth since the previous reading per connection opened since: immune to memory the
+    /// allocator had not yet returned when the first reading was taken.
+    kib_per_connection_step: f64,
     kernel_tcp_kib: u64,
 }
 
@@ -1084,7 +1102,10 @@ fn kernel_tcp_kib() -> u64 {
 fn source(i: usize, per_source: usize) -> IpAddr {
     let n = u32::try_from(i / per_source.max(1)).unwrap_or(u32::MAX - 2);
     let base = u32::from(Ipv4Addr::new(127, 0, 0, 2));
-    IpAddr::V4(Ipv4Addr::from(base.saturating_add(n).min(u32::from(Ipv4Addr::new(127, 255, 255, 254)))))
+    IpAddr::V4(Ipv4Addr::from(
+        base.saturating_add(n)
+            .min(u32::from(Ipv4Addr::new(127, 255, 255, 254))),
+    ))
 }
 
 pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
@@ -1151,24 +1172,30 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let reading = reading(&args, held.len(), rss_before, tcp_before)?;
+        let reading = reading(&args, held.len(), rss_before, tcp_before, readings.last())?;
         if !args.json {
             eprintln!(
-                "{} connections: server VmRSS {} KiB, {:.1} KiB per connection",
-                reading.connections, reading.server_rss_kib, reading.kib_per_connection
+                "{} connections: server VmRSS {} KiB, {:.1} KiB per connection ({:.1} since the last reading)",
+                reading.connections,
+                reading.server_rss_kib,
+                reading.kib_per_connection,
+                reading.kib_per_connection_step
             );
         }
         readings.push(reading);
     }
     let open_seconds = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs_f64(args.hold_seconds.clamp(0.0, 3_600.0))).await;
-    readings.push(reading(&args, held.len(), rss_before, tcp_before)?);
+    tokio::time::sleep(Duration::from_secs_f64(
+        args.hold_seconds.clamp(0.0, 3_600.0),
+    ))
+    .await;
+    let last = reading(&args, held.len(), rss_before, tcp_before, readings.last())?;
+    readings.push(last);
 
     // Evenly spread connections must still answer (a ping of an unknown session: any reply).
     let sample = args.sample.min(held.len());
     let mut answered = 0;
-    if sample > 0 {
-        let step = held.len() / sample;
+    if let Some(step) = held.len().checked_div(sample) {
         for i in (0..sample).map(|k| k * step) {
             if let Some(connection) = held.get_mut(i) {
                 let asked = connection.request(RequestBody::Ping {
@@ -1203,12 +1230,21 @@ fn reading(
     connections: usize,
     before: u64,
     tcp_before: u64,
+    previous: Option<&RssReading>,
 ) -> anyhow::Result<RssReading> {
     let rss = rss_kib(args.server_pid)?;
+    let (rss_then, connections_then) =
+        previous.map_or((before, 0), |p| (p.server_rss_kib, p.connections));
+    let opened = connections.saturating_sub(connections_then);
     Ok(RssReading {
         connections,
         server_rss_kib: rss,
         kib_per_connection: rss.saturating_sub(before) as f64 / connections.max(1) as f64,
+        kib_per_connection_step: if opened == 0 {
+            0.0
+        } else {
+            (rss as f64 - rss_then as f64) / opened as f64
+        },
         kernel_tcp_kib: kernel_tcp_kib().saturating_sub(tcp_before),
     })
 }
@@ -1223,7 +1259,11 @@ fn print_connections(report: &ConnectionsReport, json: bool) -> anyhow::Result<(
         out,
         "bench connections against {} as {}: {} of {} opened in {:.1} s ({:.0}/s)",
         report.gateway,
-        if report.as_guest { "guests" } else { "one account" },
+        if report.as_guest {
+            "guests"
+        } else {
+            "one account"
+        },
         report.opened,
         report.requested,
         report.open_seconds,
@@ -1234,22 +1274,22 @@ fn print_connections(report: &ConnectionsReport, json: bool) -> anyhow::Result<(
     }
     writeln!(
         out,
-        "| connections | server VmRSS KiB | KiB/connection (RSS) | kernel TCP KiB (both ends) |"
+        "| connections | server VmRSS KiB | KiB/connection | KiB/connection since last row | kernel TCP KiB (both ends) |"
     )?;
     writeln!(
         out,
-        "|------------:|-----------------:|---------------------:|---------------------------:|"
+        "|------------:|-----------------:|---------------:|------------------------------:|---------------------------:|"
     )?;
-    writeln!(
-        out,
-        "| 0 | {} | — | — |",
-        report.rss_before_kib
-    )?;
+    writeln!(out, "| 0 | {} | — | — | — |", report.rss_before_kib)?;
     for r in &report.readings {
         writeln!(
             out,
-            "| {} | {} | {:.1} | {} |",
-            r.connections, r.server_rss_kib, r.kib_per_connection, r.kernel_tcp_kib
+            "| {} | {} | {:.1} | {:.1} | {} |",
+            r.connections,
+            r.server_rss_kib,
+            r.kib_per_connection,
+            r.kib_per_connection_step,
+            r.kernel_tcp_kib
         )?;
     }
     writeln!(

@@ -138,6 +138,7 @@ pub async fn start(
         reads.clone(),
         opened.events.clone(),
         vault.clone(),
+        clock.clone(),
         GatewayConfig {
             max_wait: Duration::from_millis(args.max_wait_ms),
             ..GatewayConfig::default()

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use countersign_domain::account::{
     Account, AccountCommand, AccountEvent, DeleteAccount, DeletedBy, RegisterAccount,
+    UpgradeAccount,
 };
-use countersign_domain::{AccountRef, Clock, Context};
+use countersign_domain::attestation::{AttestationEvent, AttestationUse, UseAttestation};
+use countersign_domain::{AccountRef, Clock, Context, ServerId};
 use countersign_eventstore::{Metadata, SharedStore};
 
 use crate::{CommandError, Executed, Loaded, execute, load};
@@ -68,6 +70,36 @@ impl AccountCommands {
     ) -> Result<Executed<AccountEvent>, CommandError> {
         let command = DeleteAccount { by: DeletedBy::App };
         self.run(account, command.into(), metadata).await
+    }
+
+    /// Adds a second factor to a headless account (device gateway, after checking the SFS
+    /// attestation).
+    pub async fn upgrade(
+        &self,
+        account: AccountRef,
+        command: UpgradeAccount,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        self.run(account, command.into(), metadata).await
+    }
+
+    /// Records that an SFS attestation was used, once ever: its stream
+    /// `attestation-{server}-{attestation id}` starts with this event, so a replay (or a
+    /// concurrent second use) is `Rejected { kind: Conflict }`.
+    pub async fn use_attestation(
+        &self,
+        server: ServerId,
+        attestation_id: &[u8; 16],
+        command: UseAttestation,
+        metadata: &Metadata,
+    ) -> Result<Executed<AttestationEvent>, CommandError> {
+        let mut ctx = Context::new(self.clock.now());
+        let metadata = Metadata {
+            server_id: Some(server.to_string()),
+            ..metadata.clone()
+        };
+        let stream = format!("attestation-{server}-{}", hex::encode(attestation_id));
+        execute::<AttestationUse>(&self.store, &stream, command, &mut ctx, &metadata, None).await
     }
 
     /// The account's current state, from its own stream (the write model).

@@ -158,6 +158,45 @@ where
     A::Command: Clone,
     A::Error: Classify + std::fmt::Display,
 {
+    execute_typed::<A>(store, stream, command, ctx, metadata, idempotency_key)
+        .await
+        .map_err(|e| match e {
+            Refused::Rule(rule) => CommandError::rejected(rule),
+            Refused::Command(other) => other,
+        })
+}
+
+/// Why [`execute_typed`] did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused<E> {
+    /// The aggregate's own refusal, kept typed for an edge that answers with its data (the
+    /// SFS answers `locked` with the lock's end).
+    #[error(transparent)]
+    Rule(E),
+    /// Anything else, as [`execute`] reports it.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+impl<E> From<StoreError> for Refused<E> {
+    fn from(e: StoreError) -> Self {
+        Self::Command(e.into())
+    }
+}
+
+/// As [`execute`], but a refusal by the aggregate comes back as the aggregate's error.
+pub async fn execute_typed<A>(
+    store: &SharedStore,
+    stream: &str,
+    command: A::Command,
+    ctx: &mut Context<'_>,
+    metadata: &Metadata,
+    idempotency_key: Option<&str>,
+) -> Result<Executed<A::Event>, Refused<A::Error>>
+where
+    A: Aggregate,
+    A::Command: Clone,
+{
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
             backoff(attempt).await;
@@ -171,7 +210,7 @@ where
         let events = loaded
             .state
             .decide(command.clone(), ctx)
-            .map_err(CommandError::rejected)?;
+            .map_err(Refused::Rule)?;
         if events.is_empty() {
             return Ok(Executed {
                 events,
@@ -188,7 +227,7 @@ where
                 };
                 NewEvent::from_domain(id, event, metadata.clone())
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let expected = loaded
             .version
             .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
@@ -207,7 +246,8 @@ where
     }
     Err(CommandError::Conflict {
         stream: stream.to_owned(),
-    })
+    }
+    .into())
 }
 
 /// If the stream holds events appended under this idempotency key, the result of that append.

@@ -13,6 +13,7 @@ use countersign_domain::server::Server;
 use countersign_domain::session::{
     Abort, AbortedBy, ConfirmSession, EndByServer, Expire, Fail, LogIn, LogOut, LogoutReason,
     OpenSession, Ping, ScanSession, Session, SessionCommand, SessionEvent, SessionFailure,
+    VerifySecondFactor,
 };
 use countersign_domain::{
     AccountId, Clock, Context, ErrorKind, Hsid, ServerId, SessionRef, UserDigest,
@@ -232,6 +233,17 @@ impl SessionCommands {
     ) -> Result<Executed<SessionEvent>, CommandError> {
         self.run(session, ConfirmSession { account_id }.into(), metadata, None)
             .await
+    }
+
+    /// The confirmed account proved a second factor (device gateway, after checking the SFS
+    /// attestation).
+    pub async fn verify_second_factor(
+        &self,
+        session: SessionRef,
+        command: VerifySecondFactor,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        self.run(session, command.into(), metadata, None).await
     }
 
     /// A continuous session is still in use (device gateway).

@@ -134,6 +134,7 @@ where
         .ok_or(Closed::ByDevice)?
         .map_err(Closed::Socket)?;
     let (responder, hello) = Responder::read(&key, server.as_bytes(), &first)?;
+    drop(first);
     let hello: Hello = device::decode(&hello)?;
     let settings = gateway.active_server(server).await?.map(|s| s.settings);
     let checked = match &settings {

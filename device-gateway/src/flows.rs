@@ -16,7 +16,14 @@
 use std::collections::HashSet;
 
 use countersign_commands::CommandError;
-use countersign_domain::account::RegisterAccount;
+use countersign_domain::account::{RegisterAccount, UpgradeAccount};
+use countersign_domain::attestation::UseAttestation;
+use countersign_domain::second_factor::SecondFactorKind;
+use countersign_domain::session::VerifySecondFactor;
+use countersign_domain::Timestamp;
+use countersign_protocol::attestation::{
+    AttestationClaims, Expected, Factor, attestation_hash, verify_attestation,
+};
 use countersign_domain::enrolment::Enrolment;
 use countersign_domain::server::ServerSettings;
 use countersign_domain::session::{Session, SessionFailure};
@@ -201,10 +208,12 @@ pub(crate) async fn handle(
             })?;
             let state = conn.load_session(session).await?;
             conn.check_intended_user(&state)?;
-            if conn.settings.second_factor.require_for_login {
+            let verified = matches!(&state,
+                Session::SecondFactorVerified { account_id, .. } if *account_id == account);
+            if conn.settings.second_factor.require_for_login && !verified {
                 return Err(error(
                     ErrorCode::SecondFactorRequired,
-                    "this server asks a second factor for logins",
+                    "this server asks a second factor for logins: verify one first",
                 ));
             }
             commands
@@ -291,12 +300,53 @@ pub(crate) async fn handle(
                 challenge: Bytes(challenge),
             })
         }
-        RequestBody::VerifySecondFactor { .. } | RequestBody::UpgradeAccount { .. } => {
-            conn.account()?;
-            Err(error(
-                ErrorCode::BadAttestation,
-                "this server does not accept second-factor attestations yet",
-            ))
+        RequestBody::VerifySecondFactor { hsid, attestation } => {
+            let session = conn.session(&hsid);
+            let me = conn.account()?.account.account_id;
+            match conn.load_session(session).await? {
+                Session::Confirmed { account_id, .. }
+                | Session::SecondFactorVerified { account_id, .. }
+                    if account_id == me => {}
+                Session::LoggedOut { .. }
+                | Session::Aborted { .. }
+                | Session::Expired { .. }
+                | Session::Failed { .. } => {
+                    return Err(error(ErrorCode::Ended, "the session has ended"));
+                }
+                _ => {
+                    return Err(error(
+                        ErrorCode::NotAllowed,
+                        "confirm the session with this account first",
+                    ));
+                }
+            }
+            let (claims, hash) = accept_attestation(conn, &attestation.0, "login", &hsid.0).await?;
+            let command = VerifySecondFactor {
+                factor: kind_of(claims.factor),
+                attestation_hash: hash,
+                verified_at: Timestamp::from_millis(claims.issued_at_ms),
+                reused: false,
+            };
+            commands
+                .sessions
+                .verify_second_factor(session, command, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
+        }
+        RequestBody::UpgradeAccount { attestation } => {
+            let account = conn.account()?.account;
+            let (claims, hash) = accept_attestation(conn, &attestation.0, "upgrade", &[]).await?;
+            let command = UpgradeAccount {
+                second_factor: kind_of(claims.factor),
+                attestation_hash: hash,
+            };
+            commands
+                .accounts
+                .upgrade(account, command, &metadata)
+                .await
+                .map_err(refused)?;
+            Ok(Answer::Done)
         }
         RequestBody::DeleteAccount => {
             let account = conn.account()?.account;
@@ -309,6 +359,76 @@ pub(crate) async fn handle(
             Ok(Answer::Done)
         }
     }
+}
+
+fn kind_of(factor: Factor) -> SecondFactorKind {
+    match factor {
+        Factor::Pin => SecondFactorKind::Pin,
+        Factor::Biometric => SecondFactorKind::Biometric,
+    }
+}
+
+/// Checks an SFS attestation for `purpose` on `id` by this connection's account (the checks
+/// of docs/second-factor.md, in order), then records its one use. Answers its claims and hash.
+async fn accept_attestation(
+    conn: &Connection,
+    bytes: &[u8],
+    purpose: &str,
+    id: &[u8],
+) -> Result<(AttestationClaims, [u8; 32]), DeviceError> {
+    let active = conn.account()?;
+    let account = active.account.account_id;
+    let gateway = &conn.gateway.0;
+    let challenge = gateway
+        .commands
+        .sessions
+        .second_factor_challenge(conn.server, purpose, id, account)
+        .await
+        .map_err(refused)?;
+    let expect = Expected {
+        challenge,
+        account_key_thumbprint: active.signing_key_thumbprint,
+        now_ms: gateway.clock.now().as_millis(),
+    };
+    let claims = verify_attestation(bytes, &gateway.config.trusted_sfs_keys, &expect)
+        .map_err(|e| error(ErrorCode::BadAttestation, &format!("attestation refused: {e}")))?;
+    if claims.app_instance.0 != *active.app_instance.as_bytes() {
+        return Err(error(
+            ErrorCode::BadAttestation,
+            "attestation refused: it is for another app instance",
+        ));
+    }
+    let policy = &conn.settings.second_factor;
+    let allowed = match claims.factor {
+        Factor::Pin => policy.pin_allowed,
+        Factor::Biometric => policy.biometric_allowed,
+    };
+    if !allowed {
+        return Err(error(
+            ErrorCode::BadAttestation,
+            "attestation refused: this server does not accept that factor",
+        ));
+    }
+    let hash = attestation_hash(bytes);
+    let record = UseAttestation {
+        attestation_hash: hash,
+        factor: kind_of(claims.factor),
+        account_id: account,
+        purpose: purpose.to_owned(),
+    };
+    gateway
+        .commands
+        .accounts
+        .use_attestation(conn.server, &claims.attestation_id.0, record, &conn.metadata())
+        .await
+        .map_err(|e| match refused(e) {
+            e if e.code == ErrorCode::Conflict => error(
+                ErrorCode::BadAttestation,
+                "attestation refused: it was used before",
+            ),
+            e => e,
+        })?;
+    Ok((claims, hash))
 }
 
 /// The session is logged in by this connection's account; `ended` once it is over.

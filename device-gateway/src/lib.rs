@@ -30,7 +30,8 @@ use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use countersign_commands::{Commands, load};
+use countersign_commands::{Clock, Commands, load};
+use countersign_domain::server::ActiveServer;
 use countersign_domain::{Server, ServerId};
 use countersign_eventstore::SharedStore;
 use countersign_eventstore::vault::KeyVault;
@@ -47,6 +48,10 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     /// Longest a read waits for a read model to catch up (the userid at enrolment).
     pub max_wait: Duration,
+    /// SFS attestation keys this deployment trusts (its own SFS, and third-party apps' SFS
+    /// it accepts). Empty: no second factor can be proven, so only servers with policy `none`
+    /// log anyone in.
+    pub trusted_sfs_keys: Vec<p256::ecdsa::VerifyingKey>,
 }
 
 impl Default for GatewayConfig {
@@ -54,6 +59,7 @@ impl Default for GatewayConfig {
         Self {
             handshake_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(5),
+            trusted_sfs_keys: Vec::new(),
         }
     }
 }
@@ -65,6 +71,8 @@ struct Inner {
     vault: KeyVault,
     hub: Hub,
     keys: RwLock<HashMap<ServerId, StaticKey>>,
+    servers: RwLock<HashMap<ServerId, (std::time::Instant, ActiveServer)>>,
+    clock: Arc<dyn Clock>,
     config: GatewayConfig,
 }
 
@@ -86,6 +94,7 @@ impl Gateway {
         reads: ReadModels,
         store: SharedStore,
         vault: KeyVault,
+        clock: Arc<dyn Clock>,
         config: GatewayConfig,
     ) -> Self {
         Self(Arc::new(Inner {
@@ -95,6 +104,8 @@ impl Gateway {
             vault,
             hub: Hub::default(),
             keys: RwLock::default(),
+            servers: RwLock::default(),
+            clock,
             config,
         }))
     }
@@ -150,17 +161,36 @@ impl Gateway {
     }
 
     /// The server's state from its own stream; `None` unless it exists and is not deleted.
-    async fn active_server(
-        &self,
-        server: ServerId,
-    ) -> Result<Option<countersign_domain::server::ActiveServer>, GatewayError> {
+    /// Remembered for [`SERVER_CACHE`]: every connection needs it twice (before the upgrade,
+    /// and for the settings it answers with), and settings changes may take that long to
+    /// reach devices.
+    async fn active_server(&self, server: ServerId) -> Result<Option<ActiveServer>, GatewayError> {
+        if let Some(active) = self.0.servers.read().ok().and_then(|servers| {
+            servers
+                .get(&server)
+                .filter(|(at, _)| at.elapsed() < SERVER_CACHE)
+                .map(|(_, active)| active.clone())
+        }) {
+            return Ok(Some(active));
+        }
         let loaded = load::<Server>(&self.0.store, &server.stream()).await?;
         Ok(match loaded.state {
-            Server::Active(active) => Some(active),
+            Server::Active(active) => {
+                if let Ok(mut servers) = self.0.servers.write() {
+                    if servers.len() > 10_000 {
+                        servers.clear();
+                    }
+                    servers.insert(server, (std::time::Instant::now(), active.clone()));
+                }
+                Some(active)
+            }
             Server::NotCreated | Server::Deleted { .. } => None,
         })
     }
 }
+
+/// How long a server's settings are remembered.
+const SERVER_CACHE: Duration = Duration::from_secs(1);
 
 /// Failures on the gateway's side (never the device's fault).
 #[derive(Debug, thiserror::Error)]

@@ -258,6 +258,7 @@ any_event! {
     Session(crate::session::SessionEvent) = "session",
     Transaction(crate::transaction::TransactionEvent) = "transaction",
     SecondFactor(crate::second_factor::SecondFactorEvent) = "second_factor",
+    Attestation(crate::attestation::AttestationEvent) = "attestation",
 }
 
 #[cfg(test)]

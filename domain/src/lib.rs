@@ -13,11 +13,12 @@
 //! - [`aggregate`]: the decide/apply contract ([`Aggregate`], [`Context`]) and error classes.
 //! - [`validate`]: caller-input rules shared by aggregates.
 //! - Aggregates, one module each with its state, commands, events and rules, decide/apply
-//!   implemented: [`server`], [`user`], [`account`], [`enrolment`], [`session`]; event types
-//!   so far: [`transaction`], [`second_factor`].
+//!   implemented: [`server`], [`user`], [`account`], [`enrolment`], [`session`],
+//!   [`second_factor`] (the SFS's, per app instance); event types so far: [`transaction`].
 
 pub mod account;
 pub mod aggregate;
+pub mod attestation;
 /// Deterministic CBOR lives in `protocol`, the bottom layer, so checkpoints and evidence use
 /// the same encoder as event payloads.
 pub use countersign_protocol::cbor;
@@ -46,6 +47,7 @@ pub use ids::{
     Userid, UseridError,
 };
 pub use seal::{CounterSealer, DataKey, SealError, Sealed, Sealer};
+pub use second_factor::SecondFactor;
 pub use server::Server;
 pub use session::Session;
 pub use user::User;

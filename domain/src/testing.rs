@@ -293,6 +293,12 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
         })
         .into(),
         TransactionEvent::Expired(TransactionExpired { expired_at: t }).into(),
+        SecondFactorEvent::KeyBound(KeyBound {
+            app_instance: app,
+            key_thumbprint: [17; 32],
+            bound_at: t,
+        })
+        .into(),
         SecondFactorEvent::PinRegistered(PinRegistered {
             app_instance: app,
             record_digest: [18; 32],

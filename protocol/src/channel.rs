@@ -30,6 +30,8 @@ pub const NOISE_PARAMS: &str = "Noise_IK_P256_AESGCM_SHA256";
 /// Largest Noise message, hence largest WebSocket frame.
 pub const MAX_FRAME: usize = 65_535;
 const TAG: usize = 16;
+/// Most a handshake message adds to its payload: two P-256 keys and two tags.
+const HANDSHAKE_OVERHEAD: usize = 2 * 65 + 2 * TAG;
 const CHUNK: usize = MAX_FRAME - TAG - 1;
 const MORE: u8 = 0x01;
 const LAST: u8 = 0x00;
@@ -87,7 +89,12 @@ impl StaticKey {
     pub fn public_key(&self) -> Result<Vec<u8>, ChannelError> {
         let secret = p256::SecretKey::from_slice(self.0.as_slice())
             .map_err(|_| ChannelError::Key("not a P-256 private key"))?;
-        Ok(secret.public_key().as_affine().to_sec1_point(false).as_bytes().to_vec())
+        Ok(secret
+            .public_key()
+            .as_affine()
+            .to_sec1_point(false)
+            .as_bytes()
+            .to_vec())
     }
 }
 
@@ -102,7 +109,13 @@ pub fn fingerprint(public_key: &[u8]) -> [u8; 32] {
     Sha256::digest(public_key).into()
 }
 
-fn prologue(server_id: &[u8; 16]) -> Vec<u8> {
+/// The prologue of the second-factor channel (`docs/second-factor.md`): no server id, since
+/// an SFS serves app instances, not tenants.
+pub const SFS_PROLOGUE: &[u8] = b"countersign/sfs/v1\0";
+
+/// The prologue of the device channel to the virtual server `server_id`.
+#[must_use]
+pub fn device_prologue(server_id: &[u8; 16]) -> Vec<u8> {
     let mut p = b"countersign/device/v1\0".to_vec();
     p.extend_from_slice(server_id);
     p
@@ -143,17 +156,30 @@ impl Initiator {
         server_id: &[u8; 16],
         hello: &[u8],
     ) -> Result<(Self, Vec<u8>), ChannelError> {
+        Self::start_with_prologue(local, server_public_key, &device_prologue(server_id), hello)
+    }
+
+    /// As [`start`](Self::start), for a channel with another prologue (the SFS channel:
+    /// [`SFS_PROLOGUE`]).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with_prologue(
+        local: &StaticKey,
+        server_public_key: &[u8],
+        prologue: &[u8],
+        hello: &[u8],
+    ) -> Result<(Self, Vec<u8>), ChannelError> {
         if hello.len() > CHUNK {
             return Err(ChannelError::TooLong);
         }
         let remote = uncompressed(server_public_key)?;
-        let prologue = prologue(server_id);
         let mut state = snow::Builder::new(params()?)
             .local_private_key(local.expose())?
             .remote_public_key(&remote)?
-            .prologue(&prologue)?
+            .prologue(prologue)?
             .build_initiator()?;
-        let mut frame = vec![0u8; MAX_FRAME];
+        let mut frame = vec![0u8; hello.len() + HANDSHAKE_OVERHEAD];
         let n = state.write_message(hello, &mut frame)?;
         frame.truncate(n);
         Ok((Self { state }, frame))
@@ -167,7 +193,9 @@ impl Initiator {
         if frame.len() > MAX_FRAME {
             return Err(ChannelError::Frame("longer than a Noise message"));
         }
-        let mut payload = vec![0u8; MAX_FRAME];
+        // A payload is never longer than the frame that carries it; sizing the buffer by the
+        // frame keeps a 64 KiB allocation from outliving every handshake.
+        let mut payload = vec![0u8; frame.len()];
         let n = self.state.read_message(frame, &mut payload)?;
         payload.truncate(n);
         Ok((Channel::new(self.state.into_transport_mode()?), payload))
@@ -197,15 +225,29 @@ impl Responder {
         server_id: &[u8; 16],
         frame: &[u8],
     ) -> Result<(Self, Vec<u8>), ChannelError> {
+        Self::read_with_prologue(local, &device_prologue(server_id), frame)
+    }
+
+    /// As [`read`](Self::read), for a channel with another prologue (the SFS channel:
+    /// [`SFS_PROLOGUE`]).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_with_prologue(
+        local: &StaticKey,
+        prologue: &[u8],
+        frame: &[u8],
+    ) -> Result<(Self, Vec<u8>), ChannelError> {
         if frame.len() > MAX_FRAME {
             return Err(ChannelError::Frame("longer than a Noise message"));
         }
-        let prologue = prologue(server_id);
         let mut state = snow::Builder::new(params()?)
             .local_private_key(local.expose())?
-            .prologue(&prologue)?
+            .prologue(prologue)?
             .build_responder()?;
-        let mut payload = vec![0u8; MAX_FRAME];
+        // A payload is never longer than the frame that carries it; sizing the buffer by the
+        // frame keeps a 64 KiB allocation from outliving every handshake.
+        let mut payload = vec![0u8; frame.len()];
         let n = state.read_message(frame, &mut payload)?;
         payload.truncate(n);
         let remote_static = state
@@ -234,7 +276,7 @@ impl Responder {
         if welcome.len() > CHUNK {
             return Err(ChannelError::TooLong);
         }
-        let mut frame = vec![0u8; MAX_FRAME];
+        let mut frame = vec![0u8; welcome.len() + HANDSHAKE_OVERHEAD];
         let n = self.state.write_message(welcome, &mut frame)?;
         frame.truncate(n);
         Ok((Channel::new(self.state.into_transport_mode()?), frame))
@@ -333,7 +375,10 @@ mod tests {
         let id = [5u8; 16];
         let (initiator, first) =
             Initiator::start(&device, &server.public_key().unwrap(), &id, b"hello").unwrap();
-        assert!(!first.windows(5).any(|w| w == b"hello"), "payload is encrypted");
+        assert!(
+            !first.windows(5).any(|w| w == b"hello"),
+            "payload is encrypted"
+        );
         let (responder, hello) = Responder::read(&server, &id, &first).unwrap();
         assert_eq!(hello, b"hello");
         assert_eq!(responder.remote_static(), device.public_key().unwrap());
@@ -403,7 +448,10 @@ mod tests {
         let (responder, _) = Responder::read(&impostor, &id, &own_first).unwrap();
         let (_, second) = responder.accept(b"welcome").unwrap();
         assert!(Responder::read(&impostor, &id, &first).is_err());
-        assert!(matches!(initiator.finish(&second), Err(ChannelError::Noise(_))));
+        assert!(matches!(
+            initiator.finish(&second),
+            Err(ChannelError::Noise(_))
+        ));
     }
 
     #[test]
@@ -441,6 +489,31 @@ mod tests {
             proptest::prop_assert!(server.open(&frame).is_err());
             let _ = device.open(&frame);
         }
+    }
+
+    #[test]
+    fn the_sfs_prologue_separates_the_sfs_channel_from_the_device_channel() {
+        let (app, sfs) = (key(1), key(2));
+        let (initiator, first) = Initiator::start_with_prologue(
+            &app,
+            &sfs.public_key().unwrap(),
+            SFS_PROLOGUE,
+            b"hello",
+        )
+        .unwrap();
+        // A device-channel responder (any server id) cannot read an SFS handshake.
+        assert!(Responder::read(&sfs, &[0; 16], &first).is_err());
+        let (responder, hello) = Responder::read_with_prologue(&sfs, SFS_PROLOGUE, &first).unwrap();
+        assert_eq!(hello, b"hello");
+        let (mut server, second) = responder.accept(b"welcome").unwrap();
+        let (mut client, welcome) = initiator.finish(&second).unwrap();
+        assert_eq!(welcome, b"welcome");
+        let frame = client.seal(b"ping").unwrap().remove(0);
+        assert_eq!(server.open(&frame).unwrap().unwrap(), b"ping");
+        // And a device handshake is not an SFS one.
+        let (_, first) =
+            Initiator::start(&app, &sfs.public_key().unwrap(), &[0; 16], b"hi").unwrap();
+        assert!(Responder::read_with_prologue(&sfs, SFS_PROLOGUE, &first).is_err());
     }
 
     #[test]

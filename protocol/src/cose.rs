@@ -145,6 +145,30 @@ pub fn verify_sign1_es256(
     key: &VerifyingKey,
     external_aad: &[u8],
 ) -> Result<Verified, CoseError> {
+    let (msg, payload) = decode_checked(bytes)?;
+    msg.verify_signature(external_aad, |sig, tbs| verify_es256(key, tbs, sig))?;
+    Ok(Verified {
+        payload,
+        protected: protected_fields(&msg),
+    })
+}
+
+/// Checks every rule of the module documentation that needs no key (tag, `alg` ES256 in the
+/// protected header only, no `crit`, an attached payload, a 64-byte signature) and answers the
+/// signed header fields, so a verifier can pick the key by its `kid` before calling
+/// [`verify_sign1_es256`]. Nothing returned here is authenticated yet.
+///
+/// # Errors
+/// The [`CoseError`] for the first rule the message breaks.
+pub fn inspect_sign1_es256(bytes: &[u8]) -> Result<ProtectedFields, CoseError> {
+    let (msg, _) = decode_checked(bytes)?;
+    if msg.signature.len() != ES256_SIGNATURE_LEN {
+        return Err(CoseError::SignatureLength(msg.signature.len()));
+    }
+    Ok(protected_fields(&msg))
+}
+
+fn decode_checked(bytes: &[u8]) -> Result<(CoseSign1, Vec<u8>), CoseError> {
     let msg = decode_sign1(bytes)?;
     let protected = &msg.protected.header;
     if msg.unprotected.alg.is_some() {
@@ -161,17 +185,18 @@ pub fn verify_sign1_es256(
     let Some(payload) = msg.payload.clone() else {
         return Err(CoseError::DetachedPayload);
     };
-    msg.verify_signature(external_aad, |sig, tbs| verify_es256(key, tbs, sig))?;
-    Ok(Verified {
-        payload,
-        protected: ProtectedFields {
-            content_type: protected.content_type.as_ref().map(|c| match c {
-                RegisteredLabel::Assigned(f) => ContentType::CoapFormat(f.to_i64()),
-                RegisteredLabel::Text(t) => ContentType::MediaType(t.clone()),
-            }),
-            key_id: (!protected.key_id.is_empty()).then(|| protected.key_id.clone()),
-        },
-    })
+    Ok((msg, payload))
+}
+
+fn protected_fields(msg: &CoseSign1) -> ProtectedFields {
+    let protected = &msg.protected.header;
+    ProtectedFields {
+        content_type: protected.content_type.as_ref().map(|c| match c {
+            RegisteredLabel::Assigned(f) => ContentType::CoapFormat(f.to_i64()),
+            RegisteredLabel::Text(t) => ContentType::MediaType(t.clone()),
+        }),
+        key_id: (!protected.key_id.is_empty()).then(|| protected.key_id.clone()),
+    }
 }
 
 /// The Sig_structure (the exact bytes ES256 signs) of a COSE_Sign1 message, for diagnostics and

@@ -9,7 +9,12 @@
 //! - [`qr`]: the versioned CBOR payload of login and enrolment QR codes and deep links.
 //! - [`device`]: the messages between devices and the device gateway, with their limits.
 //! - [`channel`]: the Noise `IK` channel those messages travel in, and its framing.
+//! - [`sfs`]: the messages between an app and its second-factor server (same channel, its own
+//!   prologue).
+//! - [`attestation`]: the second-factor server's signed statement that a factor was verified,
+//!   and the checks a verifier runs on it.
 
+pub mod attestation;
 pub mod cbor;
 pub mod channel;
 pub mod checkpoint;
@@ -17,6 +22,7 @@ pub mod cose;
 pub mod device;
 pub mod merkle;
 pub mod qr;
+pub mod sfs;
 
 pub use checkpoint::{
     CheckpointError, TreeHead, sign_checkpoint, verify_checkpoint,

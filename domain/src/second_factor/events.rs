@@ -1,9 +1,8 @@
 //! Events of the SFS's second-factor aggregate (stream `sf-{app instance id}`).
 //!
 //! One stream per app instance, because the PIN belongs to the app instance and is shared by
-//! all its accounts (at any server). Rules (lockout, attestation freshness) arrive with the
-//! SFS; the events already carry what readers need: attempt counts and lock expiry, so no
-//! projection recomputes the lockout policy. Never in an event: the PIN, OPAQUE key material or
+//! all its accounts (at any server). The events carry what readers need: attempt counts and
+//! lock expiry, so no projection recomputes the lockout policy. Never in an event: the PIN, OPAQUE key material or
 //! any private key. `pin_registered` holds only a digest of the OPAQUE registration record,
 //! which the SFS keeps in its own store.
 
@@ -33,6 +32,21 @@ pub enum RevocationReason {
     Operator,
     /// Replaced by a newly registered factor of the same kind.
     Replaced,
+    /// The lockout policy's failure limit was reached.
+    TooManyFailures,
+}
+
+/// `second_factor.key_bound` v1: the first SFS channel of this app instance authenticated with
+/// this Noise static key; later channels must use the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBound {
+    /// The app instance.
+    pub app_instance: AppInstanceId,
+    /// SHA-256 of the SEC1 uncompressed channel public key.
+    #[serde(with = "serde_bytes")]
+    pub key_thumbprint: [u8; 32],
+    /// When.
+    pub bound_at: Timestamp,
 }
 
 /// `second_factor.pin_registered` v1.
@@ -111,6 +125,7 @@ pub struct SecondFactorRevoked {
 crate::domain_events! {
     /// Everything that happens to an app instance's second factors.
     pub enum SecondFactorEvent {
+        KeyBound(KeyBound) = ("second_factor.key_bound", 1),
         PinRegistered(PinRegistered) = ("second_factor.pin_registered", 1),
         BiometricKeyRegistered(BiometricKeyRegistered) = ("second_factor.biometric_key_registered", 1),
         VerificationSucceeded(VerificationSucceeded) = ("second_factor.verification_succeeded", 1),

@@ -1,0 +1,626 @@
+//! The SFS end to end over in-memory frames, against a real store on both backends: an
+//! OPAQUE client (opaque-ke with small Argon2id parameters) registers and logs in, wrong PINs
+//! lock and revoke, locks survive a restart, concurrent logins never exceed the policy, the
+//! biometric flow, and the PIN never reaches an event, a table, the vault or a log line.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use countersign_commands::Clock;
+use countersign_domain::second_factor::LockoutPolicy;
+use countersign_domain::{DataKey, Timestamp};
+use countersign_eventstore::testing::TestDb;
+use countersign_eventstore::vault::KeyVault;
+use countersign_eventstore::{Database, StoreOptions, open, with_pool};
+use countersign_protocol::attestation::{AttestationClaims, Expected, Factor, verify_attestation};
+use countersign_protocol::channel::{Channel, Initiator, SFS_PROLOGUE, StaticKey};
+use countersign_protocol::device::{Blob, Bytes};
+use countersign_protocol::sfs::{
+    self, FactorState, SfsAnswer, SfsBody, SfsCode, SfsError, SfsHello, SfsOutcome, SfsRefusal,
+    SfsReply, SfsRequest, SfsWelcome,
+};
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use opaque_ke::{
+    ClientLogin, ClientLoginFinishParameters, ClientRegistration,
+    ClientRegistrationFinishParameters, CredentialResponse, Identifiers, RegistrationResponse,
+};
+use rand_core::OsRng;
+
+use crate::Sfs;
+use crate::opaque::Suite;
+
+const T0: i64 = 1_790_000_000_000;
+const PIN: &str = "917364";
+const CHALLENGE: [u8; 32] = [0xc1; 32];
+const THUMBPRINT: [u8; 32] = [0x7b; 32];
+
+/// A clock the test moves.
+#[derive(Debug)]
+pub(crate) struct TestClock(AtomicI64);
+
+impl TestClock {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self(AtomicI64::new(T0)))
+    }
+    fn advance_secs(&self, secs: i64) {
+        self.0.fetch_add(secs * 1000, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// Small Argon2id parameters: the server never sees them, and tests should be fast.
+pub(crate) fn argon() -> argon2::Argon2<'static> {
+    argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64, 1, 1, None).unwrap(),
+    )
+}
+
+struct Env {
+    store: countersign_eventstore::SharedStore,
+    vault: KeyVault,
+    database: Database,
+    clock: Arc<TestClock>,
+}
+
+impl Env {
+    async fn new(db: &TestDb) -> Self {
+        let opened = open(&StoreOptions {
+            url: db.url().to_owned(),
+            pool_size: 4,
+        })
+        .await
+        .unwrap();
+        Self {
+            store: db.store.clone(),
+            vault: KeyVault::new(opened.vault, DataKey::from_bytes([9; 32])),
+            database: opened.database,
+            clock: TestClock::new(),
+        }
+    }
+
+    async fn sfs(&self) -> Sfs {
+        Sfs::new(
+            self.store.clone(),
+            self.vault.clone(),
+            self.database.clone(),
+            self.clock.clone(),
+            LockoutPolicy::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now().as_millis()
+    }
+
+    async fn event_types(&self, app: [u8; 16]) -> Vec<String> {
+        let stream = countersign_domain::AppInstanceId::from_bytes(app).stream();
+        self.store
+            .read_stream(&stream, None, countersign_eventstore::Direction::Forwards, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_type)
+            .collect()
+    }
+}
+
+/// An app instance talking to the SFS over in-memory frames.
+struct App {
+    channel: Channel,
+    to_sfs: mpsc::UnboundedSender<Result<Vec<u8>, String>>,
+    from_sfs: mpsc::UnboundedReceiver<Vec<u8>>,
+    next_id: u32,
+}
+
+fn app_key(seed: u8) -> StaticKey {
+    StaticKey::from_bytes(&[seed; 32]).unwrap()
+}
+
+async fn connect(
+    sfs: &Sfs,
+    key: &StaticKey,
+    app: [u8; 16],
+    version: u16,
+) -> Result<(App, SfsWelcome), SfsWelcome> {
+    let (mut to_sfs, incoming) = mpsc::unbounded();
+    let (outgoing, mut from_sfs) = mpsc::unbounded();
+    tokio::spawn(crate::connection::serve_frames(sfs.clone(), incoming, outgoing));
+    let hello = sfs::encode(&SfsHello {
+        version,
+        app_instance: Bytes(app),
+    })
+    .unwrap();
+    let (initiator, first) =
+        Initiator::start_with_prologue(key, &sfs.0.keys.channel_public, SFS_PROLOGUE, &hello)
+            .unwrap();
+    to_sfs.send(Ok(first)).await.unwrap();
+    let second = from_sfs.next().await.unwrap();
+    let (channel, welcome) = initiator.finish(&second).unwrap();
+    let welcome: SfsWelcome = sfs::decode(&welcome).unwrap();
+    match welcome {
+        SfsWelcome::Accepted { .. } => Ok((
+            App {
+                channel,
+                to_sfs,
+                from_sfs,
+                next_id: 1,
+            },
+            welcome,
+        )),
+        SfsWelcome::Refused { .. } => Err(welcome),
+    }
+}
+
+impl App {
+    async fn ask(&mut self, body: SfsBody) -> Result<SfsAnswer, SfsError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = sfs::encode(&SfsRequest { id, body }).unwrap();
+        for frame in self.channel.seal(&bytes).unwrap() {
+            self.to_sfs.send(Ok(frame)).await.unwrap();
+        }
+        let frame = self.from_sfs.next().await.unwrap();
+        let reply: SfsReply = sfs::decode(&self.channel.open(&frame).unwrap().unwrap()).unwrap();
+        assert_eq!(reply.id, id);
+        match reply.outcome {
+            SfsOutcome::Ok(answer) => Ok(answer),
+            SfsOutcome::Err(error) => Err(error),
+        }
+    }
+
+    async fn register_pin(&mut self, pin: &str) -> Result<(), SfsError> {
+        let start = ClientRegistration::<Suite>::start(&mut OsRng, pin.as_bytes()).unwrap();
+        let SfsAnswer::Registration { response } = self
+            .ask(SfsBody::RegisterPinStart {
+                request: Blob(start.message.serialize().to_vec()),
+            })
+            .await?
+        else {
+            panic!("not a registration response");
+        };
+        let argon = argon();
+        let finish = start
+            .state
+            .finish(
+                &mut OsRng,
+                pin.as_bytes(),
+                RegistrationResponse::deserialize(&response.0).unwrap(),
+                ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&argon)),
+            )
+            .unwrap();
+        let answer = self
+            .ask(SfsBody::RegisterPinFinish {
+                upload: Blob(finish.message.serialize().to_vec()),
+            })
+            .await?;
+        assert_eq!(answer, SfsAnswer::Done);
+        Ok(())
+    }
+
+    /// A PIN login; answers the attestation. The client aborts after a wrong PIN (its
+    /// envelope does not open) by sending a garbage finalization, as a real SDK's failure
+    /// path would end the login one way or another.
+    async fn login(&mut self, pin: &str) -> Result<Vec<u8>, SfsError> {
+        let start = ClientLogin::<Suite>::start(&mut OsRng, pin.as_bytes()).unwrap();
+        let SfsAnswer::Credential { response } = self
+            .ask(SfsBody::LoginStart {
+                request: Blob(start.message.serialize().to_vec()),
+            })
+            .await?
+        else {
+            panic!("not a credential response");
+        };
+        let argon = argon();
+        let finalization = match start.state.finish(
+            pin.as_bytes(),
+            CredentialResponse::deserialize(&response.0).unwrap(),
+            ClientLoginFinishParameters::new(None, Identifiers::default(), Some(&argon)),
+        ) {
+            Ok(finish) => finish.message.serialize().to_vec(),
+            Err(_) => vec![0; 64],
+        };
+        match self
+            .ask(SfsBody::LoginFinish {
+                finalization: Blob(finalization),
+                challenge: Bytes(CHALLENGE),
+                account_key_thumbprint: Bytes(THUMBPRINT),
+            })
+            .await?
+        {
+            SfsAnswer::Attestation { cose } => Ok(cose.0),
+            other => panic!("not an attestation: {other:?}"),
+        }
+    }
+}
+
+fn check(sfs: &Sfs, cose: &[u8], now_ms: i64) -> AttestationClaims {
+    verify_attestation(
+        cose,
+        &[sfs.attestation_verifying_key()],
+        &Expected {
+            challenge: CHALLENGE,
+            account_key_thumbprint: THUMBPRINT,
+            now_ms,
+        },
+    )
+    .unwrap()
+}
+
+fn code(result: Result<impl std::fmt::Debug, SfsError>) -> SfsCode {
+    result.unwrap_err().code
+}
+
+async fn register_login_and_change_pin(db: &TestDb) {
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    let app = [1; 16];
+    let (mut a, welcome) = connect(&sfs, &app_key(1), app, 1).await.unwrap();
+    assert_eq!(
+        welcome,
+        SfsWelcome::Accepted {
+            pin_registered: false,
+            biometric_registered: false,
+            state: FactorState::None
+        }
+    );
+    assert_eq!(code(a.login(PIN).await), SfsCode::NotRegistered);
+    a.register_pin(PIN).await.unwrap();
+    let cose = a.login(PIN).await.unwrap();
+    let claims = check(&sfs, &cose, env.now_ms());
+    assert_eq!(claims.factor, Factor::Pin);
+    assert_eq!(claims.app_instance, Bytes(app));
+    assert_eq!(claims.expires_at_ms - claims.issued_at_ms, 60_000);
+
+    // Another channel may not replace the PIN without proving it; this one (logged in) may.
+    let (mut b, welcome) = connect(&sfs, &app_key(1), app, 1).await.unwrap();
+    assert!(matches!(
+        welcome,
+        SfsWelcome::Accepted {
+            pin_registered: true,
+            state: FactorState::Active,
+            ..
+        }
+    ));
+    assert_eq!(code(b.register_pin("000000").await), SfsCode::AlreadyRegistered);
+    a.register_pin("246802").await.unwrap();
+    assert_eq!(
+        code(b.login(PIN).await),
+        SfsCode::WrongPin { attempts_left: 4 }
+    );
+    check(&sfs, &b.login("246802").await.unwrap(), env.now_ms());
+    // The refused login before registration counted nothing.
+    assert_eq!(
+        env.event_types(app).await,
+        [
+            "second_factor.key_bound",
+            "second_factor.pin_registered",
+            "second_factor.verification_failed",
+            "second_factor.verification_succeeded",
+            "second_factor.pin_registered",
+            "second_factor.verification_failed",
+            "second_factor.verification_failed",
+            "second_factor.verification_succeeded",
+        ]
+    );
+}
+
+async fn a_handshake_with_another_key_or_version_is_refused(db: &TestDb) {
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    connect(&sfs, &app_key(1), [2; 16], 1).await.unwrap();
+    assert_eq!(
+        connect(&sfs, &app_key(2), [2; 16], 1).await.err(),
+        Some(SfsWelcome::Refused {
+            reason: SfsRefusal::KeyMismatch
+        })
+    );
+    assert_eq!(
+        connect(&sfs, &app_key(1), [2; 16], 2).await.err(),
+        Some(SfsWelcome::Refused {
+            reason: SfsRefusal::UnsupportedVersion
+        })
+    );
+    assert_eq!(env.event_types([2; 16]).await, ["second_factor.key_bound"]);
+}
+
+async fn wrong_pins_lock_survive_a_restart_and_revoke(db: &TestDb) {
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    let app = [3; 16];
+    let (mut a, _) = connect(&sfs, &app_key(3), app, 1).await.unwrap();
+    a.register_pin(PIN).await.unwrap();
+    for left in [4, 3, 2, 1] {
+        assert_eq!(
+            code(a.login("111111").await),
+            SfsCode::WrongPin {
+                attempts_left: left
+            }
+        );
+    }
+    let until_ms = env.now_ms() + 60_000;
+    assert_eq!(code(a.login("111111").await), SfsCode::Locked { until_ms });
+    assert_eq!(code(a.login(PIN).await), SfsCode::Locked { until_ms });
+
+    // A restart: a new SFS on the same store still sees the lock.
+    drop(sfs);
+    let sfs = env.sfs().await;
+    let (mut a, welcome) = connect(&sfs, &app_key(3), app, 1).await.unwrap();
+    assert!(matches!(
+        welcome,
+        SfsWelcome::Accepted { state: FactorState::Locked { until_ms: u }, .. } if u == until_ms
+    ));
+    assert_eq!(code(a.login(PIN).await), SfsCode::Locked { until_ms });
+    env.clock.advance_secs(59);
+    assert_eq!(code(a.login(PIN).await), SfsCode::Locked { until_ms });
+    env.clock.advance_secs(1);
+    check(&sfs, &a.login(PIN).await.unwrap(), env.now_ms());
+
+    // From a fresh count: 5 → 1 minute, 8 → 1 hour, 10 → revoked.
+    for _ in 0..4 {
+        code(a.login("111111").await);
+    }
+    assert!(matches!(code(a.login("111111").await), SfsCode::Locked { .. }));
+    env.clock.advance_secs(60);
+    for left in [2, 1] {
+        assert_eq!(
+            code(a.login("111111").await),
+            SfsCode::WrongPin {
+                attempts_left: left
+            }
+        );
+    }
+    let until_ms = env.now_ms() + 3_600_000;
+    assert_eq!(code(a.login("111111").await), SfsCode::Locked { until_ms });
+    env.clock.advance_secs(3_600);
+    assert_eq!(
+        code(a.login("111111").await),
+        SfsCode::WrongPin { attempts_left: 1 }
+    );
+    assert_eq!(code(a.login("111111").await), SfsCode::Revoked);
+    assert_eq!(code(a.login(PIN).await), SfsCode::Revoked);
+    assert_eq!(code(a.register_pin(PIN).await), SfsCode::Revoked);
+    let (_, welcome) = connect(&sfs, &app_key(3), app, 1).await.unwrap();
+    assert!(matches!(
+        welcome,
+        SfsWelcome::Accepted {
+            state: FactorState::Revoked,
+            ..
+        }
+    ));
+}
+
+async fn concurrent_logins_never_exceed_the_policy(db: &TestDb) {
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    let app = [4; 16];
+    let (mut a, _) = connect(&sfs, &app_key(4), app, 1).await.unwrap();
+    a.register_pin(PIN).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let sfs = sfs.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut app, _) = connect(&sfs, &app_key(4), app, 1).await.unwrap();
+            let start = ClientLogin::<Suite>::start(&mut OsRng, b"000000").unwrap();
+            app.ask(SfsBody::LoginStart {
+                request: Blob(start.message.serialize().to_vec()),
+            })
+            .await
+        }));
+    }
+    let mut answered = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(SfsAnswer::Credential { .. }) => answered += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => assert!(
+                matches!(e.code, SfsCode::Locked { .. } | SfsCode::Internal),
+                "{e:?}"
+            ),
+        }
+    }
+    let types = env.event_types(app).await;
+    let failures = types
+        .iter()
+        .filter(|t| *t == "second_factor.verification_failed")
+        .count();
+    let before_lock = types
+        .iter()
+        .take_while(|t| *t != "second_factor.locked")
+        .filter(|t| *t == "second_factor.verification_failed")
+        .count();
+    assert_eq!(answered, 5, "{types:?}");
+    assert_eq!(failures, 5);
+    assert_eq!(before_lock, 5);
+    assert_eq!(
+        types.iter().filter(|t| *t == "second_factor.locked").count(),
+        1
+    );
+}
+
+async fn biometric_registration_and_login(db: &TestDb) {
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    let app = [5; 16];
+    let biometric = p256::ecdsa::SigningKey::from_slice(&[0x55; 32]).unwrap();
+    let public: [u8; 65] = biometric
+        .verifying_key()
+        .to_sec1_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap();
+    let (mut a, _) = connect(&sfs, &app_key(5), app, 1).await.unwrap();
+    a.register_pin(PIN).await.unwrap();
+    let register = SfsBody::RegisterBiometric {
+        public_key: Bytes(public),
+    };
+    assert_eq!(code(a.ask(register.clone()).await), SfsCode::NotAllowed);
+    a.login(PIN).await.unwrap();
+    assert_eq!(a.ask(register).await, Ok(SfsAnswer::Done));
+
+    let (mut b, welcome) = connect(&sfs, &app_key(5), app, 1).await.unwrap();
+    assert!(matches!(
+        welcome,
+        SfsWelcome::Accepted {
+            biometric_registered: true,
+            ..
+        }
+    ));
+    let finish = |signature: [u8; 64]| SfsBody::BiometricFinish {
+        signature: Bytes(signature),
+        challenge: Bytes(CHALLENGE),
+        account_key_thumbprint: Bytes(THUMBPRINT),
+    };
+    assert_eq!(code(b.ask(finish([0; 64])).await), SfsCode::Invalid, "no nonce");
+    let Ok(SfsAnswer::BiometricChallenge { nonce }) = b.ask(SfsBody::BiometricStart).await else {
+        panic!("no challenge");
+    };
+    let message = sfs::biometric_message(&nonce.0, &CHALLENGE, &THUMBPRINT);
+    let signature = countersign_protocol::cose::sign_es256(&biometric, &message);
+    let Ok(SfsAnswer::Attestation { cose }) = b.ask(finish(signature)).await else {
+        panic!("no attestation");
+    };
+    assert_eq!(check(&sfs, &cose.0, env.now_ms()).factor, Factor::Biometric);
+    // The nonce was used: the same signature again is refused.
+    assert_eq!(code(b.ask(finish(signature)).await), SfsCode::Invalid);
+    // A signature by another key is refused and counted.
+    let Ok(SfsAnswer::BiometricChallenge { nonce }) = b.ask(SfsBody::BiometricStart).await else {
+        panic!("no challenge");
+    };
+    let other = p256::ecdsa::SigningKey::from_slice(&[0x56; 32]).unwrap();
+    let forged = countersign_protocol::cose::sign_es256(
+        &other,
+        &sfs::biometric_message(&nonce.0, &CHALLENGE, &THUMBPRINT),
+    );
+    assert_eq!(code(b.ask(finish(forged)).await), SfsCode::Invalid);
+    let types = env.event_types(app).await;
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some("second_factor.verification_failed")
+    );
+}
+
+async fn the_key_endpoint_answers_the_pinned_keys(db: &TestDb) {
+    use tower::ServiceExt as _;
+    let env = Env::new(db).await;
+    let sfs = env.sfs().await;
+    let response = sfs
+        .router()
+        .oneshot(
+            axum::http::Request::get("/v1/sfs/key")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = axum::body::to_bytes(response.into_body(), 10_000)
+        .await
+        .unwrap();
+    let keys: crate::PublicKeys = serde_json::from_slice(&body).unwrap();
+    assert_eq!(keys, sfs.public_keys());
+    assert_eq!(keys.channel_public_key.len(), 130);
+    assert!(keys.attestation_public_key.starts_with("04"));
+    // A restart loads the same keys from the vault.
+    assert_eq!(env.sfs().await.public_keys(), keys);
+    assert_eq!(
+        crate::attestation_public_key(&env.vault).await.unwrap(),
+        sfs.attestation_verifying_key()
+    );
+}
+
+countersign_eventstore::on_both_backends!(
+    register_login_and_change_pin,
+    a_handshake_with_another_key_or_version_is_refused,
+    wrong_pins_lock_survive_a_restart_and_revoke,
+    concurrent_logins_never_exceed_the_policy,
+    biometric_registration_and_login,
+    the_key_endpoint_answers_the_pinned_keys,
+);
+
+/// Captured log output.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One thread, so every task's log lines reach the subscriber set for this test.
+#[tokio::test(flavor = "current_thread")]
+async fn the_pin_never_reaches_an_event_a_row_or_a_log_line() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let db = TestDb::sqlite().await;
+    let env = Env::new(&db).await;
+    let sfs = env.sfs().await;
+    let app = [6; 16];
+    let (mut a, _) = connect(&sfs, &app_key(6), app, 1).await.unwrap();
+    a.register_pin(PIN).await.unwrap();
+    code(a.login("917365").await);
+    a.login(PIN).await.unwrap();
+    a.register_pin("917364917364").await.unwrap();
+    a.login("917364917364").await.unwrap();
+    tracing::info!("flows done");
+
+    let needles: [&[u8]; 2] = [PIN.as_bytes(), b"393137333634"];
+    let events = env.store.read_all(0, 10_000).await.unwrap();
+    assert!(events.len() >= 6);
+    for event in &events {
+        for needle in needles {
+            assert!(!contains(&event.payload, needle), "{}", event.event_type);
+            assert!(!contains(&event.metadata_cbor, needle));
+        }
+    }
+    let rows: Vec<Vec<u8>> = with_pool!(&env.database, pool => {
+        let mut rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT record FROM sfs_records")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        rows.extend(
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT sealed FROM key_vault")
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+        );
+        rows
+    });
+    assert!(rows.len() >= 4, "a record and three vault entries");
+    for row in &rows {
+        for needle in needles {
+            assert!(!contains(row, needle));
+        }
+    }
+    let log = captured.0.lock().unwrap().clone();
+    assert!(contains(&log, b"flows done"), "the capture works");
+    assert!(contains(&log, b"pin login failed"), "the SFS logged");
+    for needle in needles {
+        assert!(!contains(&log, needle));
+    }
+    db.finish().await;
+}
