@@ -162,6 +162,7 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         max_wait_ms: 5_000,
         expiry_interval_ms: 1_000,
         checkpoint_interval_ms: 1_000,
+        trust_sfs_keys: Vec::new(),
     };
     let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

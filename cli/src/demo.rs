@@ -67,6 +67,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         max_wait_ms: 5_000,
         expiry_interval_ms: 1_000,
         checkpoint_interval_ms: 1_000,
+        trust_sfs_keys: Vec::new(),
     };
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail};
 use countersign_api::{ApiConfig, AppState};
 use countersign_commands::{Clock, Commands, SystemClock};
 use countersign_device_gateway::{Gateway, GatewayConfig};
+use countersign_domain::second_factor::LockoutPolicy;
+use countersign_sfs::Sfs;
 use countersign_eventstore::vault::KeyVault;
 use countersign_projections::ReadModels;
 use zeroize::Zeroizing;
@@ -50,6 +52,10 @@ pub struct ServeArgs {
         default_value_t = 1_000
     )]
     pub checkpoint_interval_ms: u64,
+    /// Attestation public keys (SEC1 hex) of other apps' second-factor servers whose
+    /// attestations this deployment accepts, besides its own SFS's.
+    #[arg(long = "trust-sfs-key", env = "COUNTERSIGN_TRUST_SFS_KEYS", value_delimiter = ',')]
+    pub trust_sfs_keys: Vec<String>,
 }
 
 fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
@@ -133,6 +139,23 @@ pub async fn start(
         .gateway_url
         .clone()
         .unwrap_or_else(|| format!("ws://{addr}/v1/device"));
+    let sfs = Sfs::new(
+        opened.events.clone(),
+        vault.clone(),
+        opened.database.clone(),
+        clock.clone(),
+        LockoutPolicy::default(),
+    )
+    .await
+    .context("cannot start the second-factor server")?;
+    let mut trusted_sfs_keys = vec![sfs.attestation_verifying_key()];
+    for key in &args.trust_sfs_keys {
+        let bytes = hex::decode(key.trim()).context("--trust-sfs-key must be hex")?;
+        trusted_sfs_keys.push(
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+                .map_err(|_| anyhow::anyhow!("--trust-sfs-key is not a P-256 public key"))?,
+        );
+    }
     let gateway = Gateway::new(
         commands.clone(),
         reads.clone(),
@@ -141,6 +164,7 @@ pub async fn start(
         clock.clone(),
         GatewayConfig {
             max_wait: Duration::from_millis(args.max_wait_ms),
+            trusted_sfs_keys,
             ..GatewayConfig::default()
         },
     );
@@ -159,7 +183,9 @@ pub async fn start(
     );
     tracing::info!(%addr, database = %settings.database_display(), "serving");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = countersign_api::router(state.clone()).merge(gateway.router());
+    let app = countersign_api::router(state.clone())
+        .merge(gateway.router())
+        .merge(sfs.router());
     let sweep_every = Duration::from_millis(args.expiry_interval_ms.max(10));
     let sweep_state = state.clone();
     let store = opened.events.clone();

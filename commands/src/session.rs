@@ -231,8 +231,13 @@ impl SessionCommands {
         account_id: AccountId,
         metadata: &Metadata,
     ) -> Result<Executed<SessionEvent>, CommandError> {
-        self.run(session, ConfirmSession { account_id }.into(), metadata, None)
-            .await
+        self.run(
+            session,
+            ConfirmSession { account_id }.into(),
+            metadata,
+            None,
+        )
+        .await
     }
 
     /// The confirmed account proved a second factor (device gateway, after checking the SFS

@@ -118,8 +118,13 @@ mod tests {
     fn first_use_is_recorded_and_any_second_is_a_replay() {
         let mut ctx = Context::new(Timestamp::from_millis(5));
         let events = AttestationUse::Unused.decide(use_it(), &mut ctx);
-        assert!(matches!(events.as_deref(), Ok([AttestationEvent::Used(u)]) if u.used_at == Timestamp::from_millis(5)));
+        assert!(
+            matches!(events.as_deref(), Ok([AttestationEvent::Used(u)]) if u.used_at == Timestamp::from_millis(5))
+        );
         let used = AttestationUse::from_events(&events.unwrap_or_default());
-        assert_eq!(used.decide(use_it(), &mut ctx), Err(AttestationError::Replayed));
+        assert_eq!(
+            used.decide(use_it(), &mut ctx),
+            Err(AttestationError::Replayed)
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::machine::SecondFactorEvent;
 use crate::model::{AccountInfo, HistoryEntry, ServerInfo, SessionSnapshot};
 
 /// What the app hears from the SDK.
@@ -18,8 +19,12 @@ pub trait Callbacks: Send + Sync {
     fn confirm_login(&self, _session: &SessionSnapshot, _accounts: &[AccountInfo]) {}
     /// An enrolment waits for the user to accept `server` (`set_account(None)`) or stop.
     fn confirm_enrol(&self, _session: &SessionSnapshot, _server: &ServerInfo) {}
-    /// A login waits for the user's second factor (`set_pin_biometric`) or `input_cancel`.
+    /// A login or an enrolment waits for the user's second factor (`set_pin_biometric`) or
+    /// `input_cancel`.
     fn second_factor_needed(&self, _session: &SessionSnapshot) {}
+    /// How the second factor the user gave fared (seed 004's SecondFactor callback); the
+    /// session's state says whether it waits for another try.
+    fn on_second_factor(&self, _session: &SessionSnapshot, _event: &SecondFactorEvent) {}
     /// A history entry was created or changed.
     fn on_history(&self, _entry: &HistoryEntry) {}
     /// The server deleted an account; the SDK has forgotten it.
@@ -43,6 +48,8 @@ pub enum Event {
     ConfirmEnrol(SessionSnapshot, ServerInfo),
     /// [`Callbacks::second_factor_needed`].
     SecondFactorNeeded(SessionSnapshot),
+    /// [`Callbacks::on_second_factor`].
+    SecondFactor(SessionSnapshot, SecondFactorEvent),
     /// [`Callbacks::on_history`].
     History(HistoryEntry),
     /// [`Callbacks::on_account_deleted`].
@@ -81,6 +88,9 @@ impl Callbacks for ChannelCallbacks {
     }
     fn second_factor_needed(&self, session: &SessionSnapshot) {
         self.send(Event::SecondFactorNeeded(session.clone()));
+    }
+    fn on_second_factor(&self, session: &SessionSnapshot, event: &SecondFactorEvent) {
+        self.send(Event::SecondFactor(session.clone(), *event));
     }
     fn on_history(&self, entry: &HistoryEntry) {
         self.send(Event::History(entry.clone()));

@@ -8,8 +8,9 @@
 
 use countersign_protocol::device::{DeviceError, Refusal};
 use countersign_protocol::qr::QrError;
+use countersign_protocol::sfs::{SfsError, SfsRefusal};
 
-use crate::machine::{State, TransitionError};
+use crate::machine::{SecondFactorEvent, State, TransitionError};
 use crate::storage::StorageError;
 
 /// Everything that can go wrong in the SDK.
@@ -44,9 +45,26 @@ pub enum SdkError {
         /// What was asked.
         action: &'static str,
     },
-    /// Second factors come with the second-factor service; not available yet.
-    #[error("second factors are not available yet")]
+    /// The app's mistake: no SFS is configured ([`crate::SdkConfig::sfs`]), so no second
+    /// factor can be given.
+    #[error("no second-factor server is configured")]
     SecondFactorUnavailable,
+    /// The user's second factor was refused (wrong PIN, locked, revoked, not registered,
+    /// biometric check failed); the session's state says whether they may retry.
+    #[error("the second factor was refused: {0:?}")]
+    SecondFactor(SecondFactorEvent),
+    /// The SFS refused its channel (another key is bound to this app instance…).
+    #[error("the second-factor server refused the channel: {0:?}")]
+    SfsRefused(SfsRefusal),
+    /// The SFS refused a request for another reason than the user's factor.
+    #[error("the second-factor server refused the request: {0}")]
+    Sfs(SfsError),
+    /// The app's mistake: a biometric factor without a [`crate::BiometricPrompt`] set.
+    #[error("no biometric prompt is set")]
+    BiometricUnavailable,
+    /// The app's mistake: a configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
     /// The app's mistake: no such account on this device (or not eligible here).
     #[error("unknown account")]
     UnknownAccount,

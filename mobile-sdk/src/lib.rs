@@ -6,6 +6,10 @@
 //! - [`session`]: [`SessionHandle`] and the driver of one login or enrolment.
 //! - [`machine`]: the session state machine (seed 004), pure.
 //! - [`client`] (private): HTTP key fetch, WebSocket, Noise handshake, request multiplexing.
+//! - [`second_factor`]: the PIN and biometric factor: SFS configuration, [`Pin`], the
+//!   biometric prompt hook, and the flows that turn a factor into an SFS attestation.
+//! - `sfs_client` (private): the SFS channel (Noise IK with the SFS prologue).
+//! - `opaque` (private): the OPAQUE client (ristretto255, TripleDH, Argon2id).
 //! - [`storage`]: where the state blob lives ([`EncryptedFileStorage`], [`MemoryStorage`]).
 //! - [`persisted`] (private): the state inside the blob.
 //! - [`callbacks`]: how the app hears what happens.
@@ -13,23 +17,30 @@
 //! - [`error`]: the one error type, [`SdkError`].
 //!
 //! The only workspace crate this depends on is `countersign-protocol`: the SDK speaks the
-//! device protocol (docs/device-protocol.md) and knows nothing of the server's insides.
+//! device protocol (docs/device-protocol.md) and the SFS protocol (docs/second-factor.md),
+//! and knows nothing of the servers' insides.
 
 pub mod callbacks;
 mod client;
 pub mod error;
 pub mod machine;
 pub mod model;
+mod opaque;
 mod persisted;
 mod random;
 pub mod sdk;
+pub mod second_factor;
 pub mod session;
+mod sfs_client;
 pub mod storage;
 
 pub use callbacks::{Callbacks, ChannelCallbacks, Event, NoCallbacks};
 pub use error::SdkError;
-pub use machine::{HistoryStatus, Interaction, SessionKind, State};
+pub use machine::{HistoryStatus, Interaction, SecondFactorEvent, SessionKind, State};
 pub use model::{AccountInfo, HistoryEntry, SecondFactor, ServerInfo, SessionSnapshot};
 pub use sdk::{ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
+pub use second_factor::{
+    Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig, SimulatedBiometric,
+};
 pub use session::{SessionHandle, decode_input};
 pub use storage::{EncryptedFileStorage, MemoryStorage, Storage, StorageError};

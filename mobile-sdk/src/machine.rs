@@ -14,15 +14,28 @@
 //!    └──no accounts──▶ Error (history Error; fail{no_accounts} sent)
 //! [confirm] ──Confirmed, second factor required──▶ UserInteraction(WaitForSecondFactor)
 //! [confirm] ──Confirmed, not required──▶ [log_in]
-//! WaitForSecondFactor ──SecondFactorGiven / NotNeeded──▶ [log_in]
-//!                     └─InputCancel──▶ Done (Aborted)
+//! WaitForSecondFactor ──SecondFactorEntered──▶ [second factor]
+//!                     ├─SecondFactorNotNeeded──▶ [log_in]
+//!                     └─InputCancel──▶ Done (Aborted; Enrolled for an enrolment)
+//! [second factor] ──SecondFactorGiven──▶ [log_in] (login) / Done (Enrolled) (enrolment)
+//! [second factor] ──SecondFactorRefused(wrong PIN, biometric failed, not registered)──▶
+//!                     WaitForSecondFactor again (the user may retry)
+//! [second factor] ──SecondFactorRefused(locked, revoked)──▶ Error (Error)
 //! [log_in] ──LoggedIn, ping 0──▶ Done (LoggedInOneShot)
 //! [log_in] ──LoggedIn, ping > 0──▶ Active (LoggedIn; pinging)
 //! [enrol]  ──Enrolled──▶ Done (Enrolled)
+//! [enrol]  ──EnrolledNeedsSecondFactor──▶ UserInteraction(WaitForSecondFactor)
 //! Starting / UserInteraction ──Stop / Timeout / ServerEnded──▶ Done (Aborted)
 //! Active ──Stop / ServerEnded──▶ Done (LoggedOut)
 //! any but Done / Error ──Failed──▶ Error (Error)
 //! ```
+//!
+//! `[second factor]` is one effect, [`Effect::SendSecondFactor`]: the driver asks the gateway
+//! for a challenge, has the SFS attest the user's factor, and hands the attestation to the
+//! gateway (`verify_second_factor` for a login, `upgrade_account` for an enrolment). Every
+//! outcome is told to the app ([`Effect::TellSecondFactor`]), as seed 004 asks. An enrolment
+//! that reached WaitForSecondFactor has its account already: cancelling, stopping or timing
+//! out leaves that account headless and records `Enrolled`, not `Aborted`.
 //!
 //! History status `Enrolled` is our addition to the seed's five: a completed enrolment is
 //! neither a login nor an abort. Stopping while a `log_in` is in flight sends both `abort`
@@ -83,6 +96,44 @@ pub enum HistoryStatus {
     Enrolled,
 }
 
+/// What the app hears about a second factor it gave (seed 004's SecondFactor callback).
+/// Carries no PIN and nothing derived from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecondFactorEvent {
+    /// The factor was verified; the session goes on.
+    Verified,
+    /// The PIN was wrong; the session waits for another try.
+    WrongPin {
+        /// Failures left before the next lock or the revocation.
+        attempts_left: u32,
+    },
+    /// The platform's biometric check did not release the key, or the SFS did not accept its
+    /// signature; the session waits for another try (or a PIN).
+    BiometricFailed,
+    /// No such factor is registered for this app instance (at the SFS, or no biometric key on
+    /// this device); the session waits for another factor.
+    NotRegistered,
+    /// Too many failures: the factor is locked until then; the session fails.
+    Locked {
+        /// Milliseconds since the Unix epoch.
+        until_ms: i64,
+    },
+    /// Too many failures: the factor is revoked and must be enrolled again; the session fails.
+    Revoked,
+}
+
+impl SecondFactorEvent {
+    /// Whether the session may go on waiting for a second factor after this.
+    #[must_use]
+    pub const fn may_retry(self) -> bool {
+        matches!(
+            self,
+            Self::WrongPin { .. } | Self::BiometricFailed | Self::NotRegistered
+        )
+    }
+}
+
 /// Login or enrolment, fixed when the session starts (from the QR code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,8 +168,13 @@ pub enum Input {
     AccountSet,
     /// The gateway answered `confirm`.
     Confirmed,
-    /// The user's second factor was verified.
+    /// The user gave a second factor (`set_pin_biometric`); the driver keeps it, the machine
+    /// never sees it.
+    SecondFactorEntered,
+    /// The user's second factor was verified (and the gateway accepted its attestation).
     SecondFactorGiven,
+    /// The SFS refused the user's second factor.
+    SecondFactorRefused(SecondFactorEvent),
     /// No second factor is needed after all (a recent one is still valid).
     SecondFactorNotNeeded,
     /// The user declined to give a second factor.
@@ -130,6 +186,9 @@ pub enum Input {
     },
     /// The gateway answered `enrol`.
     Enrolled,
+    /// The gateway answered `enrol`, and the new account should get a second factor (the
+    /// server asks one and the app has an SFS).
+    EnrolledNeedsSecondFactor,
     /// The app stopped the session.
     Stop,
     /// The server ended the session (a notice, or a ping answered `ended`).
@@ -150,11 +209,14 @@ impl Input {
             Self::NoAccounts => "no_accounts",
             Self::AccountSet => "set_account",
             Self::Confirmed => "confirmed",
+            Self::SecondFactorEntered => "set_pin_biometric",
             Self::SecondFactorGiven => "second_factor_given",
+            Self::SecondFactorRefused(_) => "second_factor_refused",
             Self::SecondFactorNotNeeded => "second_factor_not_needed",
             Self::InputCancel => "input_cancel",
             Self::LoggedIn { .. } => "logged_in",
             Self::Enrolled => "enrolled",
+            Self::EnrolledNeedsSecondFactor => "enrolled_needs_second_factor",
             Self::Stop => "stop_session",
             Self::ServerEnded => "server_ended",
             Self::Timeout => "timeout",
@@ -174,6 +236,12 @@ pub enum Effect {
     AskConfirmEnrol,
     /// Ask the user for their second factor.
     AskSecondFactor,
+    /// Tell the app how its second factor fared.
+    TellSecondFactor(SecondFactorEvent),
+    /// Prove the second factor the user gave: `challenge`, the SFS, then
+    /// `verify_second_factor` (login) or `upgrade_account` (enrolment); its answer is
+    /// [`Input::SecondFactorGiven`] or [`Input::SecondFactorRefused`].
+    SendSecondFactor,
     /// Send `confirm`; its answer is [`Input::Confirmed`].
     SendConfirm,
     /// Send `log_in`; its answer is [`Input::LoggedIn`].
@@ -211,6 +279,7 @@ pub struct TransitionError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InFlight {
     Confirm,
+    SecondFactor,
     LogIn,
     Enrol,
 }
@@ -224,6 +293,8 @@ pub struct Machine {
     history: Option<HistoryStatus>,
     in_flight: Option<InFlight>,
     second_factor_required: bool,
+    /// An enrolment whose account exists (it waits to give it a second factor).
+    enrolled: bool,
 }
 
 impl Machine {
@@ -237,6 +308,7 @@ impl Machine {
             history: None,
             in_flight: None,
             second_factor_required: false,
+            enrolled: false,
         }
     }
 
@@ -321,6 +393,35 @@ impl Machine {
                     Ok(vec![Effect::SendLogIn])
                 }
             }
+            (I::SecondFactorEntered, _, S::UserInteraction(W::WaitForSecondFactor)) if idle => {
+                self.in_flight = Some(InFlight::SecondFactor);
+                Ok(vec![Effect::SendSecondFactor])
+            }
+            (I::SecondFactorGiven, kind, S::UserInteraction(W::WaitForSecondFactor))
+                if self.in_flight == Some(InFlight::SecondFactor) =>
+            {
+                let verified = Effect::TellSecondFactor(SecondFactorEvent::Verified);
+                match kind {
+                    K::Login => {
+                        self.in_flight = Some(InFlight::LogIn);
+                        Ok(vec![verified, Effect::SendLogIn])
+                    }
+                    K::Enrolment => Ok(self.finish(S::Done, HistoryStatus::Enrolled, &[verified])),
+                }
+            }
+            (I::SecondFactorRefused(event), _, S::UserInteraction(W::WaitForSecondFactor))
+                if self.in_flight == Some(InFlight::SecondFactor) =>
+            {
+                self.in_flight = None;
+                let told = Effect::TellSecondFactor(event);
+                if event.may_retry() {
+                    Ok(vec![told])
+                } else {
+                    let mut sends = vec![told];
+                    sends.extend(self.abort_sends());
+                    Ok(self.finish(S::Error, HistoryStatus::Error, &sends))
+                }
+            }
             (
                 I::SecondFactorGiven | I::SecondFactorNotNeeded,
                 K::Login,
@@ -329,9 +430,8 @@ impl Machine {
                 self.in_flight = Some(InFlight::LogIn);
                 Ok(vec![Effect::SendLogIn])
             }
-            (I::InputCancel, K::Login, S::UserInteraction(W::WaitForSecondFactor)) => {
-                let sends = self.abort_sends();
-                Ok(self.finish(S::Done, HistoryStatus::Aborted, &sends))
+            (I::InputCancel, _, S::UserInteraction(W::WaitForSecondFactor)) => {
+                Ok(self.end_before_login())
             }
             (I::LoggedIn { ping_time_secs }, K::Login, _)
                 if self.in_flight == Some(InFlight::LogIn) =>
@@ -354,15 +454,22 @@ impl Machine {
             (I::Enrolled, K::Enrolment, _) if self.in_flight == Some(InFlight::Enrol) => {
                 Ok(self.finish(S::Done, HistoryStatus::Enrolled, &[]))
             }
+            (I::EnrolledNeedsSecondFactor, K::Enrolment, _)
+                if self.in_flight == Some(InFlight::Enrol) =>
+            {
+                self.in_flight = None;
+                self.enrolled = true;
+                Ok(self.enter(
+                    S::UserInteraction(W::WaitForSecondFactor),
+                    Effect::AskSecondFactor,
+                ))
+            }
             (I::Stop, _, S::Active) => Ok(self.finish(
                 S::Done,
                 HistoryStatus::LoggedOut,
                 &[Effect::StopPinging, Effect::SendLogOut],
             )),
-            (I::Stop | I::Timeout, _, _) if before_login => {
-                let sends = self.abort_sends();
-                Ok(self.finish(S::Done, HistoryStatus::Aborted, &sends))
-            }
+            (I::Stop | I::Timeout, _, _) if before_login => Ok(self.end_before_login()),
             (I::ServerEnded, _, S::Active) => {
                 Ok(self.finish(S::Done, HistoryStatus::LoggedOut, &[Effect::StopPinging]))
             }
@@ -375,6 +482,18 @@ impl Machine {
             (I::Failed, _, _) => Ok(self.finish(S::Error, HistoryStatus::Error, &[])),
             _ => Err(refuse),
         }
+    }
+
+    /// The user or a timer ends the session before login: `Aborted`, except for an enrolment
+    /// whose account exists (it stays, headless: `Enrolled`).
+    fn end_before_login(&mut self) -> Vec<Effect> {
+        let status = if self.enrolled {
+            HistoryStatus::Enrolled
+        } else {
+            HistoryStatus::Aborted
+        };
+        let sends = self.abort_sends();
+        self.finish(State::Done, status, &sends)
     }
 
     /// What to send when a session ends before login: nothing for an enrolment (there is
@@ -867,6 +986,204 @@ mod tests {
         assert_eq!(done.state(), S::Done);
         assert_eq!(error.state(), S::Error);
         for input in all {
+            refused(done.clone(), input);
+            refused(error.clone(), input);
+        }
+    }
+
+    // The second factor (docs/second-factor.md).
+
+    use SecondFactorEvent as Ev;
+
+    const AT_SECOND_FACTOR: [Input; 3] = [
+        Input::LoginDetails(LoginDetails {
+            eligible_accounts: 2,
+            second_factor_required: true,
+            ping_time_secs: 0,
+        }),
+        Input::AccountSet,
+        Input::Confirmed,
+    ];
+
+    fn verifying() -> Vec<Input> {
+        let mut given = AT_SECOND_FACTOR.to_vec();
+        given.push(Input::SecondFactorEntered);
+        given
+    }
+
+    const ENROLLED_WAITING: [Input; 3] = [
+        Input::EnrolmentDetails,
+        Input::AccountSet,
+        Input::EnrolledNeedsSecondFactor,
+    ];
+
+    #[test]
+    fn a_second_factor_given_is_sent_and_the_user_waits() {
+        let (m, out) = login(false, &AT_SECOND_FACTOR, Input::SecondFactorEntered);
+        assert_eq!(out.unwrap(), vec![E::SendSecondFactor]);
+        assert_eq!(m.state(), SECOND, "still waiting while it is verified");
+        // A second one while the first is checked is refused.
+        refused(m, Input::SecondFactorEntered);
+    }
+
+    #[test]
+    fn a_verified_second_factor_is_told_and_logs_in() {
+        let (m, out) = login(false, &verifying(), Input::SecondFactorGiven);
+        assert_eq!(
+            out.unwrap(),
+            vec![E::TellSecondFactor(Ev::Verified), E::SendLogIn]
+        );
+        let mut m = m;
+        assert_eq!(
+            m.apply(Input::LoggedIn { ping_time_secs: 0 }).unwrap(),
+            vec![
+                E::RecordHistory(H::LoggedInOneShot),
+                E::StateChanged(S::Done)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_pin_is_told_and_the_user_may_try_again() {
+        let wrong = Ev::WrongPin { attempts_left: 3 };
+        let (m, out) = login(false, &verifying(), Input::SecondFactorRefused(wrong));
+        assert_eq!(out.unwrap(), vec![E::TellSecondFactor(wrong)]);
+        assert_eq!((m.state(), m.history()), (SECOND, None));
+        let mut m = m;
+        assert_eq!(
+            m.apply(Input::SecondFactorEntered).unwrap(),
+            vec![E::SendSecondFactor],
+            "a retry is accepted"
+        );
+        for event in [Ev::BiometricFailed, Ev::NotRegistered] {
+            let (m, out) = login(false, &verifying(), Input::SecondFactorRefused(event));
+            assert_eq!(out.unwrap(), vec![E::TellSecondFactor(event)]);
+            assert_eq!(m.state(), SECOND);
+        }
+    }
+
+    #[test]
+    fn a_locked_or_revoked_factor_fails_the_session() {
+        for event in [Ev::Locked { until_ms: 60_000 }, Ev::Revoked] {
+            let (m, out) = login(false, &verifying(), Input::SecondFactorRefused(event));
+            assert_eq!(
+                out.unwrap(),
+                vec![
+                    E::TellSecondFactor(event),
+                    E::SendAbort,
+                    E::RecordHistory(H::Error),
+                    E::StateChanged(S::Error)
+                ]
+            );
+            assert_eq!((m.state(), m.history()), (S::Error, Some(H::Error)));
+        }
+    }
+
+    #[test]
+    fn cancelling_the_second_factor_aborts_even_while_it_is_checked() {
+        for given in [AT_SECOND_FACTOR.to_vec(), verifying()] {
+            let (m, out) = login(false, &given, Input::InputCancel);
+            assert_eq!(
+                out.unwrap(),
+                vec![
+                    E::SendAbort,
+                    E::RecordHistory(H::Aborted),
+                    E::StateChanged(S::Done)
+                ]
+            );
+            assert_eq!((m.state(), m.history()), (S::Done, Some(H::Aborted)));
+            // The verification's late answer changes nothing.
+            refused(m, Input::SecondFactorGiven);
+        }
+    }
+
+    #[test]
+    fn second_factor_answers_nobody_waits_for_are_refused() {
+        let at = |given: &[Input]| {
+            let mut m = Machine::new(SessionKind::Login, false);
+            for input in given {
+                m.apply(*input).unwrap();
+            }
+            m
+        };
+        refused(
+            at(&AT_SECOND_FACTOR),
+            Input::SecondFactorRefused(Ev::Revoked),
+        );
+        refused(at(&[details(2, true, 0)]), Input::SecondFactorEntered);
+        refused(at(&CONFIRMED_NO_2FA), Input::SecondFactorEntered);
+        refused(at(&[]), Input::EnrolledNeedsSecondFactor);
+    }
+
+    #[test]
+    fn an_enrolment_asks_a_second_factor_then_is_done_once_verified() {
+        let (m, out) = enrolment(
+            &[Input::EnrolmentDetails, Input::AccountSet],
+            Input::EnrolledNeedsSecondFactor,
+        );
+        assert_eq!(
+            out.unwrap(),
+            vec![E::StateChanged(SECOND), E::AskSecondFactor]
+        );
+        assert_eq!((m.state(), m.history()), (SECOND, None));
+        let mut given = ENROLLED_WAITING.to_vec();
+        given.push(Input::SecondFactorEntered);
+        let (m, out) = enrolment(&given, Input::SecondFactorGiven);
+        assert_eq!(
+            out.unwrap(),
+            vec![
+                E::TellSecondFactor(Ev::Verified),
+                E::RecordHistory(H::Enrolled),
+                E::StateChanged(S::Done)
+            ]
+        );
+        assert_eq!((m.state(), m.history()), (S::Done, Some(H::Enrolled)));
+        // A wrong PIN at an enrolment waits too.
+        let (m, out) = enrolment(
+            &given,
+            Input::SecondFactorRefused(Ev::WrongPin { attempts_left: 1 }),
+        );
+        assert_eq!(
+            out.unwrap(),
+            vec![E::TellSecondFactor(Ev::WrongPin { attempts_left: 1 })]
+        );
+        assert_eq!(m.state(), SECOND);
+    }
+
+    #[test]
+    fn leaving_an_enrolment_without_a_second_factor_keeps_the_account() {
+        for when in [Input::InputCancel, Input::Stop, Input::Timeout] {
+            let (m, out) = enrolment(&ENROLLED_WAITING, when);
+            assert_eq!(
+                out.unwrap(),
+                vec![E::RecordHistory(H::Enrolled), E::StateChanged(S::Done)],
+                "{when:?}: nothing to abort, the account exists (headless)"
+            );
+            assert_eq!((m.state(), m.history()), (S::Done, Some(H::Enrolled)));
+        }
+        let mut given = ENROLLED_WAITING.to_vec();
+        given.push(Input::SecondFactorEntered);
+        let (m, out) = enrolment(&given, Input::SecondFactorRefused(Ev::Revoked));
+        assert_eq!(
+            out.unwrap(),
+            vec![
+                E::TellSecondFactor(Ev::Revoked),
+                E::RecordHistory(H::Error),
+                E::StateChanged(S::Error)
+            ]
+        );
+        assert_eq!(m.state(), S::Error);
+    }
+
+    #[test]
+    fn nothing_second_factor_happens_after_done_or_error() {
+        let done = login(false, &[], Input::Stop).0;
+        let error = login(false, &[], Input::Failed).0;
+        for input in [
+            Input::SecondFactorEntered,
+            Input::SecondFactorRefused(Ev::WrongPin { attempts_left: 1 }),
+            Input::EnrolledNeedsSecondFactor,
+        ] {
             refused(done.clone(), input);
             refused(error.clone(), input);
         }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::SdkError;
 use crate::machine::{HistoryStatus, SessionKind, State};
+use crate::second_factor::Pin;
 
 /// An account this device holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,7 +18,8 @@ pub struct AccountInfo {
     pub server_name: String,
     /// The user, as the business system names them.
     pub userid: String,
-    /// No second factor is set up on this device for it (always true until the SFS exists).
+    /// No second factor was added to it from this device (enrolled without one, never
+    /// upgraded).
     pub headless: bool,
     /// When it was enrolled, milliseconds since the Unix epoch.
     pub created_at_ms: i64,
@@ -94,9 +96,18 @@ pub struct SessionSnapshot {
 #[derive(Clone)]
 pub enum SecondFactor {
     /// The app PIN.
-    Pin(zeroize::Zeroizing<String>),
-    /// The platform's biometric check succeeded.
+    Pin(Pin),
+    /// The biometric key, which the SDK has the platform release through the app's
+    /// [`crate::BiometricPrompt`].
     Biometric,
+}
+
+impl SecondFactor {
+    /// The PIN the user typed.
+    #[must_use]
+    pub fn pin(pin: impl Into<String>) -> Self {
+        Self::Pin(Pin::new(pin))
+    }
 }
 
 impl std::fmt::Debug for SecondFactor {
@@ -122,7 +133,7 @@ mod tests {
 
     #[test]
     fn debug_of_a_pin_prints_nothing() {
-        let pin = SecondFactor::Pin(zeroize::Zeroizing::new("918273".to_owned()));
+        let pin = SecondFactor::Pin(Pin::new("918273"));
         let text = format!("{pin:?}");
         assert!(!text.contains("918273"), "{text}");
         assert_eq!(text, "Pin(..)");

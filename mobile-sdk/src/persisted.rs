@@ -1,7 +1,10 @@
 //! The SDK's state as stored: JSON inside the encrypted blob of [`crate::storage`].
 //!
 //! It holds the app instance id (made once), the servers (parameters, channel key, gateway,
-//! pinned fingerprint), the accounts (with their private keys) and the history. Everything is
+//! pinned fingerprint), the accounts (with their private keys, and whether they have a second
+//! factor), the app instance's SFS record (its SFS channel key, made once; the biometric key;
+//! what the SFS said is registered) and the history. Fields added after format 1 was first
+//! written default when absent, so older blobs still open. Never stored: the PIN. Everything is
 //! keyed by id in hex, accounts carry their server's id, so one SDK holds accounts at many
 //! servers. Private keys are [`KeyBytes`]: wiped on drop, `Debug` prints nothing, and their
 //! JSON text is wiped too. The serialized blob is handed out as `Zeroizing` bytes.
@@ -133,6 +136,36 @@ pub(crate) struct AccountRecord {
     /// The key this account signs with (registered at enrolment).
     pub signing_key: KeyBytes,
     pub created_at_ms: i64,
+    /// A second factor was added to the account (`upgrade_account`): no longer headless.
+    #[serde(default)]
+    pub second_factor: bool,
+}
+
+/// The app instance at its second-factor server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SfsRecord {
+    /// The Noise static key of the SFS channel; the SFS binds it to the app instance id.
+    pub instance_key: KeyBytes,
+    /// The SFS said a PIN is registered (as of the last channel).
+    #[serde(default)]
+    pub pin_registered: bool,
+    /// The SFS said a biometric key is registered (as of the last channel).
+    #[serde(default)]
+    pub biometric_registered: bool,
+    /// The biometric key (on a phone it lives in the platform keystore instead).
+    #[serde(default)]
+    pub biometric_key: Option<KeyBytes>,
+}
+
+impl SfsRecord {
+    pub(crate) fn new(instance_key: KeyBytes) -> Self {
+        Self {
+            instance_key,
+            pin_registered: false,
+            biometric_registered: false,
+            biometric_key: None,
+        }
+    }
 }
 
 /// Everything the SDK remembers.
@@ -147,6 +180,9 @@ pub(crate) struct Persisted {
     pub accounts: BTreeMap<String, AccountRecord>,
     /// Oldest first.
     pub history: Vec<HistoryEntry>,
+    /// Made at the first use of the SFS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sfs: Option<SfsRecord>,
 }
 
 impl Persisted {
@@ -158,6 +194,7 @@ impl Persisted {
             servers: BTreeMap::new(),
             accounts: BTreeMap::new(),
             history: Vec::new(),
+            sfs: None,
         }
     }
 
@@ -197,7 +234,7 @@ impl Persisted {
                 .map(|s| s.name.clone())
                 .unwrap_or_default(),
             userid: account.userid.clone(),
-            headless: true,
+            headless: !account.second_factor,
             created_at_ms: account.created_at_ms,
         }
     }
@@ -265,6 +302,7 @@ mod tests {
             channel_key: KeyBytes::from_key(&StaticKey::from_bytes(&[key; 32]).unwrap()),
             signing_key: KeyBytes::from_key(&StaticKey::from_bytes(&[key + 1; 32]).unwrap()),
             created_at_ms: i64::from(id),
+            second_factor: false,
         }
     }
 
@@ -369,5 +407,39 @@ mod tests {
         }
         assert_eq!(state.history.len(), MAX_HISTORY);
         assert_eq!(state.history[0].session_id, "2", "the oldest went first");
+    }
+
+    #[test]
+    fn a_blob_without_second_factor_fields_opens_and_they_round_trip() {
+        let mut state = Persisted::new([7; 16]);
+        let a = account(1, 2, 0x5a);
+        state.accounts.insert(a.account_id.clone(), a.clone());
+        // As written before the second factor existed.
+        let mut old: serde_json::Value = serde_json::from_slice(&state.encode().unwrap()).unwrap();
+        old["accounts"][&a.account_id]
+            .as_object_mut()
+            .unwrap()
+            .remove("second_factor");
+        assert!(old.get("sfs").is_none());
+        let back = Persisted::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(back, state);
+        assert!(back.account_info(&back.accounts[&a.account_id]).headless);
+
+        let mut record = SfsRecord::new(KeyBytes::from_key(
+            &StaticKey::from_bytes(&[0x33; 32]).unwrap(),
+        ));
+        record.pin_registered = true;
+        record.biometric_key = Some(KeyBytes::from_key(
+            &StaticKey::from_bytes(&[0x44; 32]).unwrap(),
+        ));
+        state.sfs = Some(record);
+        state.accounts.get_mut(&a.account_id).unwrap().second_factor = true;
+        let bytes = state.encode().unwrap();
+        assert_eq!(Persisted::decode(&bytes).unwrap(), state);
+        assert!(!state.account_info(&state.accounts[&a.account_id]).headless);
+        assert!(
+            !format!("{state:?}").contains("3333"),
+            "keys stay out of Debug"
+        );
     }
 }

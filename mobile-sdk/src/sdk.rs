@@ -9,7 +9,10 @@
 //! - an account the gateway reports deleted (a `refused: account_deleted` handshake or an
 //!   `account_deleted` notice) is forgotten at once and the app told
 //!   ([`Callbacks::on_account_deleted`]);
-//! - account connections use the server key pinned at enrolment, never a fetched one.
+//! - account connections use the server key pinned at enrolment, never a fetched one;
+//! - the SFS is the one of [`SdkConfig::sfs`], with its pinned keys; without it, no second
+//!   factor can be given ([`SdkError::SecondFactorUnavailable`]) and enrolments leave their
+//!   accounts headless.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -22,8 +25,11 @@ use tokio::task::JoinHandle;
 use crate::callbacks::{Callbacks, NoCallbacks};
 use crate::client::{self, Connection, Target};
 use crate::error::SdkError;
-use crate::model::{AccountInfo, HistoryEntry, ServerInfo};
+use crate::model::{AccountInfo, HistoryEntry, SecondFactor, ServerInfo};
 use crate::persisted::Persisted;
+use crate::second_factor::{
+    self, Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig,
+};
 use crate::session::{self, SessionHandle};
 use crate::storage::{Storage, StorageError};
 
@@ -37,6 +43,12 @@ pub struct SdkConfig {
     pub interaction_timeout: Duration,
     /// How long one request (or a handshake, or the key fetch) may take. Default 10 s.
     pub request_timeout: Duration,
+    /// The second-factor server this app is bound to, with its pinned keys; `None`: no
+    /// second factor (logins that need one cannot complete, enrolments stay headless).
+    pub sfs: Option<SfsConfig>,
+    /// Argon2id parameters of the PIN's key stretching (default m = 19 MiB, t = 2, p = 1).
+    /// A PIN registered with some parameters only verifies with the same ones.
+    pub argon2_params: Argon2Params,
 }
 
 impl Default for SdkConfig {
@@ -45,6 +57,8 @@ impl Default for SdkConfig {
             skip_single_account_confirmation: false,
             interaction_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(10),
+            sfs: None,
+            argon2_params: Argon2Params::default(),
         }
     }
 }
@@ -145,8 +159,76 @@ impl Sdk {
                 config,
                 state: Mutex::new(state),
                 http,
+                biometric: Mutex::new(None),
             }),
         })
+    }
+
+    /// Sets the platform's biometric check, which releases the biometric key
+    /// ([`SecondFactor::Biometric`]).
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the lock is poisoned.
+    pub fn set_biometric_prompt(&self, prompt: Arc<dyn BiometricPrompt>) -> Result<(), SdkError> {
+        *self.inner.biometric.lock().map_err(poisoned)? = Some(prompt);
+        Ok(())
+    }
+
+    /// What the SFS says about this app instance's second factor (opens an SFS channel).
+    ///
+    /// # Errors
+    /// [`SdkError::SecondFactorUnavailable`] without an SFS; [`SdkError::SfsRefused`],
+    /// [`SdkError::Transport`], [`SdkError::Timeout`].
+    pub async fn second_factor_status(&self) -> Result<SecondFactorStatus, SdkError> {
+        second_factor::status(&self.inner).await
+    }
+
+    /// Gives a headless account a second factor: asks its server for the `upgrade`
+    /// challenge, has the SFS attest `factor` (registering the PIN first if this app
+    /// instance has none at the SFS yet), and sends `upgrade_account`. The account is then
+    /// no longer headless.
+    ///
+    /// # Errors
+    /// [`SdkError::UnknownAccount`]; [`SdkError::SecondFactor`] when the factor is refused
+    /// (wrong PIN…: nothing changed, the app may retry); [`SdkError::SecondFactorUnavailable`]
+    /// without an SFS; [`SdkError::Server`] when the server refuses (`bad_attestation`…);
+    /// transport errors.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn upgrade_account(
+        &self,
+        account_id: &str,
+        factor: SecondFactor,
+    ) -> Result<AccountInfo, SdkError> {
+        if self.inner.config.sfs.is_none() {
+            return Err(SdkError::SecondFactorUnavailable);
+        }
+        let (connection, _notices) = self
+            .inner
+            .connect_account(account_id, None, &NoCallbacks)
+            .await?;
+        second_factor::upgrade(&self.inner, &connection, account_id, &factor).await?;
+        self.inner
+            .read(|s| s.accounts.get(account_id).map(|a| s.account_info(a)))?
+            .ok_or(SdkError::UnknownAccount)
+    }
+
+    /// Changes the app PIN at the SFS: the old PIN must verify first (a wrong one counts as
+    /// a failed attempt, like any).
+    ///
+    /// # Errors
+    /// [`SdkError::SecondFactor`] for a wrong, locked or revoked old PIN;
+    /// [`SdkError::SecondFactorUnavailable`] without an SFS; transport errors.
+    pub async fn change_pin(&self, old: Pin, new: Pin) -> Result<(), SdkError> {
+        second_factor::change_pin(&self.inner, &old, &new).await
+    }
+
+    /// Makes a biometric key and registers it at the SFS, proven by the PIN; afterwards
+    /// [`SecondFactor::Biometric`] works (through the [`BiometricPrompt`]).
+    ///
+    /// # Errors
+    /// As [`change_pin`](Self::change_pin).
+    pub async fn register_biometric(&self, pin: Pin) -> Result<(), SdkError> {
+        second_factor::register_biometric(&self.inner, &pin).await
     }
 
     /// This app installation's id, 32 hex digits.
@@ -314,6 +396,7 @@ pub(crate) struct Inner {
     pub(crate) config: SdkConfig,
     state: Mutex<Persisted>,
     pub(crate) http: reqwest::Client,
+    biometric: Mutex<Option<Arc<dyn BiometricPrompt>>>,
 }
 
 fn poisoned<T>(_: T) -> SdkError {
@@ -340,6 +423,11 @@ pub(crate) fn parse_id<const N: usize>(text: &str) -> Result<[u8; N], SdkError> 
 }
 
 impl Inner {
+    /// The app's biometric check, if it set one.
+    pub(crate) fn biometric_prompt(&self) -> Result<Option<Arc<dyn BiometricPrompt>>, SdkError> {
+        Ok(self.biometric.lock().map_err(poisoned)?.clone())
+    }
+
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Persisted) -> T) -> Result<T, SdkError> {
         let state = self.state.lock().map_err(poisoned)?;
         Ok(f(&state))

@@ -13,6 +13,11 @@
 //! `StateChanged` effect is performed, which comes after the requests of the same step: once
 //! a test sees `Done`, the `abort` or `log_out` of that step has been answered.
 //!
+//! The second factor the user gives is kept in the session only between
+//! `set_pin_biometric` and the step that proves it (it is taken out, and dropped with the
+//! session otherwise); a refusal the user must hear of comes back from that step as
+//! [`SdkError::SecondFactor`] and becomes [`Input::SecondFactorRefused`].
+//!
 //! The hsid and the enrolment token live in [`Secret`]s and never reach a log line.
 
 use std::collections::VecDeque;
@@ -167,20 +172,35 @@ impl SessionHandle {
         self.set_account(None).await
     }
 
-    /// The user's second factor. Not available until the second-factor service exists.
+    /// The user's second factor. A login has the SFS attest it for the session's challenge
+    /// and hands the attestation to the gateway, then logs in; an enrolment gives the new
+    /// account the factor (registering the PIN at the SFS first if this app instance has
+    /// none yet). Answers once the step is over; every outcome is also told to
+    /// [`Callbacks::on_second_factor`].
     ///
     /// # Errors
-    /// [`SdkError::InvalidState`] outside `WaitForSecondFactor`, else
-    /// [`SdkError::SecondFactorUnavailable`].
-    pub async fn set_pin_biometric(&self, _factor: SecondFactor) -> Result<(), SdkError> {
-        let state = self.session.core()?.machine.state();
-        if state != State::UserInteraction(crate::machine::Interaction::WaitForSecondFactor) {
-            return Err(SdkError::InvalidState {
-                state,
-                action: "set_pin_biometric",
-            });
+    /// [`SdkError::InvalidState`] outside `WaitForSecondFactor` (or while a factor is being
+    /// checked); [`SdkError::SecondFactorUnavailable`] without an SFS;
+    /// [`SdkError::SecondFactor`] when the factor is refused: after a wrong PIN, a failed
+    /// biometric check or a factor not registered the session still waits (try again, or
+    /// `input_cancel`), after `locked` or `revoked` it is in `Error`; else what made the
+    /// session fail.
+    pub async fn set_pin_biometric(&self, factor: SecondFactor) -> Result<(), SdkError> {
+        if self.session.sdk.config.sfs.is_none() {
+            let state = self.session.core()?.machine.state();
+            if state != State::UserInteraction(crate::machine::Interaction::WaitForSecondFactor) {
+                return Err(SdkError::InvalidState {
+                    state,
+                    action: "set_pin_biometric",
+                });
+            }
+            return Err(SdkError::SecondFactorUnavailable);
         }
-        Err(SdkError::SecondFactorUnavailable)
+        self.session
+            .drive_with(Input::SecondFactorEntered, None, move |core| {
+                core.pending_factor = Some(factor);
+            })
+            .await
     }
 
     /// The user declined to give a second factor: the session is aborted.
@@ -244,6 +264,8 @@ pub(crate) async fn start(
         generation: 0,
         pinger: None,
         enrolment: None,
+        pending_factor: None,
+        account_channel: false,
     };
     let (watch, _) = watch::channel(snapshot_of(&id, kind, &payload.server_id, &core));
     let session = Arc::new(Session {
@@ -303,6 +325,10 @@ struct Core {
     generation: u64,
     pinger: Option<JoinHandle<()>>,
     enrolment: Option<Enrolment>,
+    /// The factor the user gave, until the step that proves it takes it.
+    pending_factor: Option<SecondFactor>,
+    /// The connection speaks as `account_id` (an enrolment's starts as a guest).
+    account_channel: bool,
 }
 
 struct Session {
@@ -429,6 +455,7 @@ impl Session {
         {
             let mut core = self.core()?;
             core.account_id = Some(account_id);
+            core.account_channel = true;
             core.eligible.clone_from(&eligible);
         }
         let details = match connection
@@ -559,6 +586,12 @@ impl Session {
             let next = match self.perform(effect).await {
                 Ok(None) => continue,
                 Ok(Some(next)) => (next, None),
+                Err(SdkError::SecondFactor(event)) => {
+                    tracing::info!(session_id = %self.id, ?event, "second factor refused");
+                    let refused = SdkError::SecondFactor(event);
+                    failure.get_or_insert_with(|| refused.clone());
+                    (Input::SecondFactorRefused(event), Some(refused))
+                }
                 Err(e) => {
                     tracing::info!(session_id = %self.id, error = %e, "session step failed");
                     failure.get_or_insert_with(|| e.clone());
@@ -582,7 +615,11 @@ impl Session {
     ) -> Result<Vec<Effect>, SdkError> {
         let mut core = self.core()?;
         let effects = core.machine.apply(input)?;
-        if let Some(error) = error {
+        // The snapshot's error says why the session is in Error; a refusal the user may
+        // retry after is no such reason.
+        if let Some(error) = error
+            && core.machine.state() == State::Error
+        {
             core.error.get_or_insert(error);
         }
         accepted(&mut core);
@@ -603,6 +640,7 @@ impl Session {
                     core.generation += 1;
                     stop_pinger(&mut core);
                     core.enrolment = None;
+                    core.pending_factor = None;
                 }
                 Ok(None)
             }
@@ -631,6 +669,14 @@ impl Session {
                 self.callbacks.second_factor_needed(&self.snapshot()?);
                 Ok(None)
             }
+            Effect::TellSecondFactor(event) => {
+                self.callbacks.on_second_factor(&self.snapshot()?, &event);
+                Ok(None)
+            }
+            Effect::SendSecondFactor => self
+                .prove_second_factor()
+                .await
+                .map(|()| Some(Input::SecondFactorGiven)),
             Effect::SendConfirm => {
                 let connection = self.switch_account_if_chosen().await?;
                 match connection
@@ -739,7 +785,11 @@ impl Session {
                     .connect_account(&chosen, Some(&self.gateway), self.callbacks.as_ref())
                     .await?;
                 self.attach(connection.clone(), notices)?;
-                self.core()?.account_id = Some(chosen);
+                {
+                    let mut core = self.core()?;
+                    core.account_id = Some(chosen);
+                    core.account_channel = true;
+                }
                 match connection
                     .request(RequestBody::Scan { hsid: self.hsid() })
                     .await?
@@ -750,6 +800,53 @@ impl Session {
             }
             _ => self.connection(),
         }
+    }
+
+    /// Proves the factor the user gave: for a login, on the session's connection
+    /// (`challenge`, the SFS, `verify_second_factor`); for an enrolment, on a connection as
+    /// the new account (`challenge`, the SFS, `upgrade_account`).
+    async fn prove_second_factor(self: &Arc<Self>) -> Result<(), SdkError> {
+        let (factor, account_id) = {
+            let mut core = self.core()?;
+            (core.pending_factor.take(), core.account_id.clone())
+        };
+        let factor =
+            factor.ok_or_else(|| SdkError::Transport("no second factor was given".into()))?;
+        let account_id = account_id.ok_or(SdkError::UnknownAccount)?;
+        match self.kind {
+            SessionKind::Login => {
+                let connection = self.connection()?;
+                crate::second_factor::verify_login(
+                    &self.sdk,
+                    &connection,
+                    &account_id,
+                    self.hsid(),
+                    &factor,
+                )
+                .await
+            }
+            SessionKind::Enrolment => {
+                let connection = self.account_connection(&account_id).await?;
+                crate::second_factor::upgrade(&self.sdk, &connection, &account_id, &factor).await
+            }
+        }
+    }
+
+    /// The connection as `account_id`: the current one, or a new one replacing a guest's.
+    async fn account_connection(
+        self: &Arc<Self>,
+        account_id: &str,
+    ) -> Result<Connection, SdkError> {
+        if self.core()?.account_channel {
+            return self.connection();
+        }
+        let (connection, notices) = self
+            .sdk
+            .connect_account(account_id, Some(&self.gateway), self.callbacks.as_ref())
+            .await?;
+        self.attach(connection.clone(), notices)?;
+        self.core()?.account_channel = true;
+        Ok(connection)
     }
 
     /// Sends `enrol`, then stores the server and the new account.
@@ -794,6 +891,7 @@ impl Session {
                     channel_key: KeyBytes::from_key(&enrolment.channel_key),
                     signing_key: KeyBytes::from_key(&enrolment.signing_key),
                     created_at_ms: now_ms(),
+                    second_factor: false,
                 },
             )
         };
@@ -806,6 +904,10 @@ impl Session {
         })?;
         tracing::info!(session_id = %self.id, account_id = %account_hex, "enrolled");
         self.core()?.account_id = Some(account_hex);
+        // The server asks a second factor and the app has an SFS: give the account one now.
+        if self.sdk.config.sfs.is_some() && params.second_factor != "none" {
+            return Ok(Input::EnrolledNeedsSecondFactor);
+        }
         Ok(Input::Enrolled)
     }
 }

@@ -62,9 +62,10 @@ pub(crate) async fn serve_socket(sfs: Sfs, socket: WebSocket) {
             Err(error) => Some(Err(error.to_string())),
         }
     }));
-    let sink = Box::pin(sink.with(|frame: Vec<u8>| async move {
-        Ok::<_, axum::Error>(Message::Binary(frame.into()))
-    }));
+    let sink =
+        Box::pin(sink.with(|frame: Vec<u8>| async move {
+            Ok::<_, axum::Error>(Message::Binary(frame.into()))
+        }));
     if let Err(reason) = serve_frames(sfs, frames, sink).await {
         tracing::debug!(%reason, "sfs connection closed");
     }
@@ -104,9 +105,9 @@ async fn admit(
             return Ok(Err(SfsRefusal::KeyMismatch));
         }
         Err(Refused::Rule(other)) => {
-            return Err(Error::Command(countersign_commands::CommandError::Internal(
-                other.to_string(),
-            )));
+            return Err(Error::Command(
+                countersign_commands::CommandError::Internal(other.to_string()),
+            ));
         }
         Err(Refused::Command(other)) => return Err(other.into()),
     }
@@ -125,7 +126,11 @@ async fn admit(
 ///
 /// # Errors
 /// [`Closed`] says why the connection ended early.
-pub async fn serve_frames<In, Out>(sfs: Sfs, mut incoming: In, mut outgoing: Out) -> Result<(), Closed>
+pub async fn serve_frames<In, Out>(
+    sfs: Sfs,
+    mut incoming: In,
+    mut outgoing: Out,
+) -> Result<(), Closed>
 where
     In: Stream<Item = Result<Vec<u8>, String>> + Unpin,
     Out: Sink<Vec<u8>> + Unpin,
@@ -152,7 +157,11 @@ where
     run(&mut session, &mut channel, &mut incoming, &mut outgoing).await
 }
 
-async fn refuse<Out>(responder: Responder, outgoing: &mut Out, reason: SfsRefusal) -> Result<(), Closed>
+async fn refuse<Out>(
+    responder: Responder,
+    outgoing: &mut Out,
+    reason: SfsRefusal,
+) -> Result<(), Closed>
 where
     Out: Sink<Vec<u8>> + Unpin,
     Out::Error: std::fmt::Display,

@@ -40,6 +40,8 @@ mod records;
 pub mod session;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
 
 pub use keys::attestation_public_key;

@@ -12,7 +12,10 @@ pub(crate) fn digest(record: &[u8]) -> [u8; 32] {
 }
 
 /// The record of `app`, if any.
-pub(crate) async fn get(db: &Database, app: &AppInstanceId) -> Result<Option<Vec<u8>>, sqlx::Error> {
+pub(crate) async fn get(
+    db: &Database,
+    app: &AppInstanceId,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
     Ok(with_pool!(db, pool => {
         sqlx::query_scalar("SELECT record FROM sfs_records WHERE app_instance = $1")
             .bind(app.as_bytes().as_slice())

@@ -85,7 +85,10 @@ impl Session {
         };
         result.unwrap_or_else(|error| {
             tracing::error!(app_instance = %self.app, %error, "sfs request failed");
-            Err(SfsError::new(SfsCode::Internal, "internal error; try again later"))
+            Err(SfsError::new(
+                SfsCode::Internal,
+                "internal error; try again later",
+            ))
         })
     }
 
@@ -122,10 +125,9 @@ impl Session {
         {
             Ok(done) => Ok(Ok(done.events)),
             Err(Refused::Rule(rule)) => Ok(Err(refusal(&rule))),
-            Err(Refused::Command(CommandError::Conflict { .. })) => Ok(Err(SfsError::new(
-                SfsCode::Internal,
-                "busy; try again",
-            ))),
+            Err(Refused::Command(CommandError::Conflict { .. })) => {
+                Ok(Err(SfsError::new(SfsCode::Internal, "busy; try again")))
+            }
             Err(Refused::Command(other)) => Err(other.into()),
         }
     }
@@ -338,7 +340,9 @@ impl Session {
         thumbprint: Bytes<32>,
     ) -> Result<Answer, Error> {
         let Some(nonce) = self.nonce.take() else {
-            return Ok(Err(invalid("no biometric challenge in progress on this channel")));
+            return Ok(Err(invalid(
+                "no biometric challenge in progress on this channel",
+            )));
         };
         let state = self.state().await?;
         let Some(key) = state.biometric_key() else {

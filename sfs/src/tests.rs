@@ -105,7 +105,12 @@ impl Env {
     async fn event_types(&self, app: [u8; 16]) -> Vec<String> {
         let stream = countersign_domain::AppInstanceId::from_bytes(app).stream();
         self.store
-            .read_stream(&stream, None, countersign_eventstore::Direction::Forwards, 10_000)
+            .read_stream(
+                &stream,
+                None,
+                countersign_eventstore::Direction::Forwards,
+                10_000,
+            )
             .await
             .unwrap()
             .into_iter()
@@ -134,7 +139,11 @@ async fn connect(
 ) -> Result<(App, SfsWelcome), SfsWelcome> {
     let (mut to_sfs, incoming) = mpsc::unbounded();
     let (outgoing, mut from_sfs) = mpsc::unbounded();
-    tokio::spawn(crate::connection::serve_frames(sfs.clone(), incoming, outgoing));
+    tokio::spawn(crate::connection::serve_frames(
+        sfs.clone(),
+        incoming,
+        outgoing,
+    ));
     let hello = sfs::encode(&SfsHello {
         version,
         app_instance: Bytes(app),
@@ -291,7 +300,10 @@ async fn register_login_and_change_pin(db: &TestDb) {
             ..
         }
     ));
-    assert_eq!(code(b.register_pin("000000").await), SfsCode::AlreadyRegistered);
+    assert_eq!(
+        code(b.register_pin("000000").await),
+        SfsCode::AlreadyRegistered
+    );
     a.register_pin("246802").await.unwrap();
     assert_eq!(
         code(b.login(PIN).await),
@@ -369,7 +381,10 @@ async fn wrong_pins_lock_survive_a_restart_and_revoke(db: &TestDb) {
     for _ in 0..4 {
         code(a.login("111111").await);
     }
-    assert!(matches!(code(a.login("111111").await), SfsCode::Locked { .. }));
+    assert!(matches!(
+        code(a.login("111111").await),
+        SfsCode::Locked { .. }
+    ));
     env.clock.advance_secs(60);
     for left in [2, 1] {
         assert_eq!(
@@ -442,7 +457,10 @@ async fn concurrent_logins_never_exceed_the_policy(db: &TestDb) {
     assert_eq!(failures, 5);
     assert_eq!(before_lock, 5);
     assert_eq!(
-        types.iter().filter(|t| *t == "second_factor.locked").count(),
+        types
+            .iter()
+            .filter(|t| *t == "second_factor.locked")
+            .count(),
         1
     );
 }
@@ -480,7 +498,11 @@ async fn biometric_registration_and_login(db: &TestDb) {
         challenge: Bytes(CHALLENGE),
         account_key_thumbprint: Bytes(THUMBPRINT),
     };
-    assert_eq!(code(b.ask(finish([0; 64])).await), SfsCode::Invalid, "no nonce");
+    assert_eq!(
+        code(b.ask(finish([0; 64])).await),
+        SfsCode::Invalid,
+        "no nonce"
+    );
     let Ok(SfsAnswer::BiometricChallenge { nonce }) = b.ask(SfsBody::BiometricStart).await else {
         panic!("no challenge");
     };

@@ -75,6 +75,7 @@ impl Api {
             max_wait_ms: 2_000,
             expiry_interval_ms: 50,
             checkpoint_interval_ms: 100,
+            trust_sfs_keys: Vec::new(),
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))

@@ -101,7 +101,9 @@ fn the_first_key_binds_and_another_is_refused() {
         app_instance: APP,
         key_thumbprint: [1; 32],
     };
-    let state = given_nothing::<SecondFactor>().when(cmd).then(vec![bound()]);
+    let state = given_nothing::<SecondFactor>()
+        .when(cmd)
+        .then(vec![bound()]);
     assert_eq!(state.key_thumbprint(), Some(&[1; 32]));
     given::<SecondFactor>([bound()]).when(cmd).then_nothing();
     given::<SecondFactor>([bound()])
