@@ -18,9 +18,9 @@ use countersign_api::{ApiConfig, AppState};
 use countersign_commands::{Clock, Commands, SystemClock};
 use countersign_device_gateway::{Gateway, GatewayConfig};
 use countersign_domain::second_factor::LockoutPolicy;
-use countersign_sfs::Sfs;
 use countersign_eventstore::vault::KeyVault;
 use countersign_projections::ReadModels;
+use countersign_sfs::Sfs;
 use zeroize::Zeroizing;
 
 use crate::Settings;
@@ -54,7 +54,11 @@ pub struct ServeArgs {
     pub checkpoint_interval_ms: u64,
     /// Attestation public keys (SEC1 hex) of other apps' second-factor servers whose
     /// attestations this deployment accepts, besides its own SFS's.
-    #[arg(long = "trust-sfs-key", env = "COUNTERSIGN_TRUST_SFS_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "trust-sfs-key",
+        env = "COUNTERSIGN_TRUST_SFS_KEYS",
+        value_delimiter = ','
+    )]
     pub trust_sfs_keys: Vec<String>,
 }
 

@@ -55,9 +55,10 @@ pub(crate) async fn serve_socket(
             Err(error) => Some(Err(error.to_string())),
         }
     }));
-    let sink = Box::pin(sink.with(|frame: Vec<u8>| async move {
-        Ok::<_, axum::Error>(Message::Binary(frame.into()))
-    }));
+    let sink =
+        Box::pin(sink.with(|frame: Vec<u8>| async move {
+            Ok::<_, axum::Error>(Message::Binary(frame.into()))
+        }));
     if let Err(reason) = serve_frames(gateway, server, key, frames, sink).await {
         tracing::debug!(%server, %reason, "device connection closed");
     }
@@ -172,7 +173,14 @@ where
         close_after_reply: false,
     };
     tracing::debug!(%server, account = ?account.map(|(_, a)| a), "device connected");
-    let result = run(&mut conn, &mut channel, &mut incoming, &mut outgoing, &mut notices).await;
+    let result = run(
+        &mut conn,
+        &mut channel,
+        &mut incoming,
+        &mut outgoing,
+        &mut notices,
+    )
+    .await;
     gateway.0.hub.unregister(connection);
     result
 }

@@ -16,23 +16,23 @@
 use std::collections::HashSet;
 
 use countersign_commands::CommandError;
+use countersign_domain::Timestamp;
+use countersign_domain::account::ActiveAccount;
 use countersign_domain::account::{RegisterAccount, UpgradeAccount};
 use countersign_domain::attestation::UseAttestation;
-use countersign_domain::second_factor::SecondFactorKind;
-use countersign_domain::session::VerifySecondFactor;
-use countersign_domain::Timestamp;
-use countersign_protocol::attestation::{
-    AttestationClaims, Expected, Factor, attestation_hash, verify_attestation,
-};
 use countersign_domain::enrolment::Enrolment;
+use countersign_domain::second_factor::SecondFactorKind;
 use countersign_domain::server::ServerSettings;
+use countersign_domain::session::VerifySecondFactor;
 use countersign_domain::session::{Session, SessionFailure};
 use countersign_domain::{
     AccountId, AccountRef, AppInstanceId, EnrolmentRef, ErrorKind, Hsid, ServerId, SessionRef,
     UserRef,
 };
-use countersign_domain::account::ActiveAccount;
 use countersign_eventstore::Metadata;
+use countersign_protocol::attestation::{
+    AttestationClaims, Expected, Factor, attestation_hash, verify_attestation,
+};
 use countersign_protocol::device::{
     Answer, Bytes, ChallengePurpose, DeviceError, ErrorCode, FailReason, RequestBody,
     SessionDetails,
@@ -204,7 +204,10 @@ pub(crate) async fn handle(
             let active = conn.account()?;
             let (account, user) = (active.account.account_id, active.user);
             let user = user.ok_or_else(|| {
-                error(ErrorCode::NotAllowed, "this account is not linked to a user")
+                error(
+                    ErrorCode::NotAllowed,
+                    "this account is not linked to a user",
+                )
             })?;
             let state = conn.load_session(session).await?;
             conn.check_intended_user(&state)?;
@@ -390,8 +393,13 @@ async fn accept_attestation(
         account_key_thumbprint: active.signing_key_thumbprint,
         now_ms: gateway.clock.now().as_millis(),
     };
-    let claims = verify_attestation(bytes, &gateway.config.trusted_sfs_keys, &expect)
-        .map_err(|e| error(ErrorCode::BadAttestation, &format!("attestation refused: {e}")))?;
+    let claims =
+        verify_attestation(bytes, &gateway.config.trusted_sfs_keys, &expect).map_err(|e| {
+            error(
+                ErrorCode::BadAttestation,
+                &format!("attestation refused: {e}"),
+            )
+        })?;
     if claims.app_instance.0 != *active.app_instance.as_bytes() {
         return Err(error(
             ErrorCode::BadAttestation,
@@ -419,7 +427,12 @@ async fn accept_attestation(
     gateway
         .commands
         .accounts
-        .use_attestation(conn.server, &claims.attestation_id.0, record, &conn.metadata())
+        .use_attestation(
+            conn.server,
+            &claims.attestation_id.0,
+            record,
+            &conn.metadata(),
+        )
         .await
         .map_err(|e| match refused(e) {
             e if e.code == ErrorCode::Conflict => error(
@@ -486,11 +499,7 @@ async fn enrol(
         conn.server,
         countersign_commands::enrolment::enrolment_id(token),
     );
-    let loaded = commands
-        .enrolments
-        .load(enrolment)
-        .await
-        .map_err(refused)?;
+    let loaded = commands.enrolments.load(enrolment).await.map_err(refused)?;
     let started = match loaded.state {
         Enrolment::NotStarted => return Err(error(ErrorCode::NotFound, "enrolment not found")),
         Enrolment::Expired { .. } => return Err(error(ErrorCode::Expired, "enrolment expired")),
@@ -533,10 +542,14 @@ async fn enrol(
         }
         Err(e) => return Err(refused(e)),
     }
-    let userid = userid(&gateway, UserRef {
-        server_id: conn.server,
-        digest: started.user,
-    }, loaded.position)
+    let userid = userid(
+        &gateway,
+        UserRef {
+            server_id: conn.server,
+            digest: started.user,
+        },
+        loaded.position,
+    )
     .await?;
     tracing::info!(server = %conn.server, account = %account_id, "device enrolled");
     Ok(Answer::Enrolled {

@@ -243,7 +243,10 @@ mod tests {
         );
         assert!(rx_b.try_recv().is_err());
         hub.account_deleted(server, account);
-        assert!(matches!(rx_a.try_recv().unwrap(), Notice::AccountDeleted { .. }));
+        assert!(matches!(
+            rx_a.try_recv().unwrap(),
+            Notice::AccountDeleted { .. }
+        ));
         hub.unregister(a);
         hub.unregister(b);
         assert_eq!(hub.connections(), 0);

@@ -336,5 +336,13 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             revoked_at: t,
         })
         .into(),
+        crate::attestation::AttestationEvent::Used(crate::attestation::AttestationUsed {
+            attestation_hash: [7; 32],
+            factor: SecondFactorKind::Pin,
+            account_id: crate::ids::AccountId::from_bytes([8; 16]),
+            purpose: "login".to_owned(),
+            used_at: t,
+        })
+        .into(),
     ]
 }

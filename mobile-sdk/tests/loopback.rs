@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use countersign_mobile_sdk::{
-    ChannelCallbacks, Event, HistoryStatus, Interaction, MemoryStorage, NoCallbacks, Sdk,
-    SdkConfig, SdkError, SessionKind, State,
+    Argon2Params, ChannelCallbacks, Event, HistoryStatus, Interaction, MemoryStorage, NoCallbacks,
+    Pin, Sdk, SdkConfig, SdkError, SecondFactor, SecondFactorEvent, SessionKind, SfsConfig,
+    SimulatedBiometric, State,
 };
+use countersign_protocol::attestation::{Expected, Factor, verify_attestation};
 use countersign_protocol::channel::{Responder, StaticKey, fingerprint};
 use countersign_protocol::device::{
     self, Answer, Bytes, Hello, Intent, Notice, Outcome, Refusal, Request, RequestBody,
@@ -36,6 +38,12 @@ const HSID: [u8; 32] = [7; 32];
 struct Script {
     ping_time_secs: u32,
     deleted: bool,
+    /// The server asks a second factor (params "pin_or_biometric", scans require one).
+    second_factor: bool,
+    /// The signing key the device enrolled with.
+    signing_public_key: Vec<u8>,
+    /// Attestations received, with their purpose ("login" or "upgrade").
+    attestations: Vec<(&'static str, Vec<u8>)>,
 }
 
 #[derive(Clone)]
@@ -130,7 +138,11 @@ impl Gateway {
                     server_id: Bytes(SERVER_ID),
                     name: "Bank".into(),
                     logo_url: None,
-                    second_factor: "none".into(),
+                    second_factor: if self.script.lock().unwrap().second_factor {
+                        "pin_or_biometric".into()
+                    } else {
+                        "none".into()
+                    },
                     second_factor_cache_secs: 0,
                     default_ping_time_secs: 0,
                 },
@@ -165,21 +177,37 @@ impl Gateway {
     }
 
     fn answer(&self, body: &RequestBody) -> Answer {
-        let script = self.script.lock().unwrap();
+        let mut script = self.script.lock().unwrap();
         let name = format!("{body:?}");
         let name = name.split([' ', '{', '(']).next().unwrap().to_owned();
         self.seen.send_modify(|seen| seen.push(name));
         match body {
-            RequestBody::Enrol { .. } => Answer::Enrolled {
-                account_id: Bytes(ACCOUNT_ID),
-                userid: "alice".into(),
-            },
+            RequestBody::Enrol {
+                signing_public_key, ..
+            } => {
+                script.signing_public_key.clone_from(&signing_public_key.0);
+                Answer::Enrolled {
+                    account_id: Bytes(ACCOUNT_ID),
+                    userid: "alice".into(),
+                }
+            }
             RequestBody::Scan { .. } => Answer::Session(SessionDetails {
                 announce_info: Some("Log in to Bank".into()),
                 ping_time_secs: script.ping_time_secs,
-                second_factor_required: false,
+                second_factor_required: script.second_factor,
                 expires_at_ms: 0,
             }),
+            RequestBody::Challenge { .. } => Answer::Challenge {
+                challenge: Bytes(CHALLENGE),
+            },
+            RequestBody::VerifySecondFactor { attestation, .. } => {
+                script.attestations.push(("login", attestation.0.clone()));
+                Answer::Done
+            }
+            RequestBody::UpgradeAccount { attestation } => {
+                script.attestations.push(("upgrade", attestation.0.clone()));
+                Answer::Done
+            }
             RequestBody::LogIn { .. } => Answer::LoggedIn {
                 session_info: Some("Welcome".into()),
                 ping_time_secs: script.ping_time_secs,
@@ -472,4 +500,479 @@ async fn an_account_deleted_notice_reaches_a_listener() {
     );
     assert!(sdk.accounts().unwrap().is_empty());
     assert!(matches!(events.try_recv(), Ok(Event::AccountDeleted(_))));
+}
+
+// The second factor, against a scripted SFS that runs the real OPAQUE server half and signs
+// real attestations (the real SFS's flows are tested in the workspace's `tests/` crate).
+
+mod sfs_script {
+    use std::sync::{Arc, Mutex};
+
+    use countersign_protocol::attestation::{AttestationClaims, Factor, sign_attestation};
+    use countersign_protocol::channel::{Responder, SFS_PROLOGUE, StaticKey};
+    use countersign_protocol::device::{Blob, Bytes};
+    use countersign_protocol::sfs::{
+        self, FactorState, SfsAnswer, SfsBody, SfsCode, SfsError, SfsHello, SfsOutcome, SfsReply,
+        SfsRequest, SfsWelcome,
+    };
+    use futures::{SinkExt as _, StreamExt as _};
+    use opaque_ke::{
+        CipherSuite, CredentialFinalization, CredentialRequest, RegistrationRequest,
+        RegistrationUpload, ServerLogin, ServerLoginStartParameters, ServerRegistration,
+        ServerSetup,
+    };
+    use rand_core::OsRng;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// The suite of docs/second-factor.md, restated as the SFS states it.
+    pub struct Suite;
+    impl CipherSuite for Suite {
+        type OprfCs = opaque_ke::Ristretto255;
+        type KeGroup = opaque_ke::Ristretto255;
+        type KeyExchange = opaque_ke::key_exchange::tripledh::TripleDh;
+        type Ksf = argon2::Argon2<'static>;
+    }
+
+    pub const ISSUED_AT_MS: i64 = 1_700_000_000_000;
+    const ATTEMPTS: u32 = 5;
+
+    pub struct State {
+        setup: ServerSetup<Suite>,
+        record: Option<Vec<u8>>,
+        failures: u32,
+        biometric_key: Option<Vec<u8>>,
+    }
+
+    #[derive(Clone)]
+    pub struct Sfs {
+        pub url: String,
+        pub channel_key: StaticKey,
+        pub attestation_key: p256::ecdsa::SigningKey,
+        state: Arc<Mutex<State>>,
+    }
+
+    struct Conn {
+        app: [u8; 16],
+        login: Option<ServerLogin<Suite>>,
+        nonce: Option<[u8; 32]>,
+        pin_proven: bool,
+    }
+
+    fn refuse(code: SfsCode) -> Result<SfsAnswer, SfsError> {
+        Err(SfsError::new(code, "refused"))
+    }
+
+    impl Sfs {
+        pub async fn start() -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let sfs = Self {
+                url: format!("ws://{}/v1/sfs", listener.local_addr().unwrap()),
+                channel_key: StaticKey::from_bytes(&[0x51; 32]).unwrap(),
+                attestation_key: p256::ecdsa::SigningKey::from_slice(&[0x52; 32]).unwrap(),
+                state: Arc::new(Mutex::new(State {
+                    setup: ServerSetup::new(&mut OsRng),
+                    record: None,
+                    failures: 0,
+                    biometric_key: None,
+                })),
+            };
+            let serving = sfs.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    tokio::spawn(serving.clone().serve(stream));
+                }
+            });
+            sfs
+        }
+
+        pub fn attestation_public_key(&self) -> Vec<u8> {
+            self.attestation_key
+                .verifying_key()
+                .to_sec1_point(false)
+                .as_bytes()
+                .to_vec()
+        }
+
+        async fn serve(self, mut stream: tokio::net::TcpStream) {
+            let mut head = [0u8; 512];
+            let n = stream.peek(&mut head).await.unwrap();
+            let line = String::from_utf8_lossy(&head[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            if line.contains("/v1/sfs/key") {
+                let body = serde_json::json!({
+                    "channel_public_key": hex::encode(self.channel_key.public_key().unwrap()),
+                    "attestation_public_key": hex::encode(self.attestation_public_key()),
+                })
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut buf = vec![0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                stream.write_all(response.as_bytes()).await.unwrap();
+                return;
+            }
+            assert!(line.contains("/v1/sfs/channel"), "{line}");
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            let Some(Ok(Message::Binary(first))) = ws.next().await else {
+                return;
+            };
+            let (responder, hello) =
+                Responder::read_with_prologue(&self.channel_key, SFS_PROLOGUE, &first).unwrap();
+            let hello: SfsHello = sfs::decode(&hello).unwrap();
+            let welcome = {
+                let state = self.state.lock().unwrap();
+                SfsWelcome::Accepted {
+                    pin_registered: state.record.is_some(),
+                    biometric_registered: state.biometric_key.is_some(),
+                    state: if state.record.is_some() {
+                        FactorState::Active
+                    } else {
+                        FactorState::None
+                    },
+                }
+            };
+            let (mut channel, second) = responder.accept(&sfs::encode(&welcome).unwrap()).unwrap();
+            ws.send(Message::binary(second)).await.unwrap();
+            let mut conn = Conn {
+                app: hello.app_instance.0,
+                login: None,
+                nonce: None,
+                pin_proven: false,
+            };
+            while let Some(Ok(Message::Binary(frame))) = ws.next().await {
+                let Some(bytes) = channel.open(&frame).unwrap() else {
+                    continue;
+                };
+                let request: SfsRequest = sfs::decode(&bytes).unwrap();
+                let outcome = match self.handle(&mut conn, request.body) {
+                    Ok(answer) => SfsOutcome::Ok(answer),
+                    Err(error) => SfsOutcome::Err(error),
+                };
+                let reply = SfsReply {
+                    id: request.id,
+                    outcome,
+                };
+                for frame in channel.seal(&sfs::encode(&reply).unwrap()).unwrap() {
+                    ws.send(Message::binary(frame)).await.unwrap();
+                }
+            }
+        }
+
+        fn attest(
+            &self,
+            conn: &Conn,
+            factor: Factor,
+            challenge: Bytes<32>,
+            thumbprint: Bytes<32>,
+        ) -> Result<SfsAnswer, SfsError> {
+            let claims = AttestationClaims {
+                app_instance: Bytes(conn.app),
+                factor,
+                challenge,
+                account_key_thumbprint: thumbprint,
+                issued_at_ms: ISSUED_AT_MS,
+                expires_at_ms: ISSUED_AT_MS + 60_000,
+                attestation_id: Bytes([9; 16]),
+            };
+            Ok(SfsAnswer::Attestation {
+                cose: Blob(sign_attestation(&claims, &self.attestation_key).unwrap()),
+            })
+        }
+
+        fn handle(&self, conn: &mut Conn, body: SfsBody) -> Result<SfsAnswer, SfsError> {
+            let mut state = self.state.lock().unwrap();
+            match body {
+                SfsBody::RegisterPinStart { request } => {
+                    if state.record.is_some() && !conn.pin_proven {
+                        return refuse(SfsCode::AlreadyRegistered);
+                    }
+                    let response = ServerRegistration::<Suite>::start(
+                        &state.setup,
+                        RegistrationRequest::deserialize(&request.0).unwrap(),
+                        &conn.app,
+                    )
+                    .unwrap();
+                    Ok(SfsAnswer::Registration {
+                        response: Blob(response.message.serialize().to_vec()),
+                    })
+                }
+                SfsBody::RegisterPinFinish { upload } => {
+                    let upload = RegistrationUpload::<Suite>::deserialize(&upload.0).unwrap();
+                    state.record = Some(ServerRegistration::finish(upload).serialize().to_vec());
+                    Ok(SfsAnswer::Done)
+                }
+                SfsBody::LoginStart { request } => {
+                    let Some(record) = state.record.clone() else {
+                        return refuse(SfsCode::NotRegistered);
+                    };
+                    state.failures += 1;
+                    let started = ServerLogin::start(
+                        &mut OsRng,
+                        &state.setup,
+                        Some(ServerRegistration::<Suite>::deserialize(&record).unwrap()),
+                        CredentialRequest::deserialize(&request.0).unwrap(),
+                        &conn.app,
+                        ServerLoginStartParameters::default(),
+                    )
+                    .unwrap();
+                    conn.login = Some(started.state);
+                    Ok(SfsAnswer::Credential {
+                        response: Blob(started.message.serialize().to_vec()),
+                    })
+                }
+                SfsBody::LoginFinish {
+                    finalization,
+                    challenge,
+                    account_key_thumbprint,
+                } => {
+                    let pending = conn.login.take().unwrap();
+                    let verified = CredentialFinalization::deserialize(&finalization.0)
+                        .ok()
+                        .is_some_and(|f| pending.finish(f).is_ok());
+                    if !verified {
+                        return refuse(SfsCode::WrongPin {
+                            attempts_left: ATTEMPTS.saturating_sub(state.failures),
+                        });
+                    }
+                    state.failures = 0;
+                    conn.pin_proven = true;
+                    self.attest(conn, Factor::Pin, challenge, account_key_thumbprint)
+                }
+                SfsBody::RegisterBiometric { public_key } => {
+                    if !conn.pin_proven {
+                        return refuse(SfsCode::NotAllowed);
+                    }
+                    state.biometric_key = Some(public_key.0.to_vec());
+                    Ok(SfsAnswer::Done)
+                }
+                SfsBody::BiometricStart => {
+                    let nonce = [0x4e; 32];
+                    conn.nonce = Some(nonce);
+                    Ok(SfsAnswer::BiometricChallenge {
+                        nonce: Bytes(nonce),
+                    })
+                }
+                SfsBody::BiometricFinish {
+                    signature,
+                    challenge,
+                    account_key_thumbprint,
+                } => {
+                    let nonce = conn.nonce.take().unwrap();
+                    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(
+                        state.biometric_key.as_ref().unwrap(),
+                    )
+                    .unwrap();
+                    let message =
+                        sfs::biometric_message(&nonce, &challenge.0, &account_key_thumbprint.0);
+                    if countersign_protocol::cose::verify_es256(&key, &message, &signature.0)
+                        .is_err()
+                    {
+                        return refuse(SfsCode::Invalid);
+                    }
+                    self.attest(conn, Factor::Biometric, challenge, account_key_thumbprint)
+                }
+            }
+        }
+    }
+}
+
+const CHALLENGE: [u8; 32] = [0xc1; 32];
+
+/// Checks each attestation the gateway received as the NS would (checks 1–5).
+fn attested(gateway: &Gateway, sfs: &sfs_script::Sfs) -> Vec<(&'static str, Factor)> {
+    let script = gateway.script.lock().unwrap();
+    let trusted = [*sfs.attestation_key.verifying_key()];
+    let expect = Expected {
+        challenge: CHALLENGE,
+        account_key_thumbprint: fingerprint(&script.signing_public_key),
+        now_ms: sfs_script::ISSUED_AT_MS,
+    };
+    script
+        .attestations
+        .iter()
+        .map(|(purpose, bytes)| {
+            (
+                *purpose,
+                verify_attestation(bytes, &trusted, &expect).unwrap().factor,
+            )
+        })
+        .collect()
+}
+
+fn second_factor_events(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Vec<SecondFactorEvent> {
+    let mut out = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let Event::SecondFactor(_, e) = event {
+            out.push(e);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_second_factor_at_enrolment_login_and_by_biometric() {
+    const WAIT_2FA: State = State::UserInteraction(Interaction::WaitForSecondFactor);
+    let gateway = Gateway::start(0).await;
+    gateway.script.lock().unwrap().second_factor = true;
+    let sfs = sfs_script::Sfs::start().await;
+    let pinned = SfsConfig::fetch(&sfs.url).await.unwrap();
+    assert_eq!(
+        pinned.channel_public_key,
+        sfs.channel_key.public_key().unwrap()
+    );
+    assert_eq!(pinned.attestation_public_key, sfs.attestation_public_key());
+    let sdk = Sdk::open(
+        Arc::new(MemoryStorage::new()),
+        SdkConfig {
+            sfs: Some(pinned),
+            argon2_params: Argon2Params {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
+            ..config()
+        },
+    )
+    .unwrap();
+
+    // The first enrolment registers the PIN, then upgrades the new account.
+    let (callbacks, mut events) = ChannelCallbacks::new();
+    let enrolment = sdk
+        .start_session(&gateway.qr(QrKind::Enrolment), callbacks)
+        .await
+        .unwrap();
+    enrolment.set_account(None).await.unwrap();
+    assert_eq!(enrolment.state(), WAIT_2FA);
+    assert!(sdk.accounts().unwrap()[0].headless);
+    enrolment
+        .set_pin_biometric(SecondFactor::pin("2580"))
+        .await
+        .unwrap();
+    assert_eq!(enrolment.state(), State::Done);
+    assert_eq!(enrolment.history_status(), Some(HistoryStatus::Enrolled));
+    assert_eq!(
+        second_factor_events(&mut events),
+        [SecondFactorEvent::Verified]
+    );
+    assert!(!sdk.accounts().unwrap()[0].headless);
+    let status = sdk.second_factor_status().await.unwrap();
+    assert!(status.pin_registered && !status.biometric_registered);
+
+    // A login: a wrong PIN is told and waits, the right one logs in.
+    let (callbacks, mut events) = ChannelCallbacks::new();
+    let login = sdk
+        .start_session(&gateway.qr(QrKind::Login), callbacks)
+        .await
+        .unwrap();
+    login.set_account(None).await.unwrap();
+    assert_eq!(login.state(), WAIT_2FA);
+    let wrong = login.set_pin_biometric(SecondFactor::pin("0000")).await;
+    let told = SecondFactorEvent::WrongPin { attempts_left: 4 };
+    assert_eq!(wrong, Err(SdkError::SecondFactor(told)));
+    assert_eq!(login.state(), WAIT_2FA);
+    assert_eq!(login.snapshot().error, None);
+    login
+        .set_pin_biometric(SecondFactor::pin("2580"))
+        .await
+        .unwrap();
+    assert_eq!(login.history_status(), Some(HistoryStatus::LoggedInOneShot));
+    assert_eq!(
+        second_factor_events(&mut events),
+        [told, SecondFactorEvent::Verified]
+    );
+    assert!(
+        gateway.seen().ends_with(&[
+            "Challenge".into(),
+            "VerifySecondFactor".into(),
+            "LogIn".into()
+        ]),
+        "{:?}",
+        gateway.seen()
+    );
+
+    // A biometric key, registered with the PIN, released by the prompt.
+    sdk.register_biometric(Pin::new("2580")).await.unwrap();
+    let prompt = Arc::new(SimulatedBiometric::new(false));
+    sdk.set_biometric_prompt(prompt.clone()).unwrap();
+    let login = sdk
+        .start_session(&gateway.qr(QrKind::Login), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(None).await.unwrap();
+    assert_eq!(
+        login.set_pin_biometric(SecondFactor::Biometric).await,
+        Err(SdkError::SecondFactor(SecondFactorEvent::BiometricFailed))
+    );
+    assert_eq!(login.state(), WAIT_2FA);
+    prompt.set(true);
+    login
+        .set_pin_biometric(SecondFactor::Biometric)
+        .await
+        .unwrap();
+    assert_eq!(login.history_status(), Some(HistoryStatus::LoggedInOneShot));
+
+    // Change the PIN; the old one no longer works; cancelling aborts.
+    assert_eq!(
+        sdk.change_pin(Pin::new("1111"), Pin::new("3690")).await,
+        Err(SdkError::SecondFactor(SecondFactorEvent::WrongPin {
+            attempts_left: 4
+        }))
+    );
+    sdk.change_pin(Pin::new("2580"), Pin::new("3690"))
+        .await
+        .unwrap();
+    let login = sdk
+        .start_session(&gateway.qr(QrKind::Login), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(None).await.unwrap();
+    assert!(
+        login
+            .set_pin_biometric(SecondFactor::pin("2580"))
+            .await
+            .is_err()
+    );
+    login.input_cancel().await.unwrap();
+    assert_eq!(login.history_status(), Some(HistoryStatus::Aborted));
+
+    assert_eq!(
+        attested(&gateway, &sfs),
+        [
+            ("upgrade", Factor::Pin),
+            ("login", Factor::Pin),
+            ("login", Factor::Biometric)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn without_an_sfs_a_second_factor_is_unavailable_and_enrolments_stay_headless() {
+    let gateway = Gateway::start(0).await;
+    gateway.script.lock().unwrap().second_factor = true;
+    let sdk = enrolled(&gateway, config()).await;
+    assert!(sdk.accounts().unwrap()[0].headless);
+    let login = sdk
+        .start_session(&gateway.qr(QrKind::Login), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(None).await.unwrap();
+    assert_eq!(
+        login.set_pin_biometric(SecondFactor::pin("1234")).await,
+        Err(SdkError::SecondFactorUnavailable)
+    );
+    assert_eq!(
+        sdk.upgrade_account(&hex::encode(ACCOUNT_ID), SecondFactor::Biometric)
+            .await,
+        Err(SdkError::SecondFactorUnavailable)
+    );
 }

@@ -587,17 +587,27 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// One thread, so every task's log lines reach the subscriber set for this test.
-#[tokio::test(flavor = "current_thread")]
-async fn the_pin_never_reaches_an_event_a_row_or_a_log_line() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+/// The process-wide log capture. Global rather than scoped: tracing caches per-callsite
+/// interest across threads, so a scoped subscriber misses callsites other tests hit first.
+/// Every test's log lines land here, so the scan below covers them all.
+fn capture() -> &'static Captured {
+    static CAPTURE: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        captured
+    })
+}
 
+#[tokio::test]
+async fn the_pin_never_reaches_an_event_a_row_or_a_log_line() {
+    let captured = capture();
     let db = TestDb::sqlite().await;
     let env = Env::new(&db).await;
     let sfs = env.sfs().await;

@@ -29,6 +29,10 @@ const START: i64 = 1_790_000_000_000;
 pub struct ManualClock(Arc<AtomicI64>);
 
 impl ManualClock {
+    pub fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
     pub fn advance_secs(&self, secs: i64) {
         self.0.fetch_add(secs * 1000, Ordering::SeqCst);
     }
@@ -56,6 +60,38 @@ impl Api {
 
     /// With `gateway_url: None` the QR codes name this process's own device gateway.
     pub async fn start_with(db: &TestDb, gateway_url: Option<&str>) -> Self {
+        Self::start_trusting(db, gateway_url, Vec::new()).await
+    }
+
+    /// Also trusting these SFS attestation keys (SEC1 hex) besides the deployment's own.
+    pub async fn start_trusting(
+        db: &TestDb,
+        gateway_url: Option<&str>,
+        trust_sfs_keys: Vec<String>,
+    ) -> Self {
+        Self::start_on(
+            db,
+            gateway_url,
+            trust_sfs_keys,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+    }
+
+    /// Stops this server and starts a new one on the same address and database (a restart,
+    /// as clients that kept the address see it); the clock starts again from `START`.
+    pub async fn restart(self, db: &TestDb) -> Self {
+        let addr = self.running.addr;
+        self.stop().await;
+        Self::start_on(db, None, Vec::new(), addr).await
+    }
+
+    async fn start_on(
+        db: &TestDb,
+        gateway_url: Option<&str>,
+        trust_sfs_keys: Vec<String>,
+        listen: std::net::SocketAddr,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("master.key");
         std::fs::write(&master, "11".repeat(32)).unwrap();
@@ -69,13 +105,13 @@ impl Api {
             log: None,
         };
         let args = ServeArgs {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen,
             admin_key_file: Some(admin),
             gateway_url: gateway_url.map(str::to_owned),
             max_wait_ms: 2_000,
             expiry_interval_ms: 50,
             checkpoint_interval_ms: 100,
-            trust_sfs_keys: Vec::new(),
+            trust_sfs_keys,
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))

@@ -58,7 +58,7 @@ async fn tenant(api: &Api, name: &str, userid: &str) -> (String, String) {
 }
 
 /// Starts an enrolment and answers its QR payload as base64url text.
-async fn enrolment_qr(api: &Api, server: &str, token: &str, userid: &str) -> String {
+pub(crate) async fn enrolment_qr(api: &Api, server: &str, token: &str, userid: &str) -> String {
     let (status, body) = api
         .call(
             Method::POST,
@@ -89,7 +89,13 @@ async fn enrol(sdk: &Sdk, qr: &str) -> String {
 }
 
 /// Opens a login session; answers its deep link.
-async fn open_session(api: &Api, server: &str, token: &str, n: u8, body: Value) -> String {
+pub(crate) async fn open_session(
+    api: &Api,
+    server: &str,
+    token: &str,
+    n: u8,
+    body: Value,
+) -> String {
     let (status, opened) = api
         .call(
             Method::PUT,
@@ -102,7 +108,7 @@ async fn open_session(api: &Api, server: &str, token: &str, n: u8, body: Value) 
     opened["qr"]["deep_link"].as_str().unwrap().to_owned()
 }
 
-async fn session_view(api: &Api, server: &str, token: &str, n: u8) -> Value {
+pub(crate) async fn session_view(api: &Api, server: &str, token: &str, n: u8) -> Value {
     let head = api.head().await.unwrap();
     let (status, view) = api
         .read(
@@ -133,7 +139,11 @@ async fn device_enrols_logs_in_and_the_api_logs_out(db: &TestDb) {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(listed["accounts"][0]["account_id"], account.as_str(), "{listed}");
+    assert_eq!(
+        listed["accounts"][0]["account_id"],
+        account.as_str(),
+        "{listed}"
+    );
 
     let link = open_session(
         &api,
@@ -144,13 +154,19 @@ async fn device_enrols_logs_in_and_the_api_logs_out(db: &TestDb) {
     )
     .await;
     let (callbacks, _events) = ChannelCallbacks::new();
-    let login = phone.start_session(link.as_bytes(), callbacks).await.unwrap();
+    let login = phone
+        .start_session(link.as_bytes(), callbacks)
+        .await
+        .unwrap();
     assert_eq!(
         login.state(),
         State::UserInteraction(Interaction::WaitForConfirmation)
     );
     assert_eq!(login.announce_info().as_deref(), Some("Log in to the bank"));
-    assert_eq!(session_view(&api, &server, &token, 1).await["state"], "scanned");
+    assert_eq!(
+        session_view(&api, &server, &token, 1).await["state"],
+        "scanned"
+    );
     login.set_account(Some(&account)).await.unwrap();
     let active = tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
         .await
@@ -207,7 +223,10 @@ async fn device_logout_reaches_the_business_sse(db: &TestDb) {
         .unwrap();
     let mut stream = events.bytes_stream();
     let mut buffer = String::new();
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "pending");
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "pending"
+    );
 
     let login = phone
         .start_session(link.as_bytes(), Arc::new(NoCallbacks))
@@ -225,11 +244,18 @@ async fn device_logout_reaches_the_business_sse(db: &TestDb) {
             break;
         }
     }
-    assert_eq!(states.first().map(String::as_str), Some("scanned"), "{states:?}");
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("scanned"),
+        "{states:?}"
+    );
 
     login.stop_session().await.unwrap();
     assert_eq!(login.history_status(), Some(HistoryStatus::LoggedOut));
-    assert_eq!(next_state(&mut stream, &mut buffer).await["state"], "logged_out");
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "logged_out"
+    );
     api.stop().await;
 }
 
@@ -247,7 +273,10 @@ async fn a_continuous_session_without_pings_logs_out(db: &TestDb) {
     tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
         .await
         .unwrap();
-    assert_eq!(session_view(&api, &server, &token, 3).await["state"], "logged_in");
+    assert_eq!(
+        session_view(&api, &server, &token, 3).await["state"],
+        "logged_in"
+    );
     // The device pings every 15 s of real time; the server's clock jumps past the deadline
     // before any ping arrives, as if the phone had gone silent.
     api.clock.advance_secs(31);
@@ -331,9 +360,16 @@ async fn no_accounts_and_two_servers(db: &TestDb) {
     assert_eq!(view["state"], "failed", "{view}");
 
     // One phone, accounts at both servers; each login offers only that server's account.
-    let at_bank = enrol(&phone, &enrolment_qr(&api, &bank, &bank_token, "erin").await).await;
-    let at_clinic =
-        enrol(&phone, &enrolment_qr(&api, &clinic, &clinic_token, "erin").await).await;
+    let at_bank = enrol(
+        &phone,
+        &enrolment_qr(&api, &bank, &bank_token, "erin").await,
+    )
+    .await;
+    let at_clinic = enrol(
+        &phone,
+        &enrolment_qr(&api, &clinic, &clinic_token, "erin").await,
+    )
+    .await;
     let servers: std::collections::BTreeSet<String> = phone
         .accounts()
         .unwrap()
@@ -370,7 +406,7 @@ async fn no_accounts_and_two_servers(db: &TestDb) {
 }
 
 /// A device speaking the protocol by hand, to send what the SDK never would.
-struct RawDevice {
+pub(crate) struct RawDevice {
     ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
@@ -378,7 +414,12 @@ struct RawDevice {
 }
 
 impl RawDevice {
-    async fn connect(api: &Api, server: &str, key: &StaticKey, intent: Intent) -> (Self, Welcome) {
+    pub(crate) async fn connect(
+        api: &Api,
+        server: &str,
+        key: &StaticKey,
+        intent: Intent,
+    ) -> (Self, Welcome) {
         let (mut ws, first) = Self::open(api, server, key, intent).await;
         let reply = ws.next().await.unwrap().unwrap().into_data();
         let (channel, welcome) = first.finish(&reply).unwrap();
@@ -397,7 +438,12 @@ impl RawDevice {
         Initiator,
     ) {
         let (_, body) = api
-            .call(Method::GET, &format!("/v1/device/servers/{server}"), None, None)
+            .call(
+                Method::GET,
+                &format!("/v1/device/servers/{server}"),
+                None,
+                None,
+            )
             .await;
         let public_key = hex::decode(body["public_key"].as_str().unwrap()).unwrap();
         let id: [u8; 16] = hex::decode(server).unwrap().try_into().unwrap();
@@ -438,7 +484,7 @@ impl RawDevice {
         }
     }
 
-    async fn request(&mut self, id: u32, body: RequestBody) -> Outcome {
+    pub(crate) async fn request(&mut self, id: u32, body: RequestBody) -> Outcome {
         self.send_raw(&device::encode(&Request { id, body }).unwrap())
             .await;
         let (got, outcome) = self.reply().await;
@@ -455,7 +501,7 @@ impl RawDevice {
     }
 }
 
-fn code(outcome: &Outcome) -> Option<ErrorCode> {
+pub(crate) fn code(outcome: &Outcome) -> Option<ErrorCode> {
     match outcome {
         Outcome::Err(e) => Some(e.code),
         Outcome::Ok(_) => None,
@@ -473,20 +519,20 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     // Unknown servers: 404 before any upgrade.
     let unknown = "00".repeat(16);
     let (status, body) = api
-        .call(Method::GET, &format!("/v1/device/servers/{unknown}"), None, None)
+        .call(
+            Method::GET,
+            &format!("/v1/device/servers/{unknown}"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["status"], 404);
 
     // Another key claiming the account: refused, then closed.
     let stranger = StaticKey::from_bytes(&[7; 32]).unwrap();
-    let (mut raw, welcome) = RawDevice::connect(
-        &api,
-        &server,
-        &stranger,
-        Intent::Account { account_id },
-    )
-    .await;
+    let (mut raw, welcome) =
+        RawDevice::connect(&api, &server, &stranger, Intent::Account { account_id }).await;
     assert_eq!(
         welcome,
         Welcome::Refused {
@@ -522,7 +568,10 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
         RequestBody::Ping { hsid },
         RequestBody::DeleteAccount,
     ] {
-        assert_eq!(code(&guest.request(1, body).await), Some(ErrorCode::NotAllowed));
+        assert_eq!(
+            code(&guest.request(1, body).await),
+            Some(ErrorCode::NotAllowed)
+        );
     }
     assert_eq!(
         code(&guest.request(2, RequestBody::Scan { hsid }).await),
@@ -534,17 +583,26 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     let enrol = RequestBody::Enrol {
         token: device::Secret::new([3; 32]),
         signing_public_key: device::Blob(
-            StaticKey::from_bytes(&[8; 32]).unwrap().public_key().unwrap(),
+            StaticKey::from_bytes(&[8; 32])
+                .unwrap()
+                .public_key()
+                .unwrap(),
         ),
         app_instance: Bytes([4; 16]),
     };
-    assert_eq!(code(&guest.request(3, enrol).await), Some(ErrorCode::NotFound));
+    assert_eq!(
+        code(&guest.request(3, enrol).await),
+        Some(ErrorCode::NotFound)
+    );
     let bad_key = RequestBody::Enrol {
         token: device::Secret::new([3; 32]),
         signing_public_key: device::Blob(vec![4; 65]),
         app_instance: Bytes([4; 16]),
     };
-    assert_eq!(code(&guest.request(4, bad_key).await), Some(ErrorCode::Invalid));
+    assert_eq!(
+        code(&guest.request(4, bad_key).await),
+        Some(ErrorCode::Invalid)
+    );
 
     // A text message, or a frame that does not decrypt, closes the connection.
     guest.ws.send(Message::Text("hello".into())).await.unwrap();
@@ -563,7 +621,9 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
         api.running.addr
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::Binary(vec![4u8; 120].into())).await.unwrap();
+    ws.send(Message::Binary(vec![4u8; 120].into()))
+        .await
+        .unwrap();
     assert!(matches!(
         tokio::time::timeout(WAIT, ws.next()).await.unwrap(),
         None | Some(Err(_)) | Some(Ok(Message::Close(_)))
@@ -578,7 +638,12 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     })
     .unwrap();
     let (_, body) = api
-        .call(Method::GET, &format!("/v1/device/servers/{server}"), None, None)
+        .call(
+            Method::GET,
+            &format!("/v1/device/servers/{server}"),
+            None,
+            None,
+        )
         .await;
     let public_key = hex::decode(body["public_key"].as_str().unwrap()).unwrap();
     let id: [u8; 16] = hex::decode(&server).unwrap().try_into().unwrap();
@@ -670,8 +735,17 @@ async fn frames_carry_nothing_readable(db: &TestDb) {
     let enrolment = enrolment_qr(&api, &server, &token, userid).await;
     let phone = sdk();
     let account = enrol(&phone, &enrolment).await;
-    let link = open_session(&api, &server, &token, 7, json!({"ping_time_secs": 60, "announce_info": "Pay the rent"})).await;
-    let hsid = countersign_protocol::qr::QrPayload::from_deep_link(&link).unwrap().token;
+    let link = open_session(
+        &api,
+        &server,
+        &token,
+        7,
+        json!({"ping_time_secs": 60, "announce_info": "Pay the rent"}),
+    )
+    .await;
+    let hsid = countersign_protocol::qr::QrPayload::from_deep_link(&link)
+        .unwrap()
+        .token;
     let login = phone
         .start_session(link.as_bytes(), Arc::new(NoCallbacks))
         .await
@@ -686,7 +760,10 @@ async fn frames_carry_nothing_readable(db: &TestDb) {
 
     let recorded = record.lock().unwrap().clone();
     let text = String::from_utf8_lossy(&recorded);
-    assert!(text.contains("101 Switching Protocols"), "the relay saw the WebSocket");
+    assert!(
+        text.contains("101 Switching Protocols"),
+        "the relay saw the WebSocket"
+    );
     assert!(recorded.len() > 2_000, "the relay saw the conversation");
     let token_bytes = countersign_protocol::qr::QrPayload::from_base64url(&enrolment)
         .unwrap()
@@ -715,7 +792,11 @@ async fn replayed_truncated_and_oversized_frames_fail(db: &TestDb) {
     let api = Api::start_with(db, None).await;
     let (server, token) = tenant(&api, "Bank", "gina").await;
     let link = open_session(&api, &server, &token, 8, json!({})).await;
-    let hsid = Bytes(countersign_protocol::qr::QrPayload::from_deep_link(&link).unwrap().token);
+    let hsid = Bytes(
+        countersign_protocol::qr::QrPayload::from_deep_link(&link)
+            .unwrap()
+            .token,
+    );
     let key = StaticKey::from_bytes(&[5; 32]).unwrap();
 
     // Record a guest's handshake and one request as they went over the wire.
@@ -762,15 +843,19 @@ async fn replayed_truncated_and_oversized_frames_fail(db: &TestDb) {
     assert_eq!(api.head().await, head, "refused frames change nothing");
 
     // A QR code whose pinned key is not the server's: the SDK refuses to talk.
-    let mut forged =
-        countersign_protocol::qr::QrPayload::from_base64url(&enrolment_qr(&api, &server, &token, "gina").await)
-            .unwrap();
+    let mut forged = countersign_protocol::qr::QrPayload::from_base64url(
+        &enrolment_qr(&api, &server, &token, "gina").await,
+    )
+    .unwrap();
     forged.server_key_fingerprint[0] ^= 1;
     let phone = sdk();
     let refused = phone
         .start_session(forged.to_base64url().as_bytes(), Arc::new(NoCallbacks))
         .await;
-    assert!(matches!(refused, Err(SdkError::FingerprintMismatch)), "{refused:?}");
+    assert!(
+        matches!(refused, Err(SdkError::FingerprintMismatch)),
+        "{refused:?}"
+    );
     assert!(phone.accounts().unwrap().is_empty());
     api.stop().await;
 }
@@ -791,16 +876,23 @@ async fn snapshots_of_device_event_streams(db: &TestDb) {
         .await
         .unwrap();
     login.stop_session().await.unwrap();
-    let events = api.running.state.store().read_all(start, 100).await.unwrap();
+    let events = api
+        .running
+        .state
+        .store()
+        .read_all(start, 100)
+        .await
+        .unwrap();
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
-            let decoded = <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
-                &e.event_type,
-                e.schema_version,
-                &e.payload,
-            )
-            .unwrap();
+            let decoded =
+                <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
+                    &e.event_type,
+                    e.schema_version,
+                    &e.payload,
+                )
+                .unwrap();
             let mut payload = decoded.to_json();
             for key in [
                 "app_instance",

@@ -15,3 +15,4 @@ mod commands;
 mod crash;
 mod device;
 mod device_cli;
+mod second_factor;
