@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use countersign_domain::account::{
-    Account, AccountCommand, AccountEvent, DeleteAccount, DeletedBy, RegisterAccount,
-    UpgradeAccount,
+    Account, AccountCommand, AccountEvent, DeleteAccount, DeletedBy, RecordVerification,
+    RegisterAccount, UpgradeAccount,
 };
 use countersign_domain::attestation::{AttestationEvent, AttestationUse, UseAttestation};
 use countersign_domain::{AccountRef, Clock, Context, ServerId};
@@ -78,6 +78,17 @@ impl AccountCommands {
         &self,
         account: AccountRef,
         command: UpgradeAccount,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        self.run(account, command.into(), metadata).await
+    }
+
+    /// Records that the account proved a second factor for a login (so a later login within
+    /// the server's reuse window may rely on it).
+    pub async fn record_verification(
+        &self,
+        account: AccountRef,
+        command: RecordVerification,
         metadata: &Metadata,
     ) -> Result<Executed<AccountEvent>, CommandError> {
         self.run(account, command.into(), metadata).await

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use countersign_commands::CommandError;
 use countersign_domain::Timestamp;
 use countersign_domain::account::ActiveAccount;
-use countersign_domain::account::{RegisterAccount, UpgradeAccount};
+use countersign_domain::account::{RecordVerification, RegisterAccount, UpgradeAccount};
 use countersign_domain::attestation::UseAttestation;
 use countersign_domain::enrolment::Enrolment;
 use countersign_domain::second_factor::SecondFactorKind;
@@ -134,6 +134,44 @@ impl Connection {
         }
     }
 
+    /// Whether a login on this channel must prove a second factor now: the policy asks one
+    /// and (for an account) none was proven within the server's reuse window.
+    async fn second_factor_required(&self) -> Result<bool, DeviceError> {
+        let policy = &self.settings.second_factor;
+        if !policy.require_for_login {
+            return Ok(false);
+        }
+        Ok(self.recent_verification().await?.is_none())
+    }
+
+    /// The account's last second factor, if it is within the server's reuse window, read from
+    /// the account's stream (it may have changed since the handshake).
+    async fn recent_verification(
+        &self,
+    ) -> Result<Option<(SecondFactorKind, [u8; 32], Timestamp)>, DeviceError> {
+        let Identity::Account(active) = &self.identity else {
+            return Ok(None);
+        };
+        let window = self.settings.second_factor.login_reuse_window_secs;
+        if window == 0 {
+            return Ok(None);
+        }
+        let gateway = &self.gateway.0;
+        let loaded = gateway
+            .commands
+            .accounts
+            .load(active.account)
+            .await
+            .map_err(refused)?;
+        let now = gateway.clock.now();
+        Ok(match loaded.state {
+            countersign_domain::Account::Active(a) if a.verified_within(window, now) => {
+                a.last_verification
+            }
+            _ => None,
+        })
+    }
+
     /// The session must be meant for this account's user, when the opener named one.
     fn check_intended_user(&self, state: &Session) -> Result<(), DeviceError> {
         let account = self.account()?;
@@ -179,7 +217,7 @@ pub(crate) async fn handle(
             Ok(Answer::Session(SessionDetails {
                 announce_info: opened.announce_info.clone(),
                 ping_time_secs: opened.ping_time_secs,
-                second_factor_required: conn.settings.second_factor.require_for_login,
+                second_factor_required: conn.second_factor_required().await?,
                 expires_at_ms: opened.expires_at.as_millis(),
             }))
         }
@@ -214,10 +252,26 @@ pub(crate) async fn handle(
             let verified = matches!(&state,
                 Session::SecondFactorVerified { account_id, .. } if *account_id == account);
             if conn.settings.second_factor.require_for_login && !verified {
-                return Err(error(
-                    ErrorCode::SecondFactorRequired,
-                    "this server asks a second factor for logins: verify one first",
-                ));
+                // A factor proven recently enough may stand in, per the server's policy.
+                let Some((factor, attestation_hash, verified_at)) =
+                    conn.recent_verification().await?
+                else {
+                    return Err(error(
+                        ErrorCode::SecondFactorRequired,
+                        "this server asks a second factor for logins: verify one first",
+                    ));
+                };
+                let reuse = VerifySecondFactor {
+                    factor,
+                    attestation_hash,
+                    verified_at,
+                    reused: true,
+                };
+                commands
+                    .sessions
+                    .verify_second_factor(session, reuse, &metadata)
+                    .await
+                    .map_err(refused)?;
             }
             commands
                 .sessions
@@ -335,6 +389,19 @@ pub(crate) async fn handle(
                 .verify_second_factor(session, command, &metadata)
                 .await
                 .map_err(refused)?;
+            if conn.settings.second_factor.login_reuse_window_secs > 0 {
+                let record = RecordVerification {
+                    factor: kind_of(claims.factor),
+                    attestation_hash: hash,
+                    verified_at: Timestamp::from_millis(claims.issued_at_ms),
+                };
+                let account = conn.account()?.account;
+                commands
+                    .accounts
+                    .record_verification(account, record, &metadata)
+                    .await
+                    .map_err(refused)?;
+            }
             Ok(Answer::Done)
         }
         RequestBody::UpgradeAccount { attestation } => {

@@ -336,6 +336,14 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             revoked_at: t,
         })
         .into(),
+        crate::account::AccountEvent::SecondFactorVerified(
+            crate::account::AccountSecondFactorVerified {
+                factor: SecondFactorKind::Pin,
+                attestation_hash: [6; 32],
+                verified_at: t,
+            },
+        )
+        .into(),
         crate::attestation::AttestationEvent::Used(crate::attestation::AttestationUsed {
             attestation_hash: [7; 32],
             factor: SecondFactorKind::Pin,

@@ -316,6 +316,15 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
     let untrusted = TestSfs::new(0x32);
     let api = Api::start_trusting(db, None, vec![sfs.public_hex()]).await;
     let (server, token) = pin_tenant(&api, "jo").await;
+    // A login within five minutes of a proven factor may skip the prompt.
+    let (status, _) = api
+        .admin(
+            Method::PATCH,
+            &format!("/v1/servers/{server}"),
+            Some(json!({"second_factor_cache_secs": 300})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
     let now = api.clock.now_ms();
 
     // Enrol by hand: a guest channel whose key becomes the account's channel key.
@@ -462,21 +471,61 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
     );
 
     let hsid2 = session_challenge(2).await;
-    for (id, body) in [
-        (30, RequestBody::Scan { hsid: hsid2 }),
-        (31, RequestBody::Confirm { hsid: hsid2 }),
-    ] {
-        assert!(matches!(phone.request(id, body).await, Outcome::Ok(_)));
-    }
+    let Outcome::Ok(Answer::Session(details)) =
+        phone.request(30, RequestBody::Scan { hsid: hsid2 }).await
+    else {
+        panic!("scanned")
+    };
+    assert!(
+        !details.second_factor_required,
+        "a factor proven a moment ago stands in for this login"
+    );
+    assert!(matches!(
+        phone.request(31, RequestBody::Confirm { hsid: hsid2 }).await,
+        Outcome::Ok(_)
+    ));
     let replay = RequestBody::VerifySecondFactor {
         hsid: hsid2,
         attestation: Blob(good),
     };
     let outcome = phone.request(32, replay).await;
+    assert_eq!(code(&outcome), Some(ErrorCode::BadAttestation), "{outcome:?}");
+    assert!(matches!(
+        phone.request(33, RequestBody::LogIn { hsid: hsid2 }).await,
+        Outcome::Ok(Answer::LoggedIn { .. })
+    ));
+    let events = api.running.state.store().read_all(0, 10_000).await.unwrap();
+    let reused = events
+        .iter()
+        .filter(|e| e.event_type == "session.second_factor_verified")
+        .filter_map(|e| {
+            <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
+                &e.event_type,
+                e.schema_version,
+                &e.payload,
+            )
+            .ok()
+        })
+        .filter(|e| e.to_json()["reused"] == true)
+        .count();
+    assert_eq!(reused, 1, "the second login records that it reused the factor");
+
+    // Past the window the prompt is back.
+    api.clock.advance_secs(301);
+    let hsid3 = session_challenge(3).await;
+    let Outcome::Ok(Answer::Session(details)) =
+        phone.request(40, RequestBody::Scan { hsid: hsid3 }).await
+    else {
+        panic!("scanned")
+    };
+    assert!(details.second_factor_required);
+    assert!(matches!(
+        phone.request(41, RequestBody::Confirm { hsid: hsid3 }).await,
+        Outcome::Ok(_)
+    ));
     assert_eq!(
-        code(&outcome),
-        Some(ErrorCode::BadAttestation),
-        "{outcome:?}"
+        code(&phone.request(42, RequestBody::LogIn { hsid: hsid3 }).await),
+        Some(ErrorCode::SecondFactorRequired)
     );
     api.stop().await;
 }

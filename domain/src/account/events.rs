@@ -90,6 +90,20 @@ pub struct AccountDeleted {
     pub deleted_at: Timestamp,
 }
 
+/// `account.second_factor_verified` v1: the account proved a second factor for a login (the
+/// NS checked the SFS attestation). A later login within the server's reuse window may rely
+/// on it instead of asking again; a transaction never does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSecondFactorVerified {
+    /// Which factor.
+    pub factor: SecondFactorKind,
+    /// SHA-256 of the attestation that proved it.
+    #[serde(with = "serde_bytes")]
+    pub attestation_hash: [u8; 32],
+    /// When the SFS verified it.
+    pub verified_at: Timestamp,
+}
+
 crate::domain_events! {
     /// Everything that happens to an account.
     pub enum AccountEvent {
@@ -98,5 +112,6 @@ crate::domain_events! {
         Upgraded(AccountUpgraded) = ("account.upgraded", 1),
         KeyRotated(AccountKeyRotated) = ("account.key_rotated", 1),
         Deleted(AccountDeleted) = ("account.deleted", 1),
+        SecondFactorVerified(AccountSecondFactorVerified) = ("account.second_factor_verified", 1),
     }
 }

@@ -26,7 +26,7 @@ mod tests;
 pub use events::*;
 
 use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
-use crate::ids::{AccountRef, AppInstanceId, UserDigest};
+use crate::ids::{AccountRef, AppInstanceId, Timestamp, UserDigest};
 use crate::second_factor::SecondFactorKind;
 use crate::server::into_command;
 use crate::validate::{self, ValidationError};
@@ -73,6 +73,17 @@ pub struct RotateKey {
     pub public_key: Vec<u8>,
 }
 
+/// Record that the account proved a second factor for a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordVerification {
+    /// Which factor.
+    pub factor: SecondFactorKind,
+    /// SHA-256 of the attestation.
+    pub attestation_hash: [u8; 32],
+    /// When the SFS verified it.
+    pub verified_at: Timestamp,
+}
+
 /// Delete the account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeleteAccount {
@@ -93,6 +104,8 @@ pub enum AccountCommand {
     RotateKey(RotateKey),
     /// See [`DeleteAccount`].
     Delete(DeleteAccount),
+    /// See [`RecordVerification`].
+    RecordVerification(RecordVerification),
 }
 
 into_command!(AccountCommand {
@@ -101,6 +114,7 @@ into_command!(AccountCommand {
     Upgrade(UpgradeAccount),
     RotateKey(RotateKey),
     Delete(DeleteAccount),
+    RecordVerification(RecordVerification),
 });
 
 /// Why an account command was refused.
@@ -156,6 +170,22 @@ pub struct ActiveAccount {
     pub signing_key_thumbprint: [u8; 32],
     /// `None` while headless.
     pub second_factor: Option<SecondFactorKind>,
+    /// The last second factor proven for a login: (factor, attestation hash, when the SFS
+    /// verified it).
+    pub last_verification: Option<(SecondFactorKind, [u8; 32], Timestamp)>,
+}
+
+impl ActiveAccount {
+    /// Whether a second factor was proven at most `window_secs` before `now` (never, for a
+    /// window of 0).
+    #[must_use]
+    pub fn verified_within(&self, window_secs: u32, now: Timestamp) -> bool {
+        window_secs > 0
+            && self.last_verification.is_some_and(|(_, _, at)| {
+                at.as_millis() <= now.as_millis()
+                    && now.as_millis() - at.as_millis() <= i64::from(window_secs) * 1000
+            })
+    }
 }
 
 /// The account aggregate's state.
@@ -280,6 +310,16 @@ impl Aggregate for Account {
                 Some(_) => Err(AccountError::AlreadyUpgraded),
             },
             AccountCommand::RotateKey(cmd) => decide_rotate(self.live()?, cmd),
+            AccountCommand::RecordVerification(cmd) => {
+                self.live()?;
+                Ok(vec![AccountEvent::SecondFactorVerified(
+                    AccountSecondFactorVerified {
+                        factor: cmd.factor,
+                        attestation_hash: cmd.attestation_hash,
+                        verified_at: cmd.verified_at,
+                    },
+                )])
+            }
             AccountCommand::Delete(cmd) => match self {
                 Self::NotRegistered => Err(AccountError::NotFound),
                 Self::Active(_) => Ok(vec![AccountEvent::Deleted(AccountDeleted {
@@ -302,7 +342,11 @@ impl Aggregate for Account {
                     signing_public_key: e.signing_public_key.clone(),
                     signing_key_thumbprint: e.signing_key_thumbprint,
                     second_factor: e.second_factor,
+                    last_verification: None,
                 });
+            }
+            (AccountEvent::SecondFactorVerified(e), Self::Active(a)) => {
+                a.last_verification = Some((e.factor, e.attestation_hash, e.verified_at));
             }
             (AccountEvent::UserLinked(e), Self::Active(a)) => a.user = Some(e.user),
             (AccountEvent::Upgraded(e), Self::Active(a)) => {

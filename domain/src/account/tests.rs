@@ -1,7 +1,7 @@
 use super::*;
 use crate::aggregate::ErrorKind;
 use crate::event::DomainEvent;
-use crate::ids::{AccountId, ServerId, Timestamp};
+use crate::ids::{AccountId, ServerId};
 use crate::testing::{NOW, given, given_nothing};
 use p256::elliptic_curve::sec1::ToSec1Point;
 use sha2::{Digest, Sha256};
@@ -366,4 +366,29 @@ fn lifecycle_snapshot() {
     insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
         insta::assert_yaml_snapshot!(NAME, rendered);
     });
+}
+
+#[test]
+fn a_recorded_verification_counts_within_the_window_only() {
+    let mut account = Account::default();
+    let mut ctx = Context::new(Timestamp::from_millis(1_000));
+    let events = account
+        .decide(register().into(), &mut ctx)
+        .unwrap_or_default();
+    events.iter().for_each(|e| account.apply(e));
+    let record = RecordVerification {
+        factor: SecondFactorKind::Pin,
+        attestation_hash: [3; 32],
+        verified_at: Timestamp::from_millis(10_000),
+    };
+    let events = account.decide(record.into(), &mut ctx).unwrap_or_default();
+    assert_eq!(events.len(), 1);
+    events.iter().for_each(|e| account.apply(e));
+    let Account::Active(active) = &account else {
+        panic!("active")
+    };
+    assert!(active.verified_within(60, Timestamp::from_millis(70_000)));
+    assert!(!active.verified_within(60, Timestamp::from_millis(70_001)));
+    assert!(!active.verified_within(0, Timestamp::from_millis(10_000)), "0: never reuse");
+    assert!(!active.verified_within(60, Timestamp::from_millis(9_999)), "not from the future");
 }

@@ -105,6 +105,8 @@ impl Fold {
                 signing_key_thumbprint: (e.role == KeyRole::Signing).then_some(e.key_thumbprint),
                 ..Patch::default()
             },
+            // The read model shows which factor an account has, not when it last used it.
+            AccountEvent::SecondFactorVerified(_) => Patch::default(),
         };
         let patch = Patch {
             last_position: at.position,
