@@ -1,37 +1,48 @@
 //! `countersign device`: a virtual phone. It is the mobile SDK ([`countersign_mobile_sdk`])
 //! behind a command line, with its state in a folder (`--home`), so the platform can be tried
 //! and tested end to end without a phone: enrol from a QR image, log in, list the accounts and
-//! the history, delete an account.
+//! the history, delete an account, and the second factor (the app PIN, checked by the
+//! second-factor server with OPAQUE, or a simulated biometric check).
 //!
 //! Rules kept here:
 //! - the SDK decides; this module only reads input, prints what the SDK reports and answers
-//!   its questions (which account, confirm or not), from the terminal or from `--yes`;
+//!   its questions (which account, confirm or not, the second factor), from the terminal or
+//!   from `--yes` / `--pin` / `--biometric`;
 //! - a login or enrolment is never confirmed without `--yes` or an explicit `y` on stdin, and
-//!   a declined or interrupted session is stopped (`stop_session`) before the command exits,
-//!   so the server never keeps a session the device gave up on;
+//!   a declined or interrupted session is stopped (`stop_session` / `input_cancel`) before
+//!   the command exits, so the server never keeps a session the device gave up on;
+//! - the PIN is read into [`Pin`] (wiped on drop, `Debug` prints nothing) without terminal
+//!   echo, and never printed, logged or put in an error;
+//! - the second-factor server (SFS) is the one the phone first enrolled with (trust on first
+//!   use: its keys are fetched from `{gateway http base}/v1/sfs/key` and stored in
+//!   `{home}/sfs.json`), or the one `--sfs` names; later runs pin the stored keys;
 //! - a QR image is untrusted input: it is decoded with size limits and checked indexing.
 //!
 //! Everything printed goes through the writer passed in (stdout for the binary); errors go
 //! up as `anyhow` errors and the binary prints them on stderr.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use countersign_mobile_sdk::{
-    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Sdk, SdkConfig,
-    SdkError, SessionHandle, SessionKind, SessionSnapshot, State, decode_input,
+    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Pin, Sdk,
+    SdkConfig, SdkError, SecondFactor, SecondFactorEvent, SessionHandle, SessionKind,
+    SessionSnapshot, SfsConfig, SimulatedBiometric, State, decode_input,
 };
 use countersign_protocol::qr::{DEEP_LINK_PREFIX, QrKind};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use zeroize::Zeroizing;
 
 const EXIT_STATUS: &str = "\
-Exit status: 0 when the enrolment or login completed (a continuous login: once the session \
-ended, by the server or by Ctrl-C / SIGTERM, which log out first), and for the listing \
-commands; 1 on any error, with the reason on stderr, for example `no account for this server \
-on this device` (a login QR code of a server this device has not enrolled at), `login \
-declined`, `the server asks a second factor`.";
+Exit status: 0 when the command completed (a continuous login: once the session ended, by the \
+server or by Ctrl-C / SIGTERM, which log out first); 1 on any error, with the reason on \
+stderr, for example `no account for this server on this device` (a login QR code of a server \
+this device has not enrolled at), `login declined`, `wrong PIN: 4 attempts left` (with \
+`--pin`; at the prompt a wrong PIN is asked again), `locked until 2026-01-01 12:00:00Z`.";
 
 /// A virtual phone built on the mobile SDK, its state in `--home`.
 #[derive(Debug, clap::Args)]
@@ -40,20 +51,26 @@ pub struct DeviceArgs {
     /// Folder holding this device's state (encrypted; created if missing).
     #[arg(long, env = "COUNTERSIGN_DEVICE_HOME")]
     pub home: PathBuf,
+    /// The second-factor server, e.g. `http://127.0.0.1:8080/v1/sfs` (default: the one stored
+    /// in `--home`, else the one of the server this device first enrols at). Its keys are
+    /// fetched when it is not the stored one, and stored.
+    #[arg(long, env = "COUNTERSIGN_DEVICE_SFS", global = true, value_name = "URL")]
+    pub sfs: Option<String>,
     #[command(subcommand)]
     pub command: DeviceCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DeviceCommand {
-    /// Enrol an account from an enrolment QR code.
+    /// Enrol an account from an enrolment QR code (at a server that asks a second factor, the
+    /// first enrolment registers the PIN).
     #[command(after_help = EXIT_STATUS)]
     Enrol(EnrolArgs),
     /// Log in to a session from its QR code; a continuous session stays up until the server
     /// logs it out or Ctrl-C.
     #[command(after_help = EXIT_STATUS)]
     Login(LoginArgs),
-    /// List the accounts on this device.
+    /// List the accounts on this device, headless or with a second factor.
     Accounts,
     /// List the sessions this device took part in, oldest first.
     History,
@@ -62,6 +79,16 @@ pub enum DeviceCommand {
         /// The account id (32 hex digits, as `accounts` lists it).
         account_id: String,
     },
+    /// Give a headless account a second factor (registering the PIN at the second-factor
+    /// server if this device has none yet).
+    #[command(after_help = EXIT_STATUS)]
+    Upgrade(UpgradeArgs),
+    /// Change the app PIN at the second-factor server (asks the old and the new one).
+    #[command(after_help = EXIT_STATUS)]
+    ChangePin(ChangePinArgs),
+    /// Register a (simulated) biometric key at the second-factor server; needs the PIN.
+    #[command(after_help = EXIT_STATUS)]
+    RegisterBiometric(PinArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +99,8 @@ pub struct EnrolArgs {
     /// Confirm without asking.
     #[arg(long)]
     pub yes: bool,
+    #[command(flatten)]
+    pub factor: FactorArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,21 +114,96 @@ pub struct LoginArgs {
     /// The account to log in with (default: ask, or the first with `--yes`).
     #[arg(long)]
     pub account: Option<String>,
+    #[command(flatten)]
+    pub factor: FactorArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// The account id (32 hex digits, as `accounts` lists it).
+    pub account_id: String,
+    #[command(flatten)]
+    pub factor: FactorArgs,
+}
+
+/// How the second factor is given when a server asks one (default: `PIN:` on the terminal).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FactorArgs {
+    /// The app PIN, for scripts (default: ask on the terminal, without echo). A wrong one
+    /// fails the command instead of asking again.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_DEVICE_PIN",
+        hide_env_values = true,
+        value_name = "PIN"
+    )]
+    pub pin: Option<Pin>,
+    /// Give the biometric factor instead: a simulated check that passes (the key comes from
+    /// `register-biometric`).
+    #[arg(long)]
+    pub biometric: bool,
+    /// Give the biometric factor with a simulated check that fails (for tests).
+    #[arg(long)]
+    pub biometric_fail: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PinArgs {
+    /// The app PIN (default: ask on the terminal, without echo).
+    #[arg(
+        long,
+        env = "COUNTERSIGN_DEVICE_PIN",
+        hide_env_values = true,
+        value_name = "PIN"
+    )]
+    pub pin: Option<Pin>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChangePinArgs {
+    /// The current PIN (default: ask on the terminal, without echo).
+    #[arg(
+        long,
+        env = "COUNTERSIGN_DEVICE_PIN",
+        hide_env_values = true,
+        value_name = "OLD"
+    )]
+    pub pin: Option<Pin>,
+    /// The new PIN (default: ask twice on the terminal, without echo).
+    #[arg(
+        long,
+        env = "COUNTERSIGN_DEVICE_NEW_PIN",
+        hide_env_values = true,
+        value_name = "NEW"
+    )]
+    pub new_pin: Option<Pin>,
 }
 
 pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
-    let storage = EncryptedFileStorage::in_dir(&args.home)
-        .with_context(|| format!("cannot open the device home {}", args.home.display()))?;
-    let sdk = Sdk::open(Arc::new(storage), SdkConfig::default())
-        .with_context(|| format!("cannot read the device state in {}", args.home.display()))?;
+    let home = args.home.as_path();
     let mut out = std::io::stdout();
     let mut answers = Answers;
+    let mut sfs = load_sfs(home)?;
+    if let Some(url) = &args.sfs {
+        sfs = Some(set_sfs(home, sfs, url, &mut out).await?);
+    }
     match args.command {
         DeviceCommand::Enrol(enrol) => {
             let input = read_input(&enrol.input)?;
+            if sfs.is_none() {
+                // Trust on first use: the SFS of the server this device first enrols at.
+                let payload = decode_input(&input)?;
+                if payload.kind == QrKind::Enrolment {
+                    sfs = first_use(home, &payload.gateway, &mut out).await;
+                }
+            }
+            let has_sfs = sfs.is_some();
+            let sdk = open_sdk(home, sfs, &enrol.factor)?;
             let choice = Choice {
                 yes: enrol.yes,
                 account: None,
+                factor: FactorSource::of(&enrol.factor),
+                has_sfs,
             };
             run_session(
                 &sdk,
@@ -113,9 +217,13 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
         }
         DeviceCommand::Login(login) => {
             let input = read_input(&login.input)?;
+            let has_sfs = sfs.is_some();
+            let sdk = open_sdk(home, sfs, &login.factor)?;
             let choice = Choice {
                 yes: login.yes,
                 account: login.account,
+                factor: FactorSource::of(&login.factor),
+                has_sfs,
             };
             run_session(
                 &sdk,
@@ -127,9 +235,15 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             )
             .await
         }
-        DeviceCommand::Accounts => print_accounts(&sdk, &mut out),
-        DeviceCommand::History => print_history(&sdk, &mut out),
+        DeviceCommand::Accounts => {
+            let sdk = open_sdk(home, sfs.clone(), &FactorArgs::none())?;
+            print_accounts(&sdk, sfs.as_ref(), &mut out)
+        }
+        DeviceCommand::History => {
+            print_history(&open_sdk(home, sfs, &FactorArgs::none())?, &mut out)
+        }
         DeviceCommand::DeleteAccount { account_id } => {
+            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
             let info = match sdk.delete_account(&account_id).await {
                 Err(SdkError::UnknownAccount) => bail!("no account {account_id} on this device"),
                 other => other.context("cannot delete the account")?,
@@ -141,16 +255,323 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        DeviceCommand::Upgrade(upgrade) => {
+            let mut sdk = open_sdk(home, sfs.clone(), &upgrade.factor)?;
+            let Some(account) = sdk
+                .accounts()?
+                .into_iter()
+                .find(|a| a.account_id == upgrade.account_id)
+            else {
+                bail!("no account {} on this device", upgrade.account_id);
+            };
+            if !account.headless {
+                bail!(
+                    "account {} already has a second factor",
+                    account.account_id
+                );
+            }
+            if sfs.is_none() {
+                let gateway = sdk
+                    .servers()?
+                    .into_iter()
+                    .find(|s| s.server_id == account.server_id)
+                    .map(|s| s.gateway)
+                    .context("the account's server is not on this device")?;
+                let found = first_use(home, &gateway, &mut out).await;
+                if found.is_none() {
+                    bail!("{NO_SFS}");
+                }
+                drop(sdk);
+                sdk = open_sdk(home, found, &upgrade.factor)?;
+            }
+            let source = FactorSource::of(&upgrade.factor);
+            let (sdk_ref, id) = (&sdk, account.account_id.as_str());
+            give_factor(&source, &mut answers, &mut out, move |factor| async move {
+                sdk_ref.upgrade_account(id, factor).await.map(drop)
+            })
+            .await?;
+            writeln!(
+                out,
+                "upgraded {}: it now has a second factor",
+                account_label(&sdk, Some(id))
+            )?;
+            Ok(())
+        }
+        DeviceCommand::ChangePin(change) => {
+            if sfs.is_none() {
+                bail!("{NO_SFS}");
+            }
+            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let old = match change.pin {
+                Some(pin) => pin,
+                None => answers.require_pin("old PIN: ", &mut out).await?,
+            };
+            let new = match change.new_pin {
+                Some(pin) => pin,
+                None => answers.new_pin(&mut out).await?,
+            };
+            sdk.change_pin(old, new).await.map_err(factor_error)?;
+            writeln!(out, "PIN changed")?;
+            Ok(())
+        }
+        DeviceCommand::RegisterBiometric(register) => {
+            if sfs.is_none() {
+                bail!("{NO_SFS}");
+            }
+            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let source = register.pin.map_or(FactorSource::Prompt, FactorSource::Pin);
+            let sdk_ref = &sdk;
+            give_factor(&source, &mut answers, &mut out, move |factor| async move {
+                match factor {
+                    SecondFactor::Pin(pin) => sdk_ref.register_biometric(pin).await,
+                    SecondFactor::Biometric => Err(SdkError::InvalidConfig("a PIN is needed")),
+                }
+            })
+            .await?;
+            writeln!(
+                out,
+                "biometric key registered: `--biometric` gives it as the second factor"
+            )?;
+            Ok(())
+        }
     }
 }
 
+const NO_SFS: &str = "this device has no second-factor server: enrol at a server first, or \
+                      pass --sfs URL (a server's http://HOST:PORT/v1/sfs)";
+
+/// Opens the SDK over the encrypted state in `home`, bound to `sfs`, with the simulated
+/// biometric check `factor` asks for.
+fn open_sdk(home: &Path, sfs: Option<SfsConfig>, factor: &FactorArgs) -> anyhow::Result<Sdk> {
+    let storage = EncryptedFileStorage::in_dir(home)
+        .with_context(|| format!("cannot open the device home {}", home.display()))?;
+    let config = SdkConfig {
+        sfs,
+        ..SdkConfig::default()
+    };
+    let sdk = Sdk::open(Arc::new(storage), config)
+        .with_context(|| format!("cannot read the device state in {}", home.display()))?;
+    if factor.biometric || factor.biometric_fail {
+        sdk.set_biometric_prompt(Arc::new(SimulatedBiometric::new(!factor.biometric_fail)))?;
+    }
+    Ok(sdk)
+}
+
+impl FactorArgs {
+    /// No factor options (commands that give none).
+    fn none() -> Self {
+        Self {
+            pin: None,
+            biometric: false,
+            biometric_fail: false,
+        }
+    }
+}
+
+/// Where the second factor comes from.
+#[derive(Debug, Clone)]
+enum FactorSource {
+    /// `--pin`: a wrong one fails the command.
+    Pin(Pin),
+    /// `--biometric` / `--biometric-fail`.
+    Biometric,
+    /// `PIN:` on the terminal, asked again after a wrong one.
+    Prompt,
+}
+
+impl FactorSource {
+    fn of(args: &FactorArgs) -> Self {
+        if args.biometric || args.biometric_fail {
+            Self::Biometric
+        } else {
+            args.pin.clone().map_or(Self::Prompt, Self::Pin)
+        }
+    }
+}
+
+/// Gives `attempt` the factor from `source` until it is accepted; at the prompt a wrong PIN
+/// is told (`wrong PIN: N attempts left`) and asked again, anything else ends it.
+///
+/// # Errors
+/// The factor was refused (see [`factor_error`]), or no PIN was typed.
+async fn give_factor<F, Fut>(
+    source: &FactorSource,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+    mut attempt: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(SecondFactor) -> Fut,
+    Fut: Future<Output = Result<(), SdkError>>,
+{
+    loop {
+        let factor = match source {
+            FactorSource::Pin(pin) => SecondFactor::Pin(pin.clone()),
+            FactorSource::Biometric => SecondFactor::Biometric,
+            FactorSource::Prompt => SecondFactor::Pin(answers.require_pin("PIN: ", out).await?),
+        };
+        match attempt(factor).await {
+            Ok(()) => return Ok(()),
+            Err(SdkError::SecondFactor(SecondFactorEvent::WrongPin { attempts_left }))
+                if matches!(source, FactorSource::Prompt) =>
+            {
+                writeln!(out, "{}", wrong_pin(attempts_left))?;
+            }
+            Err(error) => return Err(factor_error(error)),
+        }
+    }
+}
+
+fn wrong_pin(attempts_left: u32) -> String {
+    match attempts_left {
+        1 => "wrong PIN: 1 attempt left".to_owned(),
+        n => format!("wrong PIN: {n} attempts left"),
+    }
+}
+
+/// What to tell the user when their factor was not accepted.
+fn factor_error(error: SdkError) -> anyhow::Error {
+    match error {
+        SdkError::SecondFactor(event) => anyhow!(match event {
+            SecondFactorEvent::WrongPin { attempts_left } => wrong_pin(attempts_left),
+            SecondFactorEvent::Locked { until_ms } => format!("locked until {}", utc(until_ms)),
+            SecondFactorEvent::Revoked => "revoked: too many wrong attempts; this device's \
+                                           second factor must be enrolled again"
+                .to_owned(),
+            SecondFactorEvent::BiometricFailed => "the biometric check failed".to_owned(),
+            SecondFactorEvent::NotRegistered => "this factor is not registered for this device \
+                                                 (the PIN: at the first enrolment at a server \
+                                                 that asks one, or `device upgrade`; a \
+                                                 biometric key: `device register-biometric`)"
+                .to_owned(),
+            SecondFactorEvent::Verified => "the second factor was verified".to_owned(),
+        }),
+        SdkError::SecondFactorUnavailable => anyhow!(NO_SFS),
+        other => anyhow::Error::new(other).context("the second factor failed"),
+    }
+}
+
+/// The SFS as stored in `{home}/sfs.json` (public keys, hex SEC1).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSfs {
+    url: String,
+    channel_public_key: String,
+    attestation_public_key: String,
+}
+
+const SFS_FILE: &str = "sfs.json";
+
+fn load_sfs(home: &Path) -> anyhow::Result<Option<SfsConfig>> {
+    let path = home.join(SFS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let stored: StoredSfs = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an SFS record", path.display()))?;
+    let key = |hex_text: &str| {
+        hex::decode(hex_text).with_context(|| format!("{} holds a key that is not hex", path.display()))
+    };
+    Ok(Some(SfsConfig {
+        channel_public_key: key(&stored.channel_public_key)?,
+        attestation_public_key: key(&stored.attestation_public_key)?,
+        url: stored.url,
+    }))
+}
+
+fn save_sfs(home: &Path, sfs: &SfsConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home)
+        .with_context(|| format!("cannot create the device home {}", home.display()))?;
+    let stored = StoredSfs {
+        url: sfs.url.clone(),
+        channel_public_key: hex::encode(&sfs.channel_public_key),
+        attestation_public_key: hex::encode(&sfs.attestation_public_key),
+    };
+    let path = home.join(SFS_FILE);
+    let tmp = home.join(format!("{SFS_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&stored)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `url` in the SFS's WebSocket form (`http` → `ws`, `https` → `wss`, no trailing `/`), to
+/// compare with the stored one.
+fn ws_form(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => format!("ws://{rest}"),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => format!("wss://{rest}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// `--sfs URL`: the stored SFS if it is that one (its keys stay pinned), else fetches the
+/// keys at `url` and stores them.
+async fn set_sfs(
+    home: &Path,
+    stored: Option<SfsConfig>,
+    url: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<SfsConfig> {
+    if let Some(stored) = stored.filter(|s| ws_form(&s.url) == ws_form(url)) {
+        return Ok(stored);
+    }
+    let fetched = SfsConfig::fetch(url)
+        .await
+        .with_context(|| format!("cannot read the second-factor server's keys at {url}"))?;
+    save_sfs(home, &fetched)?;
+    writeln!(
+        out,
+        "second-factor server: {} (its keys are now pinned)",
+        fetched.url
+    )?;
+    Ok(fetched)
+}
+
+/// Trust on first use: the SFS served next to `gateway` (`…/v1/device` → `…/v1/sfs`),
+/// stored for later runs. `None` (with a warning) when there is none: enrolments then leave
+/// their accounts headless.
+async fn first_use(home: &Path, gateway: &str, out: &mut dyn Write) -> Option<SfsConfig> {
+    let Some(base) = gateway.trim_end_matches('/').strip_suffix("/v1/device") else {
+        eprintln!(
+            "warning: cannot tell the second-factor server of gateway {gateway}: pass --sfs URL"
+        );
+        return None;
+    };
+    let url = format!("{base}/v1/sfs");
+    let fetched = match SfsConfig::fetch(&url).await {
+        Ok(fetched) => fetched,
+        Err(error) => {
+            eprintln!(
+                "warning: no second-factor server at {url} ({error}); accounts enrolled now stay \
+                 headless"
+            );
+            return None;
+        }
+    };
+    if let Err(error) = save_sfs(home, &fetched) {
+        eprintln!("warning: {error:#}");
+    }
+    let _ = writeln!(
+        out,
+        "second-factor server: {} (trusted on first use; its keys are now pinned)",
+        fetched.url
+    );
+    Some(fetched)
+}
+
 /// What the command line already decided for the user.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Choice {
     /// Confirm without asking.
     yes: bool,
     /// Log in with this account.
     account: Option<String>,
+    /// Where the second factor comes from, if the server asks one.
+    factor: FactorSource,
+    /// The SDK has an SFS (without one no second factor can be given).
+    has_sfs: bool,
 }
 
 /// Where the user's answers come from: lines of stdin (typed, or written by a script).
@@ -177,6 +598,108 @@ impl Answers {
         }
         Ok(line.map(|l| l.trim().to_owned()))
     }
+
+    /// Prints `question` and reads a secret line: on a terminal without echo (Ctrl-C
+    /// restores it); never printed back. `None` at the end of the input or for an empty line.
+    async fn ask_secret(
+        &mut self,
+        question: &str,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<Option<Zeroizing<String>>> {
+        use std::io::IsTerminal as _;
+        write!(out, "{question}")?;
+        out.flush()?;
+        let terminal = std::io::stdin().is_terminal();
+        let read = tokio::task::spawn_blocking(move || read_hidden_line(terminal));
+        let line = if terminal {
+            tokio::select! {
+                line = read => line,
+                _ = tokio::signal::ctrl_c() => {
+                    set_echo(true);
+                    writeln!(out)?;
+                    bail!("interrupted");
+                }
+            }
+        } else {
+            read.await
+        };
+        let line = line
+            .context("cannot read stdin")?
+            .context("cannot read stdin")?;
+        // The Enter was not echoed either.
+        if terminal || line.is_none() {
+            writeln!(out)?;
+        }
+        Ok(line
+            .map(|l| Zeroizing::new(l.trim().to_owned()))
+            .filter(|l| !l.is_empty()))
+    }
+
+    /// A PIN, asked with `question`; none is an error.
+    async fn require_pin(&mut self, question: &str, out: &mut dyn Write) -> anyhow::Result<Pin> {
+        let pin = self
+            .ask_secret(question, out)
+            .await?
+            .context("no PIN given")?;
+        Ok(Pin::new(pin.as_str()))
+    }
+
+    /// A new PIN, typed twice.
+    async fn new_pin(&mut self, out: &mut dyn Write) -> anyhow::Result<Pin> {
+        let pin = self
+            .ask_secret("new PIN: ", out)
+            .await?
+            .context("no PIN given")?;
+        let again = self
+            .ask_secret("new PIN again: ", out)
+            .await?
+            .context("no PIN given")?;
+        if pin != again {
+            bail!("the two new PINs differ");
+        }
+        Ok(Pin::new(pin.as_str()))
+    }
+}
+
+/// One line of stdin, with the terminal's echo off while it is typed when `terminal`.
+fn read_hidden_line(terminal: bool) -> std::io::Result<Option<Zeroizing<String>>> {
+    let _echo = terminal.then(EchoOff::new);
+    // Room for any PIN, so the buffer is not moved (leaving a copy behind) while it fills.
+    let mut line = Zeroizing::new(String::with_capacity(256));
+    let n = std::io::stdin().read_line(&mut line)?;
+    Ok((n > 0).then_some(line))
+}
+
+/// Turns the terminal's echo off while it lives.
+struct EchoOff;
+
+impl EchoOff {
+    fn new() -> Self {
+        set_echo(false);
+        Self
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        set_echo(true);
+    }
+}
+
+/// Turns the echo of the terminal on stdin on or off, best effort. Through `stty(1)`: the
+/// workspace forbids `unsafe`, so no termios calls.
+fn set_echo(on: bool) {
+    #[cfg(unix)]
+    {
+        let _ = std::process::Command::new("stty")
+            .arg(if on { "echo" } else { "-echo" })
+            .stdin(std::process::Stdio::inherit())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    #[cfg(not(unix))]
+    let _ = on;
 }
 
 /// Runs one enrolment or login to its end (enrolled, logged in once, or logged out of a
@@ -237,12 +760,35 @@ async fn run_session(
     }
     let mut last = session.snapshot();
     if last.state == State::UserInteraction(Interaction::WaitForSecondFactor) {
-        let _ = session.input_cancel().await;
+        let given = if choice.has_sfs {
+            let handle = &session;
+            give_factor(&choice.factor, answers, out, move |factor| {
+                handle.set_pin_biometric(factor)
+            })
+            .await
+        } else {
+            Err(anyhow!("the server asks a second factor, and {NO_SFS}"))
+        };
         states.print(out)?;
-        bail!(
-            "the server asks a second factor, which a virtual device cannot give yet \
-             (set the server's second_factor to none)"
-        );
+        if let Err(error) = given {
+            // Locked or revoked ended the session already; else the server must not wait.
+            if !session.state().is_final() {
+                let _ = session.input_cancel().await;
+            }
+            states.print(out)?;
+            let last = session.snapshot();
+            if last.history_status == Some(HistoryStatus::Enrolled) {
+                let account = last.account_id.unwrap_or_default();
+                writeln!(
+                    out,
+                    "enrolled {} without a second factor (headless); `countersign device \
+                     upgrade {account}` gives it one",
+                    account_label(sdk, Some(&account))
+                )?;
+            }
+            return Err(error);
+        }
+        last = session.snapshot();
     }
     if last.state == State::Active {
         let mut interrupt = Interrupt::new()?;
