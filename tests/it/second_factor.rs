@@ -230,6 +230,88 @@ async fn pin_enrolment_login_lockout_and_restart(db: &TestDb) {
     api.stop().await;
 }
 
+async fn biometric_login_and_account_upgrade(db: &TestDb) {
+    let api = Api::start_with(db, None).await;
+    let (server, token) = pin_tenant(&api, "kim").await;
+    let (status, _) = api
+        .admin(
+            Method::PATCH,
+            &format!("/v1/servers/{server}"),
+            Some(json!({"second_factor": "pin_or_biometric"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let phone = phone(&api).await;
+    let prompt = Arc::new(countersign_mobile_sdk::SimulatedBiometric::new(true));
+    phone.set_biometric_prompt(prompt.clone()).unwrap();
+
+    // A headless account first (the phone has no SFS-proven factor yet, and the user leaves
+    // the enrolment's second-factor step), then upgraded with the PIN.
+    let qr = enrolment_qr(&api, &server, &token, "kim").await;
+    let enrol = phone
+        .start_session(qr.as_bytes(), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    enrol.confirm_enrol().await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        enrol.wait_for(|s| s.state == State::UserInteraction(Interaction::WaitForSecondFactor)),
+    )
+    .await
+    .unwrap();
+    enrol.input_cancel().await.unwrap();
+    let account = phone.accounts().unwrap()[0].clone();
+    assert!(account.headless, "left without a second factor");
+    phone
+        .upgrade_account(&account.account_id, SecondFactor::pin(PIN))
+        .await
+        .unwrap();
+    assert!(!phone.accounts().unwrap()[0].headless);
+    let head = api.head().await.unwrap();
+    let (_, listed) = api
+        .read(
+            &format!("/v1/servers/{server}/users/kim/accounts"),
+            Some(&token),
+            head,
+        )
+        .await;
+    assert_eq!(listed["accounts"][0]["second_factor"], "pin", "{listed}");
+
+    // A biometric key, registered with the PIN, then a login with it.
+    phone
+        .register_biometric(countersign_mobile_sdk::Pin::new(PIN))
+        .await
+        .unwrap();
+    prompt.set(false);
+    let login = to_pin_prompt(&api, &phone, &server, &token, 1, &account.account_id).await;
+    let refused = login.set_pin_biometric(SecondFactor::Biometric).await;
+    assert!(
+        matches!(
+            refused,
+            Err(SdkError::SecondFactor(SecondFactorEvent::BiometricFailed))
+        ),
+        "the platform did not release the key: {refused:?}"
+    );
+    prompt.set(true);
+    login.set_pin_biometric(SecondFactor::Biometric).await.unwrap();
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Done))
+        .await
+        .unwrap();
+    let view = session_view(&api, &server, &token, 1).await;
+    assert_eq!(view["state"], "logged_in", "{view}");
+    let events = api.running.state.store().read_all(0, 10_000).await.unwrap();
+    assert!(events.iter().any(|e| {
+        e.event_type == "session.second_factor_verified"
+            && <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
+                &e.event_type,
+                e.schema_version,
+                &e.payload,
+            )
+            .is_ok_and(|d| d.to_json()["factor"] == "biometric")
+    }));
+    api.stop().await;
+}
+
 /// Every row of every table, as text (PostgreSQL) or the database files' bytes (SQLite).
 async fn dump_tables(db: &TestDb) -> Vec<u8> {
     if db.url().starts_with("sqlite") {
@@ -531,6 +613,7 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
 }
 
 countersign_eventstore::on_both_backends!(
+    biometric_login_and_account_upgrade,
     pin_enrolment_login_lockout_and_restart,
     the_server_checks_every_attestation,
 );
