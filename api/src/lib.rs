@@ -59,6 +59,14 @@ pub fn router(state: AppState) -> Router {
             "/servers/{server_id}/api-keys/{key_id}",
             axum::routing::delete(servers::revoke_api_key),
         )
+        .route(
+            "/servers/{server_id}/sfs-keys",
+            axum::routing::post(servers::trust_sfs_key),
+        )
+        .route(
+            "/servers/{server_id}/sfs-keys/{key_id}",
+            axum::routing::delete(servers::distrust_sfs_key),
+        )
         .route("/servers/{server_id}/users", get(users::list_users))
         .route(
             "/servers/{server_id}/users/{userid}",

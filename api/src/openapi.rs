@@ -49,6 +49,7 @@ impl Modify for BearerSchemes {
         servers::create_server, servers::list_servers, servers::get_server,
         servers::update_server, servers::delete_server, servers::issue_api_key,
         servers::list_api_keys, servers::revoke_api_key,
+        servers::trust_sfs_key, servers::distrust_sfs_key,
         users::put_user, users::get_user, users::list_users, users::delete_user,
         users::list_accounts, users::delete_account, users::create_enrolment,
         users::get_enrolment,

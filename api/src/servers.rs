@@ -16,8 +16,8 @@ use crate::error::{ApiError, Json, Path, Query};
 use crate::state::AppState;
 use crate::views::{
     ApiKeyIssued, ApiKeyList, ApiKeyView, CreateServerRequest, IssueApiKeyRequest, PageParams,
-    ReadParams, SecondFactorMode, ServerList, ServerView, ServerWritten, UpdateServerRequest,
-    Written,
+    ReadParams, SecondFactorMode, ServerList, ServerView, ServerWritten, SfsKeyTrustedView,
+    TrustSfsKeyRequest, UpdateServerRequest, Written,
 };
 use crate::{POSITION_HEADER, error::Problem};
 
@@ -406,6 +406,84 @@ pub async fn revoke_api_key(
         .await?;
     state.wait_for(done.position).await?;
     state.forget_credentials();
+    Ok(written(
+        StatusCode::OK,
+        done.position,
+        Written {
+            position: done.position,
+        },
+    ))
+}
+
+/// Trusts a third-party app's second-factor server for this server's logins: attestations
+/// signed by this key are accepted (the deployment's own SFS is always trusted).
+#[utoipa::path(post, path = "/v1/servers/{server_id}/sfs-keys", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits")),
+    request_body = TrustSfsKeyRequest,
+    responses(
+        (status = 201, description = "Trusted (or trusted already)", body = SfsKeyTrustedView),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Server deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a P-256 key, or a bad label", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn trust_sfs_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(server_id): Path<String>,
+    Json(request): Json<TrustSfsKeyRequest>,
+) -> Result<Response, ApiError> {
+    let server = parse_server_id(&server_id)?;
+    let public_key = hex::decode(request.public_key.trim())
+        .map_err(|_| ApiError::Invalid("public_key must be hex".into()))?;
+    let key_id = countersign_domain::server::sfs_key_id(&public_key)
+        .ok_or_else(|| ApiError::Invalid("public_key is not a P-256 point".into()))?;
+    let done = state
+        .commands()
+        .servers
+        .trust_sfs_key(server, public_key, &request.label, &admin_metadata())
+        .await?;
+    state.wait_for(done.position).await?;
+    Ok(written(
+        StatusCode::CREATED,
+        done.position,
+        SfsKeyTrustedView {
+            key_id: hex::encode(key_id),
+            position: done.position,
+        },
+    ))
+}
+
+/// Stops trusting an SFS key: its attestations are refused from now on (within a second on
+/// every instance).
+#[utoipa::path(delete, path = "/v1/servers/{server_id}/sfs-keys/{key_id}", tag = "servers",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("key_id" = String, Path, description = "64 hex digits")),
+    responses(
+        (status = 200, description = "Not trusted (any more)", body = Written),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such server or key id", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Server deleted", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = [])))]
+pub async fn distrust_sfs_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(path): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (server_id, key_id) = path;
+    let server = parse_server_id(&server_id)?;
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(&key_id, &mut id)
+        .map_err(|_| ApiError::NotFound("no such SFS key".into()))?;
+    let done = state
+        .commands()
+        .servers
+        .distrust_sfs_key(server, id, &admin_metadata())
+        .await?;
+    state.wait_for(done.position).await?;
     Ok(written(
         StatusCode::OK,
         done.position,

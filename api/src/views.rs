@@ -165,6 +165,27 @@ pub struct IssueApiKeyRequest {
     pub label: String,
 }
 
+/// `POST /v1/servers/{server_id}/sfs-keys`: trust a third-party app's second-factor server.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSfsKeyRequest {
+    /// The SFS attestation public key, SEC1 P-256, hex (compressed or uncompressed).
+    #[schema(min_length = 66, max_length = 130)]
+    pub public_key: String,
+    /// Who runs it: 1..=100 characters.
+    #[schema(min_length = 1, max_length = 100)]
+    pub label: String,
+}
+
+/// A trusted SFS key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SfsKeyTrustedView {
+    /// SHA-256 of the compressed key, hex: the `kid` its attestations carry.
+    pub key_id: String,
+    /// The log position reached.
+    pub position: Option<u64>,
+}
+
 /// A new API key. `token` is shown here once and never again.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiKeyIssued {

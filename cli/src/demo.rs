@@ -1,12 +1,16 @@
 //! `countersign demo`: the whole story in one process, on the embedded default. It starts
-//! `countersign serve` on a loopback port (business API and device gateway), creates a virtual
-//! server (its key pair, logins without a second factor, an API key) and, as the business
-//! system over HTTP, users with attributes (deleting one, which shreds their personal data).
-//! A virtual phone (the mobile SDK, its state in a temporary folder) enrols from the enrolment
-//! QR image and logs in to a continuous session from the session's QR image; the business
-//! system sees `logged_in` with the user's attributes, then logs the session out and the phone
-//! hears it. Last, every event the story wrote, what a reader of the log learns from each, and
-//! the signed audit trail over them.
+//! `countersign serve` on a loopback port (business API, device gateway and second-factor
+//! server), creates a virtual server (its key pair, logins that need the app PIN, an API key)
+//! and, as the business system over HTTP, users with attributes (deleting one, which shreds
+//! their personal data). A virtual phone (the mobile SDK bound to that second-factor server,
+//! its state in a temporary folder) enrols from the enrolment QR image, registering its PIN
+//! (OPAQUE: the second-factor server never learns it), and logs in to a continuous session
+//! from the session's QR image: a mistyped PIN first (refused, attempts counted down), then
+//! the right one. The business system sees `logged_in` with the user's attributes, then logs
+//! the session out and the phone hears it. Last, every event the story wrote, what a reader of
+//! the log learns from each, and the signed audit trail over them.
+//!
+//! The demo types the PIN for the user and says so; the PIN itself is never printed.
 //!
 //! Without `--database-url` it uses a fresh SQLite file in a temporary folder, so it can be
 //! run any number of times on a machine with nothing but the binary.
@@ -19,6 +23,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use countersign_commands::{Clock, SystemClock};
 use countersign_domain::account::AccountEvent;
+use countersign_domain::second_factor::SecondFactorEvent as FactorEvent;
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
 use countersign_domain::session::{LogoutReason, SessionEvent};
 use countersign_domain::user::UserEvent;
@@ -26,7 +31,8 @@ use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Metadata, RecordedEvent};
 use countersign_mobile_sdk::{
-    ChannelCallbacks, EncryptedFileStorage, HistoryStatus, Sdk, SdkConfig, SessionHandle, State,
+    ChannelCallbacks, EncryptedFileStorage, HistoryStatus, Interaction, Sdk, SdkConfig, SdkError,
+    SecondFactor, SecondFactorEvent, SessionHandle, SfsConfig, State,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -44,6 +50,13 @@ pub struct DemoArgs {
 
 /// How long the demo waits for one step of the phone or the server before it gives up.
 const STEP: Duration = Duration::from_secs(30);
+
+/// The PIN the demo's user chooses, and the one they mistype first. Never printed.
+const PIN: &str = "4096";
+const MISTYPED_PIN: &str = "4069";
+
+/// The phone's second factor is asked.
+const WAITS_FOR_FACTOR: State = State::UserInteraction(Interaction::WaitForSecondFactor);
 
 pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     // Holds the admin key, the phone's state and (by default) the database; removed at the end.
@@ -73,9 +86,9 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let base = format!("http://{}", running.addr);
     writeln!(
         out,
-        " 1. started countersign serve in this process on {base}: the business API, and the \
-         device gateway at ws://{}/v1/device",
-        running.addr
+        " 1. started countersign serve in this process on {base}: the business API, the device \
+         gateway at ws://{addr}/v1/device and the second-factor server at ws://{addr}/v1/sfs",
+        addr = running.addr
     )?;
 
     // The operator's part, through the command services (what the admin API calls).
@@ -96,11 +109,11 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             server,
             ConfigureServer {
                 logo_url: Some(Some("https://bank.example/logo.png".into())),
-                // Logins without a second factor: the second-factor service does not exist yet.
+                // Every login needs the app PIN (the API's `"second_factor": "pin"`).
                 second_factor: Some(SecondFactorPolicy {
                     pin_allowed: true,
-                    biometric_allowed: true,
-                    require_for_login: false,
+                    biometric_allowed: false,
+                    require_for_login: true,
                     login_reuse_window_secs: 0,
                 }),
                 session_timeout_secs: Some(600),
@@ -113,7 +126,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     writeln!(
         out,
-        " 3. configured it: logo, logins without a second factor, 600 s session timeout, 30 s ping"
+        " 3. configured it: logo, every login needs the app PIN, 600 s session timeout, 30 s ping"
     )?;
     let (key_id, token, issued) = commands
         .servers
@@ -167,10 +180,17 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
          personal data in the log is unreadable for good"
     )?;
 
-    // The phone: the mobile SDK, its encrypted state in a temporary folder.
+    // The phone: the mobile SDK, its encrypted state in a temporary folder, bound to the
+    // second-factor server served alongside (its keys read once: trust on first use).
+    let sfs = SfsConfig::fetch(&format!("{base}/v1/sfs"))
+        .await
+        .context("cannot read the second-factor server's keys")?;
     let phone = Sdk::open(
         Arc::new(EncryptedFileStorage::in_dir(tmp.path().join("phone"))?),
-        SdkConfig::default(),
+        SdkConfig {
+            sfs: Some(sfs),
+            ..SdkConfig::default()
+        },
     )?;
     let image = business
         .bytes(
@@ -192,6 +212,20 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     states.print(&mut out)?;
     enrolment.confirm_enrol().await?;
+    states.print(&mut out)?;
+    if enrolment.state() == WAITS_FOR_FACTOR {
+        // The first enrolment at a server that asks a PIN: the user chooses one, and the
+        // phone registers it at the second-factor server, then proves it for the new account.
+        writeln!(
+            out,
+            "    phone: first enrolment: the user chooses a PIN; phone: PIN entered (registered \
+             with OPAQUE: the second-factor server never learns it)"
+        )?;
+        enrolment
+            .set_pin_biometric(SecondFactor::pin(PIN))
+            .await
+            .context("the phone could not register its PIN")?;
+    }
     let enrolled = finished(&enrolment).await?;
     states.print(&mut out)?;
     let account = enrolled
@@ -247,6 +281,26 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     )?;
     login.set_account(Some(&account)).await?;
     states.print(&mut out)?;
+    if login.state() == WAITS_FOR_FACTOR {
+        writeln!(out, "    phone: asks for the PIN; the user mistypes it")?;
+        writeln!(out, "    phone: PIN entered")?;
+        match login
+            .set_pin_biometric(SecondFactor::pin(MISTYPED_PIN))
+            .await
+        {
+            Err(SdkError::SecondFactor(SecondFactorEvent::WrongPin { attempts_left })) => {
+                writeln!(out, "    phone: wrong PIN: {attempts_left} attempts left")?;
+            }
+            other => bail!("the mistyped PIN was not refused: {other:?}"),
+        }
+        states.print(&mut out)?;
+        writeln!(out, "    phone: PIN entered")?;
+        login
+            .set_pin_biometric(SecondFactor::pin(PIN))
+            .await
+            .context("the phone's PIN was refused")?;
+        states.print(&mut out)?;
+    }
     if login.state() != State::Active {
         bail!("the phone did not log in: {:?}", login.snapshot().error);
     }
@@ -298,7 +352,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     writeln!(out, "\nthe event log ({} events):", events.len())?;
     writeln!(
         out,
-        "{:>8}  {:<28}  {:<24}  what a reader learns",
+        "{:>8}  {:<38}  {:<24}  what a reader learns",
         "position", "type", "stream"
     )?;
     for event in &events {
@@ -306,7 +360,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         let stream: String = event.stream.chars().take(24).collect();
         writeln!(
             out,
-            "{:>8}  {:<28}  {:<24}  {learned}",
+            "{:>8}  {:<38}  {:<24}  {learned}",
             event.position, event.event_type, stream
         )?;
     }
@@ -481,6 +535,16 @@ async fn describe(
                 e.account.account_id
             );
         }
+        AnyEvent::Account(AccountEvent::Upgraded(e)) => {
+            return format!(
+                "second factor {:?}, proven by an SFS attestation (its digest only)",
+                e.second_factor
+            );
+        }
+        AnyEvent::SecondFactor(factor_event) => return describe_factor(factor_event),
+        AnyEvent::Attestation(_) => {
+            return "an attestation was spent: a replay of it is refused".to_owned();
+        }
         _ => return String::new(),
     };
     let (field, sealed) = match user_event {
@@ -504,6 +568,10 @@ fn describe_session(event: &SessionEvent) -> String {
             "ping {} s, expires {} s after opening",
             e.ping_time_secs, e.timeout_secs
         ),
+        SessionEvent::SecondFactorVerified(e) => format!(
+            "{:?} verified by the SFS (its attestation's digest only)",
+            e.factor
+        ),
         SessionEvent::LoggedIn(e) => format!(
             "account {}, the user only as a digest, continuous: {}",
             e.account_id, e.continuous
@@ -514,6 +582,27 @@ fn describe_session(event: &SessionEvent) -> String {
             LogoutReason::PingMissed => "the device stopped pinging".to_owned(),
         },
         _ => String::new(),
+    }
+}
+
+/// The second-factor server's events: what it knows of the PIN is a digest of its OPAQUE
+/// record, never the PIN.
+fn describe_factor(event: &FactorEvent) -> String {
+    match event {
+        FactorEvent::KeyBound(_) => "the app instance's channel key, as a thumbprint".to_owned(),
+        FactorEvent::PinRegistered(_) => {
+            "PIN registered: a digest of its OPAQUE record, never the PIN".to_owned()
+        }
+        FactorEvent::BiometricKeyRegistered(_) => "biometric public key registered".to_owned(),
+        FactorEvent::VerificationSucceeded(e) => {
+            format!("{:?} verified; the failure count starts over", e.factor)
+        }
+        FactorEvent::VerificationFailed(e) => format!(
+            "{:?} refused, failure {} in a row",
+            e.factor, e.failed_attempts
+        ),
+        FactorEvent::Locked(e) => format!("locked after {} failures", e.failed_attempts),
+        FactorEvent::Revoked(e) => format!("revoked ({:?})", e.reason),
     }
 }
 
@@ -536,5 +625,7 @@ fn describe_server(event: &ServerEvent) -> String {
         ),
         ServerEvent::ApiKeyRevoked(e) => format!("key {}", e.key_id),
         ServerEvent::Deleted(_) => "server deleted".to_owned(),
+        ServerEvent::SfsKeyTrusted(e) => format!("trusts SFS {}", e.label),
+        ServerEvent::SfsKeyDistrusted(_) => "an SFS key distrusted".to_owned(),
     }
 }

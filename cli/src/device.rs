@@ -28,9 +28,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
 use countersign_mobile_sdk::{
-    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Pin, Sdk,
-    SdkConfig, SdkError, SecondFactor, SecondFactorEvent, SessionHandle, SessionKind,
-    SessionSnapshot, SfsConfig, SimulatedBiometric, State, decode_input,
+    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Pin, Sdk, SdkConfig,
+    SdkError, SecondFactor, SecondFactorEvent, SessionHandle, SessionKind, SessionSnapshot,
+    SfsConfig, SimulatedBiometric, State, decode_input,
 };
 use countersign_protocol::qr::{DEEP_LINK_PREFIX, QrKind};
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,12 @@ pub struct DeviceArgs {
     /// The second-factor server, e.g. `http://127.0.0.1:8080/v1/sfs` (default: the one stored
     /// in `--home`, else the one of the server this device first enrols at). Its keys are
     /// fetched when it is not the stored one, and stored.
-    #[arg(long, env = "COUNTERSIGN_DEVICE_SFS", global = true, value_name = "URL")]
+    #[arg(
+        long,
+        env = "COUNTERSIGN_DEVICE_SFS",
+        global = true,
+        value_name = "URL"
+    )]
     pub sfs: Option<String>,
     #[command(subcommand)]
     pub command: DeviceCommand,
@@ -265,10 +270,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                 bail!("no account {} on this device", upgrade.account_id);
             };
             if !account.headless {
-                bail!(
-                    "account {} already has a second factor",
-                    account.account_id
-                );
+                bail!("account {} already has a second factor", account.account_id);
             }
             if sfs.is_none() {
                 let gateway = sdk
@@ -432,22 +434,26 @@ fn wrong_pin(attempts_left: u32) -> String {
 /// What to tell the user when their factor was not accepted.
 fn factor_error(error: SdkError) -> anyhow::Error {
     match error {
-        SdkError::SecondFactor(event) => anyhow!(match event {
-            SecondFactorEvent::WrongPin { attempts_left } => wrong_pin(attempts_left),
-            SecondFactorEvent::Locked { until_ms } => format!("locked until {}", utc(until_ms)),
-            SecondFactorEvent::Revoked => "revoked: too many wrong attempts; this device's \
-                                           second factor must be enrolled again"
-                .to_owned(),
-            SecondFactorEvent::BiometricFailed => "the biometric check failed".to_owned(),
-            SecondFactorEvent::NotRegistered => "this factor is not registered for this device \
-                                                 (the PIN: at the first enrolment at a server \
-                                                 that asks one, or `device upgrade`; a \
-                                                 biometric key: `device register-biometric`)"
-                .to_owned(),
-            SecondFactorEvent::Verified => "the second factor was verified".to_owned(),
-        }),
+        SdkError::SecondFactor(event) => anyhow!(refusal_text(event)),
         SdkError::SecondFactorUnavailable => anyhow!(NO_SFS),
         other => anyhow::Error::new(other).context("the second factor failed"),
+    }
+}
+
+fn refusal_text(event: SecondFactorEvent) -> String {
+    match event {
+        SecondFactorEvent::WrongPin { attempts_left } => wrong_pin(attempts_left),
+        SecondFactorEvent::Locked { until_ms } => format!("locked until {}", utc(until_ms)),
+        SecondFactorEvent::Revoked => "revoked: too many wrong attempts; this device's second \
+                                       factor must be enrolled again"
+            .to_owned(),
+        SecondFactorEvent::BiometricFailed => "the biometric check failed".to_owned(),
+        SecondFactorEvent::NotRegistered => "this factor is not registered for this device (the \
+                                             PIN: at the first enrolment at a server that asks \
+                                             one, or `device upgrade`; a biometric key: `device \
+                                             register-biometric`)"
+            .to_owned(),
+        SecondFactorEvent::Verified => "the second factor was verified".to_owned(),
     }
 }
 
@@ -471,7 +477,8 @@ fn load_sfs(home: &Path) -> anyhow::Result<Option<SfsConfig>> {
     let stored: StoredSfs = serde_json::from_str(&text)
         .with_context(|| format!("{} is not an SFS record", path.display()))?;
     let key = |hex_text: &str| {
-        hex::decode(hex_text).with_context(|| format!("{} holds a key that is not hex", path.display()))
+        hex::decode(hex_text)
+            .with_context(|| format!("{} holds a key that is not hex", path.display()))
     };
     Ok(Some(SfsConfig {
         channel_public_key: key(&stored.channel_public_key)?,
@@ -626,10 +633,8 @@ impl Answers {
         let line = line
             .context("cannot read stdin")?
             .context("cannot read stdin")?;
-        // The Enter was not echoed either.
-        if terminal || line.is_none() {
-            writeln!(out)?;
-        }
+        // What was typed is not shown (nor, on a terminal, the Enter): end the prompt's line.
+        writeln!(out)?;
         Ok(line
             .map(|l| Zeroizing::new(l.trim().to_owned()))
             .filter(|l| !l.is_empty()))
@@ -1000,6 +1005,9 @@ impl States {
                     writeln!(out, "{}state: {}", self.prefix, describe_state(snapshot))?;
                 }
             }
+            Event::SecondFactor(_, SecondFactorEvent::Verified) => {
+                writeln!(out, "{}second factor verified", self.prefix)?;
+            }
             Event::AccountDeleted(account) => writeln!(
                 out,
                 "{}the server deleted account {} ({}); forgotten",
@@ -1026,6 +1034,7 @@ fn describe_state(snapshot: &SessionSnapshot) -> String {
             None => "done".to_owned(),
         },
         State::Error => match &snapshot.error {
+            Some(SdkError::SecondFactor(event)) => format!("error ({})", refusal_text(*event)),
             Some(error) => format!("error ({error})"),
             None => "error".to_owned(),
         },
@@ -1081,29 +1090,35 @@ impl Interrupt {
     }
 }
 
-fn print_accounts(sdk: &Sdk, out: &mut dyn Write) -> anyhow::Result<()> {
+fn print_accounts(sdk: &Sdk, sfs: Option<&SfsConfig>, out: &mut dyn Write) -> anyhow::Result<()> {
     let accounts = sdk.accounts()?;
     if accounts.is_empty() {
         writeln!(out, "no accounts on this device")?;
-        return Ok(());
-    }
-    let name_width = accounts
-        .iter()
-        .map(|a| a.server_name.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max("server".len());
-    writeln!(
-        out,
-        "{:<32}  {:<name_width$}  {:<32}  userid",
-        "account", "server", "server id"
-    )?;
-    for a in &accounts {
+    } else {
+        let name_width = accounts
+            .iter()
+            .map(|a| a.server_name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("server".len());
+        // `factor`: `yes` when the account has a second factor from this device, `headless`
+        // when it has none (enrolled without one and never upgraded).
         writeln!(
             out,
-            "{:<32}  {:<name_width$}  {:<32}  {}",
-            a.account_id, a.server_name, a.server_id, a.userid
+            "{:<32}  {:<name_width$}  {:<32}  {:<8}  userid",
+            "account", "server", "server id", "factor"
         )?;
+        for a in &accounts {
+            let factor = if a.headless { "headless" } else { "yes" };
+            writeln!(
+                out,
+                "{:<32}  {:<name_width$}  {:<32}  {factor:<8}  {}",
+                a.account_id, a.server_name, a.server_id, a.userid
+            )?;
+        }
+    }
+    if let Some(sfs) = sfs {
+        writeln!(out, "second-factor server: {}", sfs.url)?;
     }
     Ok(())
 }

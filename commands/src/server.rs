@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use countersign_domain::server::{
-    ConfigureServer, CreateServer, DeleteServer, IssueApiKey, RevokeApiKey, Server, ServerCommand,
-    ServerEvent,
+    ConfigureServer, CreateServer, DeleteServer, DistrustSfsKey, IssueApiKey, RevokeApiKey,
+    Server, ServerCommand, ServerEvent, TrustSfsKey,
 };
 use countersign_domain::{ApiKeyId, Clock, Context, ServerId};
 use countersign_eventstore::vault::KeyVault;
@@ -204,6 +204,33 @@ impl ServerCommands {
         metadata: &Metadata,
     ) -> Result<Executed<ServerEvent>, CommandError> {
         self.run(server, RevokeApiKey { key_id }.into(), metadata, None)
+            .await
+    }
+
+    /// Trusts a third-party SFS's attestation key for this server (nothing new if it is
+    /// trusted already).
+    pub async fn trust_sfs_key(
+        &self,
+        server: ServerId,
+        public_key: Vec<u8>,
+        label: &str,
+        metadata: &Metadata,
+    ) -> Result<Executed<ServerEvent>, CommandError> {
+        let command = TrustSfsKey {
+            public_key,
+            label: label.to_owned(),
+        };
+        self.run(server, command.into(), metadata, None).await
+    }
+
+    /// Stops trusting an SFS key (nothing new if it was not trusted).
+    pub async fn distrust_sfs_key(
+        &self,
+        server: ServerId,
+        key_id: [u8; 32],
+        metadata: &Metadata,
+    ) -> Result<Executed<ServerEvent>, CommandError> {
+        self.run(server, DistrustSfsKey { key_id }.into(), metadata, None)
             .await
     }
 

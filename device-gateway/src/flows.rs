@@ -460,8 +460,24 @@ async fn accept_attestation(
         account_key_thumbprint: active.signing_key_thumbprint,
         now_ms: gateway.clock.now().as_millis(),
     };
+    // The deployment's own SFS (and any it was told to trust), plus the third-party SFS keys
+    // this server trusts, read from its stream now: distrusting a key takes effect at once.
+    let mut trusted = gateway.config.trusted_sfs_keys.clone();
+    if let Some(active) = conn
+        .gateway
+        .active_server_now(conn.server)
+        .await
+        .map_err(|e| internal(&e))?
+    {
+        trusted.extend(
+            active
+                .trusted_sfs_keys
+                .values()
+                .filter_map(|k| p256::ecdsa::VerifyingKey::from_sec1_bytes(k).ok()),
+        );
+    }
     let claims =
-        verify_attestation(bytes, &gateway.config.trusted_sfs_keys, &expect).map_err(|e| {
+        verify_attestation(bytes, &trusted, &expect).map_err(|e| {
             error(
                 ErrorCode::BadAttestation,
                 &format!("attestation refused: {e}"),

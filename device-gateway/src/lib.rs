@@ -164,7 +164,7 @@ impl Gateway {
     /// Remembered for [`SERVER_CACHE`]: every connection needs it twice (before the upgrade,
     /// and for the settings it answers with), and settings changes may take that long to
     /// reach devices.
-    async fn active_server(&self, server: ServerId) -> Result<Option<ActiveServer>, GatewayError> {
+    pub(crate) async fn active_server(&self, server: ServerId) -> Result<Option<ActiveServer>, GatewayError> {
         if let Some(active) = self.0.servers.read().ok().and_then(|servers| {
             servers
                 .get(&server)
@@ -173,6 +173,14 @@ impl Gateway {
         }) {
             return Ok(Some(active));
         }
+        self.active_server_now(server).await
+    }
+
+    /// As [`Self::active_server`], read from the stream now (a trust decision must not lag).
+    pub(crate) async fn active_server_now(
+        &self,
+        server: ServerId,
+    ) -> Result<Option<ActiveServer>, GatewayError> {
         let loaded = load::<Server>(&self.0.store, &server.stream()).await?;
         Ok(match loaded.state {
             Server::Active(active) => {

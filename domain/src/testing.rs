@@ -344,6 +344,16 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             },
         )
         .into(),
+        crate::server::ServerEvent::SfsKeyTrusted(crate::server::SfsKeyTrusted {
+            key_id: [4; 32],
+            public_key: vec![4; 65],
+            label: "Partner app".to_owned(),
+        })
+        .into(),
+        crate::server::ServerEvent::SfsKeyDistrusted(crate::server::SfsKeyDistrusted {
+            key_id: [4; 32],
+        })
+        .into(),
         crate::attestation::AttestationEvent::Used(crate::attestation::AttestationUsed {
             attestation_hash: [7; 32],
             factor: SecondFactorKind::Pin,

@@ -76,9 +76,14 @@ fn demo_runs_on_the_embedded_default_with_nothing_installed() {
         stdout.contains("<erased>"),
         "the deleted user's personal data no longer opens:\n{stdout}"
     );
-    // The story with a phone: enrolled, logged in, seen by the business system, logged out.
+    // The story with a phone: enrolled with a PIN, a mistyped PIN refused, logged in with the
+    // right one, seen by the business system, logged out.
     for expected in [
+        "phone: state: waiting for a second factor",
         "phone: state: done (enrolled)",
+        "phone: PIN entered",
+        "phone: wrong PIN: 4 attempts left",
+        "phone: second factor verified",
         "phone: state: active (logged in)",
         "business system hears: logged_in",
         "the session is logged_in for alice@bank.example",
@@ -87,6 +92,10 @@ fn demo_runs_on_the_embedded_default_with_nothing_installed() {
         "business system hears: logged_out",
         "session.logged_in",
         "account.registered",
+        "account.upgraded",
+        "second_factor.pin_registered",
+        "second_factor.verification_failed",
+        "session.second_factor_verified",
         "audit verify: OK",
     ] {
         assert!(

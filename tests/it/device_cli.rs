@@ -3,7 +3,10 @@
 //! `device` subcommand reading the QR codes as PNG images the API drew. Enrolment, one-shot
 //! logins with `--yes` and through the prompt, a declined login, continuous sessions ended by
 //! the server and by SIGTERM, NOACCOUNTS on a fresh device, the history, and deleting the
-//! account from the device.
+//! account from the device. On a server whose logins need a PIN: the first enrolment registers
+//! it at the served SFS (trusted on first use), logins with the right and wrong PINs (from
+//! `--pin`, the environment and the prompt), change-pin, a biometric key, and upgrading a
+//! headless account; the PIN never reaches the output.
 
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -122,6 +125,11 @@ impl Served {
     /// A server whose logins need no second factor, an API key, and user alice with
     /// attributes: (server id, token).
     fn tenant(&self) -> (String, String) {
+        self.tenant_with("none")
+    }
+
+    /// The same with the second-factor policy `policy` (`none`, `pin`, ...).
+    fn tenant_with(&self, policy: &str) -> (String, String) {
         let admin = self.admin_key.clone();
         let created = self.call(
             Method::POST,
@@ -134,7 +142,7 @@ impl Served {
             Method::PATCH,
             &format!("/v1/servers/{server}"),
             &admin,
-            Some(json!({"second_factor": "none"})),
+            Some(json!({"second_factor": policy})),
         );
         let key = self.call(
             Method::POST,
@@ -299,10 +307,14 @@ fn the_virtual_phone_enrols_logs_in_and_deletes_its_account() {
         .nth(1)
         .unwrap_or_else(|| panic!("{accounts}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(columns.len(), 4, "{accounts}");
+    assert_eq!(columns.len(), 5, "{accounts}");
     let account = columns[0].to_owned();
     assert_eq!(account.len(), 32);
-    assert_eq!(&columns[1..], &["Bank", server.as_str(), "alice"]);
+    // On a server that asks no second factor the account stays headless.
+    assert_eq!(
+        &columns[1..],
+        &["Bank", server.as_str(), "headless", "alice"]
+    );
 
     // A one-shot login with --yes: the business system sees the user logged in.
     let qr = served.session(&server, &token, &nonce(1), 0);
@@ -435,4 +447,203 @@ fn the_virtual_phone_enrols_logs_in_and_deletes_its_account() {
         None,
     );
     assert_eq!(listed["accounts"], json!([]), "{listed}");
+}
+
+const PIN: &str = "2468";
+const NEW_PIN: &str = "8642";
+
+/// The account rows of `device accounts`: (account id, factor column).
+fn account_rows(home: &Path) -> Vec<(String, String)> {
+    device_ok(home, &["accounts"], "")
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("second-factor server:"))
+        .map(|l| {
+            let columns: Vec<&str> = l.split_whitespace().collect();
+            (columns[0].to_owned(), columns[3].to_owned())
+        })
+        .collect()
+}
+
+/// Asserts that none of `pins` is in the command's stdout or stderr, once the ids and the
+/// URL that may hold digits by chance are taken out.
+fn assert_no_pin(out: &Output, pins: &[&str], known: &[&str]) {
+    for stream in [&out.stdout, &out.stderr] {
+        let mut text = String::from_utf8_lossy(stream).into_owned();
+        for noise in known {
+            text = text.replace(noise, "<id>");
+        }
+        for pin in pins {
+            assert!(!text.contains(pin), "the PIN {pin} was printed:\n{text}");
+        }
+    }
+}
+
+fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_virtual_phone_gives_its_pin_when_the_server_asks_one() {
+    let served = Served::start();
+    let (server, token) = served.tenant_with("pin");
+    let home = served.dir.path().join("phone");
+    let home = home.as_path();
+    let login = |n: u8, args: &[&str], stdin: &str| {
+        let qr = served.session(&server, &token, &nonce(n), 0);
+        let mut all = vec!["login", qr.to_str().unwrap(), "--yes"];
+        all.extend_from_slice(args);
+        device(home, &all, stdin)
+    };
+
+    // The first enrolment finds the SFS next to the gateway, pins its keys and registers the
+    // PIN there; the new account is not headless.
+    let enrolment = served.png(
+        Method::POST,
+        &format!("/v1/servers/{server}/enrolments?format=png"),
+        &token,
+        Some(json!({"userid": "alice"})),
+        "enrol.png",
+    );
+    let out = device(
+        home,
+        &["enrol", enrolment.to_str().unwrap(), "--yes", "--pin", PIN],
+        "",
+    );
+    let stdout = stdout_of(&out);
+    assert!(out.status.success(), "{}\n{stdout}", stderr_of(&out));
+    let sfs = format!("{}/v1/sfs", served.base.replacen("http://", "ws://", 1));
+    assert!(
+        stdout.contains(&format!(
+            "second-factor server: {sfs} (trusted on first use"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("state: waiting for a second factor"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("second factor verified"), "{stdout}");
+    assert!(stdout.contains("state: done (enrolled)"), "{stdout}");
+    assert!(home.join("sfs.json").is_file());
+    let rows = account_rows(home);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (account, factor) = rows[0].clone();
+    assert_eq!(
+        factor, "yes",
+        "the account has a second factor, not headless"
+    );
+    // The port may hold the PIN's digits by chance.
+    let host = served.base.trim_start_matches("http://");
+    let known = [account.as_str(), server.as_str(), host];
+    assert_no_pin(&out, &[PIN], &known);
+
+    // A login with the right PIN: the business system sees the user logged in, and the
+    // account with its PIN.
+    let out = login(1, &["--pin", PIN], "");
+    let stdout = stdout_of(&out);
+    assert!(out.status.success(), "{}\n{stdout}", stderr_of(&out));
+    assert!(stdout.contains("second factor verified"), "{stdout}");
+    assert!(stdout.contains("state: done (logged in once)"), "{stdout}");
+    assert_no_pin(&out, &[PIN], &known);
+    let position = served.wait_for_state(&server, &token, &nonce(1), "logged_in");
+    let view = served.call(
+        Method::GET,
+        &format!(
+            "/v1/servers/{server}/sessions/{}?min_position={position}",
+            nonce(1)
+        ),
+        &token,
+        None,
+    );
+    assert_eq!(view["state"], "logged_in", "{view}");
+    assert_eq!(view["account_id"], account.as_str());
+    let listed = served.call(
+        Method::GET,
+        &format!("/v1/servers/{server}/users/alice/accounts?min_position={position}"),
+        &token,
+        None,
+    );
+    assert_eq!(listed["accounts"][0]["second_factor"], "pin", "{listed}");
+
+    // A wrong `--pin`: exit 1 with the attempts left, and the session is given up.
+    let out = login(2, &["--pin", "0000"], "");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = stderr_of(&out);
+    assert!(stderr.contains("wrong PIN: 4 attempts left"), "{stderr}");
+    assert!(stdout_of(&out).contains("state: done (aborted)"));
+    assert_no_pin(&out, &[PIN, "0000"], &known);
+    served.wait_for_state(&server, &token, &nonce(2), "aborted");
+
+    // At the prompt a wrong PIN is told and asked again; the failures are consecutive.
+    let out = login(3, &[], "1357\n2468\n");
+    let stdout = stdout_of(&out);
+    assert!(out.status.success(), "{}\n{stdout}", stderr_of(&out));
+    assert_eq!(stdout.lines().filter(|l| *l == "PIN: ").count(), 2, "{stdout}");
+    assert!(stdout.contains("wrong PIN: 3 attempts left"), "{stdout}");
+    assert!(stdout.contains("state: done (logged in once)"), "{stdout}");
+    assert_no_pin(&out, &[PIN, "1357"], &known);
+    served.wait_for_state(&server, &token, &nonce(3), "logged_in");
+
+    // Change the PIN; the old one no longer works, the new one (from the environment) does.
+    let out = device(
+        home,
+        &["change-pin", "--pin", PIN, "--new-pin", NEW_PIN],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stdout_of(&out).contains("PIN changed"));
+    assert_no_pin(&out, &[PIN, NEW_PIN], &known);
+    let out = login(4, &["--pin", PIN], "");
+    assert!(stderr_of(&out).contains("wrong PIN: 4 attempts left"));
+    let qr = served.session(&server, &token, &nonce(5), 0);
+    let out = device_command(home, &["login", qr.to_str().unwrap(), "--yes"])
+        .env("COUNTERSIGN_DEVICE_PIN", NEW_PIN)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_no_pin(&out, &[NEW_PIN], &known);
+    served.wait_for_state(&server, &token, &nonce(5), "logged_in");
+
+    // A biometric key, registered with the PIN, logs in where the server allows it; a failed
+    // check does not.
+    let out = device(home, &["register-biometric"], &format!("{NEW_PIN}\n"));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_no_pin(&out, &[NEW_PIN], &known);
+    served.call(
+        Method::PATCH,
+        &format!("/v1/servers/{server}"),
+        &served.admin_key,
+        Some(json!({"second_factor": "pin_or_biometric"})),
+    );
+    let out = login(6, &["--biometric"], "");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    served.wait_for_state(&server, &token, &nonce(6), "logged_in");
+    let out = login(7, &["--biometric-fail"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("the biometric check failed"));
+    served.wait_for_state(&server, &token, &nonce(7), "aborted");
+
+    // An account enrolled where no second factor is asked stays headless until upgraded.
+    let (plain, plain_token) = served.tenant_with("none");
+    let enrolment = served.png(
+        Method::POST,
+        &format!("/v1/servers/{plain}/enrolments?format=png"),
+        &plain_token,
+        Some(json!({"userid": "alice"})),
+        "plain.png",
+    );
+    device_ok(home, &["enrol", enrolment.to_str().unwrap(), "--yes"], "");
+    let rows = account_rows(home);
+    let (headless, factor) = rows[1].clone();
+    assert_eq!(factor, "headless", "{rows:?}");
+    let out = device(home, &["upgrade", &headless, "--pin", NEW_PIN], "");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stdout_of(&out).contains("it now has a second factor"));
+    assert_eq!(account_rows(home)[1], (headless, "yes".to_owned()));
 }

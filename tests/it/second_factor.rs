@@ -396,8 +396,25 @@ impl TestSfs {
 async fn the_server_checks_every_attestation(db: &TestDb) {
     let sfs = TestSfs::new(0x31);
     let untrusted = TestSfs::new(0x32);
-    let api = Api::start_trusting(db, None, vec![sfs.public_hex()]).await;
+    let api = Api::start_with(db, None).await;
     let (server, token) = pin_tenant(&api, "jo").await;
+    // This server trusts a third-party app's SFS (the test's key); others do not.
+    let (status, trusted) = api
+        .admin(
+            Method::POST,
+            &format!("/v1/servers/{server}/sfs-keys"),
+            Some(json!({"public_key": sfs.public_hex(), "label": "Partner app"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{trusted}");
+    let (status, _) = api
+        .admin(
+            Method::POST,
+            &format!("/v1/servers/{server}/sfs-keys"),
+            Some(json!({"public_key": "04abcd", "label": "Broken"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // A login within five minutes of a proven factor may skip the prompt.
     let (status, _) = api
         .admin(
@@ -591,6 +608,43 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
         .filter(|e| e.to_json()["reused"] == true)
         .count();
     assert_eq!(reused, 1, "the second login records that it reused the factor");
+
+    // Distrusted: a good attestation by that key is refused from then on.
+    let key_id = trusted["key_id"].as_str().unwrap();
+    let (status, _) = api
+        .admin(
+            Method::DELETE,
+            &format!("/v1/servers/{server}/sfs-keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let Outcome::Ok(Answer::Challenge { challenge: upgrade_again }) = phone
+        .request(
+            34,
+            RequestBody::Challenge {
+                purpose: ChallengePurpose::Upgrade,
+            },
+        )
+        .await
+    else {
+        panic!("a challenge")
+    };
+    let outcome = phone
+        .request(
+            35,
+            RequestBody::UpgradeAccount {
+                attestation: Blob(sfs.attest(
+                    app_instance,
+                    upgrade_again.0,
+                    thumbprint,
+                    api.clock.now_ms(),
+                    9,
+                )),
+            },
+        )
+        .await;
+    assert_eq!(code(&outcome), Some(ErrorCode::BadAttestation), "{outcome:?}");
 
     // Past the window the prompt is back.
     api.clock.advance_secs(301);

@@ -120,6 +120,28 @@ pub struct ServerDeleted {
     pub deleted_at: Timestamp,
 }
 
+/// `server.sfs_key_trusted` v1: the server accepts attestations signed by this SFS key (a
+/// third-party app's second-factor server; the deployment's own SFS is always trusted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SfsKeyTrusted {
+    /// SHA-256 of the compressed SEC1 key: the `kid` its attestations carry.
+    #[serde(with = "serde_bytes")]
+    pub key_id: [u8; 32],
+    /// SEC1 uncompressed P-256 public key.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Who runs it, for people.
+    pub label: String,
+}
+
+/// `server.sfs_key_distrusted` v1: attestations by this key are refused from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SfsKeyDistrusted {
+    /// The key's id.
+    #[serde(with = "serde_bytes")]
+    pub key_id: [u8; 32],
+}
+
 crate::domain_events! {
     /// Everything that happens to a server.
     pub enum ServerEvent {
@@ -128,5 +150,7 @@ crate::domain_events! {
         ApiKeyIssued(ApiKeyIssued) = ("server.api_key_issued", 1),
         ApiKeyRevoked(ApiKeyRevoked) = ("server.api_key_revoked", 1),
         Deleted(ServerDeleted) = ("server.deleted", 1),
+        SfsKeyTrusted(SfsKeyTrusted) = ("server.sfs_key_trusted", 1),
+        SfsKeyDistrusted(SfsKeyDistrusted) = ("server.sfs_key_distrusted", 1),
     }
 }

@@ -80,6 +80,22 @@ pub struct RevokeApiKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteServer;
 
+/// Trust a third-party SFS's attestation key for this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustSfsKey {
+    /// SEC1 P-256 public key, compressed or uncompressed.
+    pub public_key: Vec<u8>,
+    /// Who runs it, 1..=100 characters.
+    pub label: String,
+}
+
+/// Stop trusting an SFS key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DistrustSfsKey {
+    /// SHA-256 of the compressed key.
+    pub key_id: [u8; 32],
+}
+
 /// Commands of the server aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerCommand {
@@ -93,6 +109,10 @@ pub enum ServerCommand {
     RevokeApiKey(RevokeApiKey),
     /// See [`DeleteServer`].
     Delete(DeleteServer),
+    /// See [`TrustSfsKey`].
+    TrustSfsKey(TrustSfsKey),
+    /// See [`DistrustSfsKey`].
+    DistrustSfsKey(DistrustSfsKey),
 }
 
 macro_rules! into_command {
@@ -112,6 +132,8 @@ into_command!(ServerCommand {
     IssueApiKey(IssueApiKey),
     RevokeApiKey(RevokeApiKey),
     Delete(DeleteServer),
+    TrustSfsKey(TrustSfsKey),
+    DistrustSfsKey(DistrustSfsKey),
 });
 
 /// Why a server command was refused.
@@ -176,6 +198,8 @@ pub struct ActiveServer {
     pub settings: ServerSettings,
     /// Every key ever issued.
     pub api_keys: BTreeMap<ApiKeyId, ApiKeyStatus>,
+    /// Third-party SFS attestation keys this server accepts, by key id (SEC1 uncompressed).
+    pub trusted_sfs_keys: BTreeMap<[u8; 32], Vec<u8>>,
 }
 
 /// The server aggregate's state.
@@ -311,6 +335,15 @@ fn decide_revoke(
     }
 }
 
+/// The id attestations name an SFS key by: SHA-256 of its compressed SEC1 form.
+#[must_use]
+pub fn sfs_key_id(public_key: &[u8]) -> Option<[u8; 32]> {
+    use p256::elliptic_curve::sec1::ToSec1Point as _;
+    use sha2::Digest as _;
+    let key = p256::PublicKey::from_sec1_bytes(public_key).ok()?;
+    Some(sha2::Sha256::digest(key.as_affine().to_sec1_point(true).as_bytes()).into())
+}
+
 impl Aggregate for Server {
     type Command = ServerCommand;
     type Event = ServerEvent;
@@ -330,6 +363,30 @@ impl Aggregate for Server {
             ServerCommand::Configure(cmd) => decide_configure(self.active()?, cmd),
             ServerCommand::IssueApiKey(cmd) => decide_issue(self.active()?, cmd, ctx),
             ServerCommand::RevokeApiKey(cmd) => decide_revoke(self.active()?, cmd, ctx),
+            ServerCommand::TrustSfsKey(cmd) => {
+                let server = self.active()?;
+                validate::display_text("label", &cmd.label, LABEL_MAX_CHARS)?;
+                let (public_key, _) = validate::p256_public_key(&cmd.public_key)
+                    .ok_or(ValidationError::PublicKey)?;
+                let key_id = sfs_key_id(&public_key).ok_or(ValidationError::PublicKey)?;
+                if server.trusted_sfs_keys.contains_key(&key_id) {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![ServerEvent::SfsKeyTrusted(SfsKeyTrusted {
+                    key_id,
+                    public_key,
+                    label: cmd.label,
+                })])
+            }
+            ServerCommand::DistrustSfsKey(cmd) => {
+                let server = self.active()?;
+                if !server.trusted_sfs_keys.contains_key(&cmd.key_id) {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![ServerEvent::SfsKeyDistrusted(SfsKeyDistrusted {
+                    key_id: cmd.key_id,
+                })])
+            }
             ServerCommand::Delete(DeleteServer) => {
                 self.active()?;
                 Ok(vec![ServerEvent::Deleted(ServerDeleted {
@@ -347,6 +404,7 @@ impl Aggregate for Server {
                     key_thumbprint: e.key_thumbprint,
                     settings: e.settings.clone(),
                     api_keys: BTreeMap::new(),
+                    trusted_sfs_keys: BTreeMap::new(),
                 });
             }
             (ServerEvent::Configured(e), Self::Active(s)) => s.settings = e.settings.clone(),
@@ -357,6 +415,12 @@ impl Aggregate for Server {
                 s.api_keys.insert(e.key_id, ApiKeyStatus::Revoked);
             }
             (ServerEvent::Deleted(_), Self::Active(s)) => *self = Self::Deleted { id: s.id },
+            (ServerEvent::SfsKeyTrusted(e), Self::Active(s)) => {
+                s.trusted_sfs_keys.insert(e.key_id, e.public_key.clone());
+            }
+            (ServerEvent::SfsKeyDistrusted(e), Self::Active(s)) => {
+                s.trusted_sfs_keys.remove(&e.key_id);
+            }
             // History is a fact: an event that cannot follow the current state (a corrupt or
             // hand-edited stream) changes nothing rather than inventing state.
             _ => {}

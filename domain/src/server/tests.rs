@@ -532,3 +532,44 @@ fn lifecycle_snapshot() {
         insta::assert_yaml_snapshot!(NAME, rendered);
     });
 }
+
+#[test]
+fn a_server_trusts_and_distrusts_third_party_sfs_keys() {
+    let mut server = Server::default();
+    let mut ctx = Context::new(NOW);
+    for event in server
+        .decide(create().into(), &mut ctx)
+        .unwrap_or_default()
+    {
+        server.apply(&event);
+    }
+    let key = key_pair_point(true);
+    let trust = TrustSfsKey {
+        public_key: key.clone(),
+        label: "Partner app".into(),
+    };
+    let events = server.decide(trust.clone().into(), &mut ctx).unwrap_or_default();
+    let [ServerEvent::SfsKeyTrusted(trusted)] = events.as_slice() else {
+        panic!("trusted: {events:?}")
+    };
+    assert_eq!(trusted.public_key.len(), 65, "stored uncompressed");
+    assert_eq!(Some(trusted.key_id), sfs_key_id(&key));
+    server.apply(&events[0]);
+    assert_eq!(server.decide(trust.into(), &mut ctx), Ok(Vec::new()), "again: nothing");
+    let Server::Active(active) = &server else {
+        panic!("active")
+    };
+    assert!(active.trusted_sfs_keys.contains_key(&trusted.key_id));
+    let distrust = DistrustSfsKey {
+        key_id: trusted.key_id,
+    };
+    let events = server.decide(distrust.into(), &mut ctx).unwrap_or_default();
+    assert!(matches!(events.as_slice(), [ServerEvent::SfsKeyDistrusted(_)]));
+    server.apply(&events[0]);
+    assert_eq!(server.decide(distrust.into(), &mut ctx), Ok(Vec::new()));
+    let bad = TrustSfsKey {
+        public_key: vec![4; 65],
+        label: "x".into(),
+    };
+    assert!(server.decide(bad.into(), &mut ctx).is_err(), "not a point");
+}

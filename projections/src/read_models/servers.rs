@@ -100,6 +100,8 @@ impl Fold {
                 return Ok(());
             }
             ServerEvent::Configured(e) => settings = Some(e.settings),
+            // Which SFS keys a server trusts is the gateway's concern, read from the stream.
+            ServerEvent::SfsKeyTrusted(_) | ServerEvent::SfsKeyDistrusted(_) => {}
             ServerEvent::Deleted(e) => deleted_at = Some(e.deleted_at),
             ServerEvent::ApiKeyIssued(e) => self.keys.push(KeyChange::Put(ApiKeyRow {
                 secret_hash: e.secret_hash,
