@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use countersign_commands::{Clock, SystemClock};
 use countersign_domain::account::AccountEvent;
-use countersign_domain::second_factor::SecondFactorEvent as FactorEvent;
+use countersign_domain::second_factor::{SecondFactorEvent as FactorEvent, SecondFactorKind};
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
 use countersign_domain::session::{LogoutReason, SessionEvent};
 use countersign_domain::user::UserEvent;
@@ -218,8 +218,9 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         // phone registers it at the second-factor server, then proves it for the new account.
         writeln!(
             out,
-            "    phone: first enrolment: the user chooses a PIN; phone: PIN entered (registered \
-             with OPAQUE: the second-factor server never learns it)"
+            "    phone: first enrolment at a server that asks a PIN: the user chooses one\n    \
+             phone: PIN entered (registered at the second-factor server with OPAQUE: it never \
+             learns the PIN)"
         )?;
         enrolment
             .set_pin_biometric(SecondFactor::pin(PIN))
@@ -537,8 +538,8 @@ async fn describe(
         }
         AnyEvent::Account(AccountEvent::Upgraded(e)) => {
             return format!(
-                "second factor {:?}, proven by an SFS attestation (its digest only)",
-                e.second_factor
+                "second factor {}, proven by an SFS attestation (its digest only)",
+                kind(e.second_factor)
             );
         }
         AnyEvent::SecondFactor(factor_event) => return describe_factor(factor_event),
@@ -569,8 +570,8 @@ fn describe_session(event: &SessionEvent) -> String {
             e.ping_time_secs, e.timeout_secs
         ),
         SessionEvent::SecondFactorVerified(e) => format!(
-            "{:?} verified by the SFS (its attestation's digest only)",
-            e.factor
+            "{} verified by the SFS (its attestation's digest only)",
+            kind(e.factor)
         ),
         SessionEvent::LoggedIn(e) => format!(
             "account {}, the user only as a digest, continuous: {}",
@@ -595,14 +596,24 @@ fn describe_factor(event: &FactorEvent) -> String {
         }
         FactorEvent::BiometricKeyRegistered(_) => "biometric public key registered".to_owned(),
         FactorEvent::VerificationSucceeded(e) => {
-            format!("{:?} verified; the failure count starts over", e.factor)
+            format!("{} verified; the failure count starts over", kind(e.factor))
         }
+        // Counted when the attempt starts, before the SFS can tell (OPAQUE): a right PIN's
+        // success follows at once and resets it.
         FactorEvent::VerificationFailed(e) => format!(
-            "{:?} refused, failure {} in a row",
-            e.factor, e.failed_attempts
+            "{} attempt counted as failed until it succeeds: {} in a row",
+            kind(e.factor),
+            e.failed_attempts
         ),
         FactorEvent::Locked(e) => format!("locked after {} failures", e.failed_attempts),
         FactorEvent::Revoked(e) => format!("revoked ({:?})", e.reason),
+    }
+}
+
+fn kind(factor: SecondFactorKind) -> &'static str {
+    match factor {
+        SecondFactorKind::Pin => "PIN",
+        SecondFactorKind::Biometric => "biometric",
     }
 }
 

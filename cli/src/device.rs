@@ -536,17 +536,23 @@ async fn set_sfs(
     Ok(fetched)
 }
 
+/// The SFS `countersign serve` serves next to its device gateway: `…/v1/device` →
+/// `…/v1/sfs`; `None` for a gateway URL of another shape.
+fn sfs_next_to(gateway: &str) -> Option<String> {
+    let base = gateway.trim_end_matches('/').strip_suffix("/v1/device")?;
+    Some(format!("{base}/v1/sfs"))
+}
+
 /// Trust on first use: the SFS served next to `gateway` (`…/v1/device` → `…/v1/sfs`),
 /// stored for later runs. `None` (with a warning) when there is none: enrolments then leave
 /// their accounts headless.
 async fn first_use(home: &Path, gateway: &str, out: &mut dyn Write) -> Option<SfsConfig> {
-    let Some(base) = gateway.trim_end_matches('/').strip_suffix("/v1/device") else {
+    let Some(url) = sfs_next_to(gateway) else {
         eprintln!(
             "warning: cannot tell the second-factor server of gateway {gateway}: pass --sfs URL"
         );
         return None;
     };
-    let url = format!("{base}/v1/sfs");
     let fetched = match SfsConfig::fetch(&url).await {
         Ok(fetched) => fetched,
         Err(error) => {
@@ -1298,6 +1304,54 @@ mod tests {
         }
         assert!(read_qr_png(&png).is_err());
         assert!(read_qr_png(b"\x89PNG\r\n\x1a\nnot really").is_err());
+    }
+
+    #[test]
+    fn the_sfs_is_found_next_to_the_gateway() {
+        assert_eq!(
+            sfs_next_to("ws://127.0.0.1:8080/v1/device").as_deref(),
+            Some("ws://127.0.0.1:8080/v1/sfs")
+        );
+        assert_eq!(
+            sfs_next_to("wss://gw.example.com/v1/device/").as_deref(),
+            Some("wss://gw.example.com/v1/sfs")
+        );
+        assert_eq!(sfs_next_to("wss://gw.example.com/device"), None);
+    }
+
+    #[test]
+    fn sfs_urls_compare_in_their_websocket_form() {
+        assert_eq!(ws_form("http://h:1/v1/sfs/"), "ws://h:1/v1/sfs");
+        assert_eq!(ws_form("HTTPS://h/v1/sfs"), "wss://h/v1/sfs");
+        assert_eq!(ws_form("ws://h/v1/sfs"), "ws://h/v1/sfs");
+    }
+
+    #[test]
+    fn the_pinned_sfs_reads_back_from_the_home() {
+        let home = tempfile::tempdir().unwrap();
+        assert_eq!(load_sfs(home.path()).unwrap(), None);
+        let sfs = SfsConfig {
+            url: "ws://127.0.0.1:8080/v1/sfs".to_owned(),
+            channel_public_key: vec![4; 65],
+            attestation_public_key: vec![4, 1, 2],
+        };
+        save_sfs(home.path(), &sfs).unwrap();
+        assert_eq!(load_sfs(home.path()).unwrap(), Some(sfs));
+    }
+
+    #[test]
+    fn refusals_read_as_the_user_needs_them() {
+        assert_eq!(
+            refusal_text(SecondFactorEvent::WrongPin { attempts_left: 4 }),
+            "wrong PIN: 4 attempts left"
+        );
+        assert_eq!(wrong_pin(1), "wrong PIN: 1 attempt left");
+        assert_eq!(
+            refusal_text(SecondFactorEvent::Locked {
+                until_ms: 951_782_400_000
+            }),
+            "locked until 2000-02-29 00:00:00Z"
+        );
     }
 
     #[test]

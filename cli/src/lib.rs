@@ -45,7 +45,8 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Print a new random master key (64 hex digits) for `--master-key-file`.
     Keygen,
-    /// A virtual phone on the mobile SDK: enrol, log in, accounts, history, delete-account.
+    /// A virtual phone on the mobile SDK: enrol, log in (PIN or biometric when the server asks),
+    /// accounts, history, delete-account, change-pin, register-biometric, upgrade.
     Device(device::DeviceArgs),
 }
 

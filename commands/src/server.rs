@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use countersign_domain::server::{
-    ConfigureServer, CreateServer, DeleteServer, DistrustSfsKey, IssueApiKey, RevokeApiKey,
-    Server, ServerCommand, ServerEvent, TrustSfsKey,
+    ConfigureServer, CreateServer, DeleteServer, DistrustSfsKey, IssueApiKey, RevokeApiKey, Server,
+    ServerCommand, ServerEvent, TrustSfsKey,
 };
 use countersign_domain::{ApiKeyId, Clock, Context, ServerId};
 use countersign_eventstore::vault::KeyVault;

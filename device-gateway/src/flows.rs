@@ -463,12 +463,12 @@ async fn accept_attestation(
     // The deployment's own SFS (and any it was told to trust), plus the third-party SFS keys
     // this server trusts, read from its stream now: distrusting a key takes effect at once.
     let mut trusted = gateway.config.trusted_sfs_keys.clone();
-    if let Some(active) = conn
+    let server = conn
         .gateway
         .active_server_now(conn.server)
         .await
-        .map_err(|e| internal(&e))?
-    {
+        .map_err(|e| internal(&e))?;
+    if let Some(active) = &server {
         trusted.extend(
             active
                 .trusted_sfs_keys
@@ -476,20 +476,22 @@ async fn accept_attestation(
                 .filter_map(|k| p256::ecdsa::VerifyingKey::from_sec1_bytes(k).ok()),
         );
     }
-    let claims =
-        verify_attestation(bytes, &trusted, &expect).map_err(|e| {
-            error(
-                ErrorCode::BadAttestation,
-                &format!("attestation refused: {e}"),
-            )
-        })?;
+    let claims = verify_attestation(bytes, &trusted, &expect).map_err(|e| {
+        error(
+            ErrorCode::BadAttestation,
+            &format!("attestation refused: {e}"),
+        )
+    })?;
     if claims.app_instance.0 != *active.app_instance.as_bytes() {
         return Err(error(
             ErrorCode::BadAttestation,
             "attestation refused: it is for another app instance",
         ));
     }
-    let policy = &conn.settings.second_factor;
+    // The policy as it is now, not as it was when the device connected.
+    let policy = server
+        .as_ref()
+        .map_or(&conn.settings.second_factor, |a| &a.settings.second_factor);
     let allowed = match claims.factor {
         Factor::Pin => policy.pin_allowed,
         Factor::Biometric => policy.biometric_allowed,

@@ -164,7 +164,10 @@ impl Gateway {
     /// Remembered for [`SERVER_CACHE`]: every connection needs it twice (before the upgrade,
     /// and for the settings it answers with), and settings changes may take that long to
     /// reach devices.
-    pub(crate) async fn active_server(&self, server: ServerId) -> Result<Option<ActiveServer>, GatewayError> {
+    pub(crate) async fn active_server(
+        &self,
+        server: ServerId,
+    ) -> Result<Option<ActiveServer>, GatewayError> {
         if let Some(active) = self.0.servers.read().ok().and_then(|servers| {
             servers
                 .get(&server)

@@ -25,8 +25,8 @@ use coset::{
     RegisteredLabel, RegisteredLabelWithPrivate, TaggedCborSerializable as _,
 };
 use p256::ecdsa::signature::Signer as _;
-use p256::elliptic_curve::sec1::ToSec1Point as _;
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::elliptic_curve::sec1::ToSec1Point as _;
 
 /// Length of an ES256 signature: `r ‖ s`, 32 bytes each.
 pub const ES256_SIGNATURE_LEN: usize = 64;

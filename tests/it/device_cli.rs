@@ -583,7 +583,11 @@ fn the_virtual_phone_gives_its_pin_when_the_server_asks_one() {
     let out = login(3, &[], "1357\n2468\n");
     let stdout = stdout_of(&out);
     assert!(out.status.success(), "{}\n{stdout}", stderr_of(&out));
-    assert_eq!(stdout.lines().filter(|l| *l == "PIN: ").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| *l == "PIN: ").count(),
+        2,
+        "{stdout}"
+    );
     assert!(stdout.contains("wrong PIN: 3 attempts left"), "{stdout}");
     assert!(stdout.contains("state: done (logged in once)"), "{stdout}");
     assert_no_pin(&out, &[PIN, "1357"], &known);
@@ -610,24 +614,37 @@ fn the_virtual_phone_gives_its_pin_when_the_server_asks_one() {
     assert_no_pin(&out, &[NEW_PIN], &known);
     served.wait_for_state(&server, &token, &nonce(5), "logged_in");
 
-    // A biometric key, registered with the PIN, logs in where the server allows it; a failed
-    // check does not.
+    // A biometric key, registered with the PIN, enrols and logs in where the server allows
+    // it; a failed check does not.
     let out = device(home, &["register-biometric"], &format!("{NEW_PIN}\n"));
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_no_pin(&out, &[NEW_PIN], &known);
-    served.call(
-        Method::PATCH,
-        &format!("/v1/servers/{server}"),
-        &served.admin_key,
-        Some(json!({"second_factor": "pin_or_biometric"})),
+    let (bio, bio_token) = served.tenant_with("pin_or_biometric");
+    let enrolment = served.png(
+        Method::POST,
+        &format!("/v1/servers/{bio}/enrolments?format=png"),
+        &bio_token,
+        Some(json!({"userid": "alice"})),
+        "bio.png",
     );
-    let out = login(6, &["--biometric"], "");
+    let out = device(
+        home,
+        &["enrol", enrolment.to_str().unwrap(), "--yes", "--biometric"],
+        "",
+    );
     assert!(out.status.success(), "{}", stderr_of(&out));
-    served.wait_for_state(&server, &token, &nonce(6), "logged_in");
-    let out = login(7, &["--biometric-fail"], "");
+    assert_eq!(account_rows(home)[1].1, "yes");
+    let bio_login = |n: u8, flag: &str| {
+        let qr = served.session(&bio, &bio_token, &nonce(n), 0);
+        device(home, &["login", qr.to_str().unwrap(), "--yes", flag], "")
+    };
+    let out = bio_login(6, "--biometric");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    served.wait_for_state(&bio, &bio_token, &nonce(6), "logged_in");
+    let out = bio_login(7, "--biometric-fail");
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("the biometric check failed"));
-    served.wait_for_state(&server, &token, &nonce(7), "aborted");
+    served.wait_for_state(&bio, &bio_token, &nonce(7), "aborted");
 
     // An account enrolled where no second factor is asked stays headless until upgraded.
     let (plain, plain_token) = served.tenant_with("none");
@@ -640,10 +657,10 @@ fn the_virtual_phone_gives_its_pin_when_the_server_asks_one() {
     );
     device_ok(home, &["enrol", enrolment.to_str().unwrap(), "--yes"], "");
     let rows = account_rows(home);
-    let (headless, factor) = rows[1].clone();
+    let (headless, factor) = rows[2].clone();
     assert_eq!(factor, "headless", "{rows:?}");
     let out = device(home, &["upgrade", &headless, "--pin", NEW_PIN], "");
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(stdout_of(&out).contains("it now has a second factor"));
-    assert_eq!(account_rows(home)[1], (headless, "yes".to_owned()));
+    assert_eq!(account_rows(home)[2], (headless, "yes".to_owned()));
 }

@@ -293,7 +293,10 @@ async fn biometric_login_and_account_upgrade(db: &TestDb) {
         "the platform did not release the key: {refused:?}"
     );
     prompt.set(true);
-    login.set_pin_biometric(SecondFactor::Biometric).await.unwrap();
+    login
+        .set_pin_biometric(SecondFactor::Biometric)
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Done))
         .await
         .unwrap();
@@ -580,7 +583,9 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
         "a factor proven a moment ago stands in for this login"
     );
     assert!(matches!(
-        phone.request(31, RequestBody::Confirm { hsid: hsid2 }).await,
+        phone
+            .request(31, RequestBody::Confirm { hsid: hsid2 })
+            .await,
         Outcome::Ok(_)
     ));
     let replay = RequestBody::VerifySecondFactor {
@@ -588,7 +593,11 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
         attestation: Blob(good),
     };
     let outcome = phone.request(32, replay).await;
-    assert_eq!(code(&outcome), Some(ErrorCode::BadAttestation), "{outcome:?}");
+    assert_eq!(
+        code(&outcome),
+        Some(ErrorCode::BadAttestation),
+        "{outcome:?}"
+    );
     assert!(matches!(
         phone.request(33, RequestBody::LogIn { hsid: hsid2 }).await,
         Outcome::Ok(Answer::LoggedIn { .. })
@@ -607,7 +616,10 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
         })
         .filter(|e| e.to_json()["reused"] == true)
         .count();
-    assert_eq!(reused, 1, "the second login records that it reused the factor");
+    assert_eq!(
+        reused, 1,
+        "the second login records that it reused the factor"
+    );
 
     // Distrusted: a good attestation by that key is refused from then on.
     let key_id = trusted["key_id"].as_str().unwrap();
@@ -619,7 +631,9 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let Outcome::Ok(Answer::Challenge { challenge: upgrade_again }) = phone
+    let Outcome::Ok(Answer::Challenge {
+        challenge: upgrade_again,
+    }) = phone
         .request(
             34,
             RequestBody::Challenge {
@@ -644,7 +658,11 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
             },
         )
         .await;
-    assert_eq!(code(&outcome), Some(ErrorCode::BadAttestation), "{outcome:?}");
+    assert_eq!(
+        code(&outcome),
+        Some(ErrorCode::BadAttestation),
+        "{outcome:?}"
+    );
 
     // Past the window the prompt is back.
     api.clock.advance_secs(301);
@@ -656,7 +674,9 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
     };
     assert!(details.second_factor_required);
     assert!(matches!(
-        phone.request(41, RequestBody::Confirm { hsid: hsid3 }).await,
+        phone
+            .request(41, RequestBody::Confirm { hsid: hsid3 })
+            .await,
         Outcome::Ok(_)
     ));
     assert_eq!(

@@ -389,6 +389,12 @@ fn a_recorded_verification_counts_within_the_window_only() {
     };
     assert!(active.verified_within(60, Timestamp::from_millis(70_000)));
     assert!(!active.verified_within(60, Timestamp::from_millis(70_001)));
-    assert!(!active.verified_within(0, Timestamp::from_millis(10_000)), "0: never reuse");
-    assert!(!active.verified_within(60, Timestamp::from_millis(9_999)), "not from the future");
+    assert!(
+        !active.verified_within(0, Timestamp::from_millis(10_000)),
+        "0: never reuse"
+    );
+    assert!(
+        !active.verified_within(60, Timestamp::from_millis(9_999)),
+        "not from the future"
+    );
 }

@@ -366,8 +366,8 @@ impl Aggregate for Server {
             ServerCommand::TrustSfsKey(cmd) => {
                 let server = self.active()?;
                 validate::display_text("label", &cmd.label, LABEL_MAX_CHARS)?;
-                let (public_key, _) = validate::p256_public_key(&cmd.public_key)
-                    .ok_or(ValidationError::PublicKey)?;
+                let (public_key, _) =
+                    validate::p256_public_key(&cmd.public_key).ok_or(ValidationError::PublicKey)?;
                 let key_id = sfs_key_id(&public_key).ok_or(ValidationError::PublicKey)?;
                 if server.trusted_sfs_keys.contains_key(&key_id) {
                     return Ok(Vec::new());

@@ -537,10 +537,7 @@ fn lifecycle_snapshot() {
 fn a_server_trusts_and_distrusts_third_party_sfs_keys() {
     let mut server = Server::default();
     let mut ctx = Context::new(NOW);
-    for event in server
-        .decide(create().into(), &mut ctx)
-        .unwrap_or_default()
-    {
+    for event in server.decide(create().into(), &mut ctx).unwrap_or_default() {
         server.apply(&event);
     }
     let key = key_pair_point(true);
@@ -548,14 +545,20 @@ fn a_server_trusts_and_distrusts_third_party_sfs_keys() {
         public_key: key.clone(),
         label: "Partner app".into(),
     };
-    let events = server.decide(trust.clone().into(), &mut ctx).unwrap_or_default();
+    let events = server
+        .decide(trust.clone().into(), &mut ctx)
+        .unwrap_or_default();
     let [ServerEvent::SfsKeyTrusted(trusted)] = events.as_slice() else {
         panic!("trusted: {events:?}")
     };
     assert_eq!(trusted.public_key.len(), 65, "stored uncompressed");
     assert_eq!(Some(trusted.key_id), sfs_key_id(&key));
     server.apply(&events[0]);
-    assert_eq!(server.decide(trust.into(), &mut ctx), Ok(Vec::new()), "again: nothing");
+    assert_eq!(
+        server.decide(trust.into(), &mut ctx),
+        Ok(Vec::new()),
+        "again: nothing"
+    );
     let Server::Active(active) = &server else {
         panic!("active")
     };
@@ -564,7 +567,10 @@ fn a_server_trusts_and_distrusts_third_party_sfs_keys() {
         key_id: trusted.key_id,
     };
     let events = server.decide(distrust.into(), &mut ctx).unwrap_or_default();
-    assert!(matches!(events.as_slice(), [ServerEvent::SfsKeyDistrusted(_)]));
+    assert!(matches!(
+        events.as_slice(),
+        [ServerEvent::SfsKeyDistrusted(_)]
+    ));
     server.apply(&events[0]);
     assert_eq!(server.decide(distrust.into(), &mut ctx), Ok(Vec::new()));
     let bad = TrustSfsKey {
