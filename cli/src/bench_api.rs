@@ -163,6 +163,7 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         expiry_interval_ms: 1_000,
         checkpoint_interval_ms: 1_000,
         trust_sfs_keys: Vec::new(),
+        sfs_lockout: "5:60,8:3600,10:revoke".into(),
     };
     let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -81,6 +81,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         expiry_interval_ms: 1_000,
         checkpoint_interval_ms: 1_000,
         trust_sfs_keys: Vec::new(),
+        sfs_lockout: "5:60,8:3600,10:revoke".into(),
     };
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -60,6 +60,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub trust_sfs_keys: Vec<String>,
+    /// The SFS's lockout: consecutive failures that lock for a time (`failures:seconds`), and
+    /// that revoke (`failures:revoke`).
+    #[arg(
+        long,
+        env = "COUNTERSIGN_SFS_LOCKOUT",
+        default_value = "5:60,8:3600,10:revoke"
+    )]
+    pub sfs_lockout: String,
 }
 
 fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
@@ -148,7 +156,8 @@ pub async fn start(
         vault.clone(),
         opened.database.clone(),
         clock.clone(),
-        LockoutPolicy::default(),
+        LockoutPolicy::parse(&args.sfs_lockout)
+            .map_err(|e| anyhow::anyhow!("--sfs-lockout: {e}"))?,
     )
     .await
     .context("cannot start the second-factor server")?;

@@ -112,6 +112,7 @@ impl Api {
             expiry_interval_ms: 50,
             checkpoint_interval_ms: 100,
             trust_sfs_keys,
+            sfs_lockout: "5:60,8:3600,10:revoke".into(),
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))

@@ -60,6 +60,48 @@ impl Default for LockoutPolicy {
 }
 
 impl LockoutPolicy {
+    /// Parses `"5:60,8:3600,10:revoke"`: each `failures:seconds` locks, `failures:revoke`
+    /// revokes. Locks must come before the revocation and grow with the failure count.
+    ///
+    /// # Errors
+    /// A message naming what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut lock_after = Vec::new();
+        let mut revoke_after = None;
+        for step in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (failures, what) = step
+                .split_once(':')
+                .ok_or_else(|| format!("`{step}` is not failures:seconds or failures:revoke"))?;
+            let failures: u32 = failures
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{failures}` is not a number of failures"))?;
+            if failures == 0 {
+                return Err("a step needs at least one failure".into());
+            }
+            match what.trim() {
+                "revoke" => revoke_after = Some(failures),
+                secs => lock_after.push((
+                    failures,
+                    secs.parse()
+                        .map_err(|_| format!("`{secs}` is not a number of seconds"))?,
+                )),
+            }
+        }
+        let revoke_after = revoke_after.ok_or("the policy needs a `failures:revoke` step")?;
+        if !lock_after
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.0 < b.0))
+            || lock_after.iter().any(|&(at, _)| at >= revoke_after)
+        {
+            return Err("lock steps must grow and come before the revocation".into());
+        }
+        Ok(Self {
+            lock_after,
+            revoke_after,
+        })
+    }
+
     /// Failures left before the next lock or the revocation, once `failures` are counted.
     #[must_use]
     pub fn attempts_left(&self, failures: u32) -> u32 {

@@ -290,3 +290,25 @@ fn biometric_registration_needs_a_proven_pin_and_a_valid_key() {
         .when(success(SecondFactorKind::Biometric))
         .then_error(SecondFactorError::NotRegistered);
 }
+
+#[test]
+fn lockout_policies_parse_from_text() {
+    assert_eq!(
+        LockoutPolicy::parse("5:60, 8:3600, 10:revoke"),
+        Ok(LockoutPolicy::default())
+    );
+    assert_eq!(
+        LockoutPolicy::parse("3:revoke").map(|p| p.revoke_after),
+        Ok(3)
+    );
+    for bad in [
+        "",
+        "5:60",
+        "5:x,10:revoke",
+        "8:60,5:60,10:revoke",
+        "10:60,10:revoke",
+        "0:revoke",
+    ] {
+        assert!(LockoutPolicy::parse(bad).is_err(), "{bad}");
+    }
+}
