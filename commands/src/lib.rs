@@ -197,11 +197,53 @@ where
     A: Aggregate,
     A::Command: Clone,
 {
+    decide_and_append::<A>(store, stream, None, command, ctx, metadata, idempotency_key).await
+}
+
+/// As [`execute`], deciding first on a state the caller loaded already (to check something of
+/// its own) instead of loading the stream again; a lost race reloads as usual.
+pub async fn execute_from<A>(
+    store: &SharedStore,
+    stream: &str,
+    loaded: Loaded<A>,
+    command: A::Command,
+    ctx: &mut Context<'_>,
+    metadata: &Metadata,
+) -> Result<Executed<A::Event>, CommandError>
+where
+    A: Aggregate,
+    A::Command: Clone,
+    A::Error: Classify + std::fmt::Display,
+{
+    decide_and_append(store, stream, Some(loaded), command, ctx, metadata, None)
+        .await
+        .map_err(|e| match e {
+            Refused::Rule(rule) => CommandError::rejected(rule),
+            Refused::Command(other) => other,
+        })
+}
+
+async fn decide_and_append<A>(
+    store: &SharedStore,
+    stream: &str,
+    mut preloaded: Option<Loaded<A>>,
+    command: A::Command,
+    ctx: &mut Context<'_>,
+    metadata: &Metadata,
+    idempotency_key: Option<&str>,
+) -> Result<Executed<A::Event>, Refused<A::Error>>
+where
+    A: Aggregate,
+    A::Command: Clone,
+{
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
             backoff(attempt).await;
         }
-        let loaded = load::<A>(store, stream).await?;
+        let loaded = match preloaded.take() {
+            Some(loaded) => loaded,
+            None => load::<A>(store, stream).await?,
+        };
         if let Some(key) = idempotency_key
             && let Some(done) = earlier_result::<A>(&loaded, stream, key)?
         {

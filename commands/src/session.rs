@@ -21,7 +21,7 @@ use countersign_domain::{
 use countersign_eventstore::{Metadata, SharedStore};
 
 use crate::secrets::ServerSecrets;
-use crate::{CommandError, Executed, Loaded, execute, load};
+use crate::{CommandError, Executed, Loaded, execute, execute_from, load};
 
 /// Fewest bytes of entropy a nonce must carry.
 pub const MIN_NONCE_BYTES: usize = 16;
@@ -312,6 +312,31 @@ impl SessionCommands {
         input.extend_from_slice(id);
         input.extend_from_slice(account.as_bytes());
         self.secrets.derive(server, "sf-challenge", &input).await
+    }
+
+    /// Runs a command on a session the caller loaded already (the device gateway checks the
+    /// state first), without loading it again unless it lost a race.
+    pub async fn run_on(
+        &self,
+        session: SessionRef,
+        loaded: Loaded<Session>,
+        command: SessionCommand,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let mut ctx = Context::new(self.clock.now());
+        let metadata = Metadata {
+            server_id: Some(session.server_id.to_string()),
+            ..metadata.clone()
+        };
+        execute_from::<Session>(
+            &self.store,
+            &session.stream(),
+            loaded,
+            command,
+            &mut ctx,
+            &metadata,
+        )
+        .await
     }
 
     /// The session's current state, from its own stream (the write model).

@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 
 use countersign_commands::CommandError;
+use countersign_commands::Loaded;
 use countersign_domain::Timestamp;
 use countersign_domain::account::ActiveAccount;
 use countersign_domain::account::{RecordVerification, RegisterAccount, UpgradeAccount};
@@ -23,7 +24,9 @@ use countersign_domain::attestation::UseAttestation;
 use countersign_domain::enrolment::Enrolment;
 use countersign_domain::second_factor::SecondFactorKind;
 use countersign_domain::server::ServerSettings;
-use countersign_domain::session::VerifySecondFactor;
+use countersign_domain::session::{
+    ConfirmSession, LogIn, LogOut, LogoutReason, Ping, ScanSession, VerifySecondFactor,
+};
 use countersign_domain::session::{Session, SessionFailure};
 use countersign_domain::{
     AccountId, AccountRef, AppInstanceId, EnrolmentRef, ErrorKind, Hsid, ServerId, SessionRef,
@@ -120,6 +123,14 @@ impl Connection {
     }
 
     async fn load_session(&self, session: SessionRef) -> Result<Session, DeviceError> {
+        Ok(self.load_session_for_command(session).await?.state)
+    }
+
+    /// The session as loaded, to check and then decide on without loading it again.
+    async fn load_session_for_command(
+        &self,
+        session: SessionRef,
+    ) -> Result<Loaded<Session>, DeviceError> {
         let loaded = self
             .gateway
             .0
@@ -130,7 +141,7 @@ impl Connection {
             .map_err(refused)?;
         match loaded.state {
             Session::NotOpened => Err(error(ErrorCode::NotFound, "session not found")),
-            state => Ok(state),
+            _ => Ok(loaded),
         }
     }
 
@@ -200,9 +211,15 @@ pub(crate) async fn handle(
         } => enrol(conn, token.expose(), signing_public_key.0, app_instance.0).await,
         RequestBody::Scan { hsid } => {
             let session = conn.session(&hsid);
+            let loaded = conn.load_session_for_command(session).await?;
+            let opened = loaded
+                .state
+                .opened()
+                .cloned()
+                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
             commands
                 .sessions
-                .scan(session, &metadata)
+                .run_on(session, loaded, ScanSession.into(), &metadata)
                 .await
                 .map_err(refused)?;
             conn.scanned.insert(session.hsid);
@@ -210,10 +227,6 @@ pub(crate) async fn handle(
                 .0
                 .hub
                 .watch_session(conn.id, conn.server, session.hsid);
-            let state = conn.load_session(session).await?;
-            let opened = state
-                .opened()
-                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
             Ok(Answer::Session(SessionDetails {
                 announce_info: opened.announce_info.clone(),
                 ping_time_secs: opened.ping_time_secs,
@@ -224,11 +237,14 @@ pub(crate) async fn handle(
         RequestBody::Confirm { hsid } => {
             let session = conn.session(&hsid);
             let account = conn.account()?.account.account_id;
-            let state = conn.load_session(session).await?;
-            conn.check_intended_user(&state)?;
+            let loaded = conn.load_session_for_command(session).await?;
+            conn.check_intended_user(&loaded.state)?;
+            let confirm = ConfirmSession {
+                account_id: account,
+            };
             commands
                 .sessions
-                .confirm(session, account, &metadata)
+                .run_on(session, loaded, confirm.into(), &metadata)
                 .await
                 .map_err(refused)?;
             conn.gateway
@@ -247,10 +263,19 @@ pub(crate) async fn handle(
                     "this account is not linked to a user",
                 )
             })?;
-            let state = conn.load_session(session).await?;
-            conn.check_intended_user(&state)?;
-            let verified = matches!(&state,
+            let loaded = conn.load_session_for_command(session).await?;
+            conn.check_intended_user(&loaded.state)?;
+            let opened = loaded
+                .state
+                .opened()
+                .cloned()
+                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
+            let verified = matches!(&loaded.state,
                 Session::SecondFactorVerified { account_id, .. } if *account_id == account);
+            let log_in = LogIn {
+                account_id: account,
+                user,
+            };
             if conn.settings.second_factor.require_for_login && !verified {
                 // A factor proven recently enough may stand in, per the server's policy.
                 let Some((factor, attestation_hash, verified_at)) =
@@ -269,22 +294,25 @@ pub(crate) async fn handle(
                 };
                 commands
                     .sessions
-                    .verify_second_factor(session, reuse, &metadata)
+                    .run_on(session, loaded, reuse.into(), &metadata)
+                    .await
+                    .map_err(refused)?;
+                commands
+                    .sessions
+                    .log_in(session, account, user, &metadata)
+                    .await
+                    .map_err(refused)?;
+            } else {
+                commands
+                    .sessions
+                    .run_on(session, loaded, log_in.into(), &metadata)
                     .await
                     .map_err(refused)?;
             }
-            commands
-                .sessions
-                .log_in(session, account, user, &metadata)
-                .await
-                .map_err(refused)?;
             conn.gateway
                 .0
                 .hub
                 .watch_session(conn.id, conn.server, session.hsid);
-            let opened = state
-                .opened()
-                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
             Ok(Answer::LoggedIn {
                 session_info: opened.session_info.clone(),
                 ping_time_secs: opened.ping_time_secs,
@@ -292,25 +320,28 @@ pub(crate) async fn handle(
         }
         RequestBody::Ping { hsid } => {
             let session = conn.session(&hsid);
-            logged_in_by_me(conn, session).await?;
+            let loaded = logged_in_by_me(conn, session).await?;
             commands
                 .sessions
-                .ping(session, &metadata)
+                .run_on(session, loaded, Ping.into(), &metadata)
                 .await
                 .map_err(refused)?;
             Ok(Answer::Done)
         }
         RequestBody::LogOut { hsid } => {
             let session = conn.session(&hsid);
-            match logged_in_by_me(conn, session).await {
-                Ok(()) => {}
+            let loaded = match logged_in_by_me(conn, session).await {
+                Ok(loaded) => loaded,
                 // Logging out of a session that ended already is done.
                 Err(e) if e.code == ErrorCode::Ended => return Ok(Answer::Done),
                 Err(e) => return Err(e),
-            }
+            };
+            let log_out = LogOut {
+                reason: LogoutReason::User,
+            };
             commands
                 .sessions
-                .log_out_by_user(session, &metadata)
+                .run_on(session, loaded, log_out.into(), &metadata)
                 .await
                 .map_err(refused)?;
             Ok(Answer::Done)
@@ -530,10 +561,14 @@ async fn accept_attestation(
 }
 
 /// The session is logged in by this connection's account; `ended` once it is over.
-async fn logged_in_by_me(conn: &Connection, session: SessionRef) -> Result<(), DeviceError> {
+async fn logged_in_by_me(
+    conn: &Connection,
+    session: SessionRef,
+) -> Result<Loaded<Session>, DeviceError> {
     let me = conn.account()?.account.account_id;
-    match conn.load_session(session).await? {
-        Session::LoggedIn { account_id, .. } if account_id == me => Ok(()),
+    let loaded = conn.load_session_for_command(session).await?;
+    match &loaded.state {
+        Session::LoggedIn { account_id, .. } if *account_id == me => Ok(loaded),
         Session::LoggedOut { .. }
         | Session::Aborted { .. }
         | Session::Expired { .. }
