@@ -13,6 +13,8 @@
 //!   prologue).
 //! - [`attestation`]: the second-factor server's signed statement that a factor was verified,
 //!   and the checks a verifier runs on it.
+//! - [`evidence`]: the non-repudiation evidence bundle of a signed transaction, the device's
+//!   signed payload, and the offline verifier (`docs/evidence.md`).
 
 pub mod attestation;
 pub mod cbor;
@@ -20,6 +22,7 @@ pub mod channel;
 pub mod checkpoint;
 pub mod cose;
 pub mod device;
+pub mod evidence;
 pub mod merkle;
 pub mod qr;
 pub mod sfs;

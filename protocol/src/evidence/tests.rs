@@ -1,0 +1,765 @@
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::expect_used)]
+
+use proptest::prelude::*;
+use serde::Serialize;
+
+use super::*;
+use crate::attestation::{AttestationClaims, sign_attestation};
+use crate::checkpoint::sign_checkpoint;
+use crate::merkle::MemoryTree;
+
+const T: i64 = 1_800_000_000_000;
+const SERVER: [u8; 16] = [0xab; 16];
+const TX: [u8; 16] = [0x01; 16];
+const ACCOUNT: [u8; 16] = [0x02; 16];
+const ENROLMENT_POSITION: u64 = 2;
+const SIGNED_POSITION: u64 = 4;
+const TREE_SIZE: u64 = 6;
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_slice(&[seed; 32]).unwrap()
+}
+fn audit() -> SigningKey {
+    key(1)
+}
+fn sfs() -> SigningKey {
+    key(2)
+}
+fn account_key() -> SigningKey {
+    key(3)
+}
+fn uncompressed(k: &SigningKey) -> [u8; 65] {
+    k.verifying_key()
+        .as_affine()
+        .to_sec1_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap()
+}
+
+/// `account.registered` v1 as the domain crate writes it (every field, so the verifier is shown
+/// to ignore the ones it does not need).
+#[derive(Serialize)]
+struct Registered {
+    account: AccountRef,
+    app_instance: Bytes<16>,
+    user: Option<Bytes<16>>,
+    #[serde(with = "serde_bytes")]
+    channel_public_key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    signing_public_key: Vec<u8>,
+    signing_key_thumbprint: Bytes<32>,
+    second_factor: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct AccountRef {
+    server_id: Bytes<16>,
+    account_id: Bytes<16>,
+}
+
+/// `transaction.signed` v1 as the domain crate writes it.
+#[derive(Serialize)]
+struct Signed {
+    account_id: Bytes<16>,
+    #[serde(with = "serde_bytes")]
+    device_signature: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    attestation: Vec<u8>,
+    signed_at: i64,
+}
+
+/// `RecordedEvent::canonical_bytes` of the event store, rebuilt from its documented layout.
+fn canonical_event(position: u64, stream: &str, event_type: &str, payload: &[u8]) -> Vec<u8> {
+    let metadata = cbor::to_canonical_vec(&BTreeMap::from([("actor", "system")])).unwrap();
+    let event_id = [position as u8; 16];
+    cbor::to_canonical_vec(&(
+        position,
+        stream,
+        0u64,
+        serde_bytes::Bytes::new(&event_id),
+        event_type,
+        1u16,
+        serde_bytes::Bytes::new(payload),
+        serde_bytes::Bytes::new(&metadata),
+        T + position as i64,
+    ))
+    .unwrap()
+}
+
+/// Everything a bundle is built from; each test changes one thing.
+struct Fixture {
+    data: Vec<u8>,
+    text: String,
+    signer: SigningKey,
+    enrolled: SigningKey,
+    signed_tx: SignedTransaction,
+    signed_event_tx: [u8; 16],
+    challenge_tx: [u8; 16],
+    attestation_issued_at: i64,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            data: b"{\"amount\":\"100.00\",\"to\":\"CH93 0076 2011 6238 5295 7\"}".to_vec(),
+            text: "Pay CHF 100.00 to CH93 0076 2011 6238 5295 7?".to_owned(),
+            signer: account_key(),
+            enrolled: account_key(),
+            signed_tx: SignedTransaction {
+                transaction_id: Bytes(TX),
+                server_id: Bytes(SERVER),
+                data_hash: Bytes([0; 32]),
+                text_hash: Bytes([0; 32]),
+                attestation_hash: Bytes([0; 32]),
+                device_time_ms: T + 1_000,
+                device_data: BTreeMap::from([
+                    ("model".to_owned(), "Pixel 9".to_owned()),
+                    ("os".to_owned(), "Android 16".to_owned()),
+                ]),
+                client_data: Some(b"client".to_vec()),
+            },
+            signed_event_tx: TX,
+            challenge_tx: TX,
+            attestation_issued_at: T,
+        }
+    }
+
+    /// Builds the bundle; hashes in `signed_tx` left all-zero are filled in correctly.
+    fn build(&self) -> Evidence {
+        let data_hash = sha256(&self.data);
+        let text_hash = sha256(self.text.as_bytes());
+        let claims = AttestationClaims {
+            app_instance: Bytes([7; 16]),
+            factor: Factor::Pin,
+            challenge: Bytes(transaction_challenge(
+                &SERVER,
+                &self.challenge_tx,
+                &data_hash,
+                &text_hash,
+            )),
+            account_key_thumbprint: Bytes(account_key_thumbprint(self.signer.verifying_key())),
+            issued_at_ms: self.attestation_issued_at,
+            expires_at_ms: self.attestation_issued_at + 60_000,
+            attestation_id: Bytes([8; 16]),
+        };
+        let attestation = sign_attestation(&claims, &sfs()).unwrap();
+        let mut tx = self.signed_tx.clone();
+        let fill = |b: &mut Bytes<32>, v: [u8; 32]| {
+            if b.0 == [0; 32] {
+                b.0 = v;
+            }
+        };
+        fill(&mut tx.data_hash, data_hash);
+        fill(&mut tx.text_hash, text_hash);
+        fill(
+            &mut tx.attestation_hash,
+            attestation::attestation_hash(&attestation),
+        );
+        let device_signature = sign_transaction(&tx, &self.signer).unwrap();
+
+        let enrolled = uncompressed(&self.enrolled);
+        let registered = Registered {
+            account: AccountRef {
+                server_id: Bytes(SERVER),
+                account_id: Bytes(ACCOUNT),
+            },
+            app_instance: Bytes([7; 16]),
+            user: None,
+            channel_public_key: uncompressed(&key(9)).to_vec(),
+            signing_public_key: enrolled.to_vec(),
+            signing_key_thumbprint: Bytes(sha256(&enrolled)),
+            second_factor: Some("pin"),
+        };
+        let enrolment_event = canonical_event(
+            ENROLMENT_POSITION,
+            &stream_name("account", &SERVER, &ACCOUNT),
+            "account.registered",
+            &cbor::to_canonical_vec(&registered).unwrap(),
+        );
+        let signed = Signed {
+            account_id: Bytes(ACCOUNT),
+            device_signature: device_signature.clone(),
+            attestation: attestation.clone(),
+            signed_at: T + 2_000,
+        };
+        let signed_event = canonical_event(
+            SIGNED_POSITION,
+            &stream_name("transaction", &SERVER, &self.signed_event_tx),
+            "transaction.signed",
+            &cbor::to_canonical_vec(&signed).unwrap(),
+        );
+
+        let mut tree = MemoryTree::new();
+        for i in 0..TREE_SIZE {
+            match i {
+                ENROLMENT_POSITION => tree.push_leaf(&enrolment_event),
+                SIGNED_POSITION => tree.push_leaf(&signed_event),
+                other => tree.push_leaf(&canonical_event(
+                    other,
+                    "server-x",
+                    "server.created",
+                    &[0xa0],
+                )),
+            }
+        }
+        let proof = |i| {
+            tree.inclusion_proof(i, TREE_SIZE)
+                .unwrap()
+                .into_iter()
+                .map(Bytes)
+                .collect()
+        };
+        let checkpoint = sign_checkpoint(
+            &TreeHead {
+                origin: "countersign.example".to_owned(),
+                tree_size: TREE_SIZE,
+                root_hash: tree.root(),
+                timestamp_ms: T + 5_000,
+            },
+            &audit(),
+        )
+        .unwrap();
+
+        Evidence {
+            version: EVIDENCE_VERSION,
+            transaction: TransactionRequest {
+                transaction_id: Bytes(TX),
+                server_id: Bytes(SERVER),
+                data: self.data.clone(),
+                content_type: "application/json".to_owned(),
+                text: self.text.clone(),
+                created_at_ms: T - 10_000,
+                expires_at_ms: T + 300_000,
+            },
+            device_signature,
+            attestation,
+            account: AccountProof {
+                account_id: Bytes(ACCOUNT),
+                signing_public_key: Bytes(uncompressed(&self.signer)),
+                enrolment_event,
+                enrolment_position: ENROLMENT_POSITION,
+                enrolment_proof: proof(ENROLMENT_POSITION),
+            },
+            signed_event,
+            signed_position: SIGNED_POSITION,
+            inclusion_proof: proof(SIGNED_POSITION),
+            checkpoint,
+        }
+    }
+}
+
+fn verify_bytes(bytes: &[u8]) -> Result<VerifiedEvidence, EvidenceError> {
+    verify_evidence(
+        bytes,
+        audit().verifying_key(),
+        &[*key(5).verifying_key(), *sfs().verifying_key()],
+        Some(T + 86_400_000 * 365 * 10),
+    )
+}
+
+fn verify(ev: &Evidence) -> Result<VerifiedEvidence, EvidenceError> {
+    verify_bytes(&ev.to_cbor().unwrap())
+}
+
+fn valid() -> Evidence {
+    Fixture::new().build()
+}
+
+/// The valid bundle with one change.
+fn with(change: impl FnOnce(&mut Evidence)) -> Result<VerifiedEvidence, EvidenceError> {
+    let mut ev = valid();
+    change(&mut ev);
+    verify(&ev)
+}
+
+fn flip_last(bytes: &mut [u8]) {
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+}
+
+#[test]
+fn a_complete_bundle_verifies_ten_years_later() {
+    let ev = valid();
+    let bytes = ev.to_cbor().unwrap();
+    let verified = verify_bytes(&bytes).unwrap();
+    assert_eq!(verified.transaction_id, TX);
+    assert_eq!(verified.server_id, SERVER);
+    assert_eq!(verified.account_id, ACCOUNT);
+    assert_eq!(verified.factor, Factor::Pin);
+    assert_eq!(verified.device_time_ms, T + 1_000);
+    assert_eq!(verified.signed_position, SIGNED_POSITION);
+    assert_eq!(verified.checkpoint.tree_size, TREE_SIZE);
+    assert_eq!(verified.checkpoint.timestamp_ms, T + 5_000);
+    assert_eq!(verified.checkpoint.origin, "countersign.example");
+    // Without a clock too, and deterministically encoded.
+    assert!(
+        verify_evidence(
+            &bytes,
+            audit().verifying_key(),
+            &[*sfs().verifying_key()],
+            None
+        )
+        .is_ok()
+    );
+    assert_eq!(Evidence::from_cbor(&bytes).unwrap(), ev);
+    assert_eq!(valid().to_cbor().unwrap(), bytes);
+}
+
+#[test]
+fn the_json_rendering_shows_bytes_as_hex() {
+    let json = valid().to_json();
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["transaction"]["transaction_id"], hex::encode(TX));
+    assert_eq!(json["transaction"]["text"], Fixture::new().text);
+    assert_eq!(
+        json["account"]["signing_public_key"],
+        hex::encode(uncompressed(&account_key()))
+    );
+    assert_eq!(json["signed_position"], SIGNED_POSITION);
+    assert_eq!(
+        json["signed_transaction"]["device_data"]["model"],
+        "Pixel 9"
+    );
+    assert_eq!(
+        json["signed_transaction"]["client_data"],
+        hex::encode(b"client")
+    );
+}
+
+fn keys(value: &Value) -> Vec<String> {
+    match value {
+        Value::Map(entries) => entries
+            .iter()
+            .map(|(k, _)| match k {
+                Value::Text(t) => t.clone(),
+                _ => "?".to_owned(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn field<'a>(value: &'a Value, name: &str) -> &'a Value {
+    match value {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| matches!(k, Value::Text(t) if t == name))
+            .map(|(_, v)| v)
+            .unwrap(),
+        _ => panic!("not a map"),
+    }
+}
+
+#[test]
+fn the_bundle_is_the_documented_map_in_the_documented_order() {
+    let bundle = cbor::decode_value(&valid().to_cbor().unwrap()).unwrap();
+    assert_eq!(
+        keys(&bundle),
+        [
+            "account",
+            "version",
+            "checkpoint",
+            "attestation",
+            "transaction",
+            "signed_event",
+            "inclusion_proof",
+            "signed_position",
+            "device_signature",
+        ]
+    );
+    assert_eq!(
+        keys(field(&bundle, "transaction")),
+        [
+            "data",
+            "text",
+            "server_id",
+            "content_type",
+            "created_at_ms",
+            "expires_at_ms",
+            "transaction_id",
+        ]
+    );
+    assert_eq!(
+        keys(field(&bundle, "account")),
+        [
+            "account_id",
+            "enrolment_event",
+            "enrolment_proof",
+            "enrolment_position",
+            "signing_public_key",
+        ]
+    );
+    assert!(matches!(field(&bundle, "version"), Value::Integer(1)));
+}
+
+#[test]
+fn the_signed_transaction_is_the_documented_map() {
+    let mut tx = Fixture::new().signed_tx;
+    tx.client_data = None;
+    let bytes = cbor::to_canonical_vec(&tx).unwrap();
+    let Value::Map(entries) = cbor::decode_value(&bytes).unwrap() else {
+        panic!("not a map");
+    };
+    let keys: Vec<_> = entries
+        .iter()
+        .map(|(k, _)| match k {
+            Value::Text(t) => t.as_str(),
+            _ => "?",
+        })
+        .collect();
+    // Deterministic order: shorter keys first, then bytewise (as docs/evidence.md lists them).
+    assert_eq!(
+        keys,
+        [
+            "data_hash",
+            "server_id",
+            "text_hash",
+            "client_data",
+            "device_data",
+            "device_time_ms",
+            "transaction_id",
+            "attestation_hash",
+        ]
+    );
+    assert!(matches!(entries[3].1, Value::Null));
+    let signed = sign_transaction(&tx, &account_key()).unwrap();
+    assert_eq!(
+        verify_signed_transaction(&signed, account_key().verifying_key()).unwrap(),
+        tx
+    );
+    assert_eq!(
+        verify_signed_transaction(&signed, key(4).verifying_key()),
+        Err(EvidenceError::BadDeviceSignature)
+    );
+    // A signature by the right key over a payload of another kind.
+    let other = cose::sign1_es256(
+        &account_key(),
+        &ProtectedFields {
+            content_type: Some(ContentType::MediaType(
+                attestation::ATTESTATION_CONTENT_TYPE.to_owned(),
+            )),
+            key_id: Some(account_key_thumbprint(account_key().verifying_key()).to_vec()),
+        },
+        &bytes,
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        verify_signed_transaction(&other, account_key().verifying_key()),
+        Err(EvidenceError::NotASignedTransaction("content type"))
+    );
+    // Over the limits: refused when signing.
+    let mut big = tx.clone();
+    big.client_data = Some(vec![0; MAX_CLIENT_DATA_BYTES + 1]);
+    assert_eq!(
+        sign_transaction(&big, &account_key()),
+        Err(EvidenceError::Limit("client_data"))
+    );
+    let mut many = tx;
+    many.device_data = (0..=MAX_DEVICE_DATA_ENTRIES)
+        .map(|i| (format!("k{i}"), String::new()))
+        .collect();
+    assert_eq!(
+        sign_transaction(&many, &account_key()),
+        Err(EvidenceError::Limit("device_data entries"))
+    );
+}
+
+#[test]
+fn the_transaction_challenge_is_the_documented_hash() {
+    let mut input = b"countersign/transaction-challenge/v1\x00".to_vec();
+    input.extend_from_slice(&SERVER);
+    input.extend_from_slice(&TX);
+    input.extend_from_slice(&[3; 32]);
+    input.extend_from_slice(&[4; 32]);
+    assert_eq!(
+        transaction_challenge(&SERVER, &TX, &[3; 32], &[4; 32]),
+        sha256(&input)
+    );
+    assert_ne!(
+        transaction_challenge(&SERVER, &[9; 16], &[3; 32], &[4; 32]),
+        sha256(&input)
+    );
+}
+
+#[test]
+fn each_tampered_part_is_refused_with_its_reason() {
+    use EvidenceError as E;
+    // 1. Checkpoint.
+    assert!(matches!(
+        with(|e| flip_last(&mut e.checkpoint)),
+        Err(E::Checkpoint(CheckpointError::Cose(
+            CoseError::BadSignature
+        )))
+    ));
+    let other_audit = verify_evidence(
+        &valid().to_cbor().unwrap(),
+        key(6).verifying_key(),
+        &[*sfs().verifying_key()],
+        None,
+    );
+    assert!(matches!(other_audit, Err(E::Checkpoint(_))));
+    let early = verify_evidence(
+        &valid().to_cbor().unwrap(),
+        audit().verifying_key(),
+        &[*sfs().verifying_key()],
+        Some(T - 1),
+    );
+    assert_eq!(early, Err(E::CheckpointInFuture));
+    // 2. The signing event's inclusion.
+    assert_eq!(
+        with(|e| e.inclusion_proof[0].0[0] ^= 1),
+        Err(E::SignedEventNotIncluded(ProofError::RootMismatch))
+    );
+    assert_eq!(
+        with(|e| flip_last(&mut e.signed_event)),
+        Err(E::SignedEventNotIncluded(ProofError::RootMismatch))
+    );
+    assert!(matches!(
+        with(|e| e.signed_position = 3),
+        Err(E::SignedEventNotIncluded(_))
+    ));
+    // 3. The enrolment event's inclusion.
+    assert_eq!(
+        with(|e| e.account.enrolment_proof[1].0[31] ^= 1),
+        Err(E::EnrolmentNotIncluded(ProofError::RootMismatch))
+    );
+    assert_eq!(
+        with(|e| flip_last(&mut e.account.enrolment_event)),
+        Err(E::EnrolmentNotIncluded(ProofError::RootMismatch))
+    );
+    // 4. Enrolment of another account (the bundle names another account id).
+    assert_eq!(
+        with(|e| e.account.account_id = Bytes([9; 16])),
+        Err(E::EnrolmentEvent("not this account's stream"))
+    );
+    // 5. Device signature.
+    assert_eq!(
+        with(|e| flip_last(&mut e.device_signature)),
+        Err(E::BadDeviceSignature)
+    );
+    assert!(matches!(
+        with(|e| e.device_signature.truncate(10)),
+        Err(E::DeviceSignature(_))
+    ));
+    // 6. Data and text.
+    assert_eq!(with(|e| e.transaction.data[0] ^= 1), Err(E::DataMismatch));
+    assert_eq!(with(|e| e.transaction.text.push('!')), Err(E::TextMismatch));
+    // 8. Attestation.
+    assert_eq!(
+        with(|e| flip_last(&mut e.attestation)),
+        Err(E::Attestation(AttestationError::BadSignature))
+    );
+    let no_sfs = verify_evidence(
+        &valid().to_cbor().unwrap(),
+        audit().verifying_key(),
+        &[*key(5).verifying_key()],
+        None,
+    );
+    assert_eq!(no_sfs, Err(E::Attestation(AttestationError::UntrustedKey)));
+}
+
+#[test]
+fn a_signature_replayed_onto_another_transaction_is_refused() {
+    // The bundle claims another transaction id for the same signature.
+    assert_eq!(
+        with(|e| e.transaction.transaction_id = Bytes([0x0f; 16])),
+        Err(EvidenceError::TransactionMismatch)
+    );
+    // The device signed the right transaction, but the attestation was for another one.
+    let mut f = Fixture::new();
+    f.challenge_tx = [0x0f; 16];
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::Attestation(
+            AttestationError::ChallengeMismatch
+        ))
+    );
+    // Everything proper, but the logged signing event belongs to another transaction.
+    let mut f = Fixture::new();
+    f.signed_event_tx = [0x0f; 16];
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::SignedEvent("names another transaction"))
+    );
+    // The device signed another attestation than the bundle's.
+    let mut f = Fixture::new();
+    f.signed_tx.attestation_hash = Bytes([5; 32]);
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::AttestationHashMismatch)
+    );
+    // A signing event that records other bytes than the bundle's (a re-signed, equivalent
+    // device signature is still another signature).
+    let mut f = Fixture::new();
+    f.signed_tx
+        .device_data
+        .insert("x".to_owned(), "y".to_owned());
+    let other = f.build();
+    assert_eq!(
+        with(|e| e.device_signature = other.device_signature),
+        Err(EvidenceError::SignedEvent(
+            "records another signature or attestation"
+        ))
+    );
+}
+
+#[test]
+fn a_key_other_than_the_enrolled_one_is_refused() {
+    let mut f = Fixture::new();
+    f.signer = key(4);
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::AccountKeyNotEnrolled)
+    );
+    // Swapping only the key in a valid bundle is refused the same way.
+    assert_eq!(
+        with(|e| e.account.signing_public_key = Bytes(uncompressed(&key(4)))),
+        Err(EvidenceError::AccountKeyNotEnrolled)
+    );
+}
+
+#[test]
+fn the_attestation_is_judged_at_the_device_time() {
+    let mut f = Fixture::new();
+    f.signed_tx.device_time_ms = T + 60_001;
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::Attestation(AttestationError::Expired))
+    );
+    let mut f = Fixture::new();
+    f.attestation_issued_at = T + 1_000 + 5_001;
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::Attestation(AttestationError::NotYetValid))
+    );
+}
+
+#[test]
+fn decoding_is_strict() {
+    let ev = valid();
+    let bytes = ev.to_cbor().unwrap();
+    // Another version.
+    let mut v2 = cbor::decode_value(&bytes).unwrap();
+    if let Value::Map(entries) = &mut v2 {
+        for (k, v) in entries.iter_mut() {
+            if matches!(k, Value::Text(t) if t == "version") {
+                *v = Value::Integer(2);
+            }
+        }
+    }
+    assert_eq!(
+        Evidence::from_cbor(&cbor::encode_canonical(&v2)),
+        Err(EvidenceError::UnsupportedVersion("2".to_owned()))
+    );
+    let mut bad = ev.clone();
+    bad.version = 2;
+    assert!(matches!(
+        bad.to_cbor(),
+        Err(EvidenceError::UnsupportedVersion(_))
+    ));
+    // An unknown key.
+    let mut extra = cbor::decode_value(&bytes).unwrap();
+    if let Value::Map(entries) = &mut extra {
+        entries.push((Value::Text("note".to_owned()), Value::Null));
+    }
+    assert!(matches!(
+        Evidence::from_cbor(&cbor::encode_canonical(&extra)),
+        Err(EvidenceError::Malformed { .. })
+    ));
+    // A non-deterministic encoding of the same bundle (map length in a longer head).
+    let mut long_head = vec![0xb8, bytes[0] & 0x1f];
+    long_head.extend_from_slice(&bytes[1..]);
+    assert_eq!(
+        Evidence::from_cbor(&long_head),
+        Err(EvidenceError::NotDeterministic("evidence bundle"))
+    );
+    // Trailing bytes, truncation, size.
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert!(Evidence::from_cbor(&trailing).is_err());
+    assert!(Evidence::from_cbor(&bytes[..bytes.len() - 1]).is_err());
+    assert_eq!(
+        Evidence::from_cbor(&vec![0; MAX_EVIDENCE_BYTES + 1]),
+        Err(EvidenceError::TooLarge)
+    );
+    // Limits.
+    let mut big = ev;
+    big.transaction.data = vec![0; MAX_DATA_BYTES + 1];
+    assert_eq!(big.to_cbor(), Err(EvidenceError::Limit("transaction.data")));
+}
+
+/// Byte ranges of the bundle that nothing signs (documented as informational): the values of
+/// `content_type`, `created_at_ms` and `expires_at_ms`.
+fn unauthenticated_ranges(bytes: &[u8]) -> Vec<core::ops::Range<usize>> {
+    // The attestation also has an `expires_at_ms`: search the transaction map only, which
+    // `content_type` opens (keys in deterministic order: content_type, created_at_ms,
+    // expires_at_ms follow one another).
+    let find = |key: &str, from: usize| {
+        let mut needle = vec![0x60 | key.len() as u8];
+        needle.extend_from_slice(key.as_bytes());
+        let at = bytes[from..]
+            .windows(needle.len())
+            .position(|w| w == needle.as_slice())
+            .unwrap();
+        from + at + needle.len()
+    };
+    let ct = find("content_type", 0);
+    let created = find("created_at_ms", ct);
+    let expires = find("expires_at_ms", ct);
+    vec![
+        ct..ct + 1 + "application/json".len(),
+        created..created + 9,
+        expires..expires + 9,
+    ]
+}
+
+#[test]
+fn flipping_any_bit_of_any_byte_never_verifies_outside_informational_fields() {
+    let bytes = valid().to_cbor().unwrap();
+    let expected = verify_bytes(&bytes).unwrap();
+    let free = unauthenticated_ranges(&bytes);
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 0x01;
+        match verify_bytes(&b) {
+            Err(_) => {}
+            Ok(v) => {
+                assert!(
+                    free.iter().any(|r| r.contains(&i)),
+                    "byte {i} flipped and verified"
+                );
+                assert_eq!(v, expected);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn random_corruption_never_verifies_and_never_panics(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4)
+    ) {
+        let bytes = valid().to_cbor().unwrap();
+        let free = unauthenticated_ranges(&bytes);
+        let mut b = bytes.clone();
+        let mut touched = Vec::new();
+        for (at, x) in &edits {
+            let i = at.index(b.len());
+            b[i] ^= x;
+            touched.push(i);
+        }
+        if let Ok(v) = verify_bytes(&b) {
+            prop_assert!(b == bytes || touched.iter().all(|i| free.iter().any(|r| r.contains(i))));
+            prop_assert_eq!(v, verify_bytes(&bytes).unwrap());
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+        prop_assert!(verify_bytes(&b).is_err());
+        let _ = Evidence::from_cbor(&b);
+    }
+}
