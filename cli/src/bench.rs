@@ -42,6 +42,19 @@ pub enum BenchWhat {
     Logins(device::LoginsArgs),
     /// Idle device connections held against a running server: its memory per connection.
     Connections(device::ConnectionsArgs),
+    /// The second-factor server's hot paths: server-side OPAQUE logins, attestation sign +
+    /// verify (one thread and every core) against bare ES256. Needs no database.
+    Sfs(SfsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SfsArgs {
+    /// OPAQUE logins timed.
+    #[arg(long, default_value_t = 2_000)]
+    pub logins: u32,
+    /// Attestations signed and verified (and bare ES256 rounds).
+    #[arg(long, default_value_t = 5_000)]
+    pub attestations: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,7 +118,31 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Replay(args) => crate::bench_api::replay(settings, args).await,
         BenchWhat::Logins(args) => device::logins(args).await,
         BenchWhat::Connections(args) => device::connections(args).await,
+        BenchWhat::Sfs(args) => sfs(&args),
     }
+}
+
+fn sfs(args: &SfsArgs) -> anyhow::Result<()> {
+    let opaque = countersign_sfs::bench::opaque_logins(args.logins).map_err(anyhow::Error::msg)?;
+    let attest =
+        countersign_sfs::bench::attestations(args.attestations).map_err(anyhow::Error::msg)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "server-side OPAQUE logins: {:.0}/s on one thread (first step {:.0}/s, second {:.0}/s; {} logins)",
+        opaque.logins, opaque.starts, opaque.finishes, args.logins
+    )?;
+    writeln!(
+        out,
+        "attestation sign + verify: {:.0}/s on one thread, {:.0}/s on {} threads; bare ES256 sign + verify {:.0}/s on one thread ({:.0} % of it; {} rounds)",
+        attest.one_thread,
+        attest.all_cores,
+        attest.threads,
+        attest.bare_es256,
+        100.0 * attest.one_thread / attest.bare_es256,
+        args.attestations
+    )?;
+    Ok(())
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {

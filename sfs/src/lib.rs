@@ -39,8 +39,7 @@ pub mod opaque;
 mod records;
 pub mod session;
 
-#[cfg(test)]
-mod bench;
+pub mod bench;
 #[cfg(test)]
 mod tests;
 
