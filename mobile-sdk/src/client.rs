@@ -54,7 +54,7 @@ impl fmt::Debug for Target {
     }
 }
 
-fn transport(what: impl fmt::Display) -> SdkError {
+pub(crate) fn transport(what: impl fmt::Display) -> SdkError {
     SdkError::Transport(what.to_string())
 }
 
@@ -69,24 +69,52 @@ fn gateway_base(gateway: &str) -> Result<&str, SdkError> {
 
 /// `{http base}/servers/{id}`: the gateway URL with ws → http, wss → https.
 fn key_url(gateway: &str, server_id: &[u8; 16]) -> Result<String, SdkError> {
-    let base = gateway_base(gateway)?;
-    let http = if let Some(rest) = base.strip_prefix("wss://") {
-        format!("https://{rest}")
-    } else if let Some(rest) = base.strip_prefix("ws://") {
-        format!("http://{rest}")
+    Ok(format!(
+        "{}/servers/{}",
+        http_form(gateway_base(gateway)?)?,
+        hex::encode(server_id)
+    ))
+}
+
+/// A `ws://` or `wss://` URL's HTTP form (`http://`, `https://`); the scheme was checked by
+/// the caller's URL parser, case-insensitively.
+pub(crate) fn http_form(ws_url: &str) -> Result<String, SdkError> {
+    let (scheme, rest) = ws_url
+        .split_once("://")
+        .ok_or_else(|| transport("the URL is malformed"))?;
+    let scheme = if scheme.eq_ignore_ascii_case("wss") {
+        "https"
     } else {
-        // The scheme was checked case-insensitively by the URL parser.
-        let (scheme, rest) = base
-            .split_once("://")
-            .ok_or_else(|| transport("the gateway URL is malformed"))?;
-        let scheme = if scheme.eq_ignore_ascii_case("wss") {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{rest}")
+        "http"
     };
-    Ok(format!("{http}/servers/{}", hex::encode(server_id)))
+    Ok(format!("{scheme}://{rest}"))
+}
+
+/// GETs a JSON document within `timeout`; `what` names it in errors.
+pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<T, SdkError> {
+    let fetch = async {
+        let response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| transport(e.without_url()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(transport(format!("{what}: HTTP {}", status.as_u16())));
+        }
+        response
+            .json::<T>()
+            .await
+            .map_err(|_| transport(format!("{what}: malformed answer")))
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| SdkError::Timeout)?
 }
 
 fn channel_url(gateway: &str, server_id: &[u8; 16]) -> Result<String, SdkError> {
@@ -117,24 +145,7 @@ pub(crate) async fn fetch_server_key(
     timeout: Duration,
 ) -> Result<Vec<u8>, SdkError> {
     let url = key_url(gateway, server_id)?;
-    let fetch = async {
-        let response = http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| transport(e.without_url()))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(transport(format!("server key: HTTP {}", status.as_u16())));
-        }
-        response
-            .json::<KeyDocument>()
-            .await
-            .map_err(|_| transport("server key: malformed answer"))
-    };
-    let document = tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| SdkError::Timeout)??;
+    let document: KeyDocument = get_json(http, &url, "server key", timeout).await?;
     let public_key =
         hex::decode(&document.public_key).map_err(|_| transport("server key: not hex"))?;
     if fingerprint(&public_key) != *pinned

@@ -36,9 +36,7 @@ use crate::second_factor::SfsConfig;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-fn transport(what: impl fmt::Display) -> SdkError {
-    SdkError::Transport(what.to_string())
-}
+use crate::client::{get_json, http_form, transport};
 
 /// The SFS base as a WebSocket URL (`ws://…` or `wss://…`), no trailing slash; `http` and
 /// `https` bases are turned into their WebSocket forms.
@@ -63,13 +61,7 @@ pub(crate) fn ws_base(base: &str) -> Result<String, SdkError> {
 
 /// `{http base}/key`: the SFS base with ws → http, wss → https.
 fn key_url(base: &str) -> Result<String, SdkError> {
-    let ws = ws_base(base)?;
-    let http = match ws.split_once("://") {
-        Some(("wss", rest)) => format!("https://{rest}"),
-        Some((_, rest)) => format!("http://{rest}"),
-        None => return Err(transport("the SFS URL is malformed")),
-    };
-    Ok(format!("{http}/key"))
+    Ok(format!("{}/key", http_form(&ws_base(base)?)?))
 }
 
 #[derive(Deserialize)]
@@ -86,24 +78,7 @@ pub(crate) async fn fetch_keys(
     timeout: Duration,
 ) -> Result<(Vec<u8>, Vec<u8>), SdkError> {
     let url = key_url(base)?;
-    let fetch = async {
-        let response = http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| transport(e.without_url()))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(transport(format!("SFS keys: HTTP {}", status.as_u16())));
-        }
-        response
-            .json::<KeyDocument>()
-            .await
-            .map_err(|_| transport("SFS keys: malformed answer"))
-    };
-    let document = tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| SdkError::Timeout)??;
+    let document: KeyDocument = get_json(http, &url, "SFS keys", timeout).await?;
     let key = |hex_text: &str| {
         let bytes = hex::decode(hex_text).map_err(|_| transport("SFS keys: not hex"))?;
         p256::PublicKey::from_sec1_bytes(&bytes)
