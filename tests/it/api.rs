@@ -1291,12 +1291,22 @@ async fn snapshots_of_bodies_and_events(db: &TestDb) {
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
-            let decoded = <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(&e.event_type, e.schema_version, &e.payload).unwrap();
-            json!({"type": e.event_type, "stream": e.stream.split('-').next(), "payload": decoded.to_json()})
+            json!({"type": e.event_type, "stream": e.stream.split('-').next(), "payload": payload_json(e)})
         })
         .collect();
     insta::assert_json_snapshot!("api_events", redactions(&Value::Array(events)));
     api.stop().await;
+}
+
+/// A stored event's payload as JSON, decoded through the domain's own types.
+pub(crate) fn payload_json(event: &countersign_eventstore::RecordedEvent) -> Value {
+    <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
+        &event.event_type,
+        event.schema_version,
+        &event.payload,
+    )
+    .unwrap()
+    .to_json()
 }
 
 /// Replaces values that change from run to run (ids, times, positions, sealed bytes, QR

@@ -88,6 +88,19 @@ async fn enrol(sdk: &Sdk, qr: &str) -> String {
     done.account_id.unwrap()
 }
 
+/// Logs the phone in with `account` by a continuous session's link; answers it once ACTIVE.
+async fn log_in(phone: &Sdk, link: &str, account: &str) -> countersign_mobile_sdk::SessionHandle {
+    let login = phone
+        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    login.set_account(Some(account)).await.unwrap();
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
+        .await
+        .unwrap();
+    login
+}
+
 /// Opens a login session; answers its deep link.
 pub(crate) async fn open_session(
     api: &Api,
@@ -228,14 +241,7 @@ async fn device_logout_reaches_the_business_sse(db: &TestDb) {
         "pending"
     );
 
-    let login = phone
-        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    login.set_account(Some(&account)).await.unwrap();
-    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
-        .await
-        .unwrap();
+    let login = log_in(&phone, &link, &account).await;
     let mut states = Vec::new();
     loop {
         let state = next_state(&mut stream, &mut buffer).await;
@@ -265,14 +271,7 @@ async fn a_continuous_session_without_pings_logs_out(db: &TestDb) {
     let phone = sdk();
     let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "carol").await).await;
     let link = open_session(&api, &server, &token, 3, json!({"ping_time_secs": 30})).await;
-    let login = phone
-        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    login.set_account(Some(&account)).await.unwrap();
-    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
-        .await
-        .unwrap();
+    let login = log_in(&phone, &link, &account).await;
     assert_eq!(
         session_view(&api, &server, &token, 3).await["state"],
         "logged_in"
@@ -746,14 +745,7 @@ async fn frames_carry_nothing_readable(db: &TestDb) {
     let hsid = countersign_protocol::qr::QrPayload::from_deep_link(&link)
         .unwrap()
         .token;
-    let login = phone
-        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    login.set_account(Some(&account)).await.unwrap();
-    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
-        .await
-        .unwrap();
+    let login = log_in(&phone, &link, &account).await;
     let view = session_view(&api, &server, &token, 7).await;
     assert_eq!(view["userid"], userid);
     login.stop_session().await.unwrap();
@@ -867,14 +859,7 @@ async fn snapshots_of_device_event_streams(db: &TestDb) {
     let phone = sdk();
     let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "hana").await).await;
     let link = open_session(&api, &server, &token, 9, json!({"ping_time_secs": 60})).await;
-    let login = phone
-        .start_session(link.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    login.set_account(Some(&account)).await.unwrap();
-    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
-        .await
-        .unwrap();
+    let login = log_in(&phone, &link, &account).await;
     login.stop_session().await.unwrap();
     let events = api
         .running
@@ -886,14 +871,7 @@ async fn snapshots_of_device_event_streams(db: &TestDb) {
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
-            let decoded =
-                <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
-                    &e.event_type,
-                    e.schema_version,
-                    &e.payload,
-                )
-                .unwrap();
-            let mut payload = decoded.to_json();
+            let mut payload = crate::api::payload_json(e);
             for key in [
                 "app_instance",
                 "channel_public_key",

@@ -66,6 +66,25 @@ async fn phone(api: &Api) -> Sdk {
     Sdk::open(Arc::new(MemoryStorage::new()), config).unwrap()
 }
 
+/// Starts an enrolment on the phone and confirms it, up to the second-factor prompt.
+async fn enrolment_to_factor_prompt(
+    phone: &Sdk,
+    qr: &str,
+) -> countersign_mobile_sdk::SessionHandle {
+    let enrol = phone
+        .start_session(qr.as_bytes(), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    enrol.confirm_enrol().await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        enrol.wait_for(|s| s.state == State::UserInteraction(Interaction::WaitForSecondFactor)),
+    )
+    .await
+    .unwrap();
+    enrol
+}
+
 /// Opens a one-shot login on the phone up to the PIN prompt.
 async fn to_pin_prompt(
     api: &Api,
@@ -99,17 +118,7 @@ async fn pin_enrolment_login_lockout_and_restart(db: &TestDb) {
     // Enrolment on a PIN server: the first enrolment registers the app's PIN at the SFS and
     // upgrades the new account with an attestation.
     let qr = enrolment_qr(&api, &server, &token, "ines").await;
-    let enrol = phone
-        .start_session(qr.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    enrol.confirm_enrol().await.unwrap();
-    tokio::time::timeout(
-        WAIT,
-        enrol.wait_for(|s| s.state == State::UserInteraction(Interaction::WaitForSecondFactor)),
-    )
-    .await
-    .unwrap();
+    let enrol = enrolment_to_factor_prompt(&phone, &qr).await;
     enrol
         .set_pin_biometric(SecondFactor::pin(PIN))
         .await
@@ -248,17 +257,7 @@ async fn biometric_login_and_account_upgrade(db: &TestDb) {
     // A headless account first (the phone has no SFS-proven factor yet, and the user leaves
     // the enrolment's second-factor step), then upgraded with the PIN.
     let qr = enrolment_qr(&api, &server, &token, "kim").await;
-    let enrol = phone
-        .start_session(qr.as_bytes(), Arc::new(NoCallbacks))
-        .await
-        .unwrap();
-    enrol.confirm_enrol().await.unwrap();
-    tokio::time::timeout(
-        WAIT,
-        enrol.wait_for(|s| s.state == State::UserInteraction(Interaction::WaitForSecondFactor)),
-    )
-    .await
-    .unwrap();
+    let enrol = enrolment_to_factor_prompt(&phone, &qr).await;
     enrol.input_cancel().await.unwrap();
     let account = phone.accounts().unwrap()[0].clone();
     assert!(account.headless, "left without a second factor");
@@ -305,12 +304,7 @@ async fn biometric_login_and_account_upgrade(db: &TestDb) {
     let events = api.running.state.store().read_all(0, 10_000).await.unwrap();
     assert!(events.iter().any(|e| {
         e.event_type == "session.second_factor_verified"
-            && <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
-                &e.event_type,
-                e.schema_version,
-                &e.payload,
-            )
-            .is_ok_and(|d| d.to_json()["factor"] == "biometric")
+            && crate::api::payload_json(e)["factor"] == "biometric"
     }));
     api.stop().await;
 }
@@ -606,15 +600,7 @@ async fn the_server_checks_every_attestation(db: &TestDb) {
     let reused = events
         .iter()
         .filter(|e| e.event_type == "session.second_factor_verified")
-        .filter_map(|e| {
-            <countersign_domain::AnyEvent as countersign_domain::DomainEvent>::decode(
-                &e.event_type,
-                e.schema_version,
-                &e.payload,
-            )
-            .ok()
-        })
-        .filter(|e| e.to_json()["reused"] == true)
+        .filter(|e| crate::api::payload_json(e)["reused"] == true)
         .count();
     assert_eq!(
         reused, 1,
