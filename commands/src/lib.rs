@@ -25,6 +25,7 @@ pub mod enrolment;
 pub mod secrets;
 pub mod server;
 pub mod session;
+pub mod transaction;
 pub mod user;
 
 pub use clock::{Clock, FixedClock, SystemClock};
@@ -37,6 +38,7 @@ pub struct Commands {
     pub sessions: session::SessionCommands,
     pub enrolments: enrolment::EnrolmentCommands,
     pub accounts: account::AccountCommands,
+    pub transactions: transaction::TransactionCommands,
 }
 
 impl Commands {
@@ -55,8 +57,13 @@ impl Commands {
             ),
             users: user::UserCommands::new(store.clone(), vault, clock.clone()),
             sessions: session::SessionCommands::new(store.clone(), secrets.clone(), clock.clone()),
-            enrolments: enrolment::EnrolmentCommands::new(store.clone(), secrets, clock.clone()),
-            accounts: account::AccountCommands::new(store, clock),
+            enrolments: enrolment::EnrolmentCommands::new(
+                store.clone(),
+                secrets.clone(),
+                clock.clone(),
+            ),
+            accounts: account::AccountCommands::new(store.clone(), clock.clone()),
+            transactions: transaction::TransactionCommands::new(store, secrets, clock),
         }
     }
 }

@@ -14,7 +14,7 @@
 //! - [`validate`]: caller-input rules shared by aggregates.
 //! - Aggregates, one module each with its state, commands, events and rules, decide/apply
 //!   implemented: [`server`], [`user`], [`account`], [`enrolment`], [`session`],
-//!   [`second_factor`] (the SFS's, per app instance); event types so far: [`transaction`].
+//!   [`second_factor`] (the SFS's, per app instance), [`transaction`].
 
 pub mod account;
 pub mod aggregate;

@@ -274,16 +274,34 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
         TransactionEvent::Created(TransactionCreated {
             transaction: TransactionRef::new(server, TransactionId::from_bytes([16; 16])),
             user: digest,
+            account_id: Some(account_id),
+            data: b"{\"amount\":100}".to_vec(),
             data_hash: [17; 32],
+            content_type: "application/json".into(),
             text: "Pay €100 to Bob".into(),
+            text_hash: [18; 32],
+            announce_info: Some("Payment".into()),
+            created_at: t,
             expires_at: t,
             origin: TransactionOrigin::Api,
         })
         .into(),
+        TransactionEvent::Presented(TransactionPresented {
+            account_id,
+            presented_at: t,
+        })
+        .into(),
         TransactionEvent::Signed(TransactionSigned {
             account_id,
+            data_hash: [17; 32],
+            text_hash: [18; 32],
+            content_type: "application/json".into(),
+            created_at: t,
+            expires_at: t,
             device_signature: vec![0xd2, 0x84],
             attestation: vec![0xd2, 0x84, 0x43],
+            factor: SecondFactorKind::Biometric,
+            device_time: t,
             signed_at: t,
         })
         .into(),

@@ -35,6 +35,14 @@ pub const MAX_DEPTH: usize = 16;
 pub const MAX_TEXT_BYTES: usize = 4096;
 /// Longest SFS attestation accepted, in bytes.
 pub const MAX_ATTESTATION_BYTES: usize = 1024;
+/// Longest device signature over a transaction accepted, in bytes.
+pub const MAX_SIGNATURE_BYTES: usize = 16 * 1024;
+/// Largest transaction data, in bytes.
+pub const MAX_TRANSACTION_DATA_BYTES: usize = 64 * 1024;
+/// Longest transaction text, in bytes of UTF-8.
+pub const MAX_TRANSACTION_TEXT_BYTES: usize = 16 * 1024;
+/// Most transactions a `pending_transactions` answer lists.
+pub const MAX_PENDING_TRANSACTIONS: usize = 50;
 
 /// A byte string of exactly `N` bytes (ids, hsids, tokens). Encoded as a CBOR byte string;
 /// any other length or type is a decoding error.
@@ -262,6 +270,48 @@ pub enum RequestBody {
         /// The COSE_Sign1 attestation from the SFS.
         attestation: Blob,
     },
+    /// Account only: fetch a transaction to show it (records that it was presented); answers
+    /// its details.
+    GetTransaction {
+        /// The transaction.
+        transaction_id: Bytes<16>,
+    },
+    /// Account only: the transactions waiting for this account's approval, oldest first (at
+    /// most [`MAX_PENDING_TRANSACTIONS`]).
+    PendingTransactions,
+    /// Account only: approve a transaction. `signature` is the account key's COSE_Sign1 over a
+    /// signed transaction (`docs/evidence.md`) binding the hash of `attestation`, a fresh SFS
+    /// attestation for the transaction's challenge.
+    SignTransaction {
+        /// The transaction.
+        transaction_id: Bytes<16>,
+        /// The device's COSE_Sign1.
+        signature: Blob,
+        /// The SFS attestation.
+        attestation: Blob,
+    },
+    /// Account only: decline a transaction.
+    RejectTransaction {
+        /// The transaction.
+        transaction_id: Bytes<16>,
+    },
+    /// Account only: the app's own transaction (SDK-initiated), created and signed at once.
+    /// The id is the app's (16 random bytes); the signature and attestation are as for
+    /// `sign_transaction`.
+    SignOwnTransaction {
+        /// Chosen by the app.
+        transaction_id: Bytes<16>,
+        /// The data signed.
+        data: Blob,
+        /// Its media type.
+        content_type: String,
+        /// The text shown to the user.
+        text: String,
+        /// The device's COSE_Sign1.
+        signature: Blob,
+        /// The SFS attestation.
+        attestation: Blob,
+    },
 }
 
 /// What a second-factor challenge is for.
@@ -275,6 +325,12 @@ pub enum ChallengePurpose {
     },
     /// Upgrading this headless account.
     Upgrade,
+    /// Signing a transaction. The challenge is public
+    /// (`evidence::transaction_challenge`); asking for it is a convenience.
+    Transaction {
+        /// The transaction.
+        transaction_id: Bytes<16>,
+    },
 }
 
 /// Why a device gave up on a session.
@@ -300,11 +356,36 @@ impl Request {
             )),
             RequestBody::VerifySecondFactor { attestation, .. }
             | RequestBody::UpgradeAccount { attestation }
+            | RequestBody::SignTransaction { attestation, .. }
+            | RequestBody::SignOwnTransaction { attestation, .. }
                 if attestation.0.len() > MAX_ATTESTATION_BYTES =>
             {
                 Err(DeviceError::new(
                     ErrorCode::Invalid,
                     "the attestation is longer than an attestation can be",
+                ))
+            }
+            RequestBody::SignTransaction { signature, .. }
+            | RequestBody::SignOwnTransaction { signature, .. }
+                if signature.0.len() > MAX_SIGNATURE_BYTES =>
+            {
+                Err(DeviceError::new(
+                    ErrorCode::Invalid,
+                    "the signature is longer than a signed transaction can be",
+                ))
+            }
+            RequestBody::SignOwnTransaction {
+                data,
+                content_type,
+                text,
+                ..
+            } if data.0.len() > MAX_TRANSACTION_DATA_BYTES
+                || content_type.len() > 255
+                || text.len() > MAX_TRANSACTION_TEXT_BYTES =>
+            {
+                Err(DeviceError::new(
+                    ErrorCode::Invalid,
+                    "the transaction's data, content type or text is over its limit",
                 ))
             }
             _ => Ok(()),
@@ -364,6 +445,43 @@ pub enum Answer {
     },
     /// Done, nothing to say.
     Done,
+    /// A transaction to show.
+    Transaction(TransactionDetails),
+    /// Transactions waiting for approval.
+    Transactions {
+        /// Oldest first.
+        pending: Vec<PendingTransaction>,
+    },
+}
+
+/// A transaction, as a device shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionDetails {
+    /// The transaction.
+    pub transaction_id: Bytes<16>,
+    /// The bytes to sign (the device hashes them itself).
+    pub data: Blob,
+    /// Their media type.
+    pub content_type: String,
+    /// The text the user must see before approving.
+    pub text: String,
+    /// Shown before the text, optional.
+    pub announce_info: Option<String>,
+    /// When it was created, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// After this, signing is refused.
+    pub expires_at_ms: i64,
+}
+
+/// A transaction waiting for approval, as a list or a notice names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTransaction {
+    /// The transaction.
+    pub transaction_id: Bytes<16>,
+    /// Shown before the text, optional.
+    pub announce_info: Option<String>,
+    /// After this, signing is refused.
+    pub expires_at_ms: i64,
 }
 
 /// A login session, as a device sees it.
@@ -396,6 +514,8 @@ pub enum Notice {
         /// The account.
         account_id: Bytes<16>,
     },
+    /// A transaction waits for this account's approval: fetch it with `get_transaction`.
+    TransactionPending(PendingTransaction),
 }
 
 /// How a session ended.

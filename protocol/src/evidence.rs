@@ -97,13 +97,13 @@ pub struct TransactionRequest {
     /// The data that was signed (by its hash).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
-    /// Media type of `data`, for people; not signed.
+    /// Media type of `data`; proven by the signing event (check 10).
     pub content_type: String,
     /// The text shown to the user (signed by its hash).
     pub text: String,
-    /// When the transaction was created; informational, not proven.
+    /// When the transaction was created; proven by the signing event (check 10).
     pub created_at_ms: i64,
-    /// When it would have expired; informational, not proven.
+    /// When it would have expired; proven by the signing event (check 10).
     pub expires_at_ms: i64,
 }
 
@@ -556,6 +556,11 @@ struct AccountRefPayload {
 #[derive(Deserialize)]
 struct SignedPayload {
     account_id: Bytes<16>,
+    data_hash: Bytes<32>,
+    text_hash: Bytes<32>,
+    content_type: String,
+    created_at: i64,
+    expires_at: i64,
     #[serde(with = "serde_bytes")]
     device_signature: Vec<u8>,
     #[serde(with = "serde_bytes")]
@@ -588,7 +593,8 @@ fn stream_name(prefix: &str, server_id: &[u8; 16], id: &[u8; 16]) -> String {
 /// 9. the signed attestation hash is SHA-256 of the attestation bytes;
 /// 10. the signing event is `transaction.signed` v1 in stream
 ///     `transaction-{server}-{transaction}`, at its position, and carries this account id,
-///     device signature and attestation byte for byte.
+///     device signature and attestation byte for byte, the data and text hashes, and the
+///     bundle's content type, creation and expiry.
 ///
 /// # Errors
 /// The [`EvidenceError`] of the first check that fails (or of decoding).
@@ -722,6 +728,17 @@ pub fn verify_evidence(
     if payload.device_signature != ev.device_signature || payload.attestation != ev.attestation {
         return Err(EvidenceError::SignedEvent(
             "records another signature or attestation",
+        ));
+    }
+    if payload.data_hash.0 != data_hash || payload.text_hash.0 != text_hash {
+        return Err(EvidenceError::SignedEvent("records other data or text"));
+    }
+    if payload.content_type != tx.content_type
+        || payload.created_at != tx.created_at_ms
+        || payload.expires_at != tx.expires_at_ms
+    {
+        return Err(EvidenceError::SignedEvent(
+            "records another content type, creation or expiry",
         ));
     }
 

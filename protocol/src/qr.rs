@@ -1,4 +1,5 @@
-//! The QR code / deep-link payload: what a phone reads to start a login or an enrolment.
+//! The QR code / deep-link payload: what a phone reads to start a login, an enrolment or a
+//! transaction approval.
 //!
 //! The payload is one deterministic CBOR array, compact enough for a small QR code:
 //! `[version, kind, server_id bstr(16), token bstr(32), gateway tstr(≤ 256), fingerprint bstr(32)]`.
@@ -43,6 +44,9 @@ pub enum QrKind {
     Login,
     /// Enrol an account: the token is the enrolment token. Wire value 2.
     Enrolment,
+    /// Approve a transaction: the token is the 16-byte transaction id followed by 16 zero
+    /// bytes (not a secret: only the user's own accounts may fetch it). Wire value 3.
+    Transaction,
 }
 
 impl QrKind {
@@ -52,6 +56,7 @@ impl QrKind {
         match self {
             Self::Login => 1,
             Self::Enrolment => 2,
+            Self::Transaction => 3,
         }
     }
 
@@ -61,6 +66,7 @@ impl QrKind {
         match code {
             1 => Some(Self::Login),
             2 => Some(Self::Enrolment),
+            3 => Some(Self::Transaction),
             _ => None,
         }
     }
@@ -73,12 +79,33 @@ pub struct QrPayload {
     pub kind: QrKind,
     /// The virtual server's id.
     pub server_id: [u8; 16],
-    /// hsid (32 bytes) for Login, enrolment token (32 bytes) for Enrolment.
+    /// hsid (32 bytes) for Login, enrolment token (32 bytes) for Enrolment, transaction id
+    /// and 16 zero bytes for Transaction.
     pub token: [u8; 32],
     /// Where the app connects (device gateway URL, e.g. "wss://gw.example.com/v1/device"), ≤ 256 bytes.
     pub gateway: String,
     /// SHA-256 of the server's SEC1 uncompressed public key (the app pins it).
     pub server_key_fingerprint: [u8; 32],
+}
+
+impl QrPayload {
+    /// The token of a transaction QR code: the id, then 16 zero bytes.
+    #[must_use]
+    pub fn transaction_token(transaction_id: [u8; 16]) -> [u8; 32] {
+        let mut token = [0u8; 32];
+        token[..16].copy_from_slice(&transaction_id);
+        token
+    }
+
+    /// The transaction id of a [`QrKind::Transaction`] payload; `None` for other kinds or a
+    /// token whose last 16 bytes are not zero.
+    #[must_use]
+    pub fn transaction_id(&self) -> Option<[u8; 16]> {
+        let (id, zeros) = self.token.split_at(16);
+        (self.kind == QrKind::Transaction && zeros.iter().all(|b| *b == 0))
+            .then(|| id.try_into().ok())
+            .flatten()
+    }
 }
 
 impl fmt::Debug for QrPayload {
@@ -456,8 +483,24 @@ mod tests {
     }
 
     #[test]
+    fn transaction_token_carries_the_id_and_zeros() {
+        let id = [0x5a; 16];
+        let payload = QrPayload {
+            kind: QrKind::Transaction,
+            token: QrPayload::transaction_token(id),
+            ..example()
+        };
+        let decoded = QrPayload::decode(&payload.encode()).unwrap();
+        assert_eq!(decoded.transaction_id(), Some(id));
+        let mut other = decoded.clone();
+        other.token[31] = 1;
+        assert_eq!(other.transaction_id(), None, "nonzero padding");
+        assert_eq!(example().transaction_id(), None, "not a transaction QR");
+    }
+
+    #[test]
     fn unknown_kind() {
-        for code in [0, 3, 255] {
+        for code in [0, 4, 255] {
             let mut items = items_of(&example());
             items[1] = Value::Integer(code);
             assert_eq!(
@@ -624,7 +667,11 @@ mod tests {
     }
 
     fn any_kind() -> impl Strategy<Value = QrKind> {
-        prop_oneof![Just(QrKind::Login), Just(QrKind::Enrolment)]
+        prop_oneof![
+            Just(QrKind::Login),
+            Just(QrKind::Enrolment),
+            Just(QrKind::Transaction)
+        ]
     }
 
     proptest! {
