@@ -18,6 +18,7 @@ use countersign_commands::CommandError;
 use countersign_domain::ErrorKind;
 use countersign_eventstore::StoreError;
 use countersign_projections::ProjectionError;
+use countersign_projections::evidence::EvidenceAssemblyError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
@@ -72,6 +73,9 @@ pub enum ApiError {
     /// The store refuses writes for now (503, retry).
     #[error("the service is temporarily unavailable; retry")]
     Unavailable,
+    /// What was asked for exists but cannot be answered yet (503, retry after a second).
+    #[error("{0}")]
+    NotYet(String),
     /// Our failure (500). The cause is logged, never shown.
     #[error("internal error")]
     Internal(String),
@@ -88,7 +92,9 @@ impl ApiError {
             Self::Gone(_) => StatusCode::GONE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::NotReady(_) | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -128,7 +134,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::NotReady(_) | Self::Unavailable => {
+            Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -177,6 +183,20 @@ impl From<StoreError> for ApiError {
 impl From<ProjectionError> for ApiError {
     fn from(error: ProjectionError) -> Self {
         Self::internal(error)
+    }
+}
+
+impl From<EvidenceAssemblyError> for ApiError {
+    fn from(error: EvidenceAssemblyError) -> Self {
+        match error {
+            EvidenceAssemblyError::NotFound => Self::NotFound("no such transaction".into()),
+            EvidenceAssemblyError::NotSigned(_) => Self::Conflict(error.to_string()),
+            EvidenceAssemblyError::NotYetCheckpointed => Self::NotYet(error.to_string()),
+            EvidenceAssemblyError::Store(store) => store.into(),
+            EvidenceAssemblyError::EnrolmentMissing | EvidenceAssemblyError::Audit(_) => {
+                Self::internal(error)
+            }
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Deadlines: sessions and enrolments not completed in time become expired, and continuous
+//! Deadlines: sessions, enrolments and transactions not completed in time become expired, and continuous
 //! sessions whose device stopped pinging are logged out — each as an event, decided by the
 //! aggregate (which checks the deadline itself, so a sweep that races a login changes
 //! nothing). The sweep reads due items from the read models once a second; every instance
@@ -20,14 +20,22 @@ fn system_metadata() -> Metadata {
     }
 }
 
-/// Expires what is due, once. Returns how many sessions and enrolments were looked at.
-pub async fn sweep(state: &AppState) -> (usize, usize) {
+/// How many due items a sweep looked at, per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub sessions: usize,
+    pub enrolments: usize,
+    pub transactions: usize,
+}
+
+/// Expires what is due, once. Returns how many items of each kind were looked at.
+pub async fn sweep(state: &AppState) -> Swept {
     let now = state.clock().now();
     let metadata = system_metadata();
-    let mut counts = (0, 0);
+    let mut counts = Swept::default();
     match state.reads().sessions_due(now, BATCH).await {
         Ok(due) => {
-            counts.0 = due.len();
+            counts.sessions = due.len();
             for session in due {
                 if let Err(error) = state.commands().sessions.expire(session, &metadata).await {
                     tracing::warn!(%error, "could not expire a session");
@@ -38,7 +46,7 @@ pub async fn sweep(state: &AppState) -> (usize, usize) {
     }
     match state.reads().enrolments_due(now, BATCH).await {
         Ok(due) => {
-            counts.1 = due.len();
+            counts.enrolments = due.len();
             for enrolment in due {
                 if let Err(error) = state
                     .commands()
@@ -51,6 +59,22 @@ pub async fn sweep(state: &AppState) -> (usize, usize) {
             }
         }
         Err(error) => tracing::warn!(%error, "could not list due enrolments"),
+    }
+    match state.reads().transactions_due(now, BATCH).await {
+        Ok(due) => {
+            counts.transactions = due.len();
+            for transaction in due {
+                if let Err(error) = state
+                    .commands()
+                    .transactions
+                    .expire(transaction, &metadata)
+                    .await
+                {
+                    tracing::warn!(%error, "could not expire a transaction");
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "could not list due transactions"),
     }
     counts
 }

@@ -1,6 +1,6 @@
 //! The REST API business systems integrate with: virtual servers and their API keys (admin
-//! key), users and accounts, enrolments and login sessions with their QR codes (per-server API
-//! keys), under `/v1`, described by `/openapi.json`.
+//! key), users and accounts, enrolments, login sessions and transactions to sign with their QR
+//! codes and evidence (per-server API keys), under `/v1`, described by `/openapi.json`.
 //!
 //! Every handler is three steps: extract, call a command (writes) or a read model (reads), map
 //! the result. Writes answer the log position they reached; reads accept `min_position` and
@@ -18,6 +18,7 @@ pub mod qr;
 pub mod servers;
 pub mod sessions;
 pub mod state;
+pub mod transactions;
 pub mod users;
 pub mod views;
 
@@ -103,6 +104,28 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/sessions/{nonce}/events",
             get(sessions::session_events),
+        )
+        .route(
+            "/servers/{server_id}/transactions",
+            axum::routing::post(transactions::create_transaction).layer(DefaultBodyLimit::max(
+                config.body_limit.max(transactions::BODY_LIMIT),
+            )),
+        )
+        .route(
+            "/servers/{server_id}/transactions/{transaction_id}",
+            get(transactions::get_transaction),
+        )
+        .route(
+            "/servers/{server_id}/transactions/{transaction_id}/qr",
+            get(transactions::transaction_qr),
+        )
+        .route(
+            "/servers/{server_id}/transactions/{transaction_id}/events",
+            get(transactions::transaction_events),
+        )
+        .route(
+            "/servers/{server_id}/transactions/{transaction_id}/evidence",
+            get(transactions::transaction_evidence),
         )
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))

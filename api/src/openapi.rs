@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Json;
-use crate::{audit, error, metrics, servers, sessions, state, users, views};
+use crate::{audit, error, metrics, servers, sessions, state, transactions, users, views};
 
 struct BearerSchemes;
 
@@ -55,16 +55,20 @@ impl Modify for BearerSchemes {
         users::get_enrolment,
         sessions::put_session, sessions::get_session, sessions::delete_session,
         sessions::session_qr, sessions::session_events,
+        transactions::create_transaction, transactions::get_transaction,
+        transactions::transaction_qr, transactions::transaction_events,
+        transactions::transaction_evidence,
         audit::checkpoint, audit::key, audit::inclusion, audit::consistency, audit::leaf,
         state::healthz, state::readyz, metrics::scrape,
     ),
-    components(schemas(error::Problem, views::QrFormat)),
+    components(schemas(error::Problem, views::QrFormat, views::EvidenceFormat)),
     modifiers(&BearerSchemes),
     tags(
         (name = "servers", description = "Virtual servers (tenants) and their API keys; admin key"),
         (name = "users", description = "Users and their accounts; API key"),
         (name = "enrolments", description = "Enrolment QR codes; API key"),
         (name = "sessions", description = "Login sessions by nonce; API key"),
+        (name = "transactions", description = "Transactions to sign, their QR codes, status and evidence bundles; API key"),
         (name = "audit", description = "Signed checkpoints and Merkle proofs; any valid credential, leaves for their own tenant only"),
         (name = "operations", description = "Health, readiness, metrics"),
     )

@@ -419,3 +419,86 @@ pub struct QrParams {
     #[param(minimum = 64, maximum = 2048)]
     pub size: Option<u32>,
 }
+
+/// `POST /v1/servers/{server_id}/transactions`: what the user is asked to sign.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTransactionRequest {
+    /// The registered user who must sign.
+    #[schema(min_length = 1, max_length = 256)]
+    pub userid: String,
+    /// The one account that may sign (32 hex digits), an active account of the user; any of
+    /// the user's accounts when absent.
+    pub account_id: Option<String>,
+    /// The data to sign, standard base64 (at most 64 KiB decoded).
+    pub data: String,
+    /// The data's media type: 1..=255 printable ASCII characters, no spaces.
+    #[schema(min_length = 1, max_length = 255)]
+    pub content_type: String,
+    /// The text shown to the user: 1..=16384 bytes of UTF-8.
+    #[schema(min_length = 1)]
+    pub text: String,
+    /// Shown in a push or a list before the text (≤ 1000 characters).
+    pub announce_info: Option<String>,
+    /// Seconds to sign (30..=86400, default 300).
+    #[schema(minimum = 30, maximum = 86400)]
+    pub timeout_secs: Option<u32>,
+}
+
+/// A transaction as the business system sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TransactionView {
+    pub transaction_id: String,
+    /// `pending`, `presented`, `signed`, `rejected` or `expired`.
+    pub status: String,
+    /// The user who must sign (absent once the user was deleted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub userid: Option<String>,
+    /// The one account that may sign, if the creator named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    pub content_type: String,
+    /// The data to sign, standard base64.
+    pub data: String,
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_info: Option<String>,
+    /// `api` (created here) or `device` (the app's own, stored once signed).
+    pub origin: String,
+    pub created_at: i64,
+    /// After this instant it can no longer be signed.
+    pub expires_at: i64,
+    /// The account that signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// The second factor the signature's attestation proves: `pin` or `biometric`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<i64>,
+    /// The log position of the transaction's last change: wait for it with `min_position`.
+    pub position: u64,
+}
+
+/// How to serve an evidence bundle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvidenceFormat {
+    /// The canonical CBOR bundle (`application/cbor`), what verifiers check.
+    #[default]
+    Cbor,
+    /// The same bundle as JSON, for people to read (byte strings as hex).
+    Json,
+}
+
+/// `format` of an evidence answer.
+#[derive(Debug, Clone, Copy, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EvidenceParams {
+    pub format: Option<EvidenceFormat>,
+}

@@ -5,9 +5,10 @@
 //! processing.
 
 pub mod audit;
+pub mod evidence;
 pub mod read_models;
 
 pub use read_models::{
     AccountRow, ApiKeyRow, EnrolmentRow, HistoryRow, ProjectionError, ReadModels, ServerRow,
-    SessionRow, SessionState, UserRow,
+    SessionRow, SessionState, TransactionRow, UserRow,
 };

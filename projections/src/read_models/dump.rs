@@ -109,6 +109,31 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("history", Text),
         ],
     ),
+    (
+        "rm_transactions",
+        &[
+            ("server_id", Bytes),
+            ("transaction_id", Bytes),
+            ("user_digest", Bytes),
+            ("account_id", Bytes),
+            ("origin", Text),
+            ("status", Text),
+            ("content_type", Text),
+            ("data", Bytes),
+            ("text", Text),
+            ("announce_info", Text),
+            ("created_at", Int),
+            ("expires_at", Int),
+            ("presented_by", Bytes),
+            ("signed_by", Bytes),
+            ("factor", Text),
+            ("signed_at", Int),
+            ("rejected_by", Bytes),
+            ("rejected_at", Int),
+            ("expired_at", Int),
+            ("last_position", Int),
+        ],
+    ),
 ];
 
 fn render(

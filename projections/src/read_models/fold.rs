@@ -16,7 +16,8 @@ use countersign_domain::{DomainEvent, ServerId, Timestamp};
 use countersign_eventstore::RecordedEvent;
 
 use super::{
-    Checkpoints, Projection, ProjectionError, accounts, enrolments, servers, sessions, users,
+    Checkpoints, Projection, ProjectionError, accounts, enrolments, servers, sessions,
+    transactions, users,
 };
 
 pub(crate) use super::rows::db_position;
@@ -68,6 +69,7 @@ pub(crate) struct Batch {
     accounts: accounts::Fold,
     enrolments: enrolments::Fold,
     sessions: sessions::Fold,
+    transactions: transactions::Fold,
 }
 
 fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
@@ -82,7 +84,7 @@ fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
 
 impl Batch {
     /// Folds consecutive events; a projection takes only events at or past its checkpoint.
-    /// Events of other aggregates (transactions, second factors…) are not read models' concern.
+    /// Events of other aggregates (second factors…) are not read models' concern.
     pub fn fold(
         events: &[RecordedEvent],
         checkpoints: &Checkpoints,
@@ -120,6 +122,9 @@ impl Batch {
                 "session" if wants(Projection::Sessions) => {
                     batch.sessions.apply(&at, decode(event)?)?;
                 }
+                "transaction" if wants(Projection::Transactions) => {
+                    batch.transactions.apply(&at, decode(event)?)?;
+                }
                 _ => {}
             }
         }
@@ -131,7 +136,8 @@ impl Batch {
         self.users.write_postgres(tx).await?;
         self.accounts.write_postgres(tx).await?;
         self.enrolments.write_postgres(tx).await?;
-        self.sessions.write_postgres(tx).await
+        self.sessions.write_postgres(tx).await?;
+        self.transactions.write_postgres(tx).await
     }
 
     pub async fn write_sqlite(
@@ -142,6 +148,7 @@ impl Batch {
         self.users.write_sqlite(tx).await?;
         self.accounts.write_sqlite(tx).await?;
         self.enrolments.write_sqlite(tx).await?;
-        self.sessions.write_sqlite(tx).await
+        self.sessions.write_sqlite(tx).await?;
+        self.transactions.write_sqlite(tx).await
     }
 }

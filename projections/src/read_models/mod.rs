@@ -1,5 +1,6 @@
 //! The read models of the business API: servers and their API keys, users, accounts,
-//! enrolments and sessions, kept in `rm_*` tables beside the log and built only from events.
+//! enrolments, sessions and transactions, kept in `rm_*` tables beside the log and built only
+//! from events.
 //!
 //! Rules it enforces:
 //! - **Events only.** Every row comes from the log; nothing else writes these tables, and no
@@ -18,7 +19,8 @@
 //!   batches gives the same tables ([`ReadModels::dump`] compares them).
 //! - **Sealed personal data stays sealed.** The userid and attribute values are stored as the
 //!   CBOR of the [`Sealed`](countersign_domain::Sealed) values the events carry; the API opens
-//!   them with the user's data key. `user.deleted` deletes the user's rows.
+//!   them with the user's data key. `user.deleted` deletes the user's rows (transactions
+//!   excepted: records of approvals outlive the user, in the clear as the log keeps them).
 //! - **Reads can wait for writes.** [`ReadModels::processed`] publishes the lowest next
 //!   position over all projections after each committed batch; [`ReadModels::wait_for`] waits
 //!   on it (never polling the database).
@@ -37,6 +39,7 @@ mod servers;
 mod sessions;
 #[cfg(test)]
 mod tests;
+mod transactions;
 mod users;
 
 use std::str::FromStr;
@@ -52,6 +55,7 @@ pub use accounts::AccountRow;
 pub use enrolments::EnrolmentRow;
 pub use servers::{ApiKeyRow, ServerRow};
 pub use sessions::{HistoryRow, SessionRow, SessionState};
+pub use transactions::TransactionRow;
 pub use users::UserRow;
 
 use fold::Batch;
@@ -77,7 +81,9 @@ pub enum ProjectionError {
     #[error("the read model is damaged: {0}")]
     Damaged(String),
     /// `replay` was asked for a projection that does not exist (the caller's mistake).
-    #[error("no read model called {0:?}; known: servers, users, accounts, enrolments, sessions")]
+    #[error(
+        "no read model called {0:?}; known: servers, users, accounts, enrolments, sessions, transactions"
+    )]
     UnknownProjection(String),
 }
 
@@ -100,15 +106,17 @@ pub(crate) enum Projection {
     Accounts = 2,
     Enrolments = 3,
     Sessions = 4,
+    Transactions = 5,
 }
 
 impl Projection {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Servers,
         Self::Users,
         Self::Accounts,
         Self::Enrolments,
         Self::Sessions,
+        Self::Transactions,
     ];
 
     fn name(self) -> &'static str {
@@ -126,6 +134,7 @@ impl Projection {
             Self::Accounts => &["rm_accounts"],
             Self::Enrolments => &["rm_enrolments"],
             Self::Sessions => &["rm_sessions"],
+            Self::Transactions => &["rm_transactions"],
         }
     }
 }
@@ -141,7 +150,7 @@ impl FromStr for Projection {
 }
 
 /// Next position to process, per projection (indexed by [`Projection`]).
-pub(crate) type Checkpoints = [u64; 5];
+pub(crate) type Checkpoints = [u64; 6];
 
 /// Events read and folded per batch (and per transaction).
 pub const DEFAULT_BATCH: usize = 5_000;
@@ -183,7 +192,14 @@ enum Written {
 
 impl ReadModels {
     /// The projections' names, as `replay` accepts them.
-    pub const NAMES: &[&str] = &["servers", "users", "accounts", "enrolments", "sessions"];
+    pub const NAMES: &[&str] = &[
+        "servers",
+        "users",
+        "accounts",
+        "enrolments",
+        "sessions",
+        "transactions",
+    ];
 
     /// Read models over `db` (the log's database, migrated by the event store's `open`).
     pub fn new(given: Database) -> Self {
@@ -292,7 +308,7 @@ impl ReadModels {
                 .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
-        let mut checkpoints = [0; 5];
+        let mut checkpoints = [0; 6];
         for (name, position) in rows {
             let Ok(projection) = name.parse::<Projection>() else {
                 continue;

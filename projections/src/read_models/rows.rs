@@ -3,7 +3,8 @@
 //! (an id of the wrong length, a negative position) is [`ProjectionError::Damaged`].
 
 use countersign_domain::{
-    AccountId, ApiKeyId, AppInstanceId, EnrolmentId, Hsid, Sealed, ServerId, Timestamp, UserDigest,
+    AccountId, ApiKeyId, AppInstanceId, EnrolmentId, Hsid, Sealed, ServerId, Timestamp,
+    TransactionId, UserDigest,
 };
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
@@ -44,7 +45,8 @@ from_bytes!(
     EnrolmentId,
     AppInstanceId,
     UserDigest,
-    Hsid
+    Hsid,
+    TransactionId
 );
 
 impl FromBytes for [u8; 32] {

@@ -19,12 +19,16 @@ use countersign_domain::session::{
     SessionFailed, SessionFailure, SessionLoggedIn, SessionLoggedOut, SessionOpened, SessionPinged,
     SessionScanned, SessionSecondFactorVerified,
 };
+use countersign_domain::transaction::{
+    TransactionCreated, TransactionEvent, TransactionExpired, TransactionOrigin,
+    TransactionPresented, TransactionRejected, TransactionSigned, TransactionStatus,
+};
 use countersign_domain::user::{
     UserAttributeRemoved, UserAttributeSet, UserDeleted, UserEvent, UserRegistered,
 };
 use countersign_domain::{
     AccountId, AccountRef, AnyEvent, ApiKeyId, AppInstanceId, EnrolmentId, EnrolmentRef, Hsid,
-    Sealed, ServerId, SessionRef, Timestamp, UserDigest, UserRef,
+    Sealed, ServerId, SessionRef, Timestamp, TransactionId, TransactionRef, UserDigest, UserRef,
 };
 use countersign_eventstore::testing::TestDb;
 use countersign_eventstore::{
@@ -144,6 +148,17 @@ impl Log {
         self.append(&stream, events.into_iter().map(Into::into).collect())
             .await
     }
+
+    async fn transaction(
+        &mut self,
+        server: ServerId,
+        id: TransactionId,
+        events: Vec<TransactionEvent>,
+    ) -> u64 {
+        let stream = TransactionRef::new(server, id).stream();
+        self.append(&stream, events.into_iter().map(Into::into).collect())
+            .await
+    }
 }
 
 fn server_created(server: ServerId, name: &str) -> ServerEvent {
@@ -260,6 +275,69 @@ fn pinged(at: Timestamp, deadline: Timestamp) -> SessionEvent {
         pinged_at: at,
         ping_deadline: deadline,
     })
+}
+
+fn transaction_id(n: u8) -> TransactionId {
+    TransactionId::from_bytes([n; 16])
+}
+
+/// `transaction.created` for `user`, created at `created` and due at `expires`.
+fn tx_created(
+    server: ServerId,
+    id: TransactionId,
+    user: UserDigest,
+    account: Option<AccountId>,
+    created: Timestamp,
+    expires: Timestamp,
+) -> TransactionEvent {
+    TransactionEvent::Created(TransactionCreated {
+        transaction: TransactionRef::new(server, id),
+        user,
+        account_id: account,
+        data: vec![id.as_bytes()[0], 0, 0xff],
+        data_hash: [1; 32],
+        content_type: "application/json".into(),
+        text: format!("Pay {} EUR?", id.as_bytes()[0]),
+        text_hash: [2; 32],
+        announce_info: account.map(|_| "Payment".into()),
+        created_at: created,
+        expires_at: expires,
+        origin: TransactionOrigin::Api,
+    })
+}
+
+fn tx_presented(account: AccountId, at: Timestamp) -> TransactionEvent {
+    TransactionEvent::Presented(TransactionPresented {
+        account_id: account,
+        presented_at: at,
+    })
+}
+
+fn tx_signed(account: AccountId, at: Timestamp) -> TransactionEvent {
+    TransactionEvent::Signed(TransactionSigned {
+        account_id: account,
+        data_hash: [1; 32],
+        text_hash: [2; 32],
+        content_type: "application/json".into(),
+        created_at: t(0),
+        expires_at: t(300),
+        device_signature: vec![7; 70],
+        attestation: vec![8; 90],
+        factor: SecondFactorKind::Biometric,
+        device_time: at,
+        signed_at: at,
+    })
+}
+
+fn tx_rejected(account: AccountId, at: Timestamp) -> TransactionEvent {
+    TransactionEvent::Rejected(TransactionRejected {
+        account_id: account,
+        rejected_at: at,
+    })
+}
+
+fn tx_expired(at: Timestamp) -> TransactionEvent {
+    TransactionEvent::Expired(TransactionExpired { expired_at: at })
 }
 
 fn logged_out(at: Timestamp) -> SessionEvent {
@@ -484,6 +562,25 @@ where
                         }),
                     };
                     log.server(server, vec![event]).await;
+                }
+                8 => {
+                    let n = rng.below(6) as u8 + 1;
+                    let account = n.is_multiple_of(2).then(|| account_id(n));
+                    let created =
+                        tx_created(server, transaction_id(n), digest(n), account, at, t(400));
+                    log.transaction(server, transaction_id(n), vec![created])
+                        .await;
+                }
+                9 => {
+                    let n = rng.below(6) as u8 + 1;
+                    let event = match rng.below(4) {
+                        0 => tx_presented(account_id(n), at),
+                        1 => tx_signed(account_id(n), at),
+                        2 => tx_rejected(account_id(n), at),
+                        _ => tx_expired(at),
+                    };
+                    log.transaction(server, transaction_id(n), vec![event])
+                        .await;
                 }
                 _ => {}
             }
@@ -875,6 +972,7 @@ async fn replay_equals_incremental(db: &TestDb) {
     assert!(incremental.contains(":pending:") && incremental.contains(":logged_out:"));
     assert!(incremental.contains("state=\"scanned\""));
     assert!(incremental.contains("rm_user_attributes"));
+    assert!(incremental.contains("rm_transactions") && incremental.contains("status=\"signed\""));
 
     for batch in [DEFAULT_BATCH, 1, 13] {
         let reads = models(db).await.with_batch_size(batch);
@@ -895,7 +993,11 @@ async fn replay_equals_incremental(db: &TestDb) {
     }
 
     // One projection alone: the others are left as they are and the result is the same.
-    let names = vec!["sessions".to_owned(), "users".to_owned()];
+    let names = vec![
+        "sessions".to_owned(),
+        "users".to_owned(),
+        "transactions".to_owned(),
+    ];
     let replayed = reads
         .replay(&db.store, Some(&names), &mut |_, _| {})
         .await
@@ -1131,6 +1233,201 @@ async fn deadlines_are_due(db: &TestDb) {
     assert!(reads.enrolments_due(t(39), 100).await.unwrap().is_empty());
 }
 
+/// Transactions: each event's facts land in the row; a device of the user sees the open
+/// ones meant for it (no account named, or its own), oldest first, until their deadline;
+/// the sweep sees open ones past it; another tenant sees none of them.
+async fn transactions_answer_from_events(db: &TestDb) {
+    let reads = models(db).await;
+    let mut log = Log::new(db);
+    let (a, b) = (sid(1), sid(2));
+    let (u, other) = (digest(1), digest(2));
+    let (mine, theirs) = (account_id(1), account_id(2));
+    // 1: open for any account; 2: named for `theirs`; 3: presented on `mine`; 4: signed;
+    // 5: rejected; 6: expired; 7: another user's; 8: open, due at 50; 9: another tenant's.
+    log.transaction(
+        a,
+        transaction_id(1),
+        vec![tx_created(a, transaction_id(1), u, None, t(10), t(300))],
+    )
+    .await;
+    log.transaction(
+        a,
+        transaction_id(2),
+        vec![tx_created(
+            a,
+            transaction_id(2),
+            u,
+            Some(theirs),
+            t(5),
+            t(300),
+        )],
+    )
+    .await;
+    log.transaction(
+        a,
+        transaction_id(3),
+        vec![
+            tx_created(a, transaction_id(3), u, Some(mine), t(1), t(300)),
+            tx_presented(theirs, t(2)),
+        ],
+    )
+    .await;
+    let presented = log
+        .transaction(a, transaction_id(3), vec![tx_presented(mine, t(3))])
+        .await;
+    log.transaction(
+        a,
+        transaction_id(4),
+        vec![tx_created(a, transaction_id(4), u, None, t(2), t(300))],
+    )
+    .await;
+    log.transaction(a, transaction_id(4), vec![tx_presented(mine, t(3))])
+        .await;
+    let signed = log
+        .transaction(a, transaction_id(4), vec![tx_signed(mine, t(4))])
+        .await;
+    log.transaction(
+        a,
+        transaction_id(5),
+        vec![
+            tx_created(a, transaction_id(5), u, None, t(3), t(300)),
+            tx_rejected(mine, t(6)),
+        ],
+    )
+    .await;
+    log.transaction(
+        a,
+        transaction_id(6),
+        vec![tx_created(a, transaction_id(6), u, None, t(4), t(20))],
+    )
+    .await;
+    log.transaction(a, transaction_id(6), vec![tx_expired(t(21))])
+        .await;
+    log.transaction(
+        a,
+        transaction_id(7),
+        vec![tx_created(a, transaction_id(7), other, None, t(4), t(300))],
+    )
+    .await;
+    log.transaction(
+        a,
+        transaction_id(8),
+        vec![tx_created(a, transaction_id(8), u, None, t(20), t(50))],
+    )
+    .await;
+    log.transaction(
+        b,
+        transaction_id(9),
+        vec![tx_created(b, transaction_id(9), u, None, t(0), t(40))],
+    )
+    .await;
+    reads.catch_up(&db.store).await.unwrap();
+
+    let row = reads
+        .transaction(a, transaction_id(3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, TransactionStatus::Presented);
+    assert_eq!(row.presented_by, Some(mine));
+    assert_eq!(row.account_id, Some(mine));
+    assert_eq!(row.position, presented);
+    assert_eq!(row.origin, TransactionOrigin::Api);
+    assert_eq!(row.data, vec![3, 0, 0xff]);
+    assert_eq!(row.text, "Pay 3 EUR?");
+    assert_eq!(row.announce_info.as_deref(), Some("Payment"));
+    assert_eq!((row.created_at, row.expires_at), (t(1), t(300)));
+    assert_eq!(row.signed_by, None);
+
+    let row = reads
+        .transaction(a, transaction_id(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, TransactionStatus::Signed);
+    assert_eq!(row.presented_by, Some(mine));
+    assert_eq!(row.signed_by, Some(mine));
+    assert_eq!(row.factor, Some(SecondFactorKind::Biometric));
+    assert_eq!(row.signed_at, Some(t(4)));
+    assert_eq!(row.position, signed);
+    let row = reads
+        .transaction(a, transaction_id(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, TransactionStatus::Rejected);
+    assert_eq!((row.rejected_by, row.rejected_at), (Some(mine), Some(t(6))));
+    let row = reads
+        .transaction(a, transaction_id(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, TransactionStatus::Expired);
+    assert_eq!(row.expired_at, Some(t(21)));
+    assert!(
+        reads
+            .transaction(b, transaction_id(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        reads
+            .transaction(a, transaction_id(9))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let ids = |rows: Vec<TransactionRow>| -> Vec<u8> {
+        rows.iter()
+            .map(|r| r.transaction_id.as_bytes()[0])
+            .collect()
+    };
+    let open = reads.pending_transactions(a, u, mine, t(30), 100).await;
+    assert_eq!(ids(open.unwrap()), vec![3, 1, 8]);
+    let open = reads.pending_transactions(a, u, theirs, t(30), 100).await;
+    assert_eq!(ids(open.unwrap()), vec![2, 1, 8]);
+    let open = reads.pending_transactions(a, u, mine, t(30), 2).await;
+    assert_eq!(ids(open.unwrap()), vec![3, 1]);
+    let open = reads.pending_transactions(a, u, mine, t(50), 100).await;
+    assert_eq!(ids(open.unwrap()), vec![3, 1], "due at 50: gone at 50");
+    let open = reads.pending_transactions(a, other, mine, t(30), 100).await;
+    assert_eq!(ids(open.unwrap()), vec![7]);
+    let open = reads.pending_transactions(b, u, mine, t(30), 100).await;
+    assert_eq!(ids(open.unwrap()), vec![9]);
+
+    assert_eq!(
+        reads.transactions_due(t(100), 100).await.unwrap(),
+        vec![
+            TransactionRef::new(b, transaction_id(9)),
+            TransactionRef::new(a, transaction_id(8)),
+        ]
+    );
+    assert_eq!(
+        reads.transactions_due(t(100), 1).await.unwrap(),
+        vec![TransactionRef::new(b, transaction_id(9))]
+    );
+    assert!(reads.transactions_due(t(39), 100).await.unwrap().is_empty());
+    assert_eq!(reads.transactions_due(t(300), 100).await.unwrap().len(), 6);
+
+    // The transactions alone rebuild to the same rows.
+    let before = reads.dump().await.unwrap();
+    reads
+        .replay(
+            &db.store,
+            Some(&["transactions".to_owned()]),
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap();
+    assert_same_dump(
+        &reads.dump().await.unwrap(),
+        &before,
+        "replay of transactions",
+    );
+}
+
 /// An event of a read model's aggregate that does not decode stops the projection before
 /// it, naming its position; other aggregates' events are not read models' concern.
 async fn undecodable_events_stop_the_projection(db: &TestDb) {
@@ -1181,5 +1478,6 @@ countersign_eventstore::on_both_backends!(
     checkpoints_survive_a_new_instance,
     wait_for_follows_run,
     deadlines_are_due,
+    transactions_answer_from_events,
     undecodable_events_stop_the_projection,
 );
