@@ -18,6 +18,9 @@ use crate::Settings;
 /// The device benches (a module of this one so the crate root stays as it is).
 #[path = "bench_device.rs"]
 mod device;
+/// Signed transactions end to end (uses the device benches' business side).
+#[path = "bench_tx.rs"]
+mod transactions;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -42,6 +45,9 @@ pub enum BenchWhat {
     Logins(device::LoginsArgs),
     /// Idle device connections held against a running server: its memory per connection.
     Connections(device::ConnectionsArgs),
+    /// Signed transactions end to end against a running server (PIN at the SFS, device
+    /// signature, business read), virtual phones in this process.
+    Transactions(transactions::TransactionsArgs),
     /// The second-factor server's hot paths: server-side OPAQUE logins, attestation sign +
     /// verify (one thread and every core) against bare ES256. Needs no database.
     Sfs(SfsArgs),
@@ -118,6 +124,7 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Replay(args) => crate::bench_api::replay(settings, args).await,
         BenchWhat::Logins(args) => device::logins(args).await,
         BenchWhat::Connections(args) => device::connections(args).await,
+        BenchWhat::Transactions(args) => transactions::transactions(args).await,
         BenchWhat::Sfs(args) => sfs(&args),
     }
 }

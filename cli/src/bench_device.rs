@@ -49,7 +49,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Longest any one step (a request, a handshake, a read) may take before it counts as failed.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClientKind {
@@ -119,7 +119,7 @@ pub struct ConnectionsArgs {
     pub json: bool,
 }
 
-fn admin_key() -> anyhow::Result<String> {
+pub(crate) fn admin_key() -> anyhow::Result<String> {
     let key = std::env::var("COUNTERSIGN_ADMIN_KEY")
         .context("set COUNTERSIGN_ADMIN_KEY to the server's admin key")?;
     if key.trim().len() < 32 {
@@ -128,7 +128,7 @@ fn admin_key() -> anyhow::Result<String> {
     Ok(key.trim().to_owned())
 }
 
-fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
+pub(crate) fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     Ok(bytes)
@@ -143,11 +143,11 @@ fn new_key() -> anyhow::Result<StaticKey> {
     }
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?)
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1_000.0
 }
 
@@ -156,11 +156,11 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 /// The business system's view: one virtual server and its API key.
 #[derive(Clone)]
-struct Business {
-    http: reqwest::Client,
-    base: String,
-    server: String,
-    token: Arc<str>,
+pub(crate) struct Business {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) server: String,
+    pub(crate) token: Arc<str>,
 }
 
 impl std::fmt::Debug for Business {
@@ -175,6 +175,16 @@ impl std::fmt::Debug for Business {
 impl Business {
     /// Creates a virtual server (logins without a second factor) and an API key.
     async fn create(base: &str, admin: &str, pool: usize) -> anyhow::Result<Self> {
+        Self::create_with_policy(base, admin, pool, "none").await
+    }
+
+    /// Creates a virtual server with this second-factor policy and an API key.
+    pub(crate) async fn create_with_policy(
+        base: &str,
+        admin: &str,
+        pool: usize,
+        policy: &str,
+    ) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(pool.max(1))
@@ -197,7 +207,7 @@ impl Business {
             .to_owned();
         http.patch(format!("{base}/v1/servers/{server}"))
             .bearer_auth(admin)
-            .json(&serde_json::json!({"second_factor": "none"}))
+            .json(&serde_json::json!({"second_factor": policy}))
             .send()
             .await?
             .error_for_status()?;
@@ -223,12 +233,12 @@ impl Business {
         })
     }
 
-    fn url(&self, rest: &str) -> String {
+    pub(crate) fn url(&self, rest: &str) -> String {
         format!("{}/v1/servers/{}{rest}", self.base, self.server)
     }
 
     /// Creates `userid` and an enrolment for it; answers the enrolment QR code.
-    async fn enrolment(&self, userid: &str) -> anyhow::Result<QrPayload> {
+    pub(crate) async fn enrolment(&self, userid: &str) -> anyhow::Result<QrPayload> {
         self.http
             .put(self.url(&format!("/users/{userid}")))
             .bearer_auth(&*self.token)
@@ -595,14 +605,14 @@ fn postgres_cpu_seconds() -> f64 {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct CpuMark {
+pub(crate) struct CpuMark {
     bench: f64,
     server: Option<f64>,
     postgres: f64,
 }
 
 impl CpuMark {
-    fn now(server_pid: Option<u32>) -> Self {
+    pub(crate) fn now(server_pid: Option<u32>) -> Self {
         Self {
             bench: cpu_seconds(std::process::id()).unwrap_or(0.0),
             server: server_pid.and_then(cpu_seconds),
@@ -611,7 +621,7 @@ impl CpuMark {
     }
 
     /// CPU milliseconds per unit of work since `self`.
-    fn per(&self, later: &Self, units: u64) -> CpuShare {
+    pub(crate) fn per(&self, later: &Self, units: u64) -> CpuShare {
         let per = |a: f64, b: f64| 1_000.0 * (b - a) / units.max(1) as f64;
         CpuShare {
             bench_ms: per(self.bench, later.bench),
@@ -623,10 +633,10 @@ impl CpuMark {
 
 /// CPU milliseconds spent per login, by process.
 #[derive(Debug, Serialize)]
-struct CpuShare {
-    bench_ms: f64,
-    server_ms: Option<f64>,
-    postgres_ms: f64,
+pub(crate) struct CpuShare {
+    pub(crate) bench_ms: f64,
+    pub(crate) server_ms: Option<f64>,
+    pub(crate) postgres_ms: f64,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ use countersign_domain::account::AccountEvent;
 use countersign_domain::second_factor::{SecondFactorEvent as FactorEvent, SecondFactorKind};
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy, ServerEvent};
 use countersign_domain::session::{LogoutReason, SessionEvent};
+use countersign_domain::transaction::TransactionEvent;
 use countersign_domain::user::UserEvent;
 use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::vault::KeyVault;
@@ -341,11 +342,14 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     }
     let (state, _) = heard.next_state().await?;
     writeln!(out, "    business system hears: {state}")?;
+
+    payment(&mut out, &base, &business, &phone, &account, &alice).await?;
+
     commands
         .servers
         .revoke_api_key(server, key_id, &meta)
         .await?;
-    writeln!(out, "11. revoked the business system's API key")?;
+    writeln!(out, "14. revoked the business system's API key")?;
     drop((login, enrolment, phone));
     running.stop().await?;
 
@@ -404,6 +408,150 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             writeln!(out, "{}", crate::events::to_json(event))?;
         }
     }
+    Ok(())
+}
+
+/// Steps 11–13: the business system asks for a payment, the phone shows it and approves it
+/// with a fresh PIN, the business system fetches the evidence and verifies it offline.
+async fn payment(
+    out: &mut impl std::io::Write,
+    root: &str,
+    business: &Business,
+    phone: &Sdk,
+    account: &str,
+    userid: &str,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let data =
+        br#"{"amount":"120.00","currency":"EUR","creditor":"ACME BV","iban":"NL91ABNA0417164300"}"#;
+    let created = business
+        .json(
+            Method::POST,
+            "/transactions",
+            Some(json!({
+                "userid": userid,
+                "data": base64::engine::general_purpose::STANDARD.encode(data),
+                "content_type": "application/json",
+                "text": "Pay €120.00 to ACME BV\nIBAN NL91 ABNA 0417 1643 00",
+                "announce_info": "A payment to approve",
+            })),
+        )
+        .await?;
+    let id = text(&created, "transaction_id").to_owned();
+    let created_at = created.get("position").and_then(Value::as_u64).unwrap_or(0);
+    let mut heard = business
+        .follow(&format!(
+            "/transactions/{id}/events?min_position={created_at}"
+        ))
+        .await?;
+    writeln!(
+        out,
+        "11. business system: asked {userid} to approve a payment (transaction {id}, {} bytes of \
+         application/json)",
+        data.len()
+    )?;
+    let pending = phone.pending_transactions(account).await?;
+    if !pending.iter().any(|p| p.transaction_id == id) {
+        bail!("the phone does not see the payment among its pending transactions");
+    }
+    let shown = phone.get_transaction(account, &id).await?;
+    writeln!(out, "    phone: a payment waits; it shows:")?;
+    for line in shown.text.lines() {
+        writeln!(out, "      | {line}")?;
+    }
+    writeln!(
+        out,
+        "    phone: the user approves; PIN entered (a fresh one, never reused)"
+    )?;
+    phone
+        .sign_transaction(
+            account,
+            &shown,
+            SecondFactor::pin(PIN),
+            std::collections::BTreeMap::from([("model".to_owned(), "demo phone".to_owned())]),
+            None,
+        )
+        .await
+        .context("the phone could not sign the payment")?;
+    writeln!(
+        out,
+        "    phone: signed it with the account key (ES256) over the data, the text shown and \
+         the SFS attestation"
+    )?;
+    loop {
+        let (status, _) = heard.next_state().await?;
+        writeln!(out, "    business system hears: {status}")?;
+        if status == "signed" {
+            break;
+        }
+        if matches!(status.as_str(), "rejected" | "expired") {
+            bail!("the payment was {status}");
+        }
+    }
+
+    // The evidence exists once a signed checkpoint covers the signature (about a second).
+    let path = format!("/transactions/{id}/evidence");
+    let started = std::time::Instant::now();
+    let bundle = loop {
+        let response = business
+            .http
+            .get(format!("{}{path}", business.base))
+            .bearer_auth(&business.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        match response.status() {
+            reqwest::StatusCode::OK => break response.bytes().await?.to_vec(),
+            reqwest::StatusCode::SERVICE_UNAVAILABLE if started.elapsed() < STEP => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            status => bail!("GET {path}: {status} {}", response.text().await?),
+        }
+    };
+    writeln!(
+        out,
+        "12. business system: fetched the evidence bundle ({} bytes of CBOR) once the audit \
+         trail's signed checkpoint covered the signature",
+        bundle.len()
+    )?;
+    // What a verifier does years later, offline: two public keys and the file.
+    let public = |path: &'static str| async move {
+        let response = business
+            .http
+            .get(format!("{root}{path}"))
+            .bearer_auth(&business.token)
+            .send()
+            .await?;
+        anyhow::Ok(response.error_for_status()?.json::<Value>().await?)
+    };
+    let audit_key = public("/v1/audit/key").await?;
+    let sfs_key = public("/v1/sfs/key").await?;
+    let key = |v: &Value, field: &str| -> anyhow::Result<p256::ecdsa::VerifyingKey> {
+        let bytes = hex::decode(text(v, field))?;
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+            .map_err(|_| anyhow::anyhow!("{field} is not a P-256 key"))
+    };
+    let verified = countersign_protocol::evidence::verify_evidence(
+        &bundle,
+        &key(&audit_key, "public_key")?,
+        &[key(&sfs_key, "attestation_public_key")?],
+        Some(SystemClock.now().0),
+    )
+    .map_err(|e| anyhow::anyhow!("the evidence does not verify: {e}"))?;
+    writeln!(
+        out,
+        "13. verified it offline (countersign verify): VALID — account {} approved exactly these \
+         bytes and this text with a {} attested by the SFS; the signature is event {} of the \
+         audit tree of {} leaves signed at checkpoint {}",
+        hex::encode(verified.account_id),
+        match verified.factor {
+            countersign_protocol::attestation::Factor::Pin => "PIN",
+            countersign_protocol::attestation::Factor::Biometric => "biometric",
+        },
+        verified.signed_position,
+        verified.checkpoint.tree_size,
+        hex::encode(&verified.checkpoint.root_hash[..8])
+    )?;
     Ok(())
 }
 
@@ -506,7 +654,10 @@ impl StateStream {
                 };
                 let change: Value = serde_json::from_str(data.trim())?;
                 let position = change.get("position").and_then(Value::as_u64);
-                return Ok((text(&change, "state").to_owned(), position.unwrap_or(0)));
+                // Sessions say `state`, transactions `status`.
+                let state = change.get("state").or_else(|| change.get("status"));
+                let state = state.and_then(Value::as_str).unwrap_or_default().to_owned();
+                return Ok((state, position.unwrap_or(0)));
             }
             let chunk = tokio::time::timeout(STEP, self.response.chunk())
                 .await
@@ -547,6 +698,7 @@ async fn describe(
         AnyEvent::Attestation(_) => {
             return "an attestation was spent: a replay of it is refused".to_owned();
         }
+        AnyEvent::Transaction(transaction_event) => return describe_transaction(transaction_event),
         _ => return String::new(),
     };
     let (field, sealed) = match user_event {
@@ -561,6 +713,24 @@ async fn describe(
         Ok(Some(text)) => format!("{field} = {text:?}"),
         Ok(None) => format!("{field} = <erased>"),
         Err(_) => format!("{field} = <does not open>"),
+    }
+}
+
+fn describe_transaction(event: &TransactionEvent) -> String {
+    match event {
+        TransactionEvent::Created(e) => format!(
+            "{} bytes of {} and the text to show; the user only as a digest",
+            e.data.len(),
+            e.content_type
+        ),
+        TransactionEvent::Presented(e) => format!("shown on account {}'s phone", e.account_id),
+        TransactionEvent::Signed(e) => format!(
+            "account {}: its COSE_Sign1 over the data and text hashes, the SFS attestation ({})",
+            e.account_id,
+            kind(e.factor)
+        ),
+        TransactionEvent::Rejected(e) => format!("declined on account {}", e.account_id),
+        TransactionEvent::Expired(_) => "not signed in time".to_owned(),
     }
 }
 
