@@ -14,6 +14,7 @@ pub mod device;
 pub mod events;
 pub mod replay;
 pub mod serve;
+pub mod verify;
 
 pub use config::{GlobalArgs, Settings};
 
@@ -45,6 +46,9 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Print a new random master key (64 hex digits) for `--master-key-file`.
     Keygen,
+    /// Check a transaction's evidence bundle offline: exit 0 and a summary when it proves the
+    /// signature, exit 1 and the first failing check when not.
+    Verify(verify::VerifyArgs),
     /// A virtual phone on the mobile SDK: enrol, log in (PIN or biometric when the server asks),
     /// accounts, history, delete-account, change-pin, register-biometric, upgrade.
     Device(device::DeviceArgs),
@@ -96,6 +100,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&settings, args).await,
         Command::Audit(args) => audit::run(&settings, args).await,
         Command::Device(args) => device::run(args).await,
+        Command::Verify(args) => verify::run(&args),
         Command::Keygen => {
             use std::io::Write as _;
             let key = config::new_master_key_hex()?;
