@@ -343,7 +343,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let (state, _) = heard.next_state().await?;
     writeln!(out, "    business system hears: {state}")?;
 
-    payment(&mut out, &base, &business, &phone, &account, &alice).await?;
+    payment(&mut out, &base, &business, &phone, &account, alice).await?;
 
     commands
         .servers

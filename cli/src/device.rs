@@ -1,13 +1,16 @@
 //! `countersign device`: a virtual phone. It is the mobile SDK ([`countersign_mobile_sdk`])
 //! behind a command line, with its state in a folder (`--home`), so the platform can be tried
-//! and tested end to end without a phone: enrol from a QR image, log in, list the accounts and
-//! the history, delete an account, and the second factor (the app PIN, checked by the
+//! and tested end to end without a phone: enrol from a QR image, log in, approve or decline a
+//! transaction, list the accounts, the transactions waiting and the history, delete an
+//! account, and the second factor (the app PIN, checked by the
 //! second-factor server with OPAQUE, or a simulated biometric check).
 //!
 //! Rules kept here:
 //! - the SDK decides; this module only reads input, prints what the SDK reports and answers
 //!   its questions (which account, confirm or not, the second factor), from the terminal or
 //!   from `--yes` / `--pin` / `--biometric`;
+//! - a transaction is never signed without `--yes` or an explicit `y` on stdin after its
+//!   content type, data size and text were printed; any other answer declines it;
 //! - a login or enrolment is never confirmed without `--yes` or an explicit `y` on stdin, and
 //!   a declined or interrupted session is stopped (`stop_session` / `input_cancel`) before
 //!   the command exits, so the server never keeps a session the device gave up on;
@@ -21,6 +24,7 @@
 //! Everything printed goes through the writer passed in (stdout for the binary); errors go
 //! up as `anyhow` errors and the binary prints them on stderr.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,8 +34,9 @@ use anyhow::{Context as _, anyhow, bail};
 use countersign_mobile_sdk::{
     ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Pin, Sdk, SdkConfig,
     SdkError, SecondFactor, SecondFactorEvent, SessionHandle, SessionKind, SessionSnapshot,
-    SfsConfig, SimulatedBiometric, State, decode_input,
+    SfsConfig, SimulatedBiometric, State, TransactionDetails, decode_input,
 };
+use countersign_protocol::device::ErrorCode;
 use countersign_protocol::qr::{DEEP_LINK_PREFIX, QrKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -42,7 +47,9 @@ Exit status: 0 when the command completed (a continuous login: once the session 
 server or by Ctrl-C / SIGTERM, which log out first); 1 on any error, with the reason on \
 stderr, for example `no account for this server on this device` (a login QR code of a server \
 this device has not enrolled at), `login declined`, `wrong PIN: 4 attempts left` (with \
-`--pin`; at the prompt a wrong PIN is asked again), `locked until 2026-01-01 12:00:00Z`.";
+`--pin`; at the prompt a wrong PIN is asked again), `locked until 2026-01-01 12:00:00Z`, \
+`the transaction expired`. A declined transaction (any answer but `y`) is rejected at the \
+server and exits 0.";
 
 /// A virtual phone built on the mobile SDK, its state in `--home`.
 #[derive(Debug, clap::Args)]
@@ -94,6 +101,32 @@ pub enum DeviceCommand {
     /// Register a (simulated) biometric key at the second-factor server; needs the PIN.
     #[command(after_help = EXIT_STATUS)]
     RegisterBiometric(PinArgs),
+    /// Approve (sign, with a fresh second factor) or decline a transaction from its QR code:
+    /// shows its content type, data size and text first.
+    #[command(after_help = EXIT_STATUS)]
+    Sign(SignArgs),
+    /// List the transactions waiting for this device's accounts, oldest first.
+    Transactions {
+        /// Only this account's (default: every account's).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// A transaction QR code: a PNG image or a file with its bytes or text, a `countersign:`
+    /// link, or the base64url text.
+    pub input: String,
+    /// Approve without asking.
+    #[arg(long)]
+    pub yes: bool,
+    /// The account to sign with (default: the first of this device's accounts at the server
+    /// that may).
+    #[arg(long)]
+    pub account: Option<String>,
+    #[command(flatten)]
+    pub factor: FactorArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -336,7 +369,181 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        DeviceCommand::Sign(sign) => {
+            let input = read_input(&sign.input)?;
+            if sfs.is_none() {
+                bail!("{NO_SFS}");
+            }
+            let sdk = open_sdk(home, sfs, &sign.factor)?;
+            approve_transaction(&sdk, &input, &sign, &mut answers, &mut out).await
+        }
+        DeviceCommand::Transactions { account } => {
+            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            print_transactions(&sdk, account.as_deref(), &mut out).await
+        }
     }
+}
+
+/// What to tell the user when the server refused a transaction request.
+fn transaction_error(error: SdkError) -> anyhow::Error {
+    match error {
+        SdkError::Server(e) => match e.code {
+            ErrorCode::Expired => anyhow!("the transaction expired"),
+            ErrorCode::Ended => anyhow!("{}", e.message),
+            ErrorCode::NotFound => anyhow!("no such transaction at this server"),
+            ErrorCode::NotAllowed => anyhow!("this account may not sign this transaction"),
+            _ => anyhow!("the server refused: {}", e.message),
+        },
+        SdkError::SecondFactor(_) | SdkError::SecondFactorUnavailable => factor_error(error),
+        other => anyhow::Error::new(other).context("the transaction failed"),
+    }
+}
+
+/// `device sign`: reads the code, fetches the transaction with the first account that may see
+/// it, shows it, asks, then signs (with the factor, asked again after a wrong PIN at the
+/// prompt) or declines.
+async fn approve_transaction(
+    sdk: &Sdk,
+    input: &[u8],
+    args: &SignArgs,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let target = match sdk.transaction_from_input(input) {
+        Err(SdkError::NoAccounts) => bail!("no account for this server on this device"),
+        other => other.context("not a transaction QR code")?,
+    };
+    let mut candidates = target.accounts;
+    if let Some(wanted) = &args.account {
+        candidates.retain(|a| &a.account_id == wanted);
+        if candidates.is_empty() {
+            bail!("no account {wanted} at this server on this device");
+        }
+    }
+    let mut found = None;
+    for account in candidates {
+        match sdk
+            .get_transaction(&account.account_id, &target.transaction_id)
+            .await
+        {
+            Ok(details) => {
+                found = Some((account, details));
+                break;
+            }
+            // Another user's account on this device: try the next.
+            Err(SdkError::Server(e))
+                if e.code == ErrorCode::NotAllowed && args.account.is_none() => {}
+            Err(e) => return Err(transaction_error(e)),
+        }
+    }
+    let (account, details) =
+        found.context("no account on this device may sign this transaction")?;
+    show_transaction(&details, out)?;
+    if !args.yes {
+        let answer = answers
+            .ask(&format!("Approve as {}? [y/N] ", account.userid), out)
+            .await?;
+        let Some(answer) = answer else {
+            bail!("no answer: the transaction was left as it is");
+        };
+        if !is_yes(Some(&answer)) {
+            sdk.reject_transaction(&account.account_id, &details.transaction_id)
+                .await
+                .map_err(transaction_error)?;
+            writeln!(out, "rejected transaction {}", details.transaction_id)?;
+            return Ok(());
+        }
+    }
+    let source = FactorSource::of(&args.factor);
+    loop {
+        let factor = match &source {
+            FactorSource::Pin(pin) => SecondFactor::Pin(pin.clone()),
+            FactorSource::Biometric => SecondFactor::Biometric,
+            FactorSource::Prompt => SecondFactor::Pin(answers.require_pin("PIN: ", out).await?),
+        };
+        match sdk
+            .sign_transaction(&account.account_id, &details, factor, BTreeMap::new(), None)
+            .await
+        {
+            Ok(_) => break,
+            Err(SdkError::SecondFactor(SecondFactorEvent::WrongPin { attempts_left }))
+                if matches!(source, FactorSource::Prompt) =>
+            {
+                writeln!(out, "{}", wrong_pin(attempts_left))?;
+            }
+            Err(e) => return Err(transaction_error(e)),
+        }
+    }
+    writeln!(
+        out,
+        "signed transaction {} as {}",
+        details.transaction_id,
+        account_label(sdk, Some(&account.account_id))
+    )?;
+    Ok(())
+}
+
+/// Prints what the user approves: content type, data size, announce info, expiry and the
+/// text, indented.
+fn show_transaction(details: &TransactionDetails, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(out, "transaction {}", details.transaction_id)?;
+    if let Some(info) = &details.announce_info {
+        writeln!(out, "  {info}")?;
+    }
+    writeln!(
+        out,
+        "  content type: {} ({} bytes of data)",
+        details.content_type,
+        details.data.len()
+    )?;
+    writeln!(out, "  expires: {}", utc(details.expires_at_ms))?;
+    writeln!(out, "  text:")?;
+    for line in details.text.lines() {
+        writeln!(out, "    {line}")?;
+    }
+    Ok(())
+}
+
+/// `device transactions`.
+async fn print_transactions(
+    sdk: &Sdk,
+    only: Option<&str>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let accounts: Vec<_> = sdk
+        .accounts()?
+        .into_iter()
+        .filter(|a| only.is_none_or(|id| a.account_id == id))
+        .collect();
+    if let Some(id) = only
+        && accounts.is_empty()
+    {
+        bail!("no account {id} on this device");
+    }
+    let mut any = false;
+    for account in accounts {
+        let pending = sdk
+            .pending_transactions(&account.account_id)
+            .await
+            .map_err(transaction_error)?;
+        for p in pending {
+            any = true;
+            writeln!(
+                out,
+                "{}  {}  expires {}  ({} at {}, account {})",
+                p.transaction_id,
+                p.announce_info.as_deref().unwrap_or("-"),
+                utc(p.expires_at_ms),
+                account.userid,
+                account.server_name,
+                account.account_id
+            )?;
+        }
+    }
+    if !any {
+        writeln!(out, "no transactions waiting")?;
+    }
+    Ok(())
 }
 
 const NO_SFS: &str = "this device has no second-factor server: enrol at a server first, or \
@@ -734,6 +941,9 @@ async fn run_session(
         }
         (QrKind::Enrolment, SessionKind::Login) => {
             bail!("this is an enrolment QR code: use `countersign device enrol`")
+        }
+        (QrKind::Transaction, _) => {
+            bail!("this is a transaction QR code: use `countersign device sign`")
         }
         _ => {}
     }
@@ -1165,7 +1375,7 @@ fn print_history(sdk: &Sdk, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// `YYYY-MM-DD hh:mm:ssZ` of milliseconds since the Unix epoch (proleptic Gregorian calendar;
 /// Howard Hinnant's `civil_from_days`).
-fn utc(ms: i64) -> String {
+pub(crate) fn utc(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, time) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;
@@ -1337,6 +1547,39 @@ mod tests {
         };
         save_sfs(home.path(), &sfs).unwrap();
         assert_eq!(load_sfs(home.path()).unwrap(), Some(sfs));
+    }
+
+    #[test]
+    fn a_transaction_is_shown_in_full_before_the_question() {
+        let details = TransactionDetails {
+            account_id: "a".repeat(32),
+            server_id: "b".repeat(32),
+            transaction_id: "c".repeat(32),
+            data: b"{\"amount\":\"10.00\"}".to_vec(),
+            content_type: "application/json".into(),
+            text: "Pay 10.00 EUR?\nReference 42".into(),
+            announce_info: Some("Payment".into()),
+            created_at_ms: 1_790_000_000_000,
+            expires_at_ms: 1_790_000_300_000,
+        };
+        let mut out = Vec::new();
+        show_transaction(&details, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "transaction {}\n  Payment\n  content type: application/json (18 bytes of data)\n  \
+                 expires: 2026-09-21 14:18:20Z\n  text:\n    Pay 10.00 EUR?\n    Reference 42\n",
+                "c".repeat(32)
+            )
+        );
+        let expired = SdkError::Server(countersign_protocol::device::DeviceError::new(
+            ErrorCode::Expired,
+            "the transaction expired",
+        ));
+        assert_eq!(
+            transaction_error(expired).to_string(),
+            "the transaction expired"
+        );
     }
 
     #[test]

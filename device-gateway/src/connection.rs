@@ -163,6 +163,11 @@ where
         Identity::Guest { .. } => None,
     };
     let (connection, mut notices) = gateway.0.hub.register(account);
+    if let Identity::Account(active) = &identity
+        && let Some(user) = active.user
+    {
+        gateway.0.hub.watch_user(connection, server, user);
+    }
     let mut conn = flows::Connection {
         gateway: gateway.clone(),
         server,

@@ -10,8 +10,11 @@
 //!   account's user, if the business system named one; a server whose policy asks a second
 //!   factor for logins answers `second_factor_required` (the SFS flow plugs in here).
 //! - `ping` / `log_out`: only by the account that logged in.
+//! - transactions: see [`transaction`].
 //! - errors of the domain keep their meaning: not found, expired, ended, conflict; anything
 //!   on our side is `internal` with no detail (the cause is logged).
+
+mod transaction;
 
 use std::collections::HashSet;
 
@@ -378,6 +381,9 @@ pub(crate) async fn handle(
             let (purpose, id) = match purpose {
                 ChallengePurpose::Login { hsid } => ("login", hsid.0.to_vec()),
                 ChallengePurpose::Upgrade => ("upgrade", Vec::new()),
+                ChallengePurpose::Transaction { transaction_id } => {
+                    return transaction::challenge(conn, &transaction_id).await;
+                }
             };
             let challenge = commands
                 .sessions
@@ -449,6 +455,35 @@ pub(crate) async fn handle(
                 .map_err(refused)?;
             Ok(Answer::Done)
         }
+        RequestBody::GetTransaction { transaction_id } => {
+            transaction::get(conn, &transaction_id).await
+        }
+        RequestBody::PendingTransactions => transaction::pending(conn).await,
+        RequestBody::SignTransaction {
+            transaction_id,
+            signature,
+            attestation,
+        } => transaction::sign(conn, &transaction_id, signature.0, attestation.0).await,
+        RequestBody::RejectTransaction { transaction_id } => {
+            transaction::reject(conn, &transaction_id).await
+        }
+        RequestBody::SignOwnTransaction {
+            transaction_id,
+            data,
+            content_type,
+            text,
+            signature,
+            attestation,
+        } => {
+            let own = transaction::OwnTransaction {
+                data: data.0,
+                content_type,
+                text,
+                device_signature: signature.0,
+                attestation: attestation.0,
+            };
+            transaction::sign_own(conn, &transaction_id, own).await
+        }
         RequestBody::DeleteAccount => {
             let account = conn.account()?.account;
             commands
@@ -470,22 +505,37 @@ fn kind_of(factor: Factor) -> SecondFactorKind {
 }
 
 /// Checks an SFS attestation for `purpose` on `id` by this connection's account (the checks
-/// of docs/second-factor.md, in order), then records its one use. Answers its claims and hash.
+/// of docs/second-factor.md, in order, against the challenge the NS issued), then records its
+/// one use. Answers its claims and hash.
 async fn accept_attestation(
     conn: &Connection,
     bytes: &[u8],
     purpose: &str,
     id: &[u8],
 ) -> Result<(AttestationClaims, [u8; 32]), DeviceError> {
-    let active = conn.account()?;
-    let account = active.account.account_id;
-    let gateway = &conn.gateway.0;
-    let challenge = gateway
+    let account = conn.account()?.account.account_id;
+    let challenge = conn
+        .gateway
+        .0
         .commands
         .sessions
         .second_factor_challenge(conn.server, purpose, id, account)
         .await
         .map_err(refused)?;
+    let (claims, hash) = check_attestation(conn, bytes, challenge).await?;
+    use_attestation(conn, &claims, hash, purpose).await?;
+    Ok((claims, hash))
+}
+
+/// Checks an SFS attestation of `challenge` by this connection's account (the checks of
+/// docs/second-factor.md, in order) without recording anything. Answers its claims and hash.
+async fn check_attestation(
+    conn: &Connection,
+    bytes: &[u8],
+    challenge: [u8; 32],
+) -> Result<(AttestationClaims, [u8; 32]), DeviceError> {
+    let active = conn.account()?;
+    let gateway = &conn.gateway.0;
     let expect = Expected {
         challenge,
         account_key_thumbprint: active.signing_key_thumbprint,
@@ -533,14 +583,24 @@ async fn accept_attestation(
             "attestation refused: this server does not accept that factor",
         ));
     }
-    let hash = attestation_hash(bytes);
+    Ok((claims, attestation_hash(bytes)))
+}
+
+/// Records the single use of a checked attestation for `purpose`; a second use is refused.
+async fn use_attestation(
+    conn: &Connection,
+    claims: &AttestationClaims,
+    hash: [u8; 32],
+    purpose: &str,
+) -> Result<(), DeviceError> {
     let record = UseAttestation {
         attestation_hash: hash,
         factor: kind_of(claims.factor),
-        account_id: account,
+        account_id: conn.account()?.account.account_id,
         purpose: purpose.to_owned(),
     };
-    gateway
+    conn.gateway
+        .0
         .commands
         .accounts
         .use_attestation(
@@ -557,7 +617,7 @@ async fn accept_attestation(
             ),
             e => e,
         })?;
-    Ok((claims, hash))
+    Ok(())
 }
 
 /// The session is logged in by this connection's account; `ended` once it is over.

@@ -3,7 +3,8 @@
 //! Each connection registers here with the account it authenticated as (if any) and the
 //! sessions it took part in. [`Hub::follow`] tails the event log and turns the events a device
 //! must hear of into notices: a session ended (by the business system's DELETE, a missed
-//! ping, an expiry), an account deleted by the server. Tailing the log, rather than being
+//! ping, an expiry), an account deleted by the server, a transaction the business system
+//! created for the account's user (to the named account only, when it named one). Tailing the log, rather than being
 //! called by the API, means a DELETE handled by any process reaches the device, and nothing
 //! is told before it is committed.
 //!
@@ -14,9 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use countersign_domain::{AccountId, Hsid, ServerId};
+use countersign_domain::DomainEvent as _;
+use countersign_domain::transaction::{TransactionCreated, TransactionEvent, TransactionOrigin};
+use countersign_domain::{AccountId, Hsid, ServerId, UserDigest};
 use countersign_eventstore::{RecordedEvent, SharedStore, StoreError};
-use countersign_protocol::device::{Bytes, Notice, SessionEnd};
+use countersign_protocol::device::{Bytes, Notice, PendingTransaction, SessionEnd};
 use tokio::sync::mpsc;
 
 /// Notices a connection may have queued before new ones are dropped.
@@ -35,6 +38,8 @@ struct Registry {
     accounts: HashMap<(ServerId, AccountId), HashSet<ConnectionId>>,
     watched: HashMap<ConnectionId, Vec<(ServerId, Hsid)>>,
     account_of: HashMap<ConnectionId, (ServerId, AccountId)>,
+    users: HashMap<(ServerId, UserDigest), HashSet<ConnectionId>>,
+    user_of: HashMap<ConnectionId, (ServerId, UserDigest)>,
 }
 
 /// The registry of connections of this process. Cheap to clone.
@@ -89,6 +94,17 @@ impl Hub {
         });
     }
 
+    /// The connection's account belongs to `user`: tell it of the user's new transactions.
+    pub fn watch_user(&self, connection: ConnectionId, server: ServerId, user: UserDigest) {
+        self.with(|r| {
+            r.users
+                .entry((server, user))
+                .or_default()
+                .insert(connection);
+            r.user_of.insert(connection, (server, user));
+        });
+    }
+
     /// The connection closed.
     pub fn unregister(&self, connection: ConnectionId) {
         self.with(|r| {
@@ -107,6 +123,14 @@ impl Hub {
                 set.remove(&connection);
                 if set.is_empty() {
                     r.accounts.remove(&key);
+                }
+            }
+            if let Some(key) = r.user_of.remove(&connection)
+                && let Some(set) = r.users.get_mut(&key)
+            {
+                set.remove(&connection);
+                if set.is_empty() {
+                    r.users.remove(&key);
                 }
             }
         });
@@ -164,6 +188,35 @@ impl Hub {
         self.send(to, &notice);
     }
 
+    /// Tells the connections of the user's accounts on the server (only the named account's,
+    /// when the creator named one) that a transaction waits for them.
+    pub fn transaction_pending(&self, created: &TransactionCreated) {
+        let server = created.transaction.server_id;
+        let to = self
+            .with(|r| {
+                r.users
+                    .get(&(server, created.user))
+                    .map(|set| {
+                        set.iter()
+                            .filter(|c| {
+                                created.account_id.is_none_or(|named| {
+                                    r.account_of.get(c) == Some(&(server, named))
+                                })
+                            })
+                            .filter_map(|c| r.senders.get(c).cloned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let notice = Notice::TransactionPending(PendingTransaction {
+            transaction_id: Bytes(*created.transaction.transaction_id.as_bytes()),
+            announce_info: created.announce_info.clone(),
+            expires_at_ms: created.expires_at.as_millis(),
+        });
+        self.send(to, &notice);
+    }
+
     /// Turns one committed event into notices, if it is one a device must hear of.
     pub fn dispatch(&self, event: &RecordedEvent) {
         let how = match event.event_type.as_str() {
@@ -185,6 +238,18 @@ impl Hub {
             })
         {
             self.account_deleted(server, account);
+        } else if event.event_type == "transaction.created" {
+            match TransactionEvent::decode(&event.event_type, event.schema_version, &event.payload)
+            {
+                // The app's own transactions are signed as they are stored: nothing waits.
+                Ok(TransactionEvent::Created(created))
+                    if created.origin == TransactionOrigin::Api =>
+                {
+                    self.transaction_pending(&created);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "a transaction.created event did not decode"),
+            }
         }
     }
 
@@ -252,6 +317,72 @@ mod tests {
         assert_eq!(hub.connections(), 0);
         hub.account_deleted(server, account);
         assert!(rx_a.try_recv().is_err());
+    }
+
+    fn created(user: UserDigest, account_id: Option<AccountId>) -> TransactionCreated {
+        use countersign_domain::{Timestamp, TransactionId, TransactionRef};
+        TransactionCreated {
+            transaction: TransactionRef::new(
+                ServerId::from_bytes([1; 16]),
+                TransactionId::from_bytes([9; 16]),
+            ),
+            user,
+            account_id,
+            data: b"{}".to_vec(),
+            data_hash: [0; 32],
+            content_type: "application/json".into(),
+            text: "Pay 10 EUR".into(),
+            text_hash: [0; 32],
+            announce_info: Some("Payment".into()),
+            created_at: Timestamp::from_millis(1_000),
+            expires_at: Timestamp::from_millis(301_000),
+            origin: TransactionOrigin::Api,
+        }
+    }
+
+    #[test]
+    fn transaction_notices_reach_the_users_accounts_only() {
+        let hub = Hub::default();
+        let server = ServerId::from_bytes([1; 16]);
+        let (alice, bob) = (
+            UserDigest::from_bytes([5; 16]),
+            UserDigest::from_bytes([6; 16]),
+        );
+        let (phone, tablet, other) = (
+            AccountId::from_bytes([2; 16]),
+            AccountId::from_bytes([3; 16]),
+            AccountId::from_bytes([4; 16]),
+        );
+        let (a, mut rx_a) = hub.register(Some((server, phone)));
+        hub.watch_user(a, server, alice);
+        let (b, mut rx_b) = hub.register(Some((server, tablet)));
+        hub.watch_user(b, server, alice);
+        let (c, mut rx_c) = hub.register(Some((server, other)));
+        hub.watch_user(c, server, bob);
+
+        hub.transaction_pending(&created(alice, None));
+        let expected = Notice::TransactionPending(PendingTransaction {
+            transaction_id: Bytes([9; 16]),
+            announce_info: Some("Payment".into()),
+            expires_at_ms: 301_000,
+        });
+        assert_eq!(rx_a.try_recv().unwrap(), expected);
+        assert_eq!(rx_b.try_recv().unwrap(), expected);
+        assert!(
+            rx_c.try_recv().is_err(),
+            "another user's account hears nothing"
+        );
+
+        hub.transaction_pending(&created(alice, Some(tablet)));
+        assert!(rx_a.try_recv().is_err(), "only the named account hears");
+        assert_eq!(rx_b.try_recv().unwrap(), expected);
+
+        hub.unregister(b);
+        hub.transaction_pending(&created(alice, Some(tablet)));
+        assert!(rx_b.try_recv().is_err());
+        hub.unregister(a);
+        hub.unregister(c);
+        assert_eq!(hub.connections(), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::machine::SecondFactorEvent;
-use crate::model::{AccountInfo, HistoryEntry, ServerInfo, SessionSnapshot};
+use crate::model::{AccountInfo, HistoryEntry, PendingTransaction, ServerInfo, SessionSnapshot};
 
 /// What the app hears from the SDK.
 pub trait Callbacks: Send + Sync {
@@ -29,6 +29,9 @@ pub trait Callbacks: Send + Sync {
     fn on_history(&self, _entry: &HistoryEntry) {}
     /// The server deleted an account; the SDK has forgotten it.
     fn on_account_deleted(&self, _account: &AccountInfo) {}
+    /// A transaction waits for this account's approval (heard while [`crate::Sdk::listen`]
+    /// keeps its connection open): fetch it with [`crate::Sdk::get_transaction`].
+    fn on_transaction_pending(&self, _account: &AccountInfo, _pending: &PendingTransaction) {}
 }
 
 /// Callbacks that do nothing.
@@ -54,6 +57,8 @@ pub enum Event {
     History(HistoryEntry),
     /// [`Callbacks::on_account_deleted`].
     AccountDeleted(AccountInfo),
+    /// [`Callbacks::on_transaction_pending`].
+    TransactionPending(AccountInfo, PendingTransaction),
 }
 
 /// Forwards every callback as an [`Event`] over an unbounded tokio channel (events are
@@ -97,5 +102,8 @@ impl Callbacks for ChannelCallbacks {
     }
     fn on_account_deleted(&self, account: &AccountInfo) {
         self.send(Event::AccountDeleted(account.clone()));
+    }
+    fn on_transaction_pending(&self, account: &AccountInfo, pending: &PendingTransaction) {
+        self.send(Event::TransactionPending(account.clone(), pending.clone()));
     }
 }

@@ -68,6 +68,11 @@ pub enum SdkError {
     /// The app's mistake: no such account on this device (or not eligible here).
     #[error("unknown account")]
     UnknownAccount,
+    /// The app's mistake: a transaction to sign breaks a limit (data, text, device data,
+    /// client data), or a code that is not for this call (a transaction code to
+    /// `start_session`, a login code to `transaction_from_input`).
+    #[error("invalid transaction: {0}")]
+    InvalidTransaction(String),
     /// The gateway did not answer in time.
     #[error("timed out")]
     Timeout,

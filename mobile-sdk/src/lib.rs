@@ -4,6 +4,8 @@
 //! - [`sdk`]: [`Sdk`], the entry point: local state, accounts, servers, history, sessions,
 //!   refresh, delete, listen.
 //! - [`session`]: [`SessionHandle`] and the driver of one login or enrolment.
+//! - `transaction` (private): listing, showing, approving, declining transactions, and the
+//!   app's own signed transactions (behind [`Sdk`]'s transaction methods).
 //! - [`machine`]: the session state machine (seed 004), pure.
 //! - [`client`] (private): HTTP key fetch, WebSocket, Noise handshake, request multiplexing.
 //! - [`second_factor`]: the PIN and biometric factor: SFS configuration, [`Pin`], the
@@ -33,12 +35,16 @@ pub mod second_factor;
 pub mod session;
 mod sfs_client;
 pub mod storage;
+mod transaction;
 
 pub use callbacks::{Callbacks, ChannelCallbacks, Event, NoCallbacks};
 pub use error::SdkError;
 pub use machine::{HistoryStatus, Interaction, SecondFactorEvent, SessionKind, State};
-pub use model::{AccountInfo, HistoryEntry, SecondFactor, ServerInfo, SessionSnapshot};
-pub use sdk::{ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
+pub use model::{
+    AccountInfo, HistoryEntry, PendingTransaction, SecondFactor, ServerInfo, SessionSnapshot,
+    TransactionDetails, TransactionReceipt, TransactionTarget,
+};
+pub use sdk::{DeviceClock, ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
 pub use second_factor::{
     Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig, SimulatedBiometric,
 };

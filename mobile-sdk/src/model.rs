@@ -92,6 +92,70 @@ pub struct SessionSnapshot {
     pub error: Option<SdkError>,
 }
 
+/// A transaction waiting for an account's approval (a list entry, or what a notice says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTransaction {
+    /// The account that may approve it, 32 hex digits.
+    pub account_id: String,
+    /// The transaction, 32 hex digits.
+    pub transaction_id: String,
+    /// Shown before the text, optional.
+    pub announce_info: Option<String>,
+    /// After this, signing is refused; milliseconds since the Unix epoch.
+    pub expires_at_ms: i64,
+}
+
+/// A transaction as fetched to show it: everything the user must see before approving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionDetails {
+    /// The account it was fetched with, 32 hex digits.
+    pub account_id: String,
+    /// Its server, 32 hex digits.
+    pub server_id: String,
+    /// The transaction, 32 hex digits.
+    pub transaction_id: String,
+    /// The exact bytes signed.
+    pub data: Vec<u8>,
+    /// Their media type.
+    pub content_type: String,
+    /// The text to show; it is signed by its hash.
+    pub text: String,
+    /// Shown before the text, optional.
+    pub announce_info: Option<String>,
+    /// When it was created, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// After this, signing is refused.
+    pub expires_at_ms: i64,
+}
+
+/// What a signature the server accepted was: the device's COSE_Sign1 and the SFS attestation
+/// it binds (the app may keep them; the server's evidence bundle carries the same bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionReceipt {
+    /// The account that signed, 32 hex digits.
+    pub account_id: String,
+    /// The transaction, 32 hex digits (for the app's own transactions, the id it got).
+    pub transaction_id: String,
+    /// The device's COSE_Sign1 over the signed transaction.
+    pub device_signature: Vec<u8>,
+    /// The SFS attestation of the transaction's challenge.
+    pub attestation: Vec<u8>,
+    /// The device's clock when it signed, milliseconds since the Unix epoch.
+    pub device_time_ms: i64,
+}
+
+/// A transaction code (QR, link) read: which transaction, at which server, and which of this
+/// device's accounts there may try to approve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionTarget {
+    /// The server, 32 hex digits.
+    pub server_id: String,
+    /// The transaction, 32 hex digits.
+    pub transaction_id: String,
+    /// This device's accounts at the server, oldest first.
+    pub accounts: Vec<AccountInfo>,
+}
+
 /// A second factor the user gave. `Debug` never prints the PIN.
 #[derive(Clone)]
 pub enum SecondFactor {

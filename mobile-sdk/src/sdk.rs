@@ -10,10 +10,13 @@
 //!   `account_deleted` notice) is forgotten at once and the app told
 //!   ([`Callbacks::on_account_deleted`]);
 //! - account connections use the server key pinned at enrolment, never a fetched one;
+//! - transactions are signed only after a fresh second factor, over the data and text the app
+//!   was given to show (see `transaction`);
 //! - the SFS is the one of [`SdkConfig::sfs`], with its pinned keys; without it, no second
 //!   factor can be given ([`SdkError::SecondFactorUnavailable`]) and enrolments leave their
 //!   accounts headless.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,13 +28,17 @@ use tokio::task::JoinHandle;
 use crate::callbacks::{Callbacks, NoCallbacks};
 use crate::client::{self, Connection, Target};
 use crate::error::SdkError;
-use crate::model::{AccountInfo, HistoryEntry, SecondFactor, ServerInfo};
+use crate::model::{
+    AccountInfo, HistoryEntry, PendingTransaction, SecondFactor, ServerInfo, TransactionDetails,
+    TransactionReceipt, TransactionTarget,
+};
 use crate::persisted::Persisted;
 use crate::second_factor::{
     self, Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig,
 };
 use crate::session::{self, SessionHandle};
 use crate::storage::{Storage, StorageError};
+use crate::transaction::{self, Extras, Own};
 
 /// How the SDK behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +105,8 @@ pub enum ListenEnd {
     Closed,
 }
 
-/// An open connection for one account, so that a server-side deletion reaches the device at
-/// once. Dropping it closes the connection.
+/// An open connection for one account, so that a server-side deletion or a new transaction
+/// reaches the device at once. Dropping it closes the connection.
 pub struct Listener {
     account_id: String,
     task: Option<JoinHandle<ListenEnd>>,
@@ -160,6 +167,7 @@ impl Sdk {
                 state: Mutex::new(state),
                 http,
                 biometric: Mutex::new(None),
+                clock: Mutex::new(None),
             }),
         })
     }
@@ -171,6 +179,17 @@ impl Sdk {
     /// [`SdkError::Storage`] if the lock is poisoned.
     pub fn set_biometric_prompt(&self, prompt: Arc<dyn BiometricPrompt>) -> Result<(), SdkError> {
         *self.inner.biometric.lock().map_err(poisoned)? = Some(prompt);
+        Ok(())
+    }
+
+    /// Replaces the device's clock (default: the system clock), for a virtual device or a test
+    /// whose servers run on a clock of their own. It dates transaction signatures, which the
+    /// gateway accepts only within the SFS attestation's validity.
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the lock is poisoned.
+    pub fn set_clock(&self, clock: DeviceClock) -> Result<(), SdkError> {
+        *self.inner.clock.lock().map_err(poisoned)? = Some(clock);
         Ok(())
     }
 
@@ -229,6 +248,154 @@ impl Sdk {
     /// As [`change_pin`](Self::change_pin).
     pub async fn register_biometric(&self, pin: Pin) -> Result<(), SdkError> {
         second_factor::register_biometric(&self.inner, &pin).await
+    }
+
+    /// Reads a transaction code (a QR code's raw bytes, its base64url text or a
+    /// `countersign:` deep link): which transaction, and this device's accounts at its server.
+    ///
+    /// # Errors
+    /// [`SdkError::InvalidInput`] for input that is no countersign code;
+    /// [`SdkError::InvalidTransaction`] for a login or enrolment code; [`SdkError::NoAccounts`]
+    /// when this device has no account at the server; [`SdkError::FingerprintMismatch`] when
+    /// the code names another server key than the one pinned at enrolment.
+    pub fn transaction_from_input(&self, input: &[u8]) -> Result<TransactionTarget, SdkError> {
+        let payload = session::decode_input(input)?;
+        let id = payload.transaction_id().ok_or_else(|| {
+            SdkError::InvalidTransaction("this code is not a transaction code".into())
+        })?;
+        let server_id = hex::encode(payload.server_id);
+        let pinned = self.inner.read(|s| {
+            s.servers
+                .get(&server_id)
+                .map(|server| server.fingerprint.clone())
+        })?;
+        match pinned {
+            None => return Err(SdkError::NoAccounts),
+            Some(pinned) if pinned != hex::encode(payload.server_key_fingerprint) => {
+                return Err(SdkError::FingerprintMismatch);
+            }
+            Some(_) => {}
+        }
+        let accounts: Vec<AccountInfo> = self
+            .accounts()?
+            .into_iter()
+            .filter(|a| a.server_id == server_id)
+            .collect();
+        if accounts.is_empty() {
+            return Err(SdkError::NoAccounts);
+        }
+        Ok(TransactionTarget {
+            server_id,
+            transaction_id: hex::encode(id),
+            accounts,
+        })
+    }
+
+    /// The transactions waiting for `account_id`'s approval, oldest first.
+    ///
+    /// # Errors
+    /// [`SdkError::UnknownAccount`]; [`SdkError::Server`] when the gateway refuses; transport
+    /// errors.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn pending_transactions(
+        &self,
+        account_id: &str,
+    ) -> Result<Vec<PendingTransaction>, SdkError> {
+        transaction::pending(&self.inner, account_id).await
+    }
+
+    /// Fetches a transaction to show it to the user (the server records that it was shown).
+    /// Show at least its text (and its content type) before asking to approve.
+    ///
+    /// # Errors
+    /// [`SdkError::UnknownAccount`]; [`SdkError::InvalidTransaction`] for an id that is not
+    /// 32 hex digits; [`SdkError::Server`] with `not_found`, `not_allowed` (another user's, or
+    /// meant for another account), `ended`, `expired`; transport errors.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn get_transaction(
+        &self,
+        account_id: &str,
+        transaction_id: &str,
+    ) -> Result<TransactionDetails, SdkError> {
+        transaction::get(&self.inner, account_id, transaction_id).await
+    }
+
+    /// Approves a transaction the user was shown: has the SFS attest `factor` for the
+    /// transaction's challenge (computed here from `shown`'s data and text, never from a hash
+    /// the server sent), signs the transaction with the account's key, and sends both. A fresh
+    /// factor is asked every time. `device_data` (at most 32 entries) and `client_data` (at
+    /// most 4 KiB) are signed with it.
+    ///
+    /// # Errors
+    /// [`SdkError::UnknownAccount`]; [`SdkError::InvalidTransaction`] (a limit broken, or
+    /// `shown` is of another server); [`SdkError::SecondFactor`] when the factor is refused
+    /// (nothing was sent: the app may retry); [`SdkError::SecondFactorUnavailable`];
+    /// [`SdkError::Server`] when the gateway refuses (`bad_attestation`, `invalid`, `ended`,
+    /// `expired`…); transport errors.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn sign_transaction(
+        &self,
+        account_id: &str,
+        shown: &TransactionDetails,
+        factor: SecondFactor,
+        device_data: BTreeMap<String, String>,
+        client_data: Option<Vec<u8>>,
+    ) -> Result<TransactionReceipt, SdkError> {
+        if self.inner.config.sfs.is_none() {
+            return Err(SdkError::SecondFactorUnavailable);
+        }
+        let extras = Extras {
+            device_data,
+            client_data,
+        };
+        transaction::sign(&self.inner, account_id, shown, &factor, extras).await
+    }
+
+    /// Declines a transaction.
+    ///
+    /// # Errors
+    /// As [`get_transaction`](Self::get_transaction).
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    pub async fn reject_transaction(
+        &self,
+        account_id: &str,
+        transaction_id: &str,
+    ) -> Result<(), SdkError> {
+        transaction::reject(&self.inner, account_id, transaction_id).await
+    }
+
+    /// Signs a transaction of the app's own (not one a business system created): `data`
+    /// (`content_type`) and the `text` the app showed the user, after a fresh `factor`. The
+    /// server stores it only once the signature is accepted; the receipt names its new id.
+    ///
+    /// # Errors
+    /// As [`sign_transaction`](Self::sign_transaction); `invalid` from the server for data,
+    /// content type or text it does not accept.
+    #[tracing::instrument(skip_all, fields(account_id = %account_id))]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn sign_own_transaction(
+        &self,
+        account_id: &str,
+        data: Vec<u8>,
+        content_type: &str,
+        text: &str,
+        factor: SecondFactor,
+        device_data: BTreeMap<String, String>,
+        client_data: Option<Vec<u8>>,
+    ) -> Result<TransactionReceipt, SdkError> {
+        if self.inner.config.sfs.is_none() {
+            return Err(SdkError::SecondFactorUnavailable);
+        }
+        let own = Own {
+            data,
+            content_type: content_type.to_owned(),
+            text: text.to_owned(),
+        };
+        let extras = Extras {
+            device_data,
+            client_data,
+        };
+        transaction::sign_own(&self.inner, account_id, own, &factor, extras).await
     }
 
     /// This app installation's id, 32 hex digits.
@@ -344,7 +511,9 @@ impl Sdk {
     }
 
     /// Keeps a connection open for `account_id` until the server deletes the account (it is
-    /// then forgotten at once and `callbacks` told) or the connection ends.
+    /// then forgotten at once and `callbacks` told) or the connection ends. Meanwhile each
+    /// transaction a business system creates for the account's user is told at once
+    /// ([`Callbacks::on_transaction_pending`]).
     ///
     /// # Errors
     /// As the handshake: [`SdkError::UnknownAccount`], [`SdkError::Refused`] (an
@@ -359,7 +528,13 @@ impl Sdk {
             .connect_account(account_id, None, callbacks.as_ref())
             .await?;
         let inner = Arc::clone(&self.inner);
-        let task = tokio::spawn(listen(inner, connection, notices, callbacks));
+        let task = tokio::spawn(listen(
+            inner,
+            account_id.to_owned(),
+            connection,
+            notices,
+            callbacks,
+        ));
         Ok(Listener {
             account_id: account_id.to_owned(),
             task: Some(task),
@@ -369,6 +544,7 @@ impl Sdk {
 
 async fn listen(
     inner: Arc<Inner>,
+    account_id: String,
     connection: Connection,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     callbacks: Arc<dyn Callbacks>,
@@ -376,6 +552,19 @@ async fn listen(
     // Held so the connection stays open while listening.
     let _connection = connection;
     while let Some(notice) = notices.recv().await {
+        if let Notice::TransactionPending(pending) = &notice {
+            let info = inner.read(|s| s.accounts.get(&account_id).map(|a| s.account_info(a)));
+            if let Ok(Some(info)) = info {
+                let pending = PendingTransaction {
+                    account_id: account_id.clone(),
+                    transaction_id: hex::encode(pending.transaction_id.0),
+                    announce_info: pending.announce_info.clone(),
+                    expires_at_ms: pending.expires_at_ms,
+                };
+                callbacks.on_transaction_pending(&info, &pending);
+            }
+            continue;
+        }
         if let Notice::AccountDeleted { account_id } = notice {
             match inner.account_deleted(&hex::encode(account_id.0), callbacks.as_ref()) {
                 Ok(Some(info)) => return ListenEnd::AccountDeleted(info),
@@ -397,7 +586,11 @@ pub(crate) struct Inner {
     state: Mutex<Persisted>,
     pub(crate) http: reqwest::Client,
     biometric: Mutex<Option<Arc<dyn BiometricPrompt>>>,
+    clock: Mutex<Option<DeviceClock>>,
 }
+
+/// A device clock: milliseconds since the Unix epoch.
+pub type DeviceClock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 fn poisoned<T>(_: T) -> SdkError {
     SdkError::Storage(StorageError::Io("the state lock is poisoned".into()))
@@ -423,6 +616,12 @@ pub(crate) fn parse_id<const N: usize>(text: &str) -> Result<[u8; N], SdkError> 
 }
 
 impl Inner {
+    /// The device's clock: the app's, if it set one, else the system's.
+    pub(crate) fn device_time_ms(&self) -> Result<i64, SdkError> {
+        let clock = self.clock.lock().map_err(poisoned)?.clone();
+        Ok(clock.map_or_else(now_ms, |clock| clock()))
+    }
+
     /// The app's biometric check, if it set one.
     pub(crate) fn biometric_prompt(&self) -> Result<Option<Arc<dyn BiometricPrompt>>, SdkError> {
         Ok(self.biometric.lock().map_err(poisoned)?.clone())

@@ -247,6 +247,11 @@ pub(crate) async fn start(
     let kind = match payload.kind {
         QrKind::Login => SessionKind::Login,
         QrKind::Enrolment => SessionKind::Enrolment,
+        QrKind::Transaction => {
+            return Err(SdkError::InvalidTransaction(
+                "this code asks to approve a transaction: use transaction_from_input".into(),
+            ));
+        }
     };
     let id = hex::encode(crate::random::bytes::<16>()?);
     let machine = Machine::new(kind, sdk.config.skip_single_account_confirmation);
@@ -965,6 +970,8 @@ async fn watch_notices(
                 let _ = session.drive(Input::ServerEnded, None).await;
             }
             Notice::SessionEnded { .. } => {}
+            // Transactions are announced on `Sdk::listen`'s connection, not a session's.
+            Notice::TransactionPending(_) => {}
             Notice::AccountDeleted { account_id } => {
                 let _ = session
                     .sdk

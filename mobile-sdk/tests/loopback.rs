@@ -20,9 +20,11 @@ use countersign_mobile_sdk::{
 use countersign_protocol::attestation::{Expected, Factor, verify_attestation};
 use countersign_protocol::channel::{Responder, StaticKey, fingerprint};
 use countersign_protocol::device::{
-    self, Answer, Bytes, Hello, Intent, Notice, Outcome, Refusal, Request, RequestBody,
-    ServerMessage, ServerParams, SessionDetails, SessionEnd, Welcome,
+    self, Answer, Blob, Bytes, Hello, Intent, Notice, Outcome, PendingTransaction, Refusal,
+    Request, RequestBody, ServerMessage, ServerParams, SessionDetails, SessionEnd,
+    TransactionDetails, Welcome,
 };
+use countersign_protocol::evidence::{transaction_challenge, verify_signed_transaction};
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::io::AsyncWriteExt as _;
@@ -33,6 +35,9 @@ use tokio_tungstenite::tungstenite::Message;
 const SERVER_ID: [u8; 16] = [1; 16];
 const ACCOUNT_ID: [u8; 16] = [9; 16];
 const HSID: [u8; 32] = [7; 32];
+const TX_ID: [u8; 16] = [0x7a; 16];
+const TX_DATA: &[u8] = b"pay:10.00:EUR:acme";
+const TX_TEXT: &str = "Pay 10.00 EUR to Acme?";
 
 #[derive(Default)]
 struct Script {
@@ -44,6 +49,8 @@ struct Script {
     signing_public_key: Vec<u8>,
     /// Attestations received, with their purpose ("login" or "upgrade").
     attestations: Vec<(&'static str, Vec<u8>)>,
+    /// Transaction signatures received: (transaction id, device signature, attestation).
+    signed: Vec<([u8; 16], Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Clone)]
@@ -212,6 +219,40 @@ impl Gateway {
                 session_info: Some("Welcome".into()),
                 ping_time_secs: script.ping_time_secs,
             },
+            RequestBody::GetTransaction { transaction_id } => {
+                Answer::Transaction(TransactionDetails {
+                    transaction_id: *transaction_id,
+                    data: Blob(TX_DATA.to_vec()),
+                    content_type: "text/plain".into(),
+                    text: TX_TEXT.into(),
+                    announce_info: Some("Payment".into()),
+                    created_at_ms: 1_000,
+                    expires_at_ms: 301_000,
+                })
+            }
+            RequestBody::PendingTransactions => Answer::Transactions {
+                pending: vec![PendingTransaction {
+                    transaction_id: Bytes(TX_ID),
+                    announce_info: Some("Payment".into()),
+                    expires_at_ms: 301_000,
+                }],
+            },
+            RequestBody::SignTransaction {
+                transaction_id,
+                signature,
+                attestation,
+            }
+            | RequestBody::SignOwnTransaction {
+                transaction_id,
+                signature,
+                attestation,
+                ..
+            } => {
+                script
+                    .signed
+                    .push((transaction_id.0, signature.0.clone(), attestation.0.clone()));
+                Answer::Done
+            }
             _ => Answer::Done,
         }
     }
@@ -975,4 +1016,167 @@ async fn without_an_sfs_a_second_factor_is_unavailable_and_enrolments_stay_headl
             .await,
         Err(SdkError::SecondFactorUnavailable)
     );
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+#[tokio::test]
+async fn transactions_are_told_shown_and_signed_over_what_was_shown() {
+    let gateway = Gateway::start(0).await;
+    gateway.script.lock().unwrap().second_factor = true;
+    let sfs = sfs_script::Sfs::start().await;
+    let sdk = Sdk::open(
+        Arc::new(MemoryStorage::new()),
+        SdkConfig {
+            sfs: Some(SfsConfig::fetch(&sfs.url).await.unwrap()),
+            argon2_params: Argon2Params {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
+            ..config()
+        },
+    )
+    .unwrap();
+    let enrolment = sdk
+        .start_session(&gateway.qr(QrKind::Enrolment), Arc::new(NoCallbacks))
+        .await
+        .unwrap();
+    enrolment.set_account(None).await.unwrap();
+    enrolment
+        .set_pin_biometric(SecondFactor::pin("2580"))
+        .await
+        .unwrap();
+    let account = hex::encode(ACCOUNT_ID);
+
+    // A notice on the listening connection reaches the callback.
+    let (callbacks, mut events) = ChannelCallbacks::new();
+    let listener = sdk.listen(&account, callbacks).await.unwrap();
+    gateway
+        .notices
+        .send(Notice::TransactionPending(PendingTransaction {
+            transaction_id: Bytes(TX_ID),
+            announce_info: Some("Payment".into()),
+            expires_at_ms: 301_000,
+        }))
+        .unwrap();
+    let told = loop {
+        if let Event::TransactionPending(info, pending) =
+            tokio::time::timeout(Duration::from_secs(5), events.recv())
+                .await
+                .unwrap()
+                .unwrap()
+        {
+            break (info, pending);
+        }
+    };
+    assert_eq!(told.0.account_id, account);
+    assert_eq!(told.1.transaction_id, hex::encode(TX_ID));
+    listener.stop();
+
+    // A transaction code names the transaction and this device's accounts at its server.
+    let code = QrPayload {
+        kind: QrKind::Transaction,
+        server_id: SERVER_ID,
+        token: QrPayload::transaction_token(TX_ID),
+        gateway: gateway.url.clone(),
+        server_key_fingerprint: gateway.fingerprint(),
+    };
+    let target = sdk.transaction_from_input(&code.encode()).unwrap();
+    assert_eq!(target.transaction_id, hex::encode(TX_ID));
+    assert_eq!(target.accounts.len(), 1);
+    assert!(matches!(
+        sdk.start_session(&code.encode(), Arc::new(NoCallbacks))
+            .await,
+        Err(SdkError::InvalidTransaction(_))
+    ));
+    let forged = QrPayload {
+        server_key_fingerprint: [0; 32],
+        ..code
+    };
+    assert_eq!(
+        sdk.transaction_from_input(&forged.encode()),
+        Err(SdkError::FingerprintMismatch)
+    );
+
+    let listed = sdk.pending_transactions(&account).await.unwrap();
+    assert_eq!(listed[0].transaction_id, hex::encode(TX_ID));
+    let shown = sdk
+        .get_transaction(&account, &hex::encode(TX_ID))
+        .await
+        .unwrap();
+    assert_eq!(
+        (shown.data.as_slice(), shown.text.as_str()),
+        (TX_DATA, TX_TEXT)
+    );
+
+    // Signed over what was shown, with a fresh attestation of the public challenge computed
+    // from it (the gateway's challenge is never asked for).
+    let before = gateway.seen().len();
+    let device_data = std::collections::BTreeMap::from([("os".to_owned(), "test".to_owned())]);
+    let receipt = sdk
+        .sign_transaction(
+            &account,
+            &shown,
+            SecondFactor::pin("2580"),
+            device_data.clone(),
+            Some(b"ref".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&gateway.seen()[before..], ["SignTransaction"]);
+    let own = sdk
+        .sign_own_transaction(
+            &account,
+            b"note".to_vec(),
+            "text/plain",
+            "Sign this note?",
+            SecondFactor::pin("2580"),
+            Default::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    let script = gateway.script.lock().unwrap();
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&script.signing_public_key).unwrap();
+    let trusted = [*sfs.attestation_key.verifying_key()];
+    let cases = [
+        (TX_ID, TX_DATA, TX_TEXT),
+        (
+            <[u8; 16]>::try_from(hex::decode(&own.transaction_id).unwrap()).unwrap(),
+            b"note".as_slice(),
+            "Sign this note?",
+        ),
+    ];
+    assert_eq!(script.signed.len(), 2);
+    for ((id, signature, attestation), (want_id, data, text)) in script.signed.iter().zip(cases) {
+        assert_eq!(*id, want_id);
+        let signed = verify_signed_transaction(signature, &key).unwrap();
+        assert_eq!(signed.transaction_id.0, want_id);
+        assert_eq!(signed.server_id.0, SERVER_ID);
+        assert_eq!(signed.data_hash.0, sha256(data));
+        assert_eq!(signed.text_hash.0, sha256(text.as_bytes()));
+        assert_eq!(signed.attestation_hash.0, sha256(attestation));
+        let expect = Expected {
+            challenge: transaction_challenge(
+                &SERVER_ID,
+                &want_id,
+                &sha256(data),
+                &sha256(text.as_bytes()),
+            ),
+            account_key_thumbprint: fingerprint(&script.signing_public_key),
+            now_ms: sfs_script::ISSUED_AT_MS,
+        };
+        verify_attestation(attestation, &trusted, &expect).unwrap();
+    }
+    assert_eq!(
+        verify_signed_transaction(&script.signed[0].1, &key)
+            .unwrap()
+            .device_data,
+        device_data
+    );
+    assert_eq!(receipt.device_signature, script.signed[0].1);
 }

@@ -16,3 +16,5 @@ mod crash;
 mod device;
 mod device_cli;
 mod second_factor;
+mod transactions_api;
+mod transactions_device;

@@ -27,7 +27,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const PIN: &str = "917364";
 
 /// A server whose logins need a PIN, an API key, and `userid`.
-async fn pin_tenant(api: &Api, userid: &str) -> (String, String) {
+pub(crate) async fn pin_tenant(api: &Api, userid: &str) -> (String, String) {
     let (server, token) = api.tenant("Bank").await;
     let (status, body) = api
         .admin(
@@ -49,7 +49,7 @@ async fn pin_tenant(api: &Api, userid: &str) -> (String, String) {
     (server, token)
 }
 
-async fn phone(api: &Api) -> Sdk {
+pub(crate) async fn phone(api: &Api) -> Sdk {
     let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", api.base))
         .await
         .unwrap();
@@ -67,7 +67,7 @@ async fn phone(api: &Api) -> Sdk {
 }
 
 /// Starts an enrolment on the phone and confirms it, up to the second-factor prompt.
-async fn enrolment_to_factor_prompt(
+pub(crate) async fn enrolment_to_factor_prompt(
     phone: &Sdk,
     qr: &str,
 ) -> countersign_mobile_sdk::SessionHandle {
@@ -348,18 +348,18 @@ async fn dump_tables(db: &TestDb) -> Vec<u8> {
 
 /// Attestations made with a key the deployment was told to trust, so each check can be broken
 /// on purpose.
-struct TestSfs {
+pub(crate) struct TestSfs {
     key: p256::ecdsa::SigningKey,
 }
 
 impl TestSfs {
-    fn new(seed: u8) -> Self {
+    pub(crate) fn new(seed: u8) -> Self {
         Self {
             key: p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap(),
         }
     }
 
-    fn public_hex(&self) -> String {
+    pub(crate) fn public_hex(&self) -> String {
         hex::encode(
             self.key
                 .verifying_key()
@@ -369,7 +369,7 @@ impl TestSfs {
         )
     }
 
-    fn attest(
+    pub(crate) fn attest(
         &self,
         app_instance: [u8; 16],
         challenge: [u8; 32],
