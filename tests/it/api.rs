@@ -1347,7 +1347,7 @@ pub(crate) fn redact(value: &mut Value) {
 }
 
 /// The newest checkpoint once it covers `position` (the server signs one per 100 ms here).
-async fn checkpoint_covering(api: &Api, token: &str, position: u64) -> Value {
+pub(crate) async fn checkpoint_covering(api: &Api, token: &str, position: u64) -> Value {
     let mut ticks = tokio::time::interval(Duration::from_millis(20));
     for _ in 0..500 {
         ticks.tick().await;

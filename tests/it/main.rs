@@ -14,6 +14,7 @@ mod binary;
 mod commands;
 mod crash;
 mod device;
+mod evidence;
 mod device_cli;
 mod second_factor;
 mod transactions_api;

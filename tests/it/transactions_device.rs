@@ -29,11 +29,11 @@ use crate::device::{RawDevice, code, enrolment_qr, open_session};
 use crate::second_factor::{TestSfs, enrolment_to_factor_prompt, phone, pin_tenant};
 
 const WAIT: Duration = Duration::from_secs(20);
-const PIN: &str = "917364";
+pub(crate) const PIN: &str = "917364";
 const DATA: &[u8] = b"{\"amount\":\"100.00\",\"currency\":\"EUR\",\"to\":\"Acme\"}";
 const TEXT: &str = "Pay 100.00 EUR to Acme?";
 
-fn payment(userid: &str, timeout_secs: u32) -> Value {
+pub(crate) fn payment(userid: &str, timeout_secs: u32) -> Value {
     json!({
         "userid": userid,
         "data": STANDARD.encode(DATA),
@@ -45,7 +45,7 @@ fn payment(userid: &str, timeout_secs: u32) -> Value {
 }
 
 /// Creates a transaction through the business API; answers its id.
-async fn create(api: &Api, server: &str, token: &str, body: Value) -> String {
+pub(crate) async fn create(api: &Api, server: &str, token: &str, body: Value) -> String {
     let (status, created) = api
         .call(
             Method::POST,
@@ -127,7 +127,13 @@ fn server_error(result: &Result<impl std::fmt::Debug, SdkError>) -> Option<Error
 }
 
 /// Enrols the phone at a PIN server (registering its PIN); answers the account id.
-async fn enrol_with_pin(api: &Api, phone: &Sdk, server: &str, token: &str, userid: &str) -> String {
+pub(crate) async fn enrol_with_pin(
+    api: &Api,
+    phone: &Sdk,
+    server: &str,
+    token: &str,
+    userid: &str,
+) -> String {
     let qr = enrolment_qr(api, server, token, userid).await;
     let enrol = enrolment_to_factor_prompt(phone, &qr).await;
     enrol
