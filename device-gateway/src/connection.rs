@@ -152,12 +152,8 @@ where
             return Err(Closed::Refused(reason));
         }
     };
-    let welcome = device::encode(&Welcome::Accepted {
-        server: params(server, &settings),
-    })?;
-    let (mut channel, frame) = responder.accept(&welcome)?;
-    send(&mut outgoing, frame).await?;
-
+    // Registered before the device hears the welcome: anything committed after the device
+    // connected (a transaction for its user, say) finds it listening.
     let account = match &identity {
         Identity::Account(active) => Some((server, active.account.account_id)),
         Identity::Guest { .. } => None,
@@ -168,6 +164,22 @@ where
     {
         gateway.0.hub.watch_user(connection, server, user);
     }
+    let welcomed = async {
+        let welcome = device::encode(&Welcome::Accepted {
+            server: params(server, &settings),
+        })?;
+        let (channel, frame) = responder.accept(&welcome)?;
+        send(&mut outgoing, frame).await?;
+        Ok(channel)
+    }
+    .await;
+    let mut channel = match welcomed {
+        Ok(channel) => channel,
+        Err(error) => {
+            gateway.0.hub.unregister(connection);
+            return Err(error);
+        }
+    };
     let mut conn = flows::Connection {
         gateway: gateway.clone(),
         server,

@@ -168,6 +168,8 @@ impl Sdk {
                 http,
                 biometric: Mutex::new(None),
                 clock: Mutex::new(None),
+                channels: Mutex::new(std::collections::HashMap::new()),
+                sfs_channel: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -486,6 +488,7 @@ impl Sdk {
             Err(SdkError::Refused(Refusal::AccountDeleted | Refusal::UnknownAccount)) => {}
             Err(e) => return Err(e),
         }
+        self.inner.drop_channels(account_id)?;
         self.inner.write(|s| s.forget_account(account_id))?;
         tracing::info!("account deleted");
         Ok(info)
@@ -587,6 +590,12 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     biometric: Mutex<Option<Arc<dyn BiometricPrompt>>>,
     clock: Mutex<Option<DeviceClock>>,
+    /// Each account's gateway channel for transaction requests, kept open between them so a
+    /// phone approving one transaction after another pays one handshake, not one per request.
+    pub(crate) channels: Mutex<std::collections::HashMap<String, Connection>>,
+    /// The SFS channel, kept open between second-factor proofs for the same reason; one proof
+    /// at a time (a user enters one PIN at a time).
+    pub(crate) sfs_channel: tokio::sync::Mutex<Option<crate::sfs_client::SfsConnection>>,
 }
 
 /// A device clock: milliseconds since the Unix epoch.
@@ -616,6 +625,42 @@ pub(crate) fn parse_id<const N: usize>(text: &str) -> Result<[u8; N], SdkError> 
 }
 
 impl Inner {
+    /// Sends a transaction request on the account's kept channel, opening one when there is
+    /// none or the kept one has closed (then the request is sent again on the new one: every
+    /// transaction request is idempotent at the gateway).
+    pub(crate) async fn account_request(
+        &self,
+        account_id: &str,
+        body: RequestBody,
+    ) -> Result<Answer, SdkError> {
+        let kept = self
+            .channels
+            .lock()
+            .map_err(poisoned)?
+            .get(account_id)
+            .cloned();
+        if let Some(connection) = kept {
+            match connection.request(body.clone()).await {
+                Err(SdkError::Transport(_)) => {
+                    self.channels.lock().map_err(poisoned)?.remove(account_id);
+                }
+                other => return other,
+            }
+        }
+        let (connection, _notices) = self.connect_account(account_id, None, &NoCallbacks).await?;
+        self.channels
+            .lock()
+            .map_err(poisoned)?
+            .insert(account_id.to_owned(), connection.clone());
+        connection.request(body).await
+    }
+
+    /// Forgets the account's kept channel (the account is gone).
+    pub(crate) fn drop_channels(&self, account_id: &str) -> Result<(), SdkError> {
+        self.channels.lock().map_err(poisoned)?.remove(account_id);
+        Ok(())
+    }
+
     /// The device's clock: the app's, if it set one, else the system's.
     pub(crate) fn device_time_ms(&self) -> Result<i64, SdkError> {
         let clock = self.clock.lock().map_err(poisoned)?.clone();
@@ -650,6 +695,7 @@ impl Inner {
         account_id: &str,
         callbacks: &dyn Callbacks,
     ) -> Result<Option<AccountInfo>, SdkError> {
+        self.drop_channels(account_id)?;
         let info = self.write(|s| s.forget_account(account_id))?;
         if let Some(info) = &info {
             tracing::info!(account_id, "the server deleted the account; forgotten");

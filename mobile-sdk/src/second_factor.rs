@@ -341,22 +341,75 @@ pub(crate) async fn attest(
     may_register_pin: bool,
 ) -> Result<Vec<u8>, SdkError> {
     let mut sfs = open(inner).await?;
-    let attested = async {
-        match factor {
-            SecondFactor::Pin(pin) => {
-                if may_register_pin && !sfs.welcome.pin_registered {
-                    register_pin(inner, &mut sfs, pin).await?;
-                }
-                pin_login(inner, &mut sfs, pin, challenge, thumbprint).await
-            }
-            SecondFactor::Biometric => {
-                biometric_login(inner, &mut sfs, challenge, thumbprint).await
-            }
-        }
-    }
+    let attested = attest_on(
+        inner,
+        &mut sfs,
+        factor,
+        challenge,
+        thumbprint,
+        may_register_pin,
+    )
     .await;
     sfs.close().await;
     attested
+}
+
+/// As [`attest`] on a channel kept open between calls, for transaction approvals, which come
+/// one after another (an officer approving a batch): one handshake for many proofs. A kept
+/// channel that has closed meanwhile is replaced and the proof run again on a new one (a PIN
+/// login the SFS never answered counts as a failure there, which the successful retry
+/// resets). Logins keep opening a channel per proof.
+pub(crate) async fn attest_kept(
+    inner: &Inner,
+    factor: &SecondFactor,
+    challenge: [u8; 32],
+    thumbprint: [u8; 32],
+) -> Result<Vec<u8>, SdkError> {
+    let mut kept = inner.sfs_channel.lock().await;
+    if let Some(mut sfs) = kept.take() {
+        match attest_on(inner, &mut sfs, factor, challenge, thumbprint, false).await {
+            Err(SdkError::Transport(_) | SdkError::Timeout) => sfs.close().await,
+            result => {
+                *kept = Some(sfs);
+                return result;
+            }
+        }
+    }
+    let mut sfs = open(inner).await?;
+    let attested = attest_on(inner, &mut sfs, factor, challenge, thumbprint, false).await;
+    match &attested {
+        // A channel that failed may be out of step: never keep it.
+        Err(SdkError::Transport(_) | SdkError::Timeout) => sfs.close().await,
+        _ => *kept = Some(sfs),
+    }
+    attested
+}
+
+/// Closes the kept SFS channel: what it was told at its welcome is about to change.
+async fn forget_kept_channel(inner: &Inner) {
+    if let Some(sfs) = inner.sfs_channel.lock().await.take() {
+        sfs.close().await;
+    }
+}
+
+async fn attest_on(
+    inner: &Inner,
+    sfs: &mut SfsConnection,
+    factor: &SecondFactor,
+    challenge: [u8; 32],
+    thumbprint: [u8; 32],
+    may_register_pin: bool,
+) -> Result<Vec<u8>, SdkError> {
+    match factor {
+        SecondFactor::Pin(pin) => {
+            if may_register_pin && !sfs.welcome.pin_registered {
+                register_pin(inner, sfs, pin).await?;
+                sfs.welcome.pin_registered = true;
+            }
+            pin_login(inner, sfs, pin, challenge, thumbprint).await
+        }
+        SecondFactor::Biometric => biometric_login(inner, sfs, challenge, thumbprint).await,
+    }
 }
 
 /// Proves the PIN to the SFS on `sfs` with a challenge no countersign server issued.
@@ -369,6 +422,7 @@ async fn prove_pin(inner: &Inner, sfs: &mut SfsConnection, pin: &Pin) -> Result<
 
 /// Replaces the PIN at the SFS (the old one must verify first).
 pub(crate) async fn change_pin(inner: &Inner, old: &Pin, new: &Pin) -> Result<(), SdkError> {
+    forget_kept_channel(inner).await;
     let mut sfs = open(inner).await?;
     let changed = async {
         prove_pin(inner, &mut sfs, old).await?;
@@ -381,6 +435,8 @@ pub(crate) async fn change_pin(inner: &Inner, old: &Pin, new: &Pin) -> Result<()
 
 /// Makes a biometric key and registers it at the SFS (the PIN must verify first).
 pub(crate) async fn register_biometric(inner: &Inner, pin: &Pin) -> Result<(), SdkError> {
+    // The kept channel's welcome would still say "no biometric key".
+    forget_kept_channel(inner).await;
     let mut sfs = open(inner).await?;
     let registered = async {
         prove_pin(inner, &mut sfs, pin).await?;

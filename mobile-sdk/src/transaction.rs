@@ -17,8 +17,6 @@ use countersign_protocol::device::{Answer, Blob, Bytes, RequestBody};
 use countersign_protocol::evidence::{SignedTransaction, sign_transaction, transaction_challenge};
 use sha2::{Digest, Sha256};
 
-use crate::callbacks::NoCallbacks;
-use crate::client::Connection;
 use crate::error::SdkError;
 use crate::model::{PendingTransaction, SecondFactor, TransactionDetails, TransactionReceipt};
 use crate::sdk::{Inner, parse_id};
@@ -43,20 +41,15 @@ fn server_of(inner: &Inner, account_id: &str) -> Result<[u8; 16], SdkError> {
     parse_id(&server)
 }
 
-async fn connect(inner: &Inner, account_id: &str) -> Result<Connection, SdkError> {
-    let (connection, _notices) = inner
-        .connect_account(account_id, None, &NoCallbacks)
-        .await?;
-    Ok(connection)
-}
-
 /// `pending_transactions`.
 pub(crate) async fn pending(
     inner: &Inner,
     account_id: &str,
 ) -> Result<Vec<PendingTransaction>, SdkError> {
-    let connection = connect(inner, account_id).await?;
-    match connection.request(RequestBody::PendingTransactions).await? {
+    match inner
+        .account_request(account_id, RequestBody::PendingTransactions)
+        .await?
+    {
         Answer::Transactions { pending } => Ok(pending
             .into_iter()
             .map(|p| PendingTransaction {
@@ -78,11 +71,13 @@ pub(crate) async fn get(
 ) -> Result<TransactionDetails, SdkError> {
     let id = transaction_id(id)?;
     let server = server_of(inner, account_id)?;
-    let connection = connect(inner, account_id).await?;
-    match connection
-        .request(RequestBody::GetTransaction {
-            transaction_id: Bytes(id),
-        })
+    match inner
+        .account_request(
+            account_id,
+            RequestBody::GetTransaction {
+                transaction_id: Bytes(id),
+            },
+        )
         .await?
     {
         Answer::Transaction(t) if t.transaction_id.0 == id => Ok(TransactionDetails {
@@ -103,11 +98,13 @@ pub(crate) async fn get(
 /// `reject_transaction`.
 pub(crate) async fn reject(inner: &Inner, account_id: &str, id: &str) -> Result<(), SdkError> {
     let id = transaction_id(id)?;
-    let connection = connect(inner, account_id).await?;
-    match connection
-        .request(RequestBody::RejectTransaction {
-            transaction_id: Bytes(id),
-        })
+    match inner
+        .account_request(
+            account_id,
+            RequestBody::RejectTransaction {
+                transaction_id: Bytes(id),
+            },
+        )
         .await?
     {
         Answer::Done => Ok(()),
@@ -153,7 +150,7 @@ async fn attest_and_sign(
     sign_transaction(&signed, &signing).map_err(|e| SdkError::InvalidTransaction(e.to_string()))?;
     let thumbprint = second_factor::account_thumbprint(inner, account_id)?;
     let challenge = transaction_challenge(&server, &id, &data_hash, &text_hash);
-    let attestation = second_factor::attest(inner, factor, challenge, thumbprint, false).await?;
+    let attestation = second_factor::attest_kept(inner, factor, challenge, thumbprint).await?;
     signed.attestation_hash = Bytes(attestation_hash(&attestation));
     signed.device_time_ms = inner.device_time_ms()?;
     let device_signature = sign_transaction(&signed, &signing)
@@ -182,7 +179,6 @@ pub(crate) async fn sign(
             "the transaction is at another server than the account".into(),
         ));
     }
-    let connection = connect(inner, account_id).await?;
     let receipt = attest_and_sign(
         inner,
         account_id,
@@ -192,14 +188,12 @@ pub(crate) async fn sign(
         extras,
     )
     .await?;
-    match connection
-        .request(RequestBody::SignTransaction {
-            transaction_id: Bytes(id),
-            signature: Blob(receipt.device_signature.clone()),
-            attestation: Blob(receipt.attestation.clone()),
-        })
-        .await?
-    {
+    let request = RequestBody::SignTransaction {
+        transaction_id: Bytes(id),
+        signature: Blob(receipt.device_signature.clone()),
+        attestation: Blob(receipt.attestation.clone()),
+    };
+    match inner.account_request(account_id, request).await? {
         Answer::Done => {
             tracing::info!(account_id, "transaction signed");
             Ok(receipt)
@@ -226,7 +220,6 @@ pub(crate) async fn sign_own(
 ) -> Result<TransactionReceipt, SdkError> {
     let id = crate::random::bytes::<16>()?;
     let server = server_of(inner, account_id)?;
-    let connection = connect(inner, account_id).await?;
     let receipt = attest_and_sign(
         inner,
         account_id,
@@ -236,17 +229,15 @@ pub(crate) async fn sign_own(
         extras,
     )
     .await?;
-    match connection
-        .request(RequestBody::SignOwnTransaction {
-            transaction_id: Bytes(id),
-            data: Blob(own.data),
-            content_type: own.content_type,
-            text: own.text,
-            signature: Blob(receipt.device_signature.clone()),
-            attestation: Blob(receipt.attestation.clone()),
-        })
-        .await?
-    {
+    let request = RequestBody::SignOwnTransaction {
+        transaction_id: Bytes(id),
+        data: Blob(own.data),
+        content_type: own.content_type,
+        text: own.text,
+        signature: Blob(receipt.device_signature.clone()),
+        attestation: Blob(receipt.attestation.clone()),
+    };
+    match inner.account_request(account_id, request).await? {
         Answer::Done => {
             tracing::info!(account_id, "own transaction signed");
             Ok(receipt)
