@@ -299,6 +299,96 @@ where
     .into())
 }
 
+/// An aggregate's state kept in memory between commands by one long-lived writer (an SFS
+/// channel), so that each command costs an append but no reload of a stream that only grows.
+/// The store stays the judge: every append expects the kept version, and a lost race (another
+/// writer was first) drops the state and reloads it.
+#[derive(Debug)]
+pub struct Kept<A> {
+    /// The state as of `version`.
+    pub state: A,
+    version: Option<u64>,
+}
+
+impl<A> From<Loaded<A>> for Kept<A> {
+    fn from(loaded: Loaded<A>) -> Self {
+        Self {
+            state: loaded.state,
+            version: loaded.version,
+        }
+    }
+}
+
+/// As [`execute_typed`], deciding on the state `kept` holds (loading it first when empty) and
+/// keeping the state after the append for the next command.
+pub async fn execute_kept<A>(
+    store: &SharedStore,
+    stream: &str,
+    kept: &mut Option<Kept<A>>,
+    command: A::Command,
+    ctx: &mut Context<'_>,
+    metadata: &Metadata,
+) -> Result<Executed<A::Event>, Refused<A::Error>>
+where
+    A: Aggregate,
+    A::Command: Clone,
+{
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            backoff(attempt).await;
+        }
+        let current = match kept.take() {
+            Some(current) => current,
+            None => load::<A>(store, stream).await?.into(),
+        };
+        let events = match current.state.decide(command.clone(), ctx) {
+            Ok(events) => events,
+            Err(rule) => {
+                *kept = Some(current);
+                return Err(Refused::Rule(rule));
+            }
+        };
+        if events.is_empty() {
+            *kept = Some(current);
+            return Ok(Executed {
+                events,
+                position: None,
+            });
+        }
+        let new_events = events
+            .iter()
+            .map(|event| NewEvent::from_domain(new_event_id(), event, metadata.clone()))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let expected = current
+            .version
+            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        match store.append(stream, expected, new_events).await {
+            Ok(written) => {
+                let mut state = current.state;
+                for event in &events {
+                    state.apply(event);
+                }
+                *kept = Some(Kept {
+                    state,
+                    version: Some(written.next_expected_version),
+                });
+                return Ok(Executed {
+                    events,
+                    position: Some(written.last_position),
+                });
+            }
+            // Another writer was first: decide again on the stream as it is.
+            Err(StoreError::WrongExpectedVersion { .. }) => {}
+            // Unknown whether it was written: forget the state, the next command reloads.
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CommandError::Conflict {
+        stream: stream.to_owned(),
+    }
+    .into())
+}
+
 /// If the stream holds events appended under this idempotency key, the result of that append.
 fn earlier_result<A: Aggregate>(
     loaded: &Loaded<A>,

@@ -15,7 +15,7 @@
 //! app acts on; internal failures are logged here with the app instance id and answered
 //! `internal` without detail.
 
-use countersign_commands::{CommandError, Refused, execute_typed, load};
+use countersign_commands::{CommandError, Kept, Refused, execute_kept, load};
 use countersign_domain::second_factor::{
     FactorStatus, FailBiometric, RegisterBiometric, RegisterPin, SecondFactor, SecondFactorCommand,
     SecondFactorError, SecondFactorKind, StartPinLogin, SucceedVerification,
@@ -40,6 +40,9 @@ pub struct Session {
     pin_proven: bool,
     login: Option<PendingLogin>,
     nonce: Option<[u8; 32]>,
+    /// The app instance's stream as this channel last saw it: a kept channel (an app approving
+    /// transaction after transaction) appends without reloading a stream that only grows.
+    kept: Option<Kept<SecondFactor>>,
 }
 
 type Answer = Result<SfsAnswer, SfsError>;
@@ -53,6 +56,7 @@ impl Session {
             pin_proven: false,
             login: None,
             nonce: None,
+            kept: None,
         }
     }
 
@@ -96,15 +100,20 @@ impl Session {
         self.sfs.0.clock.now()
     }
 
-    async fn state(&self) -> Result<SecondFactor, Error> {
-        Ok(load::<SecondFactor>(&self.sfs.0.store, &self.app.stream())
-            .await?
-            .state)
+    /// The stream's state: as this channel's last command left it, else loaded.
+    async fn state(&mut self) -> Result<SecondFactor, Error> {
+        if let Some(kept) = &self.kept {
+            return Ok(kept.state.clone());
+        }
+        let loaded = load::<SecondFactor>(&self.sfs.0.store, &self.app.stream()).await?;
+        let state = loaded.state.clone();
+        self.kept = Some(loaded.into());
+        Ok(state)
     }
 
     /// Runs a command on the stream; a refusal by a rule comes back as the app's answer.
     async fn execute(
-        &self,
+        &mut self,
         command: impl Into<SecondFactorCommand>,
     ) -> Result<Result<Vec<countersign_domain::second_factor::SecondFactorEvent>, SfsError>, Error>
     {
@@ -113,13 +122,13 @@ impl Session {
             actor: Some("sfs".to_owned()),
             ..Metadata::default()
         };
-        match execute_typed::<SecondFactor>(
+        match execute_kept::<SecondFactor>(
             &self.sfs.0.store,
             &self.app.stream(),
+            &mut self.kept,
             command.into(),
             &mut ctx,
             &metadata,
-            None,
         )
         .await
         {
@@ -144,7 +153,8 @@ impl Session {
     }
 
     async fn register_pin_start(&mut self, request: &[u8]) -> Result<Answer, Error> {
-        if let Err(refused) = self.may_register_pin(&self.state().await?) {
+        let state = self.state().await?;
+        if let Err(refused) = self.may_register_pin(&state) {
             return Ok(Err(refused));
         }
         Ok(
@@ -164,7 +174,8 @@ impl Session {
     }
 
     async fn register_pin_finish(&mut self, upload: &[u8]) -> Result<Answer, Error> {
-        if let Err(refused) = self.may_register_pin(&self.state().await?) {
+        let state = self.state().await?;
+        if let Err(refused) = self.may_register_pin(&state) {
             return Ok(Err(refused));
         }
         let Ok(record) = opaque::registration_record(upload) else {
@@ -173,7 +184,8 @@ impl Session {
         // The record first, then the event naming it: a login checks that the stored record
         // is the registered one. If the stream refuses (a concurrent change), the previous
         // record is put back.
-        let db = &self.sfs.0.database;
+        let db = self.sfs.0.database.clone();
+        let db = &db;
         let previous = records::get(db, &self.app).await?;
         records::put(db, &self.app, &record, self.now().as_millis()).await?;
         let registered = self
@@ -253,7 +265,7 @@ impl Session {
 
     /// What a failed verification answers, from the stream as it is now (the failure was
     /// counted already).
-    async fn failure_answer(&self) -> Result<SfsError, Error> {
+    async fn failure_answer(&mut self) -> Result<SfsError, Error> {
         let state = self.state().await?;
         Ok(match state.status(self.now()) {
             FactorStatus::Revoked => refusal(&SecondFactorError::Revoked),
@@ -269,7 +281,7 @@ impl Session {
 
     /// Signs an attestation and records the success; answers it unless the stream refuses.
     async fn attest(
-        &self,
+        &mut self,
         factor: Factor,
         challenge: Bytes<32>,
         thumbprint: Bytes<32>,

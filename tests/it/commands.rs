@@ -203,8 +203,130 @@ async fn idempotency_keys(db: &TestDb) {
     assert_eq!(db.store.last_position().await.unwrap(), head);
 }
 
+/// A writer that keeps its state (an SFS channel) decides without reloading, and when another
+/// writer got there first the store refuses its append and it decides again on the stream as
+/// it is.
+async fn a_kept_state_appends_without_reloading_and_recovers_from_a_race(db: &TestDb) {
+    use countersign_commands::{Kept, execute_kept};
+    use countersign_domain::transaction::{
+        CreateTransaction, PresentTransaction, RejectTransaction, Transaction, TransactionEvent,
+        TransactionRequest, TransactionStatus,
+    };
+    use countersign_domain::{AccountId, ServerId, TransactionId, TransactionRef, UserDigest};
+
+    let store = db.store.clone();
+    let tx = TransactionRef::new(
+        ServerId::from_bytes([1; 16]),
+        TransactionId::from_bytes([2; 16]),
+    );
+    let (account, user) = (
+        AccountId::from_bytes([3; 16]),
+        UserDigest::from_bytes([4; 16]),
+    );
+    let stream = tx.stream();
+    let meta = Metadata::default();
+    let now = Timestamp(1_790_000_000_000);
+    let mut kept: Option<Kept<Transaction>> = None;
+    let request = TransactionRequest {
+        transaction: tx,
+        user,
+        account_id: None,
+        data: b"data".to_vec(),
+        content_type: "text/plain".into(),
+        text: "Sign?".into(),
+        announce_info: None,
+        timeout_secs: 300,
+    };
+    let created = execute_kept::<Transaction>(
+        &store,
+        &stream,
+        &mut kept,
+        CreateTransaction(request).into(),
+        &mut Context::new(now),
+        &meta,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        created.events.as_slice(),
+        [TransactionEvent::Created(_)]
+    ));
+    assert_eq!(
+        kept.as_ref().unwrap().state.status(),
+        TransactionStatus::Pending
+    );
+
+    // Another writer presents it: the kept state is now one event behind.
+    execute::<Transaction>(
+        &store,
+        &stream,
+        PresentTransaction {
+            account_id: account,
+            user,
+        }
+        .into(),
+        &mut Context::new(now),
+        &meta,
+        None,
+    )
+    .await
+    .unwrap();
+    let rejected = execute_kept::<Transaction>(
+        &store,
+        &stream,
+        &mut kept,
+        RejectTransaction {
+            account_id: account,
+            user,
+        }
+        .into(),
+        &mut Context::new(now),
+        &meta,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        rejected.events.as_slice(),
+        [TransactionEvent::Rejected(_)]
+    ));
+    let types: Vec<String> = store
+        .read_stream(&stream, Some(0), Direction::Forwards, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "transaction.created",
+            "transaction.presented",
+            "transaction.rejected"
+        ]
+    );
+    let loaded = load::<Transaction>(&store, &stream).await.unwrap();
+    assert_eq!(kept.as_ref().unwrap().state, loaded.state);
+    // Kept in step: the next command appends on the right version without a race.
+    let again = execute_kept::<Transaction>(
+        &store,
+        &stream,
+        &mut kept,
+        RejectTransaction {
+            account_id: account,
+            user,
+        }
+        .into(),
+        &mut Context::new(now),
+        &meta,
+    )
+    .await
+    .unwrap();
+    assert!(again.events.is_empty(), "rejecting again changes nothing");
+}
+
 countersign_eventstore::on_both_backends!(
     user_lifecycle_and_shredding,
     concurrent_commands_retry_on_conflict,
-    idempotency_keys
+    idempotency_keys,
+    a_kept_state_appends_without_reloading_and_recovers_from_a_race
 );
