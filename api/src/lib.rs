@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod expiry;
+mod follow;
 pub mod metrics;
 pub mod openapi;
 pub mod qr;

@@ -4,12 +4,11 @@
 //! primary-key lookup in the sessions read model, plus the user's row once logged in.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_commands::session::SessionOptions;
 use countersign_domain::SessionRef;
@@ -17,7 +16,6 @@ use countersign_domain::session::SessionEvent;
 use countersign_projections::SessionRow;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::Stream;
-use serde::Serialize;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
@@ -383,12 +381,6 @@ pub async fn session_qr(
     )
 }
 
-#[derive(Serialize)]
-struct StateChange<'a> {
-    state: &'a str,
-    position: u64,
-}
-
 /// Server-sent events: the session's current state at once, then every change (`event:
 /// state`, data `{"state": …, "position": …}`); the stream ends after a final state.
 #[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/events", tag = "sessions",
@@ -417,61 +409,19 @@ pub async fn session_events(
         .session_state(session.server_id, session.hsid)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
-    let processed = state.reads().processed();
-    struct Follow {
-        state: AppState,
-        session: SessionRef,
-        processed: tokio::sync::watch::Receiver<u64>,
-        pending: Option<SessionRow>,
-        /// The state last sent: pings move a session's position, not its state.
-        last: Option<String>,
-        done: bool,
-    }
-    let start = Follow {
-        state,
-        session,
-        processed,
-        pending: Some(first),
-        last: None,
-        done: false,
+    let read = move |state: AppState| async move {
+        state
+            .reads()
+            .session_state(session.server_id, session.hsid)
+            .await
+            .ok()
+            .flatten()
     };
-    let stream = futures::stream::unfold(start, |mut follow| async move {
-        if follow.done {
-            return None;
+    Ok(crate::follow::follow(state, "state", first, read, |row| {
+        crate::follow::Step {
+            value: row.state.clone(),
+            position: row.last_position,
+            last: is_final(row),
         }
-        loop {
-            let row = match follow.pending.take() {
-                Some(row) => Some(row),
-                None => {
-                    if follow.processed.changed().await.is_err() {
-                        return None;
-                    }
-                    follow
-                        .state
-                        .reads()
-                        .session_state(follow.session.server_id, follow.session.hsid)
-                        .await
-                        .ok()
-                        .flatten()
-                }
-            };
-            let Some(row) = row else { continue };
-            if follow.last.as_deref() == Some(row.state.as_str()) {
-                continue;
-            }
-            follow.last = Some(row.state.clone());
-            follow.done = is_final(&row);
-            let data = serde_json::to_string(&StateChange {
-                state: &row.state,
-                position: row.last_position,
-            })
-            .unwrap_or_default();
-            let event = Event::default()
-                .event("state")
-                .id(row.last_position.to_string())
-                .data(data);
-            return Some((Ok(event), follow));
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    }))
 }

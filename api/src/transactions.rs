@@ -14,11 +14,10 @@
 //! - a read never shows an open transaction past its deadline: it records the expiry first.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -34,7 +33,6 @@ use countersign_domain::{AccountId, AccountRef, TransactionId, TransactionRef, U
 use countersign_projections::TransactionRow;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::Stream;
-use serde::Serialize;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
@@ -369,12 +367,6 @@ pub async fn transaction_qr(
     )
 }
 
-#[derive(Serialize)]
-struct StatusChange {
-    status: &'static str,
-    position: u64,
-}
-
 /// Server-sent events: the transaction's current status at once, then every change (`event:
 /// status`, data `{"status": …, "position": …}`); the stream ends once it is signed, rejected
 /// or expired.
@@ -404,66 +396,21 @@ pub async fn transaction_events(
         .transaction(transaction.server_id, transaction.transaction_id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such transaction".into()))?;
-    let processed = state.reads().processed();
-    struct Follow {
-        state: AppState,
-        transaction: TransactionRef,
-        processed: tokio::sync::watch::Receiver<u64>,
-        pending: Option<TransactionRow>,
-        /// The status last sent: a second `presented` moves the position, not the status.
-        last: Option<TransactionStatus>,
-        done: bool,
-    }
-    let start = Follow {
-        state,
-        transaction,
-        processed,
-        pending: Some(first),
-        last: None,
-        done: false,
+    let read = move |state: AppState| async move {
+        state
+            .reads()
+            .transaction(transaction.server_id, transaction.transaction_id)
+            .await
+            .ok()
+            .flatten()
     };
-    let stream = futures::stream::unfold(start, |mut follow| async move {
-        if follow.done {
-            return None;
+    Ok(crate::follow::follow(state, "status", first, read, |row| {
+        crate::follow::Step {
+            value: row.status.as_str().to_owned(),
+            position: row.position,
+            last: row.status.is_ended(),
         }
-        loop {
-            let row = match follow.pending.take() {
-                Some(row) => Some(row),
-                None => {
-                    if follow.processed.changed().await.is_err() {
-                        return None;
-                    }
-                    follow
-                        .state
-                        .reads()
-                        .transaction(
-                            follow.transaction.server_id,
-                            follow.transaction.transaction_id,
-                        )
-                        .await
-                        .ok()
-                        .flatten()
-                }
-            };
-            let Some(row) = row else { continue };
-            if follow.last == Some(row.status) {
-                continue;
-            }
-            follow.last = Some(row.status);
-            follow.done = row.status.is_ended();
-            let data = serde_json::to_string(&StatusChange {
-                status: row.status.as_str(),
-                position: row.position,
-            })
-            .unwrap_or_default();
-            let event = Event::default()
-                .event("status")
-                .id(row.position.to_string())
-                .data(data);
-            return Some((Ok(event), follow));
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    }))
 }
 
 /// The evidence bundle of a signed transaction (`docs/evidence.md`): everything a third party

@@ -209,13 +209,13 @@ fn nonce(byte: u8) -> String {
     hex::encode([byte; 16])
 }
 
-fn p256_point(seed: u8) -> Vec<u8> {
+pub(crate) fn p256_point(seed: u8) -> Vec<u8> {
     let secret = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
     secret.public_key().to_sec1_bytes().to_vec()
 }
 
 /// Registers an account for a user, as the device gateway does after an enrolment.
-async fn register_account(api: &Api, server: &str, userid: &str, seed: u8) -> AccountId {
+pub(crate) async fn register_account(api: &Api, server: &str, userid: &str, seed: u8) -> AccountId {
     let server: ServerId = server.parse().unwrap();
     let account_id = AccountId::from_bytes([seed; 16]);
     let user = UserRef::new(server, &Userid::new(userid).unwrap());

@@ -5,15 +5,12 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use countersign_domain::account::RegisterAccount;
-use countersign_domain::{AccountId, AccountRef, AppInstanceId, ServerId, UserRef, Userid};
-use countersign_eventstore::Metadata;
 use countersign_eventstore::testing::TestDb;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::api::{Api, next_state};
+use crate::api::{Api, next_state, register_account};
 
 /// What a creation answered: status, headers and JSON body.
 struct Answer {
@@ -65,36 +62,6 @@ async fn put_user(api: &Api, server: &str, token: &str, userid: &str) -> u64 {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{user}");
     user["position"].as_u64().unwrap()
-}
-
-fn p256_point(seed: u8) -> Vec<u8> {
-    let secret = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
-    secret.public_key().to_sec1_bytes().to_vec()
-}
-
-/// Registers an account for a user, as the device gateway does after an enrolment.
-async fn register_account(api: &Api, server: &str, userid: &str, seed: u8) -> AccountId {
-    let server: ServerId = server.parse().unwrap();
-    let account_id = AccountId::from_bytes([seed; 16]);
-    let user = UserRef::new(server, &Userid::new(userid).unwrap());
-    api.running
-        .state
-        .commands()
-        .accounts
-        .register(
-            RegisterAccount {
-                account: AccountRef::new(server, account_id),
-                app_instance: AppInstanceId::from_bytes([seed; 16]),
-                user: Some(user.digest),
-                channel_public_key: p256_point(seed),
-                signing_public_key: p256_point(seed.wrapping_add(1)),
-                second_factor: None,
-            },
-            &Metadata::default(),
-        )
-        .await
-        .unwrap();
-    account_id
 }
 
 const DATA: &[u8] = b"{\"amount\":\"100.00\",\"currency\":\"EUR\",\"to\":\"Acme\"}";
