@@ -281,7 +281,26 @@ impl Business {
 
     /// Reads the session until it shows `logged_in`; answers how many reads that took.
     async fn await_logged_in(&self, nonce: &str, position: u64) -> anyhow::Result<u64> {
-        let url = self.url(&format!("/sessions/{nonce}"));
+        self.await_field(
+            &format!("/sessions/{nonce}"),
+            position,
+            ("state", "logged_in"),
+            &["pending", "scanned"],
+        )
+        .await
+    }
+
+    /// Reads `path` (waiting for `position`) until its `field` shows `done`, polling while it
+    /// shows one of `waiting`: the device's step is committed (it heard so) and the read model
+    /// follows within milliseconds. A benchmark may poll. Answers how many reads that took.
+    pub(crate) async fn await_field(
+        &self,
+        path: &str,
+        position: u64,
+        (field, done): (&str, &str),
+        waiting: &[&str],
+    ) -> anyhow::Result<u64> {
+        let url = self.url(path);
         let started = Instant::now();
         let mut reads = 0;
         loop {
@@ -295,14 +314,12 @@ impl Business {
                 .error_for_status()?
                 .json()
                 .await?;
-            match view.get("state").and_then(|s| s.as_str()) {
-                Some("logged_in") => return Ok(reads),
-                Some("pending" | "scanned") if started.elapsed() < STEP_TIMEOUT => {
-                    // The login is committed (the device heard so); the read model follows
-                    // within milliseconds. A benchmark may poll.
+            match view.get(field).and_then(|s| s.as_str()) {
+                Some(value) if value == done => return Ok(reads),
+                Some(value) if waiting.contains(&value) && started.elapsed() < STEP_TIMEOUT => {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                other => bail!("the session is {other:?}, not logged_in"),
+                other => bail!("{path} shows {field} {other:?}, not {done}"),
             }
         }
     }

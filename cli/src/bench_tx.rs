@@ -178,30 +178,13 @@ impl Business {
 
     /// Reads the transaction until it shows `signed`; answers how many reads that took.
     async fn await_signed(&self, id: &str, position: u64) -> anyhow::Result<u64> {
-        let url = self.url(&format!("/transactions/{id}"));
-        let started = Instant::now();
-        let mut reads = 0;
-        loop {
-            reads += 1;
-            let view: serde_json::Value = self
-                .http
-                .get(format!("{url}?min_position={position}"))
-                .bearer_auth(&*self.token)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            match view.get("status").and_then(|s| s.as_str()) {
-                Some("signed") => return Ok(reads),
-                Some("pending" | "presented") if started.elapsed() < STEP_TIMEOUT => {
-                    // The signature is committed (the phone heard so); the read model
-                    // follows within milliseconds. A benchmark may poll.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                other => bail!("the transaction is {other:?}, not signed"),
-            }
-        }
+        self.await_field(
+            &format!("/transactions/{id}"),
+            position,
+            ("status", "signed"),
+            &["pending", "presented"],
+        )
+        .await
     }
 }
 
