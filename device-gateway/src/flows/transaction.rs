@@ -15,13 +15,14 @@
 //!   use is recorded: a refused signature writes nothing;
 //! - a retry of a signature that was recorded answers `done`.
 
-use countersign_commands::{CommandError, Loaded};
+use countersign_commands::Loaded;
 use countersign_domain::transaction::{
-    CreateSignedTransaction, DEFAULT_TIMEOUT_SECS, SignTransaction, Signature, Transaction,
-    TransactionCommand, TransactionCreated, TransactionRequest, TransactionStatus,
+    CreateSignedTransaction, DEFAULT_TIMEOUT_SECS, RejectTransaction, SignTransaction, Signature,
+    Transaction, TransactionCommand, TransactionCreated, TransactionError, TransactionRequest,
+    TransactionStatus,
 };
 use countersign_domain::{
-    AccountId, Aggregate, Classify, Context, Timestamp, TransactionId, TransactionRef, UserDigest,
+    AccountId, Aggregate, Context, Timestamp, TransactionId, TransactionRef, UserDigest,
 };
 use countersign_protocol::attestation::AttestationClaims;
 use countersign_protocol::device::{
@@ -55,84 +56,71 @@ fn reference(conn: &Connection, id: &Bytes<16>) -> TransactionRef {
     TransactionRef::new(conn.server, TransactionId::from_bytes(id.0))
 }
 
-/// The transaction as loaded, if it exists and this account may act on it.
-async fn load_mine(
-    conn: &Connection,
-    tx: TransactionRef,
-    (account, user): (AccountId, UserDigest),
-) -> Result<Loaded<Transaction>, DeviceError> {
-    let loaded = conn
-        .gateway
+/// A rule of the transaction aggregate, in the device's codes.
+fn device_error(e: &TransactionError) -> DeviceError {
+    let code = match e {
+        TransactionError::NotFound => ErrorCode::NotFound,
+        TransactionError::NotAllowed => ErrorCode::NotAllowed,
+        TransactionError::Expired
+        | TransactionError::Ended {
+            status: TransactionStatus::Expired,
+        } => ErrorCode::Expired,
+        TransactionError::Ended { .. } => ErrorCode::Ended,
+        TransactionError::AlreadyExists => ErrorCode::Conflict,
+        TransactionError::Invalid(_) | TransactionError::Mismatch(_) => ErrorCode::Invalid,
+    };
+    error(code, &e.to_string())
+}
+
+async fn load(conn: &Connection, tx: TransactionRef) -> Result<Loaded<Transaction>, DeviceError> {
+    conn.gateway
         .0
         .commands
         .transactions
         .load(tx)
         .await
-        .map_err(refused)?;
-    if loaded.state.created().is_none() {
-        return Err(error(ErrorCode::NotFound, "transaction not found"));
-    }
-    if !loaded.state.allows(account, user) {
-        return Err(error(
-            ErrorCode::NotAllowed,
-            "this account may not act on this transaction",
-        ));
-    }
-    Ok(loaded)
+        .map_err(refused)
 }
 
-/// The created facts of a transaction that has neither ended nor passed its deadline; a
-/// passed deadline is recorded on the way.
+/// The created facts if this account may act on the transaction now (the aggregate's rule,
+/// [`Transaction::live`]); a deadline that passed is recorded on the way.
 async fn live(
     conn: &Connection,
     tx: TransactionRef,
     state: &Transaction,
-    now: Timestamp,
+    (account, user): (AccountId, UserDigest),
 ) -> Result<TransactionCreated, DeviceError> {
-    let created = state
-        .created()
-        .ok_or_else(|| error(ErrorCode::NotFound, "transaction not found"))?;
-    let status = state.status();
-    if status == TransactionStatus::Expired {
-        return Err(error(ErrorCode::Expired, "the transaction expired"));
-    }
-    if status.is_ended() {
-        return Err(error(
-            ErrorCode::Ended,
-            &format!("the transaction has ended ({status})"),
-        ));
-    }
-    if now >= created.expires_at {
-        if let Err(e) = conn
-            .gateway
-            .0
-            .commands
-            .transactions
-            .expire(tx, &conn.metadata())
-            .await
-        {
-            tracing::warn!(error = %e, "recording a transaction's expiry failed");
+    match state.live(account, user, conn.gateway.0.clock.now()) {
+        Ok(created) => Ok(created.clone()),
+        Err(e) => {
+            if e == TransactionError::Expired
+                && let Err(failed) = conn
+                    .gateway
+                    .0
+                    .commands
+                    .transactions
+                    .expire(tx, &conn.metadata())
+                    .await
+            {
+                tracing::warn!(error = %failed, "recording a transaction's expiry failed");
+            }
+            Err(device_error(&e))
         }
-        return Err(error(ErrorCode::Expired, "the transaction expired"));
     }
-    Ok(created.clone())
 }
 
-/// Asks the aggregate without writing, so that a refusal comes before the attestation's use.
+/// Asks the aggregate without writing, so that a refusal comes before the attestation is
+/// spent. Answers whether the command would change anything (nothing: a retry of what was
+/// recorded).
 fn dry_run(
     state: &Transaction,
     command: TransactionCommand,
     now: Timestamp,
-) -> Result<(), DeviceError> {
+) -> Result<bool, DeviceError> {
     state
         .decide(command, &mut Context::new(now))
-        .map(|_| ())
-        .map_err(|e| {
-            refused(CommandError::Rejected {
-                kind: e.kind(),
-                message: e.to_string(),
-            })
-        })
+        .map(|events| !events.is_empty())
+        .map_err(|e| device_error(&e))
 }
 
 fn details(created: &TransactionCreated) -> TransactionDetails {
@@ -155,8 +143,8 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 pub(super) async fn get(conn: &Connection, id: &Bytes<16>) -> Result<Answer, DeviceError> {
     let me = signer(conn)?;
     let tx = reference(conn, id);
-    let loaded = load_mine(conn, tx, me).await?;
-    let created = live(conn, tx, &loaded.state, conn.gateway.0.clock.now()).await?;
+    let loaded = load(conn, tx).await?;
+    let created = live(conn, tx, &loaded.state, me).await?;
     conn.gateway
         .0
         .commands
@@ -171,8 +159,8 @@ pub(super) async fn get(conn: &Connection, id: &Bytes<16>) -> Result<Answer, Dev
 pub(super) async fn challenge(conn: &Connection, id: &Bytes<16>) -> Result<Answer, DeviceError> {
     let me = signer(conn)?;
     let tx = reference(conn, id);
-    let loaded = load_mine(conn, tx, me).await?;
-    let created = live(conn, tx, &loaded.state, conn.gateway.0.clock.now()).await?;
+    let loaded = load(conn, tx).await?;
+    let created = live(conn, tx, &loaded.state, me).await?;
     Ok(Answer::Challenge {
         challenge: Bytes(transaction_challenge(
             conn.server.as_bytes(),
@@ -187,7 +175,12 @@ pub(super) async fn challenge(conn: &Connection, id: &Bytes<16>) -> Result<Answe
 pub(super) async fn reject(conn: &Connection, id: &Bytes<16>) -> Result<Answer, DeviceError> {
     let me = signer(conn)?;
     let tx = reference(conn, id);
-    load_mine(conn, tx, me).await?;
+    let loaded = load(conn, tx).await?;
+    let reject = RejectTransaction {
+        account_id: me.0,
+        user: me.1,
+    };
+    dry_run(&loaded.state, reject.into(), conn.gateway.0.clock.now())?;
     conn.gateway
         .0
         .commands
@@ -294,17 +287,16 @@ pub(super) async fn sign(
 ) -> Result<Answer, DeviceError> {
     let me = signer(conn)?;
     let tx = reference(conn, id);
-    let loaded = load_mine(conn, tx, me).await?;
+    let loaded = load(conn, tx).await?;
     if loaded.state.signed().is_some_and(|s| {
         s.account_id == me.0
             && s.device_signature == device_signature
             && s.attestation == attestation
     }) {
-        // A retry of a signature that was recorded.
+        // A retry of a signature that was recorded (its attestation may have expired since).
         return Ok(Answer::Done);
     }
-    let now = conn.gateway.0.clock.now();
-    let created = live(conn, tx, &loaded.state, now).await?;
+    let created = live(conn, tx, &loaded.state, me).await?;
     let verified = verify(
         conn,
         tx,
@@ -314,7 +306,7 @@ pub(super) async fn sign(
     )
     .await?;
     let command = SignTransaction(verified.signature.clone());
-    dry_run(&loaded.state, command.into(), now)?;
+    dry_run(&loaded.state, command.into(), conn.gateway.0.clock.now())?;
     use_attestation(conn, &verified.claims, verified.attestation_hash, PURPOSE).await?;
     conn.gateway
         .0
@@ -344,29 +336,7 @@ pub(super) async fn sign_own(
 ) -> Result<Answer, DeviceError> {
     let me = signer(conn)?;
     let tx = reference(conn, id);
-    let loaded = conn
-        .gateway
-        .0
-        .commands
-        .transactions
-        .load(tx)
-        .await
-        .map_err(refused)?;
-    if let Some(created) = loaded.state.created() {
-        let retry =
-            loaded.state.signed().is_some_and(|s| {
-                s.account_id == me.0 && s.device_signature == own.device_signature
-            }) && created.data == own.data
-                && created.text == own.text
-                && created.content_type == own.content_type;
-        if retry {
-            return Ok(Answer::Done);
-        }
-        return Err(error(
-            ErrorCode::Conflict,
-            "a transaction with this id exists; choose another id",
-        ));
-    }
+    let loaded = load(conn, tx).await?;
     let hashes = (sha256(&own.data), sha256(own.text.as_bytes()));
     let verified = verify(conn, tx, hashes, own.device_signature, own.attestation).await?;
     let command = CreateSignedTransaction {
@@ -382,8 +352,15 @@ pub(super) async fn sign_own(
         },
         signature: verified.signature,
     };
-    let now = conn.gateway.0.clock.now();
-    dry_run(&loaded.state, command.clone().into(), now)?;
+    // The aggregate decides: an id taken by another transaction is a conflict, the same
+    // transaction signed the same way a retry.
+    if !dry_run(
+        &loaded.state,
+        command.clone().into(),
+        conn.gateway.0.clock.now(),
+    )? {
+        return Ok(Answer::Done);
+    }
     use_attestation(conn, &verified.claims, verified.attestation_hash, PURPOSE).await?;
     conn.gateway
         .0

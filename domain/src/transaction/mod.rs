@@ -336,9 +336,15 @@ impl Transaction {
             .is_some_and(|c| c.user == user && c.account_id.is_none_or(|named| named == account_id))
     }
 
-    /// The created facts of a transaction that is neither ended nor past its deadline, for
-    /// this account.
-    fn live(
+    /// The created facts of a transaction this account may act on now: it exists
+    /// ([`TransactionError::NotFound`]), the account is allowed ([`TransactionError::NotAllowed`]),
+    /// it has not ended ([`TransactionError::Ended`]) and its deadline has not passed
+    /// ([`TransactionError::Expired`]), checked in that order. The edge asks this before work
+    /// that must not happen for a refused command (spending an attestation).
+    ///
+    /// # Errors
+    /// The first rule broken.
+    pub fn live(
         &self,
         account_id: AccountId,
         user: UserDigest,
