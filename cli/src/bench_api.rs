@@ -34,7 +34,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::Settings;
-use crate::serve::{ServeArgs, start};
+use crate::serve::{Role, ServeArgs, start};
 
 #[derive(Debug, clap::Args)]
 pub struct ApiArgs {
@@ -164,6 +164,12 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         checkpoint_interval_ms: 1_000,
         trust_sfs_keys: Vec::new(),
         sfs_lockout: "5:60,8:3600,10:revoke".into(),
+        role: vec![Role::All],
+        kafka_brokers: None,
+        kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
+        kafka_group: "countersign-projector".into(),
+        redis_url: None,
+        redis_namespace: "countersign".into(),
     };
     let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 
 use crate::Settings;
 use crate::device::States;
-use crate::serve::ServeArgs;
+use crate::serve::{Role, ServeArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -83,6 +83,12 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         checkpoint_interval_ms: 1_000,
         trust_sfs_keys: Vec::new(),
         sfs_lockout: "5:60,8:3600,10:revoke".into(),
+        role: vec![Role::All],
+        kafka_brokers: None,
+        kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
+        kafka_group: "countersign-projector".into(),
+        redis_url: None,
+        redis_namespace: "countersign".into(),
     };
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "COUNTERSIGN_CHECKPOINT_INTERVAL_MS",
-        default_value_t = 1_000
+        default_value_t = 500
     )]
     pub checkpoint_interval_ms: u64,
     /// Attestation public keys (SEC1 hex) of other apps' second-factor servers whose
@@ -68,6 +68,72 @@ pub struct ServeArgs {
         default_value = "5:60,8:3600,10:revoke"
     )]
     pub sfs_lockout: String,
+    /// What this instance runs (comma-separated): `all` (the default: api, gateway, sfs,
+    /// projector, and relay when Kafka is configured), or any of `api` (business API and
+    /// audit reads, expiry sweeper), `gateway` (device channel), `sfs` (second factor),
+    /// `relay` (outbox relay into Kafka), `projector` (read models and audit checkpoints).
+    #[arg(
+        long,
+        env = "COUNTERSIGN_ROLE",
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    pub role: Vec<Role>,
+    /// Kafka brokers (`host:port,…`): turns on the outbox relay and feeds the projector from
+    /// the event topic (scaled mode). Needs PostgreSQL.
+    #[arg(long, env = "COUNTERSIGN_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// The event topic.
+    #[arg(long, env = "COUNTERSIGN_KAFKA_TOPIC", default_value = countersign_scale::kafka::DEFAULT_TOPIC)]
+    pub kafka_topic: String,
+    /// The projector's consumer group.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_KAFKA_GROUP",
+        default_value = "countersign-projector"
+    )]
+    pub kafka_group: String,
+    /// Redis (`redis://host:port`): the projector announces read-model progress there, and
+    /// instances that do not project wake waiting reads from it.
+    #[arg(long, env = "COUNTERSIGN_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of this deployment's Redis channels.
+    #[arg(long, env = "COUNTERSIGN_REDIS_NAMESPACE", default_value = "countersign")]
+    pub redis_namespace: String,
+}
+
+/// A part of countersign that an instance may run on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Api,
+    Gateway,
+    Sfs,
+    Relay,
+    Projector,
+}
+
+/// The roles an instance runs, `all` expanded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Roles {
+    api: bool,
+    gateway: bool,
+    sfs: bool,
+    relay: bool,
+    projector: bool,
+}
+
+impl Roles {
+    fn of(roles: &[Role], kafka: bool) -> Self {
+        let has = |r: Role| roles.contains(&Role::All) || roles.contains(&r);
+        Self {
+            api: has(Role::Api),
+            gateway: has(Role::Gateway),
+            sfs: has(Role::Sfs),
+            relay: roles.contains(&Role::Relay) || (roles.contains(&Role::All) && kafka),
+            projector: has(Role::Projector),
+        }
+    }
 }
 
 fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
@@ -194,25 +260,106 @@ pub async fn start(
         countersign_projections::audit::AuditTree::new(opened.database.clone()),
         *audit_key.verifying_key(),
     );
-    tracing::info!(%addr, database = %settings.database_display(), "serving");
+    let roles = Roles::of(&args.role, args.kafka_brokers.is_some());
+    tracing::info!(%addr, database = %settings.database_display(), ?roles, "serving");
+    let kafka = args
+        .kafka_brokers
+        .as_ref()
+        .map(|brokers| countersign_scale::KafkaConfig::new(brokers, &args.kafka_topic));
+    if roles.relay && kafka.is_none() {
+        bail!("the relay role needs Kafka: set --kafka-brokers");
+    }
+    let bus = args
+        .redis_url
+        .as_deref()
+        .map(|url| countersign_scale::Bus::new(url, &args.redis_namespace))
+        .transpose()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = countersign_api::router(state.clone())
-        .merge(gateway.router())
-        .merge(sfs.router());
-    let sweep_every = Duration::from_millis(args.expiry_interval_ms.max(10));
-    let sweep_state = state.clone();
-    let store = opened.events.clone();
-    let checkpointer = tokio::spawn(checkpoints(
-        opened.events.clone(),
-        state.audit().clone(),
-        audit_key,
-        clock,
-        Duration::from_millis(args.checkpoint_interval_ms.max(10)),
-    ));
+    let mut app = axum::Router::new();
+    if roles.api {
+        app = app.merge(countersign_api::router(state.clone()));
+    } else {
+        app = app.route(
+            "/healthz",
+            axum::routing::get(countersign_api::state::healthz),
+        );
+    }
+    if roles.gateway {
+        app = app.merge(gateway.router());
+    }
+    if roles.sfs {
+        app = app.merge(sfs.router());
+    }
+    let mut background = tokio::task::JoinSet::new();
+    // Tasks whose end stops the instance: the projector and the relay.
+    let mut essential = tokio::task::JoinSet::new();
+    if roles.api {
+        let every = Duration::from_millis(args.expiry_interval_ms.max(10));
+        background.spawn(countersign_api::expiry::run(state.clone(), every));
+    }
+    if roles.gateway {
+        background.spawn(async move { gateway.follow().await });
+    }
+    if roles.projector {
+        background.spawn(checkpoints(
+            opened.events.clone(),
+            state.audit().clone(),
+            audit_key,
+            clock,
+            Duration::from_millis(args.checkpoint_interval_ms.max(10)),
+        ));
+        let projector = reads.clone();
+        let feed: Arc<dyn countersign_projections::EventFeed> = match &kafka {
+            Some(kafka) => Arc::new(countersign_scale::KafkaFeed::new(
+                kafka.clone(),
+                &args.kafka_group,
+                opened.events.clone(),
+            )),
+            None => countersign_projections::store_feed(&opened.events),
+        };
+        essential.spawn(async move {
+            match projector.run_from(feed).await {
+                Err(error) => anyhow::anyhow!("the read-model projector stopped: {error}"),
+                Ok(()) => anyhow::anyhow!("the read-model projector stopped"),
+            }
+        });
+        if let Some(bus) = bus.clone() {
+            let processed = reads.processed();
+            background.spawn(async move { bus.announce(processed).await });
+        }
+    } else if roles.api || roles.gateway || roles.sfs {
+        // Reads wait for the projector of another instance.
+        match bus.clone() {
+            Some(bus) => {
+                let reads = reads.clone();
+                background.spawn(async move { bus.follow(reads).await });
+            }
+            None => {
+                tracing::warn!(
+                    "no projector in this instance and no --redis-url: polling the read models' checkpoints"
+                );
+                let reads = reads.clone();
+                background.spawn(async move {
+                    loop {
+                        if let Err(error) = reads.refresh_processed().await {
+                            tracing::warn!(%error, "cannot read the read models' checkpoints");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+            }
+        }
+    }
+    if roles.relay
+        && let Some(kafka) = &kafka
+    {
+        let relay = countersign_scale::Relay::new(&opened.database, opened.events.clone(), kafka.clone())?;
+        essential.spawn(async move {
+            relay.run().await;
+            anyhow::anyhow!("the outbox relay stopped")
+        });
+    }
     let task = tokio::spawn(async move {
-        let projector = tokio::spawn(async move { reads.run(store).await });
-        let sweeper = tokio::spawn(countersign_api::expiry::run(sweep_state, sweep_every));
-        let notices = tokio::spawn(async move { gateway.follow().await });
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             tokio::select! {
                 _ = stopped => {}
@@ -221,15 +368,13 @@ pub async fn start(
         });
         let result = tokio::select! {
             served = server => served.context("the HTTP server failed"),
-            projected = projector => match projected {
-                Ok(Err(error)) => Err(anyhow::anyhow!("the read-model projector stopped: {error}")),
-                Ok(Ok(())) => Err(anyhow::anyhow!("the read-model projector stopped")),
-                Err(error) => Err(anyhow::anyhow!("the read-model projector panicked: {error}")),
+            Some(ended) = essential.join_next() => match ended {
+                Ok(error) => Err(error),
+                Err(error) => Err(anyhow::anyhow!("a background task panicked: {error}")),
             },
         };
-        sweeper.abort();
-        notices.abort();
-        checkpointer.abort();
+        essential.abort_all();
+        background.abort_all();
         result
     });
     Ok(Running {
@@ -241,7 +386,9 @@ pub async fn start(
 }
 
 /// Keeps the audit tree up to date and signs a checkpoint at most every `interval` while
-/// events arrive (waking on commits). Failures are logged and retried.
+/// events arrive (waking on commits). Between checkpoints it catches up every quarter
+/// interval, so signing finds little left to add: the lag of a checkpoint behind the events
+/// it covers stays near `interval`. Failures are logged and retried.
 async fn checkpoints(
     store: countersign_eventstore::SharedStore,
     tree: countersign_projections::audit::AuditTree,
@@ -249,22 +396,45 @@ async fn checkpoints(
     clock: Arc<dyn Clock>,
     interval: Duration,
 ) {
+    let pace = interval / 4;
     let mut head = store.head();
+    let mut last_signed: Option<std::time::Instant> = None;
+    // The last checkpoint due found nothing new to sign.
+    let mut idle = false;
     loop {
         head.borrow_and_update();
-        let started = std::time::Instant::now();
-        if let Err(error) = tree
-            .checkpoint(&store, &key, "countersign", clock.now().as_millis())
-            .await
-        {
-            tracing::warn!(%error, "could not sign an audit checkpoint");
+        let pass = std::time::Instant::now();
+        if last_signed.is_none_or(|t| t.elapsed() >= interval) {
+            match tree
+                .checkpoint(&store, &key, "countersign", clock.now().as_millis())
+                .await
+            {
+                Ok(signed) => {
+                    idle = signed.is_none();
+                    if !idle {
+                        last_signed = Some(std::time::Instant::now());
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not sign an audit checkpoint"),
+            }
+        } else if let Err(error) = tree.catch_up(&store).await {
+            tracing::warn!(%error, "could not catch up the audit tree");
         }
-        tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
-        // Then wait for the next commit (or re-check after an interval, for writers this
-        // process cannot hear).
+        tokio::time::sleep(pace.saturating_sub(pass.elapsed())).await;
+        // Then wait for the next commit, or until the next checkpoint is due (with nothing
+        // new at the last one, re-check every interval for writers this process cannot hear).
+        let until_due = if idle {
+            interval
+        } else {
+            last_signed.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()))
+        };
         tokio::select! {
-            _ = head.changed() => {}
-            () = tokio::time::sleep(interval) => {}
+            changed = head.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep(until_due).await;
+                }
+            }
+            () = tokio::time::sleep(until_due) => {}
         }
     }
 }

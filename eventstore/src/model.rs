@@ -145,6 +145,48 @@ impl RecordedEvent {
         })
     }
 
+    /// The event back from its [`canonical_bytes`](Self::canonical_bytes) (as the outbox relay
+    /// publishes them). Bytes that are not such an array are a `Decode` error.
+    pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Self, StoreError> {
+        type Envelope = (
+            u64,
+            String,
+            u64,
+            serde_bytes::ByteBuf,
+            String,
+            u16,
+            serde_bytes::ByteBuf,
+            serde_bytes::ByteBuf,
+            i64,
+        );
+        let bad = |reason: String| StoreError::Decode {
+            position: 0,
+            event_type: String::new(),
+            reason,
+        };
+        let (position, stream, version, id, event_type, schema_version, payload, metadata, at): Envelope =
+            cbor4ii::serde::from_slice(bytes)
+                .map_err(|e| bad(format!("not a canonical event: {e}")))?;
+        let event_id = Uuid::from_slice(&id).map_err(|_| bad("the event id is not 16 bytes".into()))?;
+        let event = Self {
+            position,
+            metadata: crate::codec::decode_metadata(position, &event_type, &metadata)?,
+            stream,
+            version,
+            event_id,
+            event_type,
+            schema_version,
+            payload: payload.into_vec(),
+            metadata_cbor: metadata.into_vec(),
+            recorded_at: at,
+        };
+        // Only the one encoding is accepted: what decodes must encode to the same bytes.
+        if event.canonical_bytes()? != bytes {
+            return Err(bad("not in canonical form".into()));
+        }
+        Ok(event)
+    }
+
     /// Decodes the payload into a domain event type.
     pub fn decode<E: DomainEvent>(&self) -> Result<E, StoreError> {
         E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|source| {

@@ -9,6 +9,7 @@ pub mod evidence;
 pub mod read_models;
 
 pub use read_models::{
-    AccountRow, ApiKeyRow, EnrolmentRow, HistoryRow, ProjectionError, ReadModels, ServerRow,
+    AccountRow, ApiKeyRow, EnrolmentRow, EventFeed, HistoryRow, PageSender, ProjectionError,
+    ReadModels, ServerRow, store_feed,
     SessionRow, SessionState, TransactionRow, UserRow,
 };

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use countersign::config::Settings;
-use countersign::serve::{Running, ServeArgs, start};
+use countersign::serve::{Role, Running, ServeArgs, start};
 use countersign_commands::Clock;
 use countersign_domain::account::RegisterAccount;
 use countersign_domain::{
@@ -113,6 +113,12 @@ impl Api {
             checkpoint_interval_ms: 100,
             trust_sfs_keys,
             sfs_lockout: "5:60,8:3600,10:revoke".into(),
+            role: vec![Role::All],
+            kafka_brokers: None,
+            kafka_topic: "countersign.events".into(),
+            kafka_group: "countersign-projector".into(),
+            redis_url: None,
+            redis_namespace: "countersign".into(),
         };
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))

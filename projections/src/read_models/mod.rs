@@ -33,6 +33,7 @@
 mod accounts;
 mod dump;
 mod enrolments;
+mod feed;
 mod fold;
 mod rows;
 mod servers;
@@ -49,9 +50,11 @@ use std::time::{Duration, Instant};
 
 use countersign_eventstore::{Database, RecordedEvent, SharedStore, StoreError, with_pool};
 use sqlx::Row as _;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
 pub use accounts::AccountRow;
+pub use feed::{EventFeed, PageSender};
 pub use enrolments::EnrolmentRow;
 pub use servers::{ApiKeyRow, ServerRow};
 pub use sessions::{HistoryRow, SessionRow, SessionState};
@@ -336,11 +339,17 @@ impl ReadModels {
     /// then follows the log as it grows, one transaction per batch. Failures of the database
     /// or the log are logged and retried with a growing pause.
     pub async fn run(&self, store: SharedStore) -> Result<(), ProjectionError> {
+        self.run_from(store_feed(&store)).await
+    }
+
+    /// [`ReadModels::run`] over another source of the log's events (in scaled mode, the
+    /// Kafka topic the outbox relay fills): the same projection code, the same checkpoints.
+    pub async fn run_from(&self, feed: Arc<dyn EventFeed>) -> Result<(), ProjectionError> {
         const FIRST_BACKOFF: Duration = Duration::from_millis(100);
         let mut backoff = FIRST_BACKOFF;
         loop {
             let before = *self.inner.processed.borrow();
-            match self.project(&store, true, &mut |_, _| {}).await {
+            match self.project(&feed, true, &mut |_, _| {}).await {
                 Ok(_) => {}
                 Err(error) if error.is_transient() => {
                     if *self.inner.processed.borrow() != before {
@@ -358,10 +367,30 @@ impl ReadModels {
         }
     }
 
+    /// Tells this process that every projection has processed the positions before
+    /// `position`, as another process (the projector role) announced: wakes the reads waiting
+    /// for them. Never moves backwards.
+    pub fn observe_processed(&self, position: u64) {
+        self.inner.processed.send_if_modified(|p| {
+            let moved = position > *p;
+            if moved {
+                *p = position;
+            }
+            moved
+        });
+    }
+
+    /// Reads the projections' checkpoints from the database and publishes the lowest: how a
+    /// process that does not project learns of progress when no announcement reaches it.
+    pub async fn refresh_processed(&self) -> Result<u64, ProjectionError> {
+        let checkpoints = self.load_checkpoints().await?;
+        Ok(checkpoints.iter().copied().min().unwrap_or(0))
+    }
+
     /// Applies everything in the log (up to where reading finds no more) and returns how many
     /// events were processed.
     pub async fn catch_up(&self, store: &SharedStore) -> Result<u64, ProjectionError> {
-        self.project(store, false, &mut |_, _| {}).await
+        self.project(&store_feed(store), false, &mut |_, _| {}).await
     }
 
     /// Deletes the named projections' rows (all when `None`), sets their checkpoints to 0 and
@@ -382,7 +411,7 @@ impl ReadModels {
         };
         self.reset(&projections).await?;
         let started = Instant::now();
-        let events = self.project(store, false, progress).await?;
+        let events = self.project(&store_feed(store), false, progress).await?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             events,
@@ -437,7 +466,7 @@ impl ReadModels {
     /// when another projector got a batch in first. Returns the events processed.
     async fn project(
         &self,
-        store: &SharedStore,
+        feed: &Arc<dyn EventFeed>,
         follow: bool,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<u64, ProjectionError> {
@@ -445,9 +474,15 @@ impl ReadModels {
         'restart: loop {
             let mut checkpoints = self.load_checkpoints().await?;
             let from = checkpoints.iter().copied().min().unwrap_or(0);
-            let total = store.last_position().await?.map_or(0, |p| p + 1);
-            let mut pipeline =
-                Pipeline::start(store.clone(), from, checkpoints, self.batch_size(), follow);
+            let total = feed.last_position().await?.map_or(0, |p| p + 1);
+            let mut pipeline = Pipeline::start(
+                feed.clone(),
+                from,
+                checkpoints,
+                self.batch_size(),
+                follow,
+                self.processed(),
+            );
             while let Some(batch) = pipeline.next().await {
                 let batch = batch?;
                 let (to, events) = (batch.to, batch.events);
@@ -569,27 +604,32 @@ impl Drop for Pipeline {
 
 impl Pipeline {
     fn start(
-        store: SharedStore,
+        feed: Arc<dyn EventFeed>,
         from: u64,
         checkpoints: Checkpoints,
         batch: usize,
         follow: bool,
+        processed: watch::Receiver<u64>,
     ) -> Self {
         let (pages_tx, mut pages) = mpsc::channel(PIPELINE_DEPTH);
         let (batches_tx, batches) = mpsc::channel(PIPELINE_DEPTH);
         let reader = tokio::spawn(async move {
-            let result = read_pages(&store, from, batch, follow, &pages_tx).await;
-            if let Err(error) = result {
-                let _ = pages_tx.send(Err(error)).await;
+            let errors = pages_tx.clone();
+            if let Err(error) = feed.read(from, batch, follow, processed, pages_tx).await {
+                let _ = errors.send(Err(error)).await;
             }
         });
         let folder = tokio::spawn(async move {
+            let mut next = from;
             while let Some(page) = pages.recv().await {
-                let batch =
-                    page.and_then(|events: Vec<RecordedEvent>| Batch::fold(&events, &checkpoints));
+                let batch = page
+                    .and_then(|events| in_order(&mut next, events))
+                    .and_then(|events| Batch::fold(&events, &checkpoints));
                 let failed = batch.is_err();
-                if batches_tx.send(batch).await.is_err() || failed {
-                    return;
+                if failed || batch.as_ref().is_ok_and(|b| b.events > 0) {
+                    if batches_tx.send(batch).await.is_err() || failed {
+                        return;
+                    }
                 }
             }
         });
@@ -604,14 +644,60 @@ impl Pipeline {
     }
 }
 
-/// Reads the log from `from` in pages of up to `batch` events, checking that positions are
-/// gapless; when caught up, ends (catch-up) or waits for the head to move (follow).
+/// Drops the events of a page before `next` (a feed may deliver some twice) and checks that
+/// the rest continue the log without a gap; moves `next` past them.
+fn in_order(
+    next: &mut u64,
+    mut events: Vec<RecordedEvent>,
+) -> Result<Vec<RecordedEvent>, ProjectionError> {
+    events.retain(|event| event.position >= *next);
+    for event in &events {
+        if event.position != *next {
+            return Err(StoreError::Corrupt(format!(
+                "gap in the event log: expected position {next}, read {}",
+                event.position
+            ))
+            .into());
+        }
+        *next += 1;
+    }
+    Ok(events)
+}
+
+/// The projector's events straight from the log (the embedded mode, catch-up and replay).
+#[derive(Debug)]
+struct StoreFeed(SharedStore);
+
+/// The log itself as a feed (what [`ReadModels::run`] follows).
+pub fn store_feed(store: &SharedStore) -> Arc<dyn EventFeed> {
+    Arc::new(StoreFeed(store.clone()))
+}
+
+impl EventFeed for StoreFeed {
+    fn last_position(&self) -> BoxFuture<'_, Result<Option<u64>, ProjectionError>> {
+        Box::pin(async move { Ok(self.0.last_position().await?) })
+    }
+
+    fn read(
+        self: Arc<Self>,
+        from: u64,
+        batch: usize,
+        follow: bool,
+        _processed: watch::Receiver<u64>,
+        pages: PageSender,
+    ) -> BoxFuture<'static, Result<(), ProjectionError>> {
+        Box::pin(async move { read_pages(&self.0, from, batch, follow, &pages).await })
+    }
+}
+
+/// Reads the log from `from` in pages of up to `batch` events; when caught up, ends
+/// (catch-up) or waits for the head to move (follow).
 async fn read_pages(
     store: &SharedStore,
     mut next: u64,
     batch: usize,
     follow: bool,
-    pages: &mpsc::Sender<Result<Vec<RecordedEvent>, ProjectionError>>,
+    pages: &PageSender,
 ) -> Result<(), ProjectionError> {
     let mut head = store.head();
     loop {
@@ -631,16 +717,6 @@ async fn read_pages(
                 () = tokio::time::sleep(FALLBACK_READ) => {}
             }
             continue;
-        }
-        for (offset, event) in page.iter().enumerate() {
-            if event.position != next + offset as u64 {
-                return Err(StoreError::Corrupt(format!(
-                    "gap in the event log: expected position {}, read {}",
-                    next + offset as u64,
-                    event.position
-                ))
-                .into());
-            }
         }
         next += page.len() as u64;
         if pages.send(Ok(page)).await.is_err() {
