@@ -237,7 +237,7 @@ pub struct LeafView {
 }
 
 /// Whether a stream belongs to a server: `server-{id}` or `{kind}-{id}-…`.
-fn stream_of(stream: &str, server: &str) -> bool {
+pub(crate) fn stream_of(stream: &str, server: &str) -> bool {
     stream.split('-').nth(1) == Some(server)
 }
 

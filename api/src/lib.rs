@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod expiry;
+pub mod feed;
 mod follow;
 pub mod metrics;
 pub mod openapi;
@@ -135,6 +136,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/audit/leaves/{position}",
             get(audit::leaf),
+        )
+        .route("/servers/{server_id}/events", get(feed::events))
+        .route(
+            "/servers/{server_id}/events/stream",
+            get(feed::event_stream),
         );
     Router::new()
         .nest("/v1", v1)

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Json;
-use crate::{audit, error, metrics, servers, sessions, state, transactions, users, views};
+use crate::{audit, error, feed, metrics, servers, sessions, state, transactions, users, views};
 
 struct BearerSchemes;
 
@@ -59,6 +59,7 @@ impl Modify for BearerSchemes {
         transactions::transaction_qr, transactions::transaction_events,
         transactions::transaction_evidence,
         audit::checkpoint, audit::key, audit::inclusion, audit::consistency, audit::leaf,
+        feed::events, feed::event_stream,
         state::healthz, state::readyz, metrics::scrape,
     ),
     components(schemas(error::Problem, views::QrFormat, views::EvidenceFormat)),
@@ -70,6 +71,7 @@ impl Modify for BearerSchemes {
         (name = "sessions", description = "Login sessions by nonce; API key"),
         (name = "transactions", description = "Transactions to sign, their QR codes, status and evidence bundles; API key"),
         (name = "audit", description = "Signed checkpoints and Merkle proofs; any valid credential, leaves for their own tenant only"),
+        (name = "events", description = "A tenant's own events from the log, paged or streamed; API key"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

@@ -18,6 +18,9 @@ use crate::Settings;
 /// The device benches (a module of this one so the crate root stays as it is).
 #[path = "bench_device.rs"]
 mod device;
+/// Scaled mode: the outbox relay and the Kafka-fed projector.
+#[path = "bench_scale.rs"]
+mod scale;
 /// Signed transactions end to end (uses the device benches' business side).
 #[path = "bench_tx.rs"]
 mod transactions;
@@ -51,6 +54,10 @@ pub enum BenchWhat {
     /// The second-factor server's hot paths: server-side OPAQUE logins, attestation sign +
     /// verify (one thread and every core) against bare ES256. Needs no database.
     Sfs(SfsArgs),
+    /// Scaled mode: outbox relay throughput into Kafka (against a bare producer), then the
+    /// append-to-projection lag through relay, broker and Kafka-fed projector at a steady
+    /// rate. Needs a scratch PostgreSQL database with an empty log, and a broker.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,6 +133,7 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Connections(args) => device::connections(args).await,
         BenchWhat::Transactions(args) => transactions::transactions(args).await,
         BenchWhat::Sfs(args) => sfs(&args),
+        BenchWhat::Scale(args) => scale::scale(settings, args).await,
     }
 }
 
@@ -152,7 +160,7 @@ fn sfs(args: &SfsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1_000.0
 }
 
@@ -235,7 +243,7 @@ fn run_id() -> anyhow::Result<String> {
 }
 
 #[allow(clippy::disallowed_methods)] // the bench is an edge: it makes its own ids
-fn new_event(payload: &[u8]) -> NewEvent {
+pub(crate) fn new_event(payload: &[u8]) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
         event_type: "bench.appended".into(),
@@ -445,9 +453,13 @@ async fn audit(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
             tree.append(&mut frontier, &leaves).await?;
         }
         let leaves_per_sec = (size - grown_from) as f64 / started.elapsed().as_secs_f64();
-        // Proofs from a fresh instance: nothing cached yet, as after a restart.
+        // Proofs from a fresh instance: nothing cached yet, as after a restart. Each proof
+        // is followed by the cheapest round trip through the same pool and runtime (a
+        // one-row lookup), a same-run baseline that tells the machine's own tail apart from
+        // the tree's.
         let prover = AuditTree::new(opened.database.clone());
         let mut histogram = Histogram::<u64>::new(3)?;
+        let mut bare = Histogram::<u64>::new(3)?;
         let mut rng = size ^ 0x9e37_79b9_7f4a_7c15;
         for _ in 0..args.proofs {
             rng ^= rng << 13;
@@ -458,6 +470,17 @@ async fn audit(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
             let proof = prover.inclusion_proof(index, size).await?;
             histogram.record(t.elapsed().as_micros() as u64)?;
             std::hint::black_box(proof);
+            let t = Instant::now();
+            std::hint::black_box(prover.size().await?);
+            bare.record(t.elapsed().as_micros() as u64)?;
+        }
+        if !args.json {
+            eprintln!(
+                "size {size}: baseline one-row lookup p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                ms(&bare, 0.5),
+                ms(&bare, 0.99),
+                bare.max() as f64 / 1_000.0
+            );
         }
         let cell = AuditCell {
             size,

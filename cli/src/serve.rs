@@ -98,7 +98,11 @@ pub struct ServeArgs {
     #[arg(long, env = "COUNTERSIGN_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of this deployment's Redis channels.
-    #[arg(long, env = "COUNTERSIGN_REDIS_NAMESPACE", default_value = "countersign")]
+    #[arg(
+        long,
+        env = "COUNTERSIGN_REDIS_NAMESPACE",
+        default_value = "countersign"
+    )]
     pub redis_namespace: String,
 }
 
@@ -353,7 +357,8 @@ pub async fn start(
     if roles.relay
         && let Some(kafka) = &kafka
     {
-        let relay = countersign_scale::Relay::new(&opened.database, opened.events.clone(), kafka.clone())?;
+        let relay =
+            countersign_scale::Relay::new(&opened.database, opened.events.clone(), kafka.clone())?;
         essential.spawn(async move {
             relay.run().await;
             anyhow::anyhow!("the outbox relay stopped")
@@ -420,14 +425,18 @@ async fn checkpoints(
         } else if let Err(error) = tree.catch_up(&store).await {
             tracing::warn!(%error, "could not catch up the audit tree");
         }
-        tokio::time::sleep(pace.saturating_sub(pass.elapsed())).await;
-        // Then wait for the next commit, or until the next checkpoint is due (with nothing
-        // new at the last one, re-check every interval for writers this process cannot hear).
-        let until_due = if idle {
-            interval
-        } else {
-            last_signed.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()))
+        // Wait for the next commit, at least until the next catch-up is paced to start, or
+        // until the next checkpoint is due (with nothing new at the last one, re-check every
+        // interval for writers this process cannot hear).
+        let until_due = || {
+            if idle {
+                interval
+            } else {
+                last_signed.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()))
+            }
         };
+        tokio::time::sleep(pace.saturating_sub(pass.elapsed()).min(until_due())).await;
+        let until_due = until_due();
         tokio::select! {
             changed = head.changed() => {
                 if changed.is_err() {

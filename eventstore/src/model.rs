@@ -167,7 +167,8 @@ impl RecordedEvent {
         let (position, stream, version, id, event_type, schema_version, payload, metadata, at): Envelope =
             cbor4ii::serde::from_slice(bytes)
                 .map_err(|e| bad(format!("not a canonical event: {e}")))?;
-        let event_id = Uuid::from_slice(&id).map_err(|_| bad("the event id is not 16 bytes".into()))?;
+        let event_id =
+            Uuid::from_slice(&id).map_err(|_| bad("the event id is not 16 bytes".into()))?;
         let event = Self {
             position,
             metadata: crate::codec::decode_metadata(position, &event_type, &metadata)?,

@@ -5,18 +5,25 @@
 //! - Leaf *i* is `SHA-256(0x00 ‖ canonical bytes of event i)` (see
 //!   `RecordedEvent::canonical_bytes`); leaves are added strictly in position order, in
 //!   batches, each batch in one transaction together with the new tree size.
-//! - Only complete subtrees are stored (`audit_nodes`: node (level, idx) covers leaves
-//!   `[idx·2^level, (idx+1)·2^level)`), so a proof costs one batched lookup of O(log n) keys.
+//! - Only complete subtrees are stored, as tiles (`audit_tiles`, see [`tiles`]): a row holds
+//!   up to 16 consecutive nodes of every fourth tree level, and the levels between are
+//!   recomputed from it, so a proof reads one row per tile level, in one statement, and the
+//!   immutable upper tiles are cached in memory.
 //! - A checkpoint is signed only over a tree size the projection has committed.
 //! - The tree is a cache of the log: `verify` recomputes everything from the events and
 //!   checks it against the signed checkpoints.
 
+mod tiles;
+
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use countersign_eventstore::{Database, SharedStore, StoreError, with_pool};
 use countersign_protocol::checkpoint::{TreeHead, sign_checkpoint, verify_checkpoint};
 use countersign_protocol::merkle::{self, CompactRange, Hash, NodeId, NodeSource};
 use sqlx::Row as _;
+
+use tiles::{TileCache, TileId, Tiles};
 
 /// Why the audit projection failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +42,11 @@ pub enum AuditError {
     OutOfRange(String),
 }
 
-/// The stored tree.
+/// The stored tree. Clones share one cache of immutable upper tiles.
 #[derive(Debug, Clone)]
 pub struct AuditTree {
     db: Database,
+    cache: Arc<TileCache>,
 }
 
 fn to_i64(n: u64) -> Result<i64, AuditError> {
@@ -51,9 +59,30 @@ fn to_hash(bytes: &[u8]) -> Result<Hash, AuditError> {
         .map_err(|_| AuditError::Damaged("a stored hash is not 32 bytes".into()))
 }
 
+/// A tile row read back: its address and hashes.
+fn tile_row(level: i32, idx: i64, hashes: &[u8]) -> Result<(TileId, Arc<[Hash]>), AuditError> {
+    let id = TileId {
+        level: u8::try_from(level).map_err(|_| AuditError::Damaged("bad tile level".into()))?,
+        index: u64::try_from(idx).map_err(|_| AuditError::Damaged("bad tile index".into()))?,
+    };
+    let tile = tiles::decode(hashes).ok_or_else(|| {
+        AuditError::Damaged(format!(
+            "tile ({}, {}) holds {} bytes, not 1 to {} hashes",
+            id.level,
+            id.index,
+            hashes.len(),
+            tiles::WIDTH
+        ))
+    })?;
+    Ok((id, tile))
+}
+
 impl AuditTree {
     pub fn new(db: Database) -> Self {
-        Self { db }
+        Self {
+            db,
+            cache: Arc::new(TileCache::new()),
+        }
     }
 
     /// Leaves committed so far.
@@ -64,62 +93,72 @@ impl AuditTree {
         u64::try_from(size).map_err(|_| AuditError::Damaged("negative tree size".into()))
     }
 
-    /// Looks up stored nodes by id, in one round trip on PostgreSQL (a proof's O(log n) keys
-    /// in one statement); SQLite is in-process, so a prepared lookup per key costs less than
-    /// building one.
-    async fn nodes(&self, ids: &[NodeId]) -> Result<StoredNodes, AuditError> {
-        let mut found = HashMap::with_capacity(ids.len());
+    /// The tiles holding `nodes`: from the cache, the rest in one round trip on PostgreSQL;
+    /// SQLite is in-process, so a prepared lookup per key costs less than building one.
+    async fn nodes(&self, nodes: &[NodeId]) -> Result<StoredNodes, AuditError> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        for id in tiles::tiles_for(nodes) {
+            match self.cache.get(id) {
+                Some(tile) => {
+                    found.insert(id, tile);
+                }
+                None => missing.push(id),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(StoredNodes(Tiles(found)));
+        }
         match &self.db {
-            Database::Postgres(pool) => {
-                let levels: Vec<i32> = ids.iter().map(|id| i32::from(id.level)).collect();
-                let indexes = ids
+            // One tile (the usual case once the upper tiles are cached): scalar parameters,
+            // so PostgreSQL settles on one generic primary-key plan instead of planning each
+            // call as it does for array parameters.
+            Database::Postgres(pool) if missing.len() > 1 => {
+                let levels: Vec<i32> = missing.iter().map(|id| i32::from(id.level)).collect();
+                let indexes = missing
                     .iter()
                     .map(|id| to_i64(id.index))
                     .collect::<Result<Vec<_>, _>>()?;
                 let rows = sqlx::query(
-                    "SELECT n.level, n.idx, n.hash FROM unnest($1::int[], $2::bigint[]) AS k(level, idx) \
-                     JOIN audit_nodes n ON n.level = k.level AND n.idx = k.idx",
+                    "SELECT t.level, t.idx, t.hashes FROM unnest($1::int[], $2::bigint[]) AS k(level, idx) \
+                     JOIN audit_tiles t ON t.level = k.level AND t.idx = k.idx",
                 )
                 .bind(&levels)
                 .bind(&indexes)
                 .fetch_all(pool)
                 .await?;
                 for row in rows {
-                    let level: i32 = row.try_get(0)?;
-                    let idx: i64 = row.try_get(1)?;
-                    let hash: Vec<u8> = row.try_get(2)?;
-                    let id = NodeId::new(
-                        u8::try_from(level)
-                            .map_err(|_| AuditError::Damaged("bad node level".into()))?,
-                        u64::try_from(idx)
-                            .map_err(|_| AuditError::Damaged("bad node index".into()))?,
-                    );
-                    found.insert(id, to_hash(&hash)?);
+                    let hashes: Vec<u8> = row.try_get(2)?;
+                    let (id, tile) = tile_row(row.try_get(0)?, row.try_get(1)?, &hashes)?;
+                    self.cache.keep(id, &tile);
+                    found.insert(id, tile);
                 }
             }
-            Database::Sqlite(pool) => {
-                for id in ids {
-                    let row =
-                        sqlx::query("SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2")
+            database => {
+                for id in missing {
+                    let hashes: Option<Vec<u8>> = with_pool!(database, pool => {
+                        sqlx::query_scalar("SELECT hashes FROM audit_tiles WHERE level = $1 AND idx = $2")
                             .bind(i32::from(id.level))
                             .bind(to_i64(id.index)?)
                             .fetch_optional(pool)
-                            .await?;
-                    if let Some(row) = row {
-                        let bytes: Vec<u8> = row.try_get(0)?;
-                        found.insert(*id, to_hash(&bytes)?);
+                            .await?
+                    });
+                    if let Some(hashes) = hashes {
+                        let (_, tile) = tile_row(i32::from(id.level), to_i64(id.index)?, &hashes)?;
+                        self.cache.keep(id, &tile);
+                        found.insert(id, tile);
                     }
                 }
             }
         }
-        Ok(StoredNodes(found))
+        Ok(StoredNodes(Tiles(found)))
     }
 
     /// Nodes for a proof over `size` leaves: a missing node means the size is beyond the
     /// committed tree (the caller's mistake) or the tree is damaged; the size tells which.
     async fn nodes_for(&self, ids: &[NodeId], size: u64) -> Result<StoredNodes, AuditError> {
         let nodes = self.nodes(ids).await?;
-        if nodes.0.len() < ids.len() {
+        if !ids.iter().all(|id| nodes.0.holds(*id)) {
             self.within(size).await?;
         }
         Ok(nodes)
@@ -173,15 +212,15 @@ impl AuditTree {
     }
 }
 
-/// Nodes fetched for one proof, answering the proof generator from memory.
+/// Tiles fetched for one proof, answering the proof generator from memory.
 #[derive(Debug)]
-struct StoredNodes(HashMap<NodeId, Hash>);
+struct StoredNodes(Tiles);
 
 impl NodeSource for StoredNodes {
     type Error = AuditError;
 
     fn node(&self, id: NodeId) -> Result<Hash, AuditError> {
-        self.0.get(&id).copied().ok_or_else(|| {
+        self.0.node(id).ok_or_else(|| {
             AuditError::Damaged(format!("node ({}, {}) is missing", id.level, id.index))
         })
     }
@@ -194,7 +233,7 @@ fn prove_error<E: std::fmt::Display>(error: merkle::ProveError<E>) -> AuditError
     }
 }
 
-/// Nodes per INSERT statement.
+/// Tile rows per INSERT statement (three parameters each).
 const INSERT_CHUNK: usize = 1_000;
 /// Events per batch of leaves.
 const BATCH: usize = 5_000;
@@ -211,30 +250,23 @@ impl AuditTree {
             return Ok(());
         }
         let mut next = frontier.clone();
-        let nodes = next
+        let completed = next
             .extend(leaves.iter().copied())
             .map_err(|_| AuditError::OutOfRange("the audit tree is full".into()))?;
+        let mut writes = tiles::writes(&completed);
         let old_size = to_i64(frontier.size())?;
         let new_size = to_i64(next.size())?;
-        with_pool!(&self.db, pool => {
+        // Addresses of the tiles this batch continues, as bound parameters.
+        let continued: Vec<(i32, i64)> = writes
+            .iter()
+            .filter(|w| w.offset > 0)
+            .map(|w| Ok((i32::from(w.tile.level), to_i64(w.tile.index)?)))
+            .collect::<Result<_, AuditError>>()?;
+        let rows: Vec<(i32, i64, Vec<u8>)> = with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await?;
-            for chunk in nodes.chunks(INSERT_CHUNK) {
-                let mut insert = sqlx::QueryBuilder::new("INSERT INTO audit_nodes (level, idx, hash) ");
-                let mut failed = None;
-                insert.push_values(chunk, |mut row, (id, hash)| {
-                    match i64::try_from(id.index) {
-                        Ok(idx) => {
-                            row.push_bind(i32::from(id.level)).push_bind(idx).push_bind(hash.to_vec());
-                        }
-                        Err(_) => failed = Some(id.index),
-                    }
-                });
-                if let Some(idx) = failed {
-                    return Err(AuditError::OutOfRange(format!("node index {idx}")));
-                }
-                insert.build().execute(&mut *tx).await?;
-            }
-            // Only one projector may move the tree: the size it started from must still be there.
+            // Only one projector may move the tree: the size it started from must still be
+            // there. Updating it first also makes a second projector wait here, before it
+            // reads the right edge.
             let moved = sqlx::query("UPDATE audit_state SET tree_size = $1 WHERE id = 1 AND tree_size = $2")
                 .bind(new_size)
                 .bind(old_size)
@@ -243,19 +275,54 @@ impl AuditTree {
             if moved.rows_affected() != 1 {
                 return Err(AuditError::Damaged("another projector moved the audit tree".into()));
             }
+            let mut edge = Vec::with_capacity(continued.len());
+            if !continued.is_empty() {
+                let mut select = sqlx::QueryBuilder::new("SELECT level, idx, hashes FROM audit_tiles WHERE ");
+                let mut keys = select.separated(" OR ");
+                for (level, idx) in &continued {
+                    keys.push("(level = ")
+                        .push_bind_unseparated(*level)
+                        .push_unseparated(" AND idx = ")
+                        .push_bind_unseparated(*idx)
+                        .push_unseparated(")");
+                }
+                for row in select.build().fetch_all(&mut *tx).await? {
+                    let hashes: Vec<u8> = row.try_get(2)?;
+                    edge.push(tile_row(row.try_get(0)?, row.try_get(1)?, &hashes)?);
+                }
+            }
+            let rows = tile_rows(&mut writes, &edge)?;
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let mut insert = sqlx::QueryBuilder::new("INSERT INTO audit_tiles (level, idx, hashes) ");
+                insert.push_values(chunk, |mut row, (level, idx, hashes)| {
+                    row.push_bind(*level).push_bind(*idx).push_bind(hashes.as_slice());
+                });
+                insert.push(" ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes");
+                insert.build().execute(&mut *tx).await?;
+            }
             tx.commit().await?;
+            rows
         });
+        for (level, idx, hashes) in &rows {
+            let (id, tile) = tile_row(*level, *idx, hashes)?;
+            self.cache.keep(id, &tile);
+        }
         *frontier = next;
         Ok(())
     }
 
     /// Adds every event committed after the tree's size, in batches; answers the new size.
     pub async fn catch_up(&self, store: &SharedStore) -> Result<u64, AuditError> {
+        Ok(self.catch_up_range(store).await?.size())
+    }
+
+    /// [`Self::catch_up`], answering the new right edge.
+    async fn catch_up_range(&self, store: &SharedStore) -> Result<CompactRange, AuditError> {
         let mut frontier = self.frontier().await?;
         loop {
             let events = store.read_all(frontier.size(), BATCH).await?;
             if events.is_empty() {
-                return Ok(frontier.size());
+                return Ok(frontier);
             }
             let mut leaves = Vec::with_capacity(events.len());
             for (offset, event) in events.iter().enumerate() {
@@ -269,8 +336,44 @@ impl AuditTree {
                 leaves.push(merkle::leaf_hash(&event.canonical_bytes()?));
             }
             self.append(&mut frontier, &leaves).await?;
+            if events.len() < BATCH {
+                // A short page was the end of the log when it was read.
+                return Ok(frontier);
+            }
         }
     }
+}
+
+/// The rows an append writes: each touched tile in full, the hashes already stored (`edge`,
+/// the right-edge tiles read in the append's transaction) followed by the new ones.
+fn tile_rows(
+    writes: &mut [tiles::TileWrite],
+    edge: &[(TileId, Arc<[Hash]>)],
+) -> Result<Vec<(i32, i64, Vec<u8>)>, AuditError> {
+    writes
+        .iter_mut()
+        .map(|write| {
+            if write.offset > 0 {
+                let stored = edge
+                    .iter()
+                    .find(|(id, _)| *id == write.tile)
+                    .map(|(_, tile)| tile)
+                    .filter(|tile| tile.len() == write.offset)
+                    .ok_or_else(|| {
+                        AuditError::Damaged(format!(
+                            "tile ({}, {}) does not hold the {} hashes the tree size implies",
+                            write.tile.level, write.tile.index, write.offset
+                        ))
+                    })?;
+                write.hashes.splice(0..0, stored.iter().copied());
+            }
+            Ok((
+                i32::from(write.tile.level),
+                to_i64(write.tile.index)?,
+                tiles::encode(&write.hashes),
+            ))
+        })
+        .collect()
 }
 
 impl AuditTree {
@@ -279,10 +382,11 @@ impl AuditTree {
     pub async fn reset(&self) -> Result<(), AuditError> {
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin().await?;
-            sqlx::query("DELETE FROM audit_nodes").execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM audit_tiles").execute(&mut *tx).await?;
             sqlx::query("UPDATE audit_state SET tree_size = 0 WHERE id = 1").execute(&mut *tx).await?;
             tx.commit().await?;
         });
+        self.cache.clear();
         Ok(())
     }
 }
@@ -385,23 +489,28 @@ impl AuditTree {
         Ok(())
     }
 
-    /// Stored leaf hashes for positions `[from, to)`.
+    /// Stored leaf hashes for positions `[from, to)`, read from the database (never the
+    /// cache: `verify` checks what is stored).
     async fn stored_leaves(&self, from: u64, to: u64) -> Result<HashMap<u64, Hash>, AuditError> {
-        let rows = with_pool!(&self.db, pool => {
-            sqlx::query("SELECT idx, hash FROM audit_nodes WHERE level = 0 AND idx >= $1 AND idx < $2")
-                .bind(to_i64(from)?)
-                .bind(to_i64(to)?)
+        let width = tiles::WIDTH as u64;
+        let rows: Vec<(i32, i64, Vec<u8>)> = with_pool!(&self.db, pool => {
+            sqlx::query_as("SELECT level, idx, hashes FROM audit_tiles WHERE level = 0 AND idx >= $1 AND idx < $2")
+                .bind(to_i64(from / width)?)
+                .bind(to_i64(to.div_ceil(width))?)
                 .fetch_all(pool)
                 .await?
-                .into_iter()
-                .map(|row| -> Result<(u64, Hash), AuditError> {
-                    let idx: i64 = row.try_get(0)?;
-                    let hash: Vec<u8> = row.try_get(1)?;
-                    Ok((u64::try_from(idx).map_err(|_| AuditError::Damaged("negative index".into()))?, to_hash(&hash)?))
-                })
-                .collect::<Result<HashMap<_, _>, _>>()?
         });
-        Ok(rows)
+        let mut leaves = HashMap::with_capacity(rows.len() * tiles::WIDTH);
+        for (level, idx, hashes) in rows {
+            let (id, tile) = tile_row(level, idx, &hashes)?;
+            let first = id.index * width;
+            for (position, hash) in (first..).zip(tile.iter()) {
+                if (from..to).contains(&position) {
+                    leaves.insert(position, *hash);
+                }
+            }
+        }
+        Ok(leaves)
     }
 
     /// Recomputes the tree from the stored events and checks it against the stored leaves
@@ -544,7 +653,8 @@ impl AuditTree {
         origin: &str,
         now_ms: i64,
     ) -> Result<Option<StoredCheckpoint>, AuditError> {
-        let size = self.catch_up(store).await?;
+        let range = self.catch_up_range(store).await?;
+        let size = range.size();
         if size == 0 {
             return Ok(None);
         }
@@ -552,7 +662,8 @@ impl AuditTree {
         if newest >= Some(size) {
             return Ok(None);
         }
-        let root_hash = self.root(size).await?;
+        // The root of the committed tree is the folded right edge.
+        let root_hash = range.root();
         let head = TreeHead {
             origin: origin.to_owned(),
             tree_size: size,
@@ -657,6 +768,8 @@ mod tests {
         assert_eq!(tree.catch_up(&db.store).await.unwrap(), 1_077);
 
         let events = all_events(db).await;
+        // A second instance starts with nothing cached.
+        let cold = tree_of(db).await;
         let memory = MemoryTree::from_leaf_hashes(
             events
                 .iter()
@@ -667,6 +780,11 @@ mod tests {
             assert_eq!(root, memory.root_at(size).unwrap(), "root at {size}");
             for index in [0, size / 3, size - 1] {
                 let proof = tree.inclusion_proof(index, size).await.unwrap();
+                assert_eq!(
+                    cold.inclusion_proof(index, size).await.unwrap(),
+                    proof,
+                    "the cache answers as the database does"
+                );
                 let leaf_hash =
                     merkle::leaf_hash(&events[index as usize].canonical_bytes().unwrap());
                 verify_inclusion(&leaf_hash, index, size, &proof, &root).unwrap();
@@ -713,6 +831,28 @@ mod tests {
                 "rebuilt root at {size}"
             );
         }
+    }
+
+    /// Two projectors starting from the same size: the second one's batch is refused and
+    /// leaves the tree as the first one wrote it.
+    async fn one_projector_moves_the_tree(db: &TestDb) {
+        let (first, second) = (tree_of(db).await, tree_of(db).await);
+        append(db, 21).await;
+        first.catch_up(&db.store).await.unwrap();
+        let (mut a, mut b) = (
+            first.frontier().await.unwrap(),
+            second.frontier().await.unwrap(),
+        );
+        let leaves: Vec<Hash> = (0u8..9).map(|i| merkle::leaf_hash(&[i])).collect();
+        first.append(&mut a, &leaves).await.unwrap();
+        let refused = second.append(&mut b, &leaves[..4]).await;
+        assert!(
+            matches!(&refused, Err(AuditError::Damaged(m)) if m.contains("another projector")),
+            "{refused:?}"
+        );
+        assert_eq!(b.size(), 21, "the refused frontier did not move");
+        assert_eq!(second.frontier().await.unwrap(), a);
+        assert_eq!(second.root(30).await.unwrap(), a.root());
     }
 
     /// Trusts a checkpoint row as it stands (signatures are checked by the caller's closure
@@ -936,6 +1076,7 @@ mod tests {
         signed_checkpoints,
         proofs_match_an_independent_tree,
         rebuild_gives_the_same_roots,
+        one_projector_moves_the_tree,
         tamper_sweep,
     );
 }

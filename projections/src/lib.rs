@@ -10,6 +10,5 @@ pub mod read_models;
 
 pub use read_models::{
     AccountRow, ApiKeyRow, EnrolmentRow, EventFeed, HistoryRow, PageSender, ProjectionError,
-    ReadModels, ServerRow, store_feed,
-    SessionRow, SessionState, TransactionRow, UserRow,
+    ReadModels, ServerRow, SessionRow, SessionState, TransactionRow, UserRow, store_feed,
 };

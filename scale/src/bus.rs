@@ -82,7 +82,9 @@ impl Bus {
                 failing = false;
             } else {
                 if !failing {
-                    tracing::warn!("Redis unreachable: other instances fall back to polling the read models");
+                    tracing::warn!(
+                        "Redis unreachable: other instances fall back to polling the read models"
+                    );
                 }
                 failing = true;
                 connection = None;
@@ -114,7 +116,11 @@ impl Bus {
                 }
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
-                    match message.get_payload::<String>().ok().and_then(|p| p.parse().ok()) {
+                    match message
+                        .get_payload::<String>()
+                        .ok()
+                        .and_then(|p| p.parse().ok())
+                    {
                         Some(position) => reads.observe_processed(position),
                         None => tracing::debug!("ignoring a malformed announcement"),
                     }

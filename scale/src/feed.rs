@@ -72,7 +72,9 @@ impl KafkaFeed {
             .consumer_config(&self.group)
             .create()
             .map_err(unavailable)?;
-        consumer.subscribe(&[&self.kafka.topic]).map_err(unavailable)?;
+        consumer
+            .subscribe(&[&self.kafka.topic])
+            .map_err(unavailable)?;
         let mut next = from;
         // (position, partition, offset) of events sent and not yet known to be committed.
         let mut sent: VecDeque<(u64, i32, i64)> = VecDeque::new();
@@ -112,7 +114,11 @@ impl KafkaFeed {
                 }
                 if event.position > next {
                     let filled = self.fill(next, event.position, &mut page).await?;
-                    tracing::warn!(from = next, events = filled, "filled a gap in the event topic from the log");
+                    tracing::warn!(
+                        from = next,
+                        events = filled,
+                        "filled a gap in the event topic from the log"
+                    );
                 }
                 sent.push_back((event.position, message.partition(), message.offset()));
                 next = event.position + 1;
@@ -207,7 +213,9 @@ impl EventFeed for KafkaFeed {
                 let mut next = from;
                 loop {
                     let page = self.store.read_all(next, batch).await?;
-                    let Some(last) = page.last() else { return Ok(()) };
+                    let Some(last) = page.last() else {
+                        return Ok(());
+                    };
                     next = last.position + 1;
                     if pages.send(Ok(page)).await.is_err() {
                         return Ok(());

@@ -112,7 +112,9 @@ pub fn headers(event: &RecordedEvent) -> OwnedHeaders {
 
 /// The event a message carries. Its `position` header must agree with the value.
 pub fn decode<M: Message>(message: &M) -> Result<RecordedEvent, StoreError> {
-    let value = message.payload().ok_or_else(|| corrupt("a message without a value"))?;
+    let value = message
+        .payload()
+        .ok_or_else(|| corrupt("a message without a value"))?;
     let event = RecordedEvent::from_canonical_bytes(value)?;
     let header = message
         .headers()

@@ -123,7 +123,10 @@ impl Relay {
         let admin: AdminClient<_> = self.kafka.admin_config().create()?;
         let topic = NewTopic::new(&self.kafka.topic, 1, TopicReplication::Fixed(1));
         let results = admin
-            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                [&topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await?;
         for result in results {
             match result {
@@ -258,7 +261,10 @@ mod tests {
 
     #[test]
     fn each_topic_has_its_own_lease() {
-        assert_eq!(lock_key("countersign.events"), lock_key("countersign.events"));
+        assert_eq!(
+            lock_key("countersign.events"),
+            lock_key("countersign.events")
+        );
         assert_ne!(lock_key("countersign.events"), lock_key("other.events"));
     }
 }

@@ -16,6 +16,7 @@ mod crash;
 mod device;
 mod device_cli;
 mod evidence;
+mod feed;
 mod scale;
 mod second_factor;
 mod transactions_api;

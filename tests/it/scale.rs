@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use countersign_eventstore::Database;
 use countersign_eventstore::testing::TestDb;
-use countersign_mobile_sdk::{ChannelCallbacks, Interaction, MemoryStorage, NoCallbacks, Sdk, SdkConfig, State};
+use countersign_mobile_sdk::{
+    ChannelCallbacks, Interaction, MemoryStorage, NoCallbacks, Sdk, SdkConfig, State,
+};
 use countersign_projections::ReadModels;
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -83,7 +85,12 @@ impl Deployment {
             .arg("--admin-key-file")
             .arg(self.dir.path().join("admin.key"))
             .args(["--listen", "127.0.0.1:0", "--role", roles])
-            .args(["--kafka-topic", &self.topic, "--redis-namespace", &self.namespace])
+            .args([
+                "--kafka-topic",
+                &self.topic,
+                "--redis-namespace",
+                &self.namespace,
+            ])
             .args(["--checkpoint-interval-ms", "200", "--max-wait-ms", "3000"])
             .args(extra)
             .env("COUNTERSIGN_LOG", "info")
@@ -96,9 +103,19 @@ impl Deployment {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = tokio::time::timeout(WAIT, lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("{name} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name} did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
             .unwrap()
-            .unwrap_or_else(|| panic!("{name} exited: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} exited: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
         let base = line.rsplit(' ').next().unwrap().to_owned();
         assert!(base.starts_with("http://"), "{line}");
         Instance {
@@ -110,7 +127,12 @@ impl Deployment {
     }
 
     fn kafka_args(&self, brokers: &str) -> Vec<String> {
-        vec!["--kafka-brokers".into(), brokers.into(), "--kafka-group".into(), format!("{}-projector", self.topic)]
+        vec![
+            "--kafka-brokers".into(),
+            brokers.into(),
+            "--kafka-group".into(),
+            format!("{}-projector", self.topic),
+        ]
     }
 }
 
@@ -126,7 +148,13 @@ struct Instance {
 }
 
 impl Instance {
-    async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -142,15 +170,32 @@ impl Instance {
 
     /// A tenant whose logins need no second factor, with an API key: (server id, token).
     async fn tenant(&self, name: &str) -> (String, String) {
-        let (status, created) = self.call(Method::POST, "/v1/servers", Some(ADMIN), Some(json!({"name": name}))).await;
+        let (status, created) = self
+            .call(
+                Method::POST,
+                "/v1/servers",
+                Some(ADMIN),
+                Some(json!({"name": name})),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         let server = created["server"]["server_id"].as_str().unwrap().to_owned();
         let (status, body) = self
-            .call(Method::PATCH, &format!("/v1/servers/{server}"), Some(ADMIN), Some(json!({"second_factor": "none"})))
+            .call(
+                Method::PATCH,
+                &format!("/v1/servers/{server}"),
+                Some(ADMIN),
+                Some(json!({"second_factor": "none"})),
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let (status, key) = self
-            .call(Method::POST, &format!("/v1/servers/{server}/api-keys"), Some(ADMIN), Some(json!({"label": "backend"})))
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{server}/api-keys"),
+                Some(ADMIN),
+                Some(json!({"label": "backend"})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{key}");
         (server, key["token"].as_str().unwrap().to_owned())
@@ -167,7 +212,13 @@ impl Instance {
 
 /// Business traffic on `instance` until `stop`: session creations from `workers` tasks.
 /// Answers the count of creations acknowledged (201).
-fn load(instance: &Instance, server: &str, token: &str, workers: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+fn load(
+    instance: &Instance,
+    server: &str,
+    token: &str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
     let created = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..workers {
@@ -181,7 +232,11 @@ fn load(instance: &Instance, server: &str, token: &str, workers: usize, stop: Ar
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let nonce = Uuid::new_v4().simple().to_string();
-                if let Ok(response) = http.put(format!("{url}/{nonce}")).bearer_auth(&token).send().await
+                if let Ok(response) = http
+                    .put(format!("{url}/{nonce}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
                     && response.status() == StatusCode::CREATED
                 {
                     created.fetch_add(1, Ordering::Relaxed);
@@ -202,11 +257,12 @@ async fn pg(db: &TestDb) -> sqlx::PgPool {
 }
 
 async fn relay_checkpoint(pool: &sqlx::PgPool, topic: &str) -> u64 {
-    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE name = $1")
-        .bind(topic)
-        .fetch_optional(pool)
-        .await
-        .unwrap();
+    let position: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE name = $1")
+            .bind(topic)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
     position.map_or(0, |p| u64::try_from(p).unwrap())
 }
 
@@ -216,12 +272,18 @@ async fn caught_up(db: &TestDb, pool: &sqlx::PgPool, topic: &str) -> u64 {
     let deadline = Instant::now() + WAIT;
     loop {
         let size = db.store.last_position().await.unwrap().map_or(0, |p| p + 1);
-        let lowest: i64 = sqlx::query_scalar("SELECT min(position) FROM rm_checkpoints").fetch_one(pool).await.unwrap();
+        let lowest: i64 = sqlx::query_scalar("SELECT min(position) FROM rm_checkpoints")
+            .fetch_one(pool)
+            .await
+            .unwrap();
         let relayed = relay_checkpoint(pool, topic).await;
         if relayed == size && u64::try_from(lowest).unwrap() == size {
             return size;
         }
-        assert!(Instant::now() < deadline, "not caught up: log {size}, relayed {relayed}, projected {lowest}");
+        assert!(
+            Instant::now() < deadline,
+            "not caught up: log {size}, relayed {relayed}, projected {lowest}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -237,13 +299,22 @@ async fn topic_positions(brokers: &str, topic: &str, size: u64) -> BTreeMap<u64,
     let mut seen = BTreeMap::new();
     let deadline = Instant::now() + WAIT;
     while (seen.len() as u64) < size {
-        assert!(Instant::now() < deadline, "the topic holds {} of {size} positions", seen.len());
-        let Ok(message) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await else {
+        assert!(
+            Instant::now() < deadline,
+            "the topic holds {} of {size} positions",
+            seen.len()
+        );
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await
+        else {
             continue;
         };
         let message = message.unwrap().detach();
         let event = countersign_scale::kafka::decode(&message).unwrap();
-        assert_eq!(message.key(), Some(event.stream.as_bytes()), "the key is the stream");
+        assert_eq!(
+            message.key(),
+            Some(event.stream.as_bytes()),
+            "the key is the stream"
+        );
         *seen.entry(event.position).or_insert(0) += 1;
     }
     seen
@@ -255,7 +326,11 @@ async fn read_models_equal_a_rebuild(db: &TestDb, size: u64) {
     let incremental = reads.dump().await.unwrap();
     let replayed = reads.replay(&db.store, None, &mut |_, _| {}).await.unwrap();
     assert_eq!(replayed, size);
-    assert_eq!(reads.dump().await.unwrap(), incremental, "the read models fed from Kafka differ from a rebuild");
+    assert_eq!(
+        reads.dump().await.unwrap(),
+        incremental,
+        "the read models fed from Kafka differ from a rebuild"
+    );
 }
 
 async fn scaled_instances_share_a_login(db: &TestDb) {
@@ -263,32 +338,64 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     let brokers = kafka();
     let mut back = deployment.kafka_args(&brokers);
     back.extend(redis_args(&redis()));
-    let projector = deployment.spawn("projector", "projector,relay", &back).await;
-    let a = deployment.spawn("a", "gateway,sfs", &redis_args(&redis())).await;
+    let projector = deployment
+        .spawn("projector", "projector,relay", &back)
+        .await;
+    let a = deployment
+        .spawn("a", "gateway,sfs", &redis_args(&redis()))
+        .await;
     let mut b_args = redis_args(&redis());
-    b_args.extend(["--gateway-url".into(), format!("{}/v1/device", a.base.replace("http://", "ws://"))]);
+    b_args.extend([
+        "--gateway-url".into(),
+        format!("{}/v1/device", a.base.replace("http://", "ws://")),
+    ]);
     let b = deployment.spawn("b", "api", &b_args).await;
 
     let (server, token) = b.tenant("Bank").await;
     let (status, body) = b
-        .call(Method::PUT, &format!("/v1/servers/{server}/users/alice"), Some(&token), Some(json!({"attributes": {"name": "Alice"}})))
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/users/alice"),
+            Some(&token),
+            Some(json!({"attributes": {"name": "Alice"}})),
+        )
         .await;
     assert!(status.is_success(), "{body}");
     // The phone enrols through instance A from a QR code instance B made.
     let (status, body) = b
-        .call(Method::POST, &format!("/v1/servers/{server}/enrolments"), Some(&token), Some(json!({"userid": "alice"})))
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{server}/enrolments"),
+            Some(&token),
+            Some(json!({"userid": "alice"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let phone = Sdk::open(Arc::new(MemoryStorage::new()), SdkConfig::default()).unwrap();
     let (callbacks, _events) = ChannelCallbacks::new();
-    let enrolment = phone.start_session(body["qr"]["base64url"].as_str().unwrap().as_bytes(), callbacks).await.unwrap();
+    let enrolment = phone
+        .start_session(
+            body["qr"]["base64url"].as_str().unwrap().as_bytes(),
+            callbacks,
+        )
+        .await
+        .unwrap();
     enrolment.confirm_enrol().await.unwrap();
-    let done = tokio::time::timeout(WAIT, enrolment.wait_for(|s| s.state == State::Done)).await.unwrap();
+    let done = tokio::time::timeout(WAIT, enrolment.wait_for(|s| s.state == State::Done))
+        .await
+        .unwrap();
     let account = done.account_id.unwrap();
 
     // The business system opens a session on B and follows it there.
     let nonce = hex::encode([7u8; 16]);
-    let (status, opened) = b.call(Method::PUT, &format!("/v1/servers/{server}/sessions/{nonce}"), Some(&token), None).await;
+    let (status, opened) = b
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/sessions/{nonce}"),
+            Some(&token),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
     let response = b
         .http
@@ -307,7 +414,13 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     assert_eq!(first["state"], "pending", "{first}");
 
     // The phone logs in through A.
-    let login = phone.start_session(opened["qr"]["deep_link"].as_str().unwrap().as_bytes(), Arc::new(NoCallbacks)).await.unwrap();
+    let login = phone
+        .start_session(
+            opened["qr"]["deep_link"].as_str().unwrap().as_bytes(),
+            Arc::new(NoCallbacks),
+        )
+        .await
+        .unwrap();
     if login.state() == State::UserInteraction(Interaction::WaitForConfirmation) {
         login.set_account(Some(&account)).await.unwrap();
     }
@@ -324,7 +437,10 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     let (status, view) = b
         .call(
             Method::GET,
-            &format!("/v1/servers/{server}/sessions/{nonce}?min_position={}", logged_in["position"]),
+            &format!(
+                "/v1/servers/{server}/sessions/{nonce}?min_position={}",
+                logged_in["position"]
+            ),
             Some(&token),
             None,
         )
@@ -350,7 +466,9 @@ async fn relay_killed_in_mid_stream_loses_nothing(db: &TestDb) {
     let mut back = deployment.kafka_args(&brokers);
     back.extend(redis_args(&redis()));
     let projector = deployment.spawn("projector", "projector", &back).await;
-    let relay = deployment.spawn("relay", "relay", &deployment.kafka_args(&brokers)).await;
+    let relay = deployment
+        .spawn("relay", "relay", &deployment.kafka_args(&brokers))
+        .await;
     let api = deployment.spawn("api", "api", &redis_args(&redis())).await;
     let (server, token) = api.tenant("Bank").await;
 
@@ -365,7 +483,9 @@ async fn relay_killed_in_mid_stream_loses_nothing(db: &TestDb) {
     relay.kill().await;
     let killed_at = relay_checkpoint(&pool, &deployment.topic).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let relay = deployment.spawn("relay-2", "relay", &deployment.kafka_args(&brokers)).await;
+    let relay = deployment
+        .spawn("relay-2", "relay", &deployment.kafka_args(&brokers))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let created = traffic.await.unwrap();
@@ -374,7 +494,11 @@ async fn relay_killed_in_mid_stream_loses_nothing(db: &TestDb) {
     let size = caught_up(db, &pool, &deployment.topic).await;
     assert!(size > killed_at, "events were appended after the kill");
     let positions = topic_positions(&brokers, &deployment.topic, size).await;
-    assert_eq!(positions.len() as u64, size, "every position is in the topic");
+    assert_eq!(
+        positions.len() as u64,
+        size,
+        "every position is in the topic"
+    );
     assert_eq!(positions.keys().next_back(), Some(&(size - 1)));
     relay.kill().await;
     projector.kill().await;
@@ -426,7 +550,9 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
     let pool = pg(db).await;
     let mut back = deployment.kafka_args(&broker.address);
     back.extend(redis_args(&redis()));
-    let back_end = deployment.spawn("projector", "projector,relay", &back).await;
+    let back_end = deployment
+        .spawn("projector", "projector,relay", &back)
+        .await;
     let api = deployment.spawn("api", "api", &redis_args(&redis())).await;
     let (server, token) = api.tenant("Bank").await;
 
@@ -437,7 +563,10 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
     let paused_at = db.store.last_position().await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     let during = db.store.last_position().await.unwrap().unwrap();
-    assert!(during > paused_at, "the log kept taking writes while the broker was away");
+    assert!(
+        during > paused_at,
+        "the log kept taking writes while the broker was away"
+    );
     broker.signal("CONT");
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -445,7 +574,11 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
 
     let size = caught_up(db, &pool, &deployment.topic).await;
     let positions = topic_positions(&broker.address, &deployment.topic, size).await;
-    assert_eq!(positions.len() as u64, size, "every position is in the topic");
+    assert_eq!(
+        positions.len() as u64,
+        size,
+        "every position is in the topic"
+    );
     back_end.kill().await;
     api.kill().await;
     read_models_equal_a_rebuild(db, size).await;
@@ -454,13 +587,25 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
 /// A redis-server of the test's own, on `port`.
 async fn start_redis(port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server is not installed");
     let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "redis-server did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -470,7 +615,11 @@ async fn start_redis(port: u16) -> tokio::process::Child {
 async fn wait_for_log(instance: &Instance, text: &str) {
     let deadline = Instant::now() + WAIT;
     while !instance.log_text().contains(text) {
-        assert!(Instant::now() < deadline, "never logged {text:?}: {}", instance.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "never logged {text:?}: {}",
+            instance.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -480,7 +629,9 @@ async fn redis_away_reads_fall_back_and_recover(db: &TestDb) {
     let mut redis = start_redis(port).await;
     let url = format!("redis://127.0.0.1:{port}");
     let deployment = Deployment::new(db);
-    let projector = deployment.spawn("projector", "projector", &redis_args(&url)).await;
+    let projector = deployment
+        .spawn("projector", "projector", &redis_args(&url))
+        .await;
     let api = deployment.spawn("api", "api", &redis_args(&url)).await;
     let (server, token) = api.tenant("Bank").await;
 
@@ -489,19 +640,34 @@ async fn redis_away_reads_fall_back_and_recover(db: &TestDb) {
     // Writes and the reads that wait for them still answer, from the polled checkpoints.
     for user in ["u1", "u2", "u3"] {
         let (status, body) = api
-            .call(Method::PUT, &format!("/v1/servers/{server}/users/{user}"), Some(&token), Some(json!({"attributes": {}})))
+            .call(
+                Method::PUT,
+                &format!("/v1/servers/{server}/users/{user}"),
+                Some(&token),
+                Some(json!({"attributes": {}})),
+            )
             .await;
         assert!(status.is_success(), "{status} {body}");
         let position = body["position"].as_u64().unwrap();
         let (status, body) = api
-            .call(Method::GET, &format!("/v1/servers/{server}/users/{user}?min_position={position}"), Some(&token), None)
+            .call(
+                Method::GET,
+                &format!("/v1/servers/{server}/users/{user}?min_position={position}"),
+                Some(&token),
+                None,
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     let _redis = start_redis(port).await;
     wait_for_log(&api, "Redis is back").await;
     let (status, body) = api
-        .call(Method::PUT, &format!("/v1/servers/{server}/users/u4"), Some(&token), Some(json!({"attributes": {}})))
+        .call(
+            Method::PUT,
+            &format!("/v1/servers/{server}/users/u4"),
+            Some(&token),
+            Some(json!({"attributes": {}})),
+        )
         .await;
     assert!(status.is_success(), "{status} {body}");
     wait_for_log(&projector, "Redis is back").await;

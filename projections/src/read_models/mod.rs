@@ -49,13 +49,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use countersign_eventstore::{Database, RecordedEvent, SharedStore, StoreError, with_pool};
-use sqlx::Row as _;
 use futures::future::BoxFuture;
+use sqlx::Row as _;
 use tokio::sync::{mpsc, watch};
 
 pub use accounts::AccountRow;
-pub use feed::{EventFeed, PageSender};
 pub use enrolments::EnrolmentRow;
+pub use feed::{EventFeed, PageSender};
 pub use servers::{ApiKeyRow, ServerRow};
 pub use sessions::{HistoryRow, SessionRow, SessionState};
 pub use transactions::TransactionRow;
@@ -390,7 +390,8 @@ impl ReadModels {
     /// Applies everything in the log (up to where reading finds no more) and returns how many
     /// events were processed.
     pub async fn catch_up(&self, store: &SharedStore) -> Result<u64, ProjectionError> {
-        self.project(&store_feed(store), false, &mut |_, _| {}).await
+        self.project(&store_feed(store), false, &mut |_, _| {})
+            .await
     }
 
     /// Deletes the named projections' rows (all when `None`), sets their checkpoints to 0 and
@@ -626,10 +627,10 @@ impl Pipeline {
                     .and_then(|events| in_order(&mut next, events))
                     .and_then(|events| Batch::fold(&events, &checkpoints));
                 let failed = batch.is_err();
-                if failed || batch.as_ref().is_ok_and(|b| b.events > 0) {
-                    if batches_tx.send(batch).await.is_err() || failed {
-                        return;
-                    }
+                // A page of repeats only: nothing to write.
+                let empty = batch.as_ref().is_ok_and(|b| b.events == 0);
+                if !empty && (batches_tx.send(batch).await.is_err() || failed) {
+                    return;
                 }
             }
         });
