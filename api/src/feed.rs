@@ -194,6 +194,7 @@ pub async fn event_stream(
         after: Option<u64>,
         head: tokio::sync::watch::Receiver<Option<u64>>,
         queue: std::collections::VecDeque<EventView>,
+        greeted: bool,
     }
     let start = Follow {
         head: state.store().head(),
@@ -201,8 +202,18 @@ pub async fn event_stream(
         server: tenant.server.to_string(),
         after: resume.or(params.after),
         queue: std::collections::VecDeque::new(),
+        greeted: false,
     };
     let stream = futures::stream::unfold(start, move |mut follow| async move {
+        if !follow.greeted {
+            // A comment first, so the client has the response before the first event.
+            follow.greeted = true;
+            let after = follow.after.map_or("the start".into(), |p| p.to_string());
+            return Some((
+                Ok(Event::default().comment(format!("events after {after}"))),
+                follow,
+            ));
+        }
         loop {
             if let Some(event) = follow.queue.pop_front() {
                 let data = serde_json::to_string(&event).unwrap_or_default();

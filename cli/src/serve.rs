@@ -174,6 +174,9 @@ fn check_admin_key(key: Zeroizing<String>) -> anyhow::Result<Zeroizing<String>> 
     Ok(key)
 }
 
+/// How long a stopping server waits for open connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// A running API: its address and state, until [`Running::stop`] or the process ends.
 #[derive(Debug)]
 pub struct Running {
@@ -365,14 +368,27 @@ pub async fn start(
         });
     }
     let task = tokio::spawn(async move {
+        let (signalled, drain) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             tokio::select! {
                 _ = stopped => {}
                 () = shutdown() => {}
             }
+            let _ = signalled.send(());
         });
+        // Streams that never end by themselves (the tenant event feed, idle device channels)
+        // get a grace period after the signal, then are closed.
+        let drained = async move {
+            if drain.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::info!("closing the connections still open after {SHUTDOWN_GRACE:?}");
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let result = tokio::select! {
             served = server => served.context("the HTTP server failed"),
+            () = drained => Ok(()),
             Some(ended) = essential.join_next() => match ended {
                 Ok(error) => Err(error),
                 Err(error) => Err(anyhow::anyhow!("a background task panicked: {error}")),

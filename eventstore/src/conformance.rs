@@ -528,3 +528,53 @@ fn canonical_bytes_are_a_fixed_cbor_array() {
     ]);
     assert_eq!(hex::encode(&bytes), hex::encode(&expected));
 }
+
+#[test]
+fn canonical_bytes_decode_back_and_nothing_else_does() {
+    let event = crate::RecordedEvent {
+        position: 70_000,
+        stream: "session-ab-cd".into(),
+        version: 3,
+        event_id: Uuid::from_u128(0x0102_0304),
+        event_type: "session.opened".into(),
+        schema_version: 2,
+        payload: vec![0xa1, 0x61, b'k', 0x01],
+        metadata: Metadata {
+            server_id: Some("ab".into()),
+            ..Metadata::default()
+        },
+        metadata_cbor: crate::codec::encode_metadata(&Metadata {
+            server_id: Some("ab".into()),
+            ..Metadata::default()
+        })
+        .unwrap(),
+        recorded_at: 1_790_000_000_000,
+    };
+    let bytes = event.canonical_bytes().unwrap();
+    let back = crate::RecordedEvent::from_canonical_bytes(&bytes).unwrap();
+    assert_eq!(back.canonical_bytes().unwrap(), bytes);
+    assert_eq!(back.metadata.server_id.as_deref(), Some("ab"));
+    assert_eq!(
+        (back.position, back.version, back.event_id),
+        (70_000, 3, event.event_id)
+    );
+    // Truncated, padded, a wrong id length, and a non-shortest integer are all refused.
+    assert!(crate::RecordedEvent::from_canonical_bytes(&bytes[..bytes.len() - 1]).is_err());
+    let mut padded = bytes.clone();
+    padded.push(0);
+    assert!(crate::RecordedEvent::from_canonical_bytes(&padded).is_err());
+    let mut short_id = bytes.clone();
+    let at = short_id.iter().position(|b| *b == 0x50).unwrap();
+    short_id[at] = 0x4f;
+    short_id.remove(at + 1);
+    assert!(crate::RecordedEvent::from_canonical_bytes(&short_id).is_err());
+    // The position (70,000: 0x1a + 4 bytes) written as an 8-byte integer.
+    assert_eq!(bytes[1..6], [0x1a, 0x00, 0x01, 0x11, 0x70]);
+    let long_form = [
+        vec![0x89, 0x1b, 0, 0, 0, 0, 0x00, 0x01, 0x11, 0x70],
+        bytes[6..].to_vec(),
+    ]
+    .concat();
+    assert!(crate::RecordedEvent::from_canonical_bytes(&long_form).is_err());
+    assert!(crate::RecordedEvent::from_canonical_bytes(b"not cbor").is_err());
+}
