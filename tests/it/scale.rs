@@ -65,7 +65,7 @@ impl Deployment {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("master.key"), "22".repeat(32)).unwrap();
         std::fs::write(dir.path().join("admin.key"), ADMIN).unwrap();
-        let id = Uuid::now_v7().simple().to_string();
+        let id = Uuid::new_v4().simple().to_string();
         Self {
             db: db.url().to_owned(),
             dir,
@@ -292,7 +292,7 @@ async fn caught_up(db: &TestDb, pool: &sqlx::PgPool, topic: &str) -> u64 {
 /// below `size` was seen.
 async fn topic_positions(brokers: &str, topic: &str, size: u64) -> BTreeMap<u64, u32> {
     let consumer: StreamConsumer = countersign_scale::KafkaConfig::new(brokers, topic)
-        .consumer_config(&format!("{topic}-audit-{}", Uuid::now_v7().simple()))
+        .consumer_config(&format!("{topic}-audit-{}", Uuid::new_v4().simple()))
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
