@@ -7,21 +7,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use countersign_eventstore::testing::TestDb;
 use futures::StreamExt as _;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::api::Api;
-
-async fn put_user(api: &Api, server: &str, token: &str, userid: &str) {
-    let (status, body) = api
-        .call(
-            Method::PUT,
-            &format!("/v1/servers/{server}/users/{userid}"),
-            Some(token),
-            Some(json!({"attributes": {}})),
-        )
-        .await;
-    assert!(status.is_success(), "{body}");
-}
+use crate::transactions_device::put_user;
 
 async fn tenant_events_page_and_stream(db: &TestDb) {
     let api = Api::start(db).await;

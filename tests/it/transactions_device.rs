@@ -72,7 +72,7 @@ async fn view(api: &Api, server: &str, token: &str, id: &str) -> Value {
     body
 }
 
-async fn put_user(api: &Api, server: &str, token: &str, userid: &str) {
+pub(crate) async fn put_user(api: &Api, server: &str, token: &str, userid: &str) {
     let (status, body) = api
         .call(
             Method::PUT,
