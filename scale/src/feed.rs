@@ -5,7 +5,9 @@
 //! position, so a restart or a rebalance redelivers at most what was not yet applied, and
 //! the projector drops what it already has. A gap in the topic (a message lost, a topic
 //! recreated, retention shorter than the projector's absence) is filled from the log itself,
-//! and counted, so the projector never stops on it and never skips.
+//! and counted, so the projector never stops on it and never skips. So is a topic silent for
+//! 2 s while the log is ahead (the relay or the broker away, a consumer that lost its
+//! partition): the read models keep up, and the topic's late messages are dropped as repeats.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use crate::kafka::{self, KafkaConfig};
 
 /// How long a page waits for more messages once it has one.
 const GATHER: Duration = Duration::from_millis(2);
+/// How long the topic may stay silent before the feed looks whether the log is ahead.
+const SILENCE: Duration = Duration::from_secs(2);
 
 /// Where the projected events came from, for metrics and tests.
 #[derive(Debug, Default)]
@@ -87,6 +91,23 @@ impl KafkaFeed {
                     }
                     None
                 }
+                () = tokio::time::sleep(SILENCE) => {
+                    // The topic is silent: if the log is ahead (the relay or the broker is
+                    // away, or the consumer lost its partition), read it from the log.
+                    let mut page = Vec::new();
+                    if let Some(head) = self.store.last_position().await? {
+                        let to = head.min(next + batch as u64 - 1) + 1;
+                        if to > next {
+                            let filled = self.fill(next, to, &mut page).await?;
+                            tracing::warn!(from = next, events = filled, "the event topic is silent and the log is ahead: read from the log");
+                            next = to;
+                            if pages.send(Ok(page)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    None
+                }
             };
             self.acknowledge(&consumer, &mut sent, *processed.borrow())?;
             let Some(first) = first else { continue };
@@ -109,6 +130,8 @@ impl KafkaFeed {
                     }
                 };
                 if event.position < next {
+                    // Acknowledged like the rest once projected, so a restart skips it.
+                    sent.push_back((event.position, message.partition(), message.offset()));
                     self.counts.repeated.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
