@@ -164,7 +164,7 @@ pub async fn events(
 #[utoipa::path(get, path = "/v1/servers/{server_id}/events/stream", tag = "events",
     params(("server_id" = String, Path, description = "32 hex digits"), FeedParams),
     responses(
-        (status = 200, description = "An event stream of EventView", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream of EventView", content_type = "text/event-stream", body = crate::views::SseEvent),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "limit out of range", body = Problem, content_type = "application/problem+json"),

@@ -374,7 +374,7 @@ pub async fn transaction_qr(
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("transaction_id" = String, Path, description = "32 hex digits"), ReadParams),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = crate::views::SseEvent),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such transaction", body = Problem, content_type = "application/problem+json"),

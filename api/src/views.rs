@@ -502,3 +502,12 @@ pub enum EvidenceFormat {
 pub struct EvidenceParams {
     pub format: Option<EvidenceFormat>,
 }
+
+/// One server-sent event as a client parses it from a `text/event-stream` body: its name
+/// (`state`, `event`), its id (the log position it reflects) and its data (JSON text).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+}
