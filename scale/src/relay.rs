@@ -19,8 +19,7 @@ use countersign_eventstore::{Database, RecordedEvent, SharedStore, StoreError};
 use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 use tokio::sync::watch;
@@ -221,6 +220,7 @@ async fn publish(
     page: &[RecordedEvent],
 ) -> Result<(), RelayError> {
     let mut deliveries = Vec::with_capacity(page.len());
+    let mut delivered = 0;
     for event in page {
         let value = event.canonical_bytes()?;
         let mut record = FutureRecord::to(topic)
@@ -236,23 +236,36 @@ async fn publish(
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The producer's queue is full: wait for the oldest delivery still
+                    // outstanding, which frees its place.
                     record = back;
-                    producer.poll(Timeout::After(Duration::from_millis(10)));
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    match deliveries.get_mut(delivered) {
+                        Some(oldest) => {
+                            delivery_result(oldest).await?;
+                            delivered += 1;
+                        }
+                        None => {
+                            return Err(
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull).into()
+                            );
+                        }
+                    }
                 }
                 Err((error, _)) => return Err(error.into()),
             }
         }
     }
-    let delivered = try_join_all(deliveries.into_iter().map(|d| async move {
-        match d.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(RelayError::Kafka(error)),
-            Err(_) => Err(RelayError::Kafka(KafkaError::Canceled)),
-        }
-    }))
-    .await;
-    delivered.map(|_| ())
+    try_join_all(deliveries.iter_mut().skip(delivered).map(delivery_result)).await?;
+    Ok(())
+}
+
+/// Waits for one delivery's acknowledgement.
+async fn delivery_result(delivery: &mut DeliveryFuture) -> Result<(), RelayError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(RelayError::Kafka(error)),
+        Err(_) => Err(RelayError::Kafka(KafkaError::Canceled)),
+    }
 }
 
 #[cfg(test)]

@@ -145,18 +145,7 @@ impl Api {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, self.url(path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let bytes = response.bytes().await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
+        call_at(&self.http, &self.base, method, path, token, body).await
     }
 
     /// A GET that waits for the read models to reach `position` (read-your-writes).
@@ -209,6 +198,29 @@ impl Api {
     pub async fn stop(self) {
         self.running.stop().await.unwrap();
     }
+}
+
+/// Sends a request to the server at `base` and answers (status, JSON body or Null).
+pub(crate) async fn call_at(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = http.request(method, format!("{base}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value)
 }
 
 fn nonce(byte: u8) -> String {

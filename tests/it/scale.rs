@@ -155,17 +155,7 @@ impl Instance {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let body = response.json().await.unwrap_or(Value::Null);
-        (status, body)
+        crate::api::call_at(&self.http, &self.base, method, path, token, body).await
     }
 
     /// A tenant whose logins need no second factor, with an API key: (server id, token).
@@ -266,26 +256,62 @@ async fn relay_checkpoint(pool: &sqlx::PgPool, topic: &str) -> u64 {
     position.map_or(0, |p| u64::try_from(p).unwrap())
 }
 
+/// Waits until `check` answers `Ok`; its `Err` says what it saw, for the failure message.
+/// The state lives in other processes (their database rows, ports, logs), which send this
+/// test no event to wait on, so it is looked at every 50 ms, for at most [`WAIT`].
+async fn eventually<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(Instant::now() < deadline, "gave up waiting: {seen}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn log_size(db: &TestDb) -> u64 {
+    db.store.last_position().await.unwrap().map_or(0, |p| p + 1)
+}
+
+/// Waits until the relay has published more than `position` events.
+async fn relayed_beyond(pool: &sqlx::PgPool, topic: &str, position: u64) {
+    eventually(|| async {
+        let relayed = relay_checkpoint(pool, topic).await;
+        if relayed > position {
+            Ok(())
+        } else {
+            Err(format!(
+                "relayed {relayed}, waiting for more than {position}"
+            ))
+        }
+    })
+    .await;
+}
+
 /// Waits until the relay has published and every projection has applied the whole log;
 /// answers the log's size.
 async fn caught_up(db: &TestDb, pool: &sqlx::PgPool, topic: &str) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let size = db.store.last_position().await.unwrap().map_or(0, |p| p + 1);
+    eventually(|| async {
+        let size = log_size(db).await;
         let lowest: i64 = sqlx::query_scalar("SELECT min(position) FROM rm_checkpoints")
             .fetch_one(pool)
             .await
             .unwrap();
         let relayed = relay_checkpoint(pool, topic).await;
         if relayed == size && u64::try_from(lowest).unwrap() == size {
-            return size;
+            Ok(size)
+        } else {
+            Err(format!(
+                "not caught up: log {size}, relayed {relayed}, projected {lowest}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "not caught up: log {size}, relayed {relayed}, projected {lowest}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// How many times each position is in `topic`, read from its beginning until every position
@@ -475,18 +501,25 @@ async fn relay_killed_in_mid_stream_loses_nothing(db: &TestDb) {
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(&api, &server, &token, 8, stop.clone());
     // Kill the relay while it is publishing: it has published some, and more is coming.
-    let deadline = Instant::now() + WAIT;
-    while relay_checkpoint(&pool, &deployment.topic).await < 300 {
-        assert!(Instant::now() < deadline, "the relay published nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relayed_beyond(&pool, &deployment.topic, 300).await;
     relay.kill().await;
     let killed_at = relay_checkpoint(&pool, &deployment.topic).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The log goes on growing with no relay…
+    let head = log_size(db).await;
+    eventually(|| async {
+        let size = log_size(db).await;
+        if size > head + 300 {
+            Ok(())
+        } else {
+            Err(format!("log {size} after the kill at {head}"))
+        }
+    })
+    .await;
+    // …and a new relay takes over from the checkpoint while the load goes on.
     let relay = deployment
         .spawn("relay-2", "relay", &deployment.kafka_args(&brokers))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relayed_beyond(&pool, &deployment.topic, killed_at).await;
     stop.store(true, Ordering::Relaxed);
     let created = traffic.await.unwrap();
     assert!(created > 0);
@@ -525,11 +558,7 @@ impl Broker {
             .kill_on_drop(true)
             .spawn()
             .expect("tansu is not installed: .ci/test installs it (cargo install tansu --locked --features dynostore)");
-        let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(&address).await.is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        listening(&address).await;
         Self { child, address }
     }
 
@@ -558,7 +587,7 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
 
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(&api, &server, &token, 4, stop.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    relayed_beyond(&pool, &deployment.topic, 300).await;
     broker.signal("STOP");
     let paused_at = db.store.last_position().await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -568,7 +597,8 @@ async fn broker_paused_for_30_seconds_under_load(db: &TestDb) {
         "the log kept taking writes while the broker was away"
     );
     broker.signal("CONT");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The load goes on until the relay has published past what was written during the pause.
+    relayed_beyond(&pool, &deployment.topic, during).await;
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
 
@@ -601,27 +631,31 @@ async fn start_redis(port: u16) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server is not installed");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listening(&format!("127.0.0.1:{port}")).await;
     child
 }
 
+/// Waits until something accepts connections at `address`.
+async fn listening(address: &str) {
+    eventually(|| async {
+        match tokio::net::TcpStream::connect(address).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(format!("nothing listens at {address}: {error}")),
+        }
+    })
+    .await;
+}
+
 async fn wait_for_log(instance: &Instance, text: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !instance.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "never logged {text:?}: {}",
-            instance.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(|| async {
+        let log = instance.log_text();
+        if log.contains(text) {
+            Ok(())
+        } else {
+            Err(format!("never logged {text:?}: {log}"))
+        }
+    })
+    .await;
 }
 
 async fn redis_away_reads_fall_back_and_recover(db: &TestDb) {
