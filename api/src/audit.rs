@@ -74,8 +74,9 @@ impl From<StoredCheckpoint> for CheckpointView {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct CheckpointParams {
-    /// The checkpoint for exactly this size; the newest when absent.
+    /// The checkpoint for exactly this size (below 2^63); the newest when absent.
     #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::error::positions::optional")]
     pub tree_size: Option<u64>,
 }
 
@@ -257,7 +258,7 @@ pub async fn leaf(
     tenant: Tenant,
     Path(path): Path<(String, u64)>,
 ) -> Result<Json<LeafView>, ApiError> {
-    let (_, position) = path;
+    let position = crate::error::position("position", path.1)?;
     let event = state
         .store()
         .read_all(position, 1)

@@ -2,7 +2,8 @@
 //! that server).
 //!
 //! Rules:
-//! - credentials come only as `Authorization: Bearer …`; anything else is 401;
+//! - credentials come only as one `Authorization: Bearer …` header; anything else is 401,
+//!   and two or more `Authorization` headers are 400;
 //! - keys are compared by SHA-256 (the admin key in constant time); an API key is looked up
 //!   by its hash in the servers read model and must not be revoked, and its server must not
 //!   be deleted;
@@ -24,9 +25,15 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    parts
-        .headers
-        .get(AUTHORIZATION)
+    let mut credentials = parts.headers.get_all(AUTHORIZATION).iter();
+    let first = credentials.next();
+    if credentials.next().is_some() {
+        // Which one would count is up to each intermediary: refuse rather than pick.
+        return Err(ApiError::BadRequest(
+            "send exactly one Authorization header".into(),
+        ));
+    }
+    first
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.split_once(' ')?;
@@ -68,7 +75,7 @@ pub(crate) async fn api_key_of(parts: &Parts, state: &AppState) -> Result<Tenant
 }
 
 /// The caller holds an active API key of the server named in the path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Tenant {
     /// The server, checked against the path.
     pub server: ServerId,
@@ -76,6 +83,28 @@ pub struct Tenant {
     pub key_id: ApiKeyId,
     /// SHA-256 of the server's public key (goes into QR codes).
     pub server_fingerprint: [u8; 32],
+    /// SHA-256 of the key itself, to check it again later ([`still_valid`]).
+    pub key_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant")
+            .field("server", &self.server)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the key `tenant` was checked with is still active and its server not deleted
+/// (streams ask before each batch). A database failure counts as valid: a blip must not cut
+/// every stream; the next check decides.
+pub(crate) async fn still_valid(state: &AppState, tenant: &Tenant) -> bool {
+    match check_api_key(state, tenant.key_hash).await {
+        Ok(now) => now.key_id == tenant.key_id,
+        Err(ApiError::Unauthorized) => false,
+        Err(_) => true,
+    }
 }
 
 async fn check_api_key(state: &AppState, hash: [u8; 32]) -> Result<Tenant, ApiError> {
@@ -98,6 +127,7 @@ async fn check_api_key(state: &AppState, hash: [u8; 32]) -> Result<Tenant, ApiEr
         server: key.server_id,
         key_id: key.key_id,
         server_fingerprint: server.key_thumbprint,
+        key_hash: hash,
     };
     state.remember_credential(hash, tenant);
     Ok(tenant)

@@ -6,11 +6,17 @@
 //! - the caller's mistakes (400/413/415/422), missing rights (401), absence (404 — also for
 //!   another tenant's objects, so ids cannot be probed), conflicts (409), gone (410) and "not
 //!   yet" (503 with `Retry-After`) are kept apart;
-//! - 5xx bodies say nothing internal; the cause goes to the log with the request id;
+//! - 5xx bodies say nothing internal; the cause goes to the log with the request id; only
+//!   they log at ERROR, a caller's mistake never does;
+//! - a number the store cannot hold (a log position above [`MAX_POSITION`]) is the caller's
+//!   mistake (400), refused before it reaches a query;
+//! - a request is refused before its body is read when its head is too large
+//!   ([`refuse_oversize_head`]: 414, 431) or its `Content-Length` exceeds the route's body
+//!   limit ([`refuse_oversize_body`]: 413);
 //! - no message ever repeats a secret (tokens, nonces) or personal data from the request.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -19,8 +25,8 @@ use countersign_domain::ErrorKind;
 use countersign_eventstore::StoreError;
 use countersign_projections::ProjectionError;
 use countersign_projections::evidence::EvidenceAssemblyError;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 /// The media type of every error answer.
@@ -76,10 +82,23 @@ pub enum ApiError {
     /// What was asked for exists but cannot be answered yet (503, retry after a second).
     #[error("{0}")]
     NotYet(String),
+    /// The caller holds as many event streams as it may (429, retry after a second, or close
+    /// one first).
+    #[error("{0}")]
+    TooManyStreams(String),
     /// Our failure (500). The cause is logged, never shown.
     #[error("internal error")]
     Internal(String),
+    /// The `Idempotency-Key` was used before for another request (422, type
+    /// [`IDEMPOTENCY_KEY_REUSED`]); nothing was written. Not retryable: use a new key.
+    #[error(
+        "this Idempotency-Key was already used for a different request; a new request needs a new key"
+    )]
+    IdempotencyKeyReused,
 }
+
+/// The problem type of [`ApiError::IdempotencyKeyReused`].
+pub const IDEMPOTENCY_KEY_REUSED: &str = "urn:countersign:problem:idempotency-key-reused";
 
 impl ApiError {
     fn status(&self) -> StatusCode {
@@ -95,7 +114,9 @@ impl ApiError {
             Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -109,8 +130,18 @@ impl ApiError {
 pub fn problem(status: StatusCode, detail: String) -> Response {
     let title = status.canonical_reason().unwrap_or("Error");
     let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
+    typed_problem(
+        status,
+        &format!("urn:countersign:problem:{slug}"),
+        title,
+        detail,
+    )
+}
+
+/// A problem document of a type of its own, more precise than the status.
+pub fn typed_problem(status: StatusCode, kind: &str, title: &str, detail: String) -> Response {
     let body = Problem {
-        kind: format!("urn:countersign:problem:{slug}"),
+        kind: kind.to_owned(),
         title: title.to_owned(),
         status: status.as_u16(),
         detail,
@@ -128,13 +159,21 @@ impl IntoResponse for ApiError {
         if let Self::Internal(cause) = &self {
             tracing::error!(%cause, "request failed");
         }
-        let mut response = problem(status, self.to_string());
+        let mut response = match self {
+            Self::IdempotencyKeyReused => typed_problem(
+                status,
+                IDEMPOTENCY_KEY_REUSED,
+                "Idempotency key reused",
+                self.to_string(),
+            ),
+            _ => problem(status, self.to_string()),
+        };
         let headers = response.headers_mut();
         match self {
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) => {
+            Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) | Self::TooManyStreams(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -315,4 +354,116 @@ pub async fn problem_layer(request: Request, next: Next) -> Response {
 /// A 404 for a route nobody serves.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such resource".into())
+}
+
+/// The largest log position or tree size a caller may name: the store keeps positions as
+/// `i64`. A larger one names nothing that can exist and is refused as malformed (400) rather
+/// than passed down to fail as a query (500).
+pub const MAX_POSITION: u64 = i64::MAX as u64;
+
+/// `value` if it is a log position or tree size the store can hold, else 400 naming `what`.
+pub fn position(what: &str, value: u64) -> Result<u64, ApiError> {
+    at_most(what, value, MAX_POSITION)
+}
+
+/// `value` if events can follow it: an `after` position, read on from `value + 1`.
+pub fn position_after(what: &str, value: u64) -> Result<u64, ApiError> {
+    at_most(what, value, MAX_POSITION - 1)
+}
+
+fn at_most(what: &str, value: u64, max: u64) -> Result<u64, ApiError> {
+    if value <= max {
+        Ok(value)
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{what} must be at most {max}"
+        )))
+    }
+}
+
+/// Deserializers for positions in query strings, as
+/// `#[serde(default, deserialize_with = "crate::error::positions::optional")]`: an
+/// out-of-range number fails the extraction (400) like any other malformed parameter.
+pub mod positions {
+    use super::{Deserialize, Deserializer, MAX_POSITION};
+
+    fn bounded<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        max: u64,
+    ) -> Result<Option<u64>, D::Error> {
+        match Option::<u64>::deserialize(deserializer)? {
+            Some(value) if value > max => Err(serde::de::Error::custom(format!(
+                "{value} is out of range: a log position is at most {max}"
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// A log position or tree size, at most [`MAX_POSITION`].
+    pub fn optional<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        bounded(deserializer, MAX_POSITION)
+    }
+
+    /// An `after` position, at most [`MAX_POSITION`] − 1 (reading resumes after it).
+    pub fn optional_after<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u64>, D::Error> {
+        bounded(deserializer, MAX_POSITION - 1)
+    }
+}
+
+/// Longest request target served (scheme, authority, path and query): 8 KiB; longer is 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most header bytes a request may carry, counted as sent (`name: value` and CRLF per
+/// field): 16 KiB; more is 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses a request whose target or headers are too large (414, 431) before anything else
+/// looks at it.
+pub async fn refuse_oversize_head(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    let uri_bytes = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_bytes > MAX_URI_BYTES {
+        return problem(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+        );
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return problem(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
+        );
+    }
+    next.run(request).await
+}
+
+/// Answers 413 at once when the declared `Content-Length` is larger than `max` (the body
+/// limit of the routes it wraps, given to axum's `DefaultBodyLimit` beside it), so an absurd
+/// length is refused without waiting for a body that may never come.
+pub async fn refuse_oversize_body(
+    State(max): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let max = u64::try_from(max).unwrap_or(u64::MAX);
+    // Digits too many for a u64 are a length too large as well.
+    let too_large = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .is_some_and(|v| v.parse::<u64>().map_or(true, |length| length > max));
+    if too_large {
+        return ApiError::TooLarge.into_response();
+    }
+    next.run(request).await
 }

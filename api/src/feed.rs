@@ -19,9 +19,10 @@ use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::RecordedEvent;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::Tenant;
+use crate::auth::{Tenant, still_valid};
 use crate::error::{ApiError, Json, Path, Problem, Query};
 use crate::state::AppState;
 
@@ -33,8 +34,9 @@ pub const SCAN: usize = 10_000;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct FeedParams {
-    /// Events after this log position (absent: from the start of the log).
+    /// Events after this log position, below 2^63 − 1 (absent: from the start of the log).
     #[param(minimum = 0)]
+    #[serde(default, deserialize_with = "crate::error::positions::optional_after")]
     pub after: Option<u64>,
     /// Events per page, 1–1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -184,31 +186,66 @@ pub async fn event_stream(
                 .to_str()
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| ApiError::Invalid("Last-Event-ID must be a log position".into()))?,
+                .ok_or_else(|| ApiError::Invalid("Last-Event-ID must be a log position".into()))
+                .and_then(|p| crate::error::position_after("Last-Event-ID", p))?,
         ),
         None => None,
     };
+    let lease = state.streams().lease(tenant.key_id, tenant.server)?;
+    let fan_out = state
+        .streams()
+        .subscribe(state.store(), state.reads().processed());
+    let after = resume.or(params.after);
     struct Follow {
         state: AppState,
+        tenant: Tenant,
         server: String,
-        after: Option<u64>,
-        head: tokio::sync::watch::Receiver<Option<u64>>,
+        /// The next log position to look at.
+        next: u64,
+        fan_out: tokio::sync::broadcast::Receiver<crate::streams::Batch>,
+        revocations: tokio::sync::watch::Receiver<u64>,
+        /// The fan-out may not hold everything from `next` on: read the log.
+        behind: bool,
         queue: std::collections::VecDeque<EventView>,
         greeted: bool,
+        ends: tokio::time::Instant,
+        _lease: crate::streams::Lease,
+    }
+    impl Follow {
+        /// Queues the tenant's events of `batch` from `next` on.
+        fn take(&mut self, batch: &[RecordedEvent]) {
+            let from = self.next;
+            for event in batch.iter().filter(|e| e.position >= from) {
+                if crate::audit::stream_of(&event.stream, &self.server) {
+                    match view(event) {
+                        Ok(view) => self.queue.push_back(view),
+                        Err(error) => {
+                            tracing::warn!(%error, position = event.position, "event stream: cannot show an event");
+                        }
+                    }
+                }
+                self.next = event.position + 1;
+            }
+        }
     }
     let start = Follow {
-        head: state.store().head(),
+        revocations: state.streams().revocations(),
+        ends: tokio::time::Instant::now() + state.streams().limits().lifetime,
         state,
+        tenant,
         server: tenant.server.to_string(),
-        after: resume.or(params.after),
+        next: after.map_or(0, |p| p.saturating_add(1)),
+        fan_out,
+        behind: true,
         queue: std::collections::VecDeque::new(),
         greeted: false,
+        _lease: lease,
     };
     let stream = futures::stream::unfold(start, move |mut follow| async move {
         if !follow.greeted {
             // A comment first, so the client has the response before the first event.
             follow.greeted = true;
-            let after = follow.after.map_or("the start".into(), |p| p.to_string());
+            let after = after.map_or("the start".into(), |p| p.to_string());
             return Some((
                 Ok(Event::default().comment(format!("events after {after}"))),
                 follow,
@@ -223,29 +260,48 @@ pub async fn event_stream(
                     .data(data);
                 return Some((Ok(sse), follow));
             }
-            follow.head.borrow_and_update();
-            match page(&follow.state, &follow.server, follow.after, limit).await {
-                Ok(page) => {
-                    let moved = page.next_after != follow.after;
-                    follow.after = page.next_after;
-                    follow.queue.extend(page.events);
-                    if moved {
+            if tokio::time::Instant::now() >= follow.ends
+                || !still_valid(&follow.state, &follow.tenant).await
+            {
+                return None;
+            }
+            if follow.behind {
+                let streams = follow.state.streams().clone();
+                match streams
+                    .catch_up(follow.state.store(), follow.next, limit)
+                    .await
+                {
+                    Ok(batch) => {
+                        // A short read reached the log's end after the fan-out was
+                        // subscribed: whatever comes next, the fan-out carries.
+                        follow.behind = batch.len() == limit;
+                        follow.take(&batch);
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "event stream: reading the log failed");
+                        tokio::time::sleep(crate::streams::POLL).await;
                         continue;
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "event stream: reading the log failed");
-                }
             }
-            // Caught up: wait for a commit (or look again after a while, for writers this
-            // process cannot hear).
             tokio::select! {
-                changed = follow.head.changed() => {
+                batch = follow.fan_out.recv() => match batch {
+                    Ok(batch) => match batch.first() {
+                        // A gap between what was read and the fan-out: read it from the log.
+                        Some(first) if first.position > follow.next => follow.behind = true,
+                        _ => follow.take(&batch),
+                    },
+                    Err(RecvError::Lagged(_)) => follow.behind = true,
+                    Err(RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep_until(follow.ends) => return None,
+                changed = follow.revocations.changed() => {
                     if changed.is_err() {
                         return None;
                     }
                 }
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(crate::streams::RECHECK) => {}
             }
         }
     });

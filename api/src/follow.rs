@@ -1,7 +1,10 @@
 //! Server-sent events that follow one read-model row: its current state at once, then every
-//! change, until a final state. Woken by the read models' progress (never polling the
-//! database); a change that moves the row's position without changing its state (a session's
-//! ping, a second `presented`) sends nothing.
+//! change, until a final state. Each stream listens to the process's one reader of the log
+//! ([`crate::streams`]) and reads its row again only when an event of the row's own stream
+//! was committed (and projected): a thousand open streams cost no query per commit. A change
+//! that moves the row's position without changing its state (a session's ping, a second
+//! `presented`) sends nothing. Streams count against their key's caps, end after the
+//! configured lifetime, and end when their key is revoked or their server deleted.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,8 +12,12 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
 
+use crate::auth::{Tenant, still_valid};
+use crate::error::ApiError;
 use crate::state::AppState;
+use crate::streams::RECHECK;
 
 /// What one row says, as a stream sends it.
 pub(crate) struct Step {
@@ -22,69 +29,138 @@ pub(crate) struct Step {
     pub last: bool,
 }
 
-/// Streams `first`, then the row as `read` finds it after each batch the read models commit.
+/// The row to follow: its event stream in the log and how to read and show it.
+pub(crate) struct Row<R, F> {
+    /// The name of the log stream whose events change the row.
+    pub stream: String,
+    /// The row as read before the stream starts.
+    pub first: R,
+    /// Reads the row again.
+    pub read: F,
+    /// What the row says.
+    pub step: fn(&R) -> Step,
+}
+
+/// Streams `row.first`, then the row as `row.read` finds it after each event of its stream.
 /// Each event is named `key` and carries `{key: state, "position": position}`.
 pub(crate) fn follow<R, F, Fut>(
     state: AppState,
+    tenant: Tenant,
     key: &'static str,
-    first: R,
-    read: F,
-    step: fn(&R) -> Step,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
+    row: Row<R, F>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError>
 where
     R: Send + 'static,
     F: Fn(AppState) -> Fut + Send + 'static,
     Fut: Future<Output = Option<R>> + Send,
 {
+    let lease = state.streams().lease(tenant.key_id, tenant.server)?;
+    let fan_out = state
+        .streams()
+        .subscribe(state.store(), state.reads().processed());
+    let ends = tokio::time::Instant::now() + state.streams().limits().lifetime;
     struct Follow<R, F> {
         state: AppState,
-        processed: tokio::sync::watch::Receiver<u64>,
+        tenant: Tenant,
+        stream: String,
+        fan_out: tokio::sync::broadcast::Receiver<crate::streams::Batch>,
+        revocations: tokio::sync::watch::Receiver<u64>,
         read: F,
+        step: fn(&R) -> Step,
         pending: Option<R>,
+        /// Read once more after the first answer, once the read models reached the log's
+        /// head: a change committed between the handler's read and the subscription would
+        /// otherwise wait for the next one.
+        recheck: bool,
         /// The state last sent.
         last: Option<String>,
         done: bool,
+        ends: tokio::time::Instant,
+        _lease: crate::streams::Lease,
     }
     let start = Follow {
-        processed: state.reads().processed(),
+        revocations: state.streams().revocations(),
         state,
-        read,
-        pending: Some(first),
+        tenant,
+        stream: row.stream,
+        fan_out,
+        read: row.read,
+        step: row.step,
+        pending: Some(row.first),
+        recheck: true,
         last: None,
         done: false,
+        ends,
+        _lease: lease,
     };
     let stream = futures::stream::unfold(start, move |mut follow| async move {
         if follow.done {
             return None;
         }
         loop {
-            let row = match follow.pending.take() {
-                Some(row) => Some(row),
-                None => {
-                    if follow.processed.changed().await.is_err() {
-                        return None;
-                    }
-                    (follow.read)(follow.state.clone()).await
+            if let Some(row) = follow.pending.take() {
+                let Step {
+                    value,
+                    position,
+                    last,
+                } = (follow.step)(&row);
+                if follow.last.as_deref() == Some(value.as_str()) {
+                    continue;
                 }
-            };
-            let Some(row) = row else { continue };
-            let Step {
-                value,
-                position,
-                last,
-            } = step(&row);
-            if follow.last.as_deref() == Some(value.as_str()) {
+                follow.done = last;
+                let data = serde_json::json!({ key: value, "position": position }).to_string();
+                follow.last = Some(value);
+                let event = Event::default()
+                    .event(key)
+                    .id(position.to_string())
+                    .data(data);
+                return Some((Ok(event), follow));
+            }
+            if follow.recheck {
+                // Whatever was committed before the subscription is at or below the head read
+                // now; once projected, the row shows it (later commits come by the fan-out).
+                follow.recheck = false;
+                if let Ok(Some(head)) = follow.state.store().last_position().await {
+                    let wait = follow.state.config().max_wait;
+                    let _ = follow.state.reads().wait_for(head, wait).await;
+                }
+                follow.pending = (follow.read)(follow.state.clone()).await;
                 continue;
             }
-            follow.done = last;
-            let data = serde_json::json!({ key: value, "position": position }).to_string();
-            follow.last = Some(value);
-            let event = Event::default()
-                .event(key)
-                .id(position.to_string())
-                .data(data);
-            return Some((Ok(event), follow));
+            let changed_at = tokio::select! {
+                batch = follow.fan_out.recv() => match batch {
+                    Ok(batch) => match batch.iter().rev().find(|e| e.stream == follow.stream) {
+                        Some(event) => Some(event.position),
+                        None => continue,
+                    },
+                    // Fell behind the fan-out: whatever happened, the row says it now.
+                    Err(RecvError::Lagged(_)) => None,
+                    Err(RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep_until(follow.ends) => return None,
+                changed = follow.revocations.changed() => {
+                    if changed.is_err() || !still_valid(&follow.state, &follow.tenant).await {
+                        return None;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(RECHECK) => {
+                    if !still_valid(&follow.state, &follow.tenant).await {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            if !still_valid(&follow.state, &follow.tenant).await {
+                return None;
+            }
+            if let Some(position) = changed_at {
+                // Bounded: a stalled projector shows as no change, not a stuck stream.
+                let wait = follow.state.config().max_wait;
+                let _ = follow.state.reads().wait_for(position, wait).await;
+            }
+            follow.pending = (follow.read)(follow.state.clone()).await;
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

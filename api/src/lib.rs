@@ -5,8 +5,9 @@
 //! Every handler is three steps: extract, call a command (writes) or a read model (reads), map
 //! the result. Writes answer the log position they reached; reads accept `min_position` and
 //! wait, bounded, until their read model has processed it (read-your-writes without sleeping).
-//! Errors are RFC 9457 problem+json (see [`error`]). The caller's session nonce appears in
-//! URLs, so request logs name the matched route, never the path.
+//! Errors are RFC 9457 problem+json (see [`error`]). The caller's session nonce belongs in the
+//! `X-Nonce` header ([`sessions`]); its older path form still works, so request logs name the
+//! matched route, never the path.
 
 pub mod audit;
 pub mod auth;
@@ -14,12 +15,14 @@ pub mod error;
 pub mod expiry;
 pub mod feed;
 mod follow;
+pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod qr;
 pub mod servers;
 pub mod sessions;
 pub mod state;
+pub mod streams;
 pub mod transactions;
 pub mod users;
 pub mod views;
@@ -43,6 +46,7 @@ pub const POSITION_HEADER: HeaderName = HeaderName::from_static("x-countersign-p
 /// The whole API as a router, ready to serve or to drive with `oneshot` in tests.
 pub fn router(state: AppState) -> Router {
     let config = state.config();
+    let transaction_body_limit = config.body_limit.max(transactions::BODY_LIMIT);
     let v1 = Router::new()
         .route(
             "/servers",
@@ -94,6 +98,20 @@ pub fn router(state: AppState) -> Router {
             get(users::get_enrolment),
         )
         .route(
+            "/servers/{server_id}/session",
+            put(sessions::put_session_by_header)
+                .get(sessions::get_session_by_header)
+                .delete(sessions::delete_session_by_header),
+        )
+        .route(
+            "/servers/{server_id}/session/qr",
+            get(sessions::session_qr_by_header),
+        )
+        .route(
+            "/servers/{server_id}/session/events",
+            get(sessions::session_events_by_header),
+        )
+        .route(
             "/servers/{server_id}/sessions/{nonce}",
             put(sessions::put_session)
                 .get(sessions::get_session)
@@ -106,12 +124,6 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/sessions/{nonce}/events",
             get(sessions::session_events),
-        )
-        .route(
-            "/servers/{server_id}/transactions",
-            axum::routing::post(transactions::create_transaction).layer(DefaultBodyLimit::max(
-                config.body_limit.max(transactions::BODY_LIMIT),
-            )),
         )
         .route(
             "/servers/{server_id}/transactions/{transaction_id}",
@@ -141,6 +153,23 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/events/stream",
             get(feed::event_stream),
+        )
+        // The routes above take the default body limit and refuse a longer declared
+        // Content-Length at once (a layer wraps only the routes added before it); the
+        // transaction creation below takes its own, larger, limit the same way.
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            config.body_limit,
+            error::refuse_oversize_body,
+        ))
+        .route(
+            "/servers/{server_id}/transactions",
+            axum::routing::post(transactions::create_transaction)
+                .layer(DefaultBodyLimit::max(transaction_body_limit))
+                .layer(axum::middleware::from_fn_with_state(
+                    transaction_body_limit,
+                    error::refuse_oversize_body,
+                )),
         );
     Router::new()
         .nest("/v1", v1)
@@ -150,15 +179,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::scrape))
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn(error::refuse_oversize_head))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
-        .layer(axum::middleware::from_fn(error::problem_layer))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
         ))
+        // Outside the timeout, so that its 408 is problem+json too.
+        .layer(axum::middleware::from_fn(error::problem_layer))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)

@@ -34,6 +34,21 @@ struct RouteLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReaderLabels {
+    /// `shared` (the fan-out's one reader) or `catch_up` (a stream reading its backlog).
+    pub reader: &'static str,
+}
+
+/// The event streams' counters, shared with [`crate::streams::Streams`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StreamMetrics {
+    /// Reads of the log made for event streams, by reader.
+    pub log_reads: Family<ReaderLabels, Counter>,
+    /// Event streams open now.
+    pub open: Gauge,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -46,6 +61,7 @@ struct Inner {
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     lag_positions: Gauge,
     lag_seconds: Gauge<f64, AtomicU64>,
+    streams: StreamMetrics,
 }
 
 /// The API's metrics.
@@ -93,13 +109,31 @@ impl Metrics {
             "Age of the oldest committed event the read models have not processed yet",
             lag_seconds.clone(),
         );
+        let streams = StreamMetrics::default();
+        registry.register(
+            "stream_log_reads",
+            "Reads of the log made for event streams, by reader: shared (the one reader that fans out to every stream) or catch_up (a stream reading its backlog)",
+            streams.log_reads.clone(),
+        );
+        registry.register(
+            "streams_open",
+            "Server-sent event streams open now",
+            streams.open.clone(),
+        );
         Self(Arc::new(Inner {
+            streams,
             registry,
             requests,
             latency,
             lag_positions,
             lag_seconds,
         }))
+    }
+}
+
+impl Metrics {
+    pub(crate) fn streams(&self) -> &StreamMetrics {
+        &self.0.streams
     }
 }
 

@@ -35,6 +35,39 @@ impl Modify for BearerSchemes {
     }
 }
 
+/// Marks the session calls that carry the nonce in the path deprecated: the nonce is the
+/// session's bearer secret and paths end up in proxy and access logs (OWASP ASVS 3.1.1); the
+/// same calls under `…/session` take it in `X-Nonce`.
+struct NonceInPathDeprecated;
+
+impl Modify for NonceInPathDeprecated {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.contains("{nonce}") {
+                continue;
+            }
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.post,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation.deprecated = Some(utoipa::openapi::Deprecated::True);
+                let note = "Deprecated: the nonce is a bearer secret and paths are logged by \
+                    proxies; send it in `X-Nonce` to the same call under `…/session` instead.";
+                operation.description = Some(match operation.description.take() {
+                    Some(text) => format!("{note}\n\n{text}"),
+                    None => note.to_owned(),
+                });
+            }
+        }
+    }
+}
+
 /// The API description.
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +86,9 @@ impl Modify for BearerSchemes {
         users::put_user, users::get_user, users::list_users, users::delete_user,
         users::list_accounts, users::delete_account, users::create_enrolment,
         users::get_enrolment,
+        sessions::put_session_by_header, sessions::get_session_by_header,
+        sessions::delete_session_by_header, sessions::session_qr_by_header,
+        sessions::session_events_by_header,
         sessions::put_session, sessions::get_session, sessions::delete_session,
         sessions::session_qr, sessions::session_events,
         transactions::create_transaction, transactions::get_transaction,
@@ -63,12 +99,12 @@ impl Modify for BearerSchemes {
         state::healthz, state::readyz, metrics::scrape,
     ),
     components(schemas(error::Problem, views::QrFormat, views::EvidenceFormat)),
-    modifiers(&BearerSchemes),
+    modifiers(&BearerSchemes, &NonceInPathDeprecated),
     tags(
         (name = "servers", description = "Virtual servers (tenants) and their API keys; admin key"),
         (name = "users", description = "Users and their accounts; API key"),
         (name = "enrolments", description = "Enrolment QR codes; API key"),
-        (name = "sessions", description = "Login sessions by nonce; API key"),
+        (name = "sessions", description = "Login sessions by nonce, sent in the X-Nonce header; API key"),
         (name = "transactions", description = "Transactions to sign, their QR codes, status and evidence bundles; API key"),
         (name = "audit", description = "Signed checkpoints and Merkle proofs; any valid credential, leaves for their own tenant only"),
         (name = "events", description = "A tenant's own events from the log, paged or streamed; API key"),

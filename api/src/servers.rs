@@ -3,8 +3,9 @@
 //! this instance the moment the answer arrives.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use countersign_commands::idempotency::Scope;
 use countersign_commands::load;
 use countersign_domain::server::{ConfigureServer, Server, ServerEvent};
 use countersign_domain::{ApiKeyId, ServerId};
@@ -13,6 +14,7 @@ use countersign_projections::ServerRow;
 
 use crate::auth::Admin;
 use crate::error::{ApiError, Json, Path, Query};
+use crate::idempotency::{IdempotencyKey, KeyedJson};
 use crate::state::AppState;
 use crate::views::{
     ApiKeyIssued, ApiKeyList, ApiKeyView, CreateServerRequest, IssueApiKeyRequest, PageParams,
@@ -20,21 +22,6 @@ use crate::views::{
     TrustSfsKeyRequest, UpdateServerRequest, Written,
 };
 use crate::{POSITION_HEADER, error::Problem};
-
-/// The idempotency key of a request, if it carries one (1..=255 visible ASCII characters).
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let text = value
-        .to_str()
-        .ok()
-        .filter(|t| !t.is_empty() && t.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::BadRequest("Idempotency-Key must be 1..=255 visible ASCII characters".into())
-        })?;
-    Ok(Some(text.to_owned()))
-}
 
 /// Answers `body` with `status` and the position header.
 pub fn written<T: serde::Serialize>(
@@ -56,9 +43,12 @@ pub(crate) fn parse_server_id(text: &str) -> Result<ServerId, ApiError> {
         .map_err(|_| ApiError::NotFound("no such server".into()))
 }
 
+/// Who makes admin requests (in event metadata and idempotency fingerprints).
+const ADMIN: &str = "admin";
+
 fn admin_metadata() -> Metadata {
     Metadata {
-        actor: Some("admin".into()),
+        actor: Some(ADMIN.into()),
         ..Metadata::default()
     }
 }
@@ -86,7 +76,7 @@ async fn live_server(state: &AppState, server: ServerId) -> Result<ServerRow, Ap
 /// Creates a virtual server with a fresh id and P-256 key pair.
 #[utoipa::path(post, path = "/v1/servers", tag = "servers",
     request_body = CreateServerRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same server")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and request answer the same server; another request under the key is 422")),
     responses(
         (status = 201, description = "Created", body = ServerWritten),
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
@@ -95,20 +85,23 @@ async fn live_server(state: &AppState, server: ServerId) -> Result<ServerRow, Ap
         (status = 410, description = "Created earlier under this idempotency key and deleted since", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]
 pub async fn create_server(
     State(state): State<AppState>,
     _admin: Admin,
-    headers: HeaderMap,
-    Json(request): Json<CreateServerRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<CreateServerRequest>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
+    let key = key
+        .bind(&state, Scope::Admin, ADMIN, b"", &body.canonical)
+        .await?;
     let (server, done) = state
         .commands()
         .servers
-        .create(&request.name, &admin_metadata(), key.as_deref())
+        .create(&request.name, &admin_metadata(), key)
         .await?;
     state.wait_for(done.position).await?;
     let row = live_server(&state, server).await.map_err(|_| {
@@ -190,7 +183,7 @@ pub async fn get_server(
 /// Changes some settings; fields not given stay as they are.
 #[utoipa::path(patch, path = "/v1/servers/{server_id}", tag = "servers",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
     request_body = UpdateServerRequest,
     responses(
         (status = 200, description = "The server after the change", body = ServerWritten),
@@ -201,18 +194,21 @@ pub async fn get_server(
         (status = 410, description = "Deleted", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]
 pub async fn update_server(
     State(state): State<AppState>,
     _admin: Admin,
     Path(server_id): Path<String>,
-    headers: HeaderMap,
-    Json(request): Json<UpdateServerRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<UpdateServerRequest>,
 ) -> Result<Response, ApiError> {
     let server = parse_server_id(&server_id)?;
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
+    let key = key
+        .bind(&state, Scope::Admin, ADMIN, b"", &body.canonical)
+        .await?;
     let second_factor = if request.second_factor.is_some()
         || request.second_factor_cache_secs.is_some()
     {
@@ -244,7 +240,7 @@ pub async fn update_server(
     let done = state
         .commands()
         .servers
-        .configure(server, change, &admin_metadata(), key.as_deref())
+        .configure(server, change, &admin_metadata(), key)
         .await?;
     state.wait_for(done.position).await?;
     let row = live_server(&state, server).await?;
@@ -293,7 +289,7 @@ pub async fn delete_server(
 /// Issues an API key for the server. The token is in this answer only.
 #[utoipa::path(post, path = "/v1/servers/{server_id}/api-keys", tag = "servers",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same token")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and request answer the same token; another request under the key is 422")),
     request_body = IssueApiKeyRequest,
     responses(
         (status = 201, description = "Issued", body = ApiKeyIssued),
@@ -304,22 +300,25 @@ pub async fn delete_server(
         (status = 410, description = "Deleted", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = [])))]
 pub async fn issue_api_key(
     State(state): State<AppState>,
     _admin: Admin,
     Path(server_id): Path<String>,
-    headers: HeaderMap,
-    Json(request): Json<IssueApiKeyRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<IssueApiKeyRequest>,
 ) -> Result<Response, ApiError> {
     let server = parse_server_id(&server_id)?;
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
+    let key = key
+        .bind(&state, Scope::Admin, ADMIN, b"", &body.canonical)
+        .await?;
     let (key_id, token, done) = state
         .commands()
         .servers
-        .issue_api_key(server, &request.label, &admin_metadata(), key.as_deref())
+        .issue_api_key(server, &request.label, &admin_metadata(), key)
         .await?;
     state.wait_for(done.position).await?;
     let label = done

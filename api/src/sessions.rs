@@ -2,12 +2,20 @@
 //! getSession pair). The nonce is checked (≥ 128 bits) and turned into the session's hsid at
 //! once; it is never stored or logged. Session reads are the hottest path of the API: one
 //! primary-key lookup in the sessions read model, plus the user's row once logged in.
+//!
+//! The nonce is the session's bearer secret, so it belongs in a header, never in a URL:
+//! reverse proxies, load balancers and access logs record paths (OWASP ASVS 3.1.1). Every
+//! session call therefore has two forms, answering alike:
+//! - `…/session` with the nonce in `X-Nonce` ([`NonceHeader`]): the form to use;
+//! - `…/sessions/{nonce}`, the first form, kept working for existing callers and marked
+//!   deprecated in the OpenAPI document.
 
 use std::convert::Infallible;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_commands::session::SessionOptions;
@@ -19,9 +27,10 @@ use futures::Stream;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
-use crate::servers::{idempotency_key, written};
+use crate::idempotency::{IdempotencyKey, canonical_json};
+use crate::servers::written;
 use crate::state::AppState;
-use crate::users::{open_user, tenant_metadata, user_ref};
+use crate::users::{bind_tenant_key, open_user, tenant_metadata, user_ref};
 use crate::views::{
     PutSessionRequest, QrFormat, QrParams, QrView, ReadParams, SessionOpenedView, SessionView,
 };
@@ -82,6 +91,36 @@ pub(crate) fn qr_answer(
     Ok(response)
 }
 
+/// The header that carries the session nonce in the header form of the session calls.
+pub const NONCE_HEADER: HeaderName = HeaderName::from_static("x-nonce");
+
+/// The session nonce from the `X-Nonce` header (400 when there is none). Whether it is strong
+/// enough is checked with the path form's rules when it is turned into the session's id.
+pub struct NonceHeader(pub String);
+
+impl std::fmt::Debug for NonceHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceHeader(..)")
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for NonceHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all(NONCE_HEADER).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(ApiError::BadRequest(
+                "the session nonce goes in exactly one X-Nonce header".into(),
+            ));
+        };
+        let nonce = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("X-Nonce must be visible ASCII".into()))?;
+        Ok(Self(nonce.trim().to_owned()))
+    }
+}
+
 async fn session_ref(
     state: &AppState,
     tenant: &Tenant,
@@ -129,13 +168,12 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
     })
 }
 
-/// Opens a login session for the nonce (or finds it open with the same options) and answers
-/// its login QR code.
+/// The path form of [`put_session_by_header`] (deprecated: the nonce ends up in access logs).
 #[utoipa::path(put, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce: hex or base64 carrying ≥ 128 bits"),
            QrParams,
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
     request_body(content = Option<PutSessionRequest>, description = "May be empty"),
     responses(
         (status = 200, description = "Already open with these options", content((SessionOpenedView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
@@ -147,7 +185,7 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
         (status = 410, description = "The session has ended", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Weak nonce or invalid options", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce, invalid options, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn put_session(
@@ -155,17 +193,70 @@ pub async fn put_session(
     tenant: Tenant,
     Path(path): Path<(String, String)>,
     Query(params): Query<QrParams>,
+    key: IdempotencyKey,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (_, nonce) = path;
-    let request: PutSessionRequest = optional_json(&headers, &body)?;
-    let key = idempotency_key(&headers)?;
-    let session = session_ref(&state, &tenant, &nonce).await?;
+    open_session(&state, &tenant, &nonce, params, &key, &headers, &body).await
+}
+
+/// Opens a login session for the nonce in `X-Nonce` (or finds it open with the same options)
+/// and answers its login QR code.
+#[utoipa::path(put, path = "/v1/servers/{server_id}/session", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("X-Nonce" = String, Header, description = "The caller's secret session nonce: hex or base64 carrying ≥ 128 bits"),
+           QrParams,
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
+    request_body(content = Option<PutSessionRequest>, description = "May be empty"),
+    responses(
+        (status = 200, description = "Already open with these options", content((SessionOpenedView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
+        (status = 201, description = "Opened", content((SessionOpenedView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
+        (status = 400, description = "Malformed, or no X-Nonce (header form)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not this key's server", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Open with other options", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The session has ended", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce, invalid options, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn put_session_by_header(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    NonceHeader(nonce): NonceHeader,
+    Query(params): Query<QrParams>,
+    key: IdempotencyKey,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    open_session(&state, &tenant, &nonce, params, &key, &headers, &body).await
+}
+
+async fn open_session(
+    state: &AppState,
+    tenant: &Tenant,
+    nonce: &str,
+    params: QrParams,
+    key: &IdempotencyKey,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let request: PutSessionRequest = optional_json(headers, body)?;
+    let session = session_ref(state, tenant, nonce).await?;
     let user = match request.userid.as_deref() {
-        Some(userid) => Some(user_ref(&tenant, userid)?.digest),
+        Some(userid) => Some(user_ref(state, tenant, userid).await?.digest),
         None => None,
     };
+    let key = bind_tenant_key(
+        state,
+        tenant,
+        key,
+        session.hsid.as_bytes(),
+        &canonical_json(body),
+    )
+    .await?;
     let options = SessionOptions {
         ping_time_secs: request.ping_time_secs,
         announce_info: request.announce_info,
@@ -175,7 +266,7 @@ pub async fn put_session(
     let done = state
         .commands()
         .sessions
-        .open(session, options, &tenant_metadata(&tenant), key.as_deref())
+        .open(session, options, &tenant_metadata(tenant), key)
         .await?;
     let opened = done.events.iter().find_map(|e| match e {
         SessionEvent::Opened(o) => Some(o.expires_at),
@@ -186,7 +277,7 @@ pub async fn put_session(
     } else {
         StatusCode::OK
     };
-    let payload = login_qr(&state, &tenant, session);
+    let payload = login_qr(state, tenant, session);
     let format = params.format.unwrap_or_default();
     if format != QrFormat::Json {
         return qr_answer(&payload, format, params.size, status, done.position);
@@ -285,7 +376,7 @@ async fn current_row(
         .ok_or_else(|| ApiError::NotFound("no such session".into()))
 }
 
-/// The session's state: who logged in with which account, and whether a login can be pushed.
+/// The path form of [`get_session_by_header`] (deprecated: the nonce ends up in access logs).
 #[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce"), ReadParams),
@@ -305,14 +396,45 @@ pub async fn get_session(
     Query(read): Query<ReadParams>,
 ) -> Result<Json<SessionView>, ApiError> {
     let (_, nonce) = path;
-    let session = session_ref(&state, &tenant, &nonce).await?;
+    read_session(state, tenant, &nonce, read).await
+}
+
+/// The session named by `X-Nonce`: who logged in with which account, and whether a login can be
+/// pushed.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/session", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("X-Nonce" = String, Header, description = "The caller's secret session nonce"), ReadParams),
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 400, description = "Malformed, or no X-Nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn get_session_by_header(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    NonceHeader(nonce): NonceHeader,
+    Query(read): Query<ReadParams>,
+) -> Result<Json<SessionView>, ApiError> {
+    read_session(state, tenant, &nonce, read).await
+}
+
+async fn read_session(
+    state: AppState,
+    tenant: Tenant,
+    nonce: &str,
+    read: ReadParams,
+) -> Result<Json<SessionView>, ApiError> {
+    let session = session_ref(&state, &tenant, nonce).await?;
     state.wait_for(read.min_position).await?;
     let row = current_row(&state, &tenant, session).await?;
     Ok(Json(session_view(&state, &row).await?))
 }
 
-/// Ends the session: logs it out, or aborts it before login. Ending an ended session
-/// changes nothing.
+/// The path form of [`delete_session_by_header`] (deprecated: the nonce ends up in access logs).
 #[utoipa::path(delete, path = "/v1/servers/{server_id}/sessions/{nonce}", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce")),
@@ -329,7 +451,32 @@ pub async fn delete_session(
     Path(path): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (_, nonce) = path;
-    let session = session_ref(&state, &tenant, &nonce).await?;
+    end_session(state, tenant, &nonce).await
+}
+
+/// Ends the session named by `X-Nonce`: logs it out, or aborts it before login. Ending an ended
+/// session changes nothing.
+#[utoipa::path(delete, path = "/v1/servers/{server_id}/session", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("X-Nonce" = String, Header, description = "The caller's secret session nonce")),
+    responses(
+        (status = 200, description = "Ended", body = SessionView),
+        (status = 400, description = "No X-Nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn delete_session_by_header(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    NonceHeader(nonce): NonceHeader,
+) -> Result<Response, ApiError> {
+    end_session(state, tenant, &nonce).await
+}
+
+async fn end_session(state: AppState, tenant: Tenant, nonce: &str) -> Result<Response, ApiError> {
+    let session = session_ref(&state, &tenant, nonce).await?;
     let done = state
         .commands()
         .sessions
@@ -345,7 +492,7 @@ pub async fn delete_session(
     Ok(written(StatusCode::OK, done.position, view))
 }
 
-/// The session's login QR code as JSON text forms, raw CBOR, base64url, deep link, PNG or SVG.
+/// The path form of [`session_qr_by_header`] (deprecated: the nonce ends up in access logs).
 #[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/qr", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce"), QrParams),
@@ -364,7 +511,38 @@ pub async fn session_qr(
     Query(params): Query<QrParams>,
 ) -> Result<Response, ApiError> {
     let (_, nonce) = path;
-    let session = session_ref(&state, &tenant, &nonce).await?;
+    qr_of_session(state, tenant, &nonce, params).await
+}
+
+/// The login QR code of the session named by `X-Nonce` as JSON text forms, raw CBOR, base64url,
+/// deep link, PNG or SVG.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/session/qr", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("X-Nonce" = String, Header, description = "The caller's secret session nonce"), QrParams),
+    responses(
+        (status = 200, description = "The QR code", content((QrView = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
+        (status = 400, description = "Malformed, or no X-Nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce or bad size", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn session_qr_by_header(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    NonceHeader(nonce): NonceHeader,
+    Query(params): Query<QrParams>,
+) -> Result<Response, ApiError> {
+    qr_of_session(state, tenant, &nonce, params).await
+}
+
+async fn qr_of_session(
+    state: AppState,
+    tenant: Tenant,
+    nonce: &str,
+    params: QrParams,
+) -> Result<Response, ApiError> {
+    let session = session_ref(&state, &tenant, nonce).await?;
     state.wait_for(params.min_position).await?;
     state
         .reads()
@@ -381,8 +559,7 @@ pub async fn session_qr(
     )
 }
 
-/// Server-sent events: the session's current state at once, then every change (`event:
-/// state`, data `{"state": …, "position": …}`); the stream ends after a final state.
+/// The path form of [`session_events_by_header`] (deprecated: the nonce ends up in access logs).
 #[utoipa::path(get, path = "/v1/servers/{server_id}/sessions/{nonce}/events", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("nonce" = String, Path, description = "The caller's secret session nonce"), ReadParams),
@@ -402,6 +579,39 @@ pub async fn session_events(
     Query(read): Query<ReadParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (_, nonce) = path;
+    follow_session(state, tenant, nonce, read).await
+}
+
+/// Server-sent events of the session named by `X-Nonce`: its current state at once, then every
+/// change (`event: state`, data `{"state": …, "position": …}`); the stream ends after a final
+/// state.
+#[utoipa::path(get, path = "/v1/servers/{server_id}/session/events", tag = "sessions",
+    params(("server_id" = String, Path, description = "32 hex digits"),
+           ("X-Nonce" = String, Header, description = "The caller's secret session nonce"), ReadParams),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = crate::views::SseEvent),
+        (status = 400, description = "Malformed, or no X-Nonce", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Weak nonce, or min_position beyond the log", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn session_events_by_header(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    NonceHeader(nonce): NonceHeader,
+    Query(read): Query<ReadParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    follow_session(state, tenant, nonce, read).await
+}
+
+async fn follow_session(
+    state: AppState,
+    tenant: Tenant,
+    nonce: String,
+    read: ReadParams,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let session = session_ref(&state, &tenant, &nonce).await?;
     state.wait_for(read.min_position).await?;
     let first = state
@@ -417,11 +627,15 @@ pub async fn session_events(
             .ok()
             .flatten()
     };
-    Ok(crate::follow::follow(state, "state", first, read, |row| {
-        crate::follow::Step {
+    let row = crate::follow::Row {
+        stream: session.stream(),
+        first,
+        read,
+        step: |row| crate::follow::Step {
             value: row.state.clone(),
             position: row.last_position,
             last: is_final(row),
-        }
-    }))
+        },
+    };
+    crate::follow::follow(state, tenant, "state", row)
 }

@@ -32,6 +32,8 @@ pub struct ApiConfig {
     pub body_limit: usize,
     /// Longest a request may take before it answers 408 (streams excluded once started).
     pub request_timeout: Duration,
+    /// Caps on server-sent event streams.
+    pub streams: crate::streams::StreamLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -41,6 +43,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_wait", &self.max_wait)
             .field("body_limit", &self.body_limit)
             .field("request_timeout", &self.request_timeout)
+            .field("streams", &self.streams)
             .finish_non_exhaustive()
     }
 }
@@ -54,6 +57,7 @@ impl ApiConfig {
             max_wait: crate::DEFAULT_MAX_WAIT,
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(30),
+            streams: crate::streams::StreamLimits::default(),
         }
     }
 }
@@ -71,6 +75,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     config: ApiConfig,
     metrics: Metrics,
+    streams: Arc<crate::streams::Streams>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -94,7 +99,10 @@ impl AppState {
         config: ApiConfig,
     ) -> Self {
         let audit = AuditTree::new(reads.database().clone());
+        let metrics = Metrics::new();
+        let streams = crate::streams::Streams::new(config.streams, metrics.streams().clone());
         Self(Arc::new(Inner {
+            streams,
             credentials: Credentials::default(),
             audit,
             audit_key: None,
@@ -103,7 +111,7 @@ impl AppState {
             store,
             clock,
             config,
-            metrics: Metrics::new(),
+            metrics,
         }))
     }
 
@@ -128,6 +136,12 @@ impl AppState {
         if let Ok(mut credentials) = self.0.credentials.write() {
             credentials.clear();
         }
+        self.0.streams.revoked();
+    }
+
+    /// The process's event streams: caps, the shared log reader.
+    pub(crate) fn streams(&self) -> &Arc<crate::streams::Streams> {
+        &self.0.streams
     }
 
     /// The audit tree to serve proofs from and the key this deployment signs checkpoints

@@ -7,8 +7,9 @@
 //!   so a transaction can be created the moment its user or account exists;
 //! - input that breaks a rule (bad base64, oversize, bad timeout) is refused before anything
 //!   is written;
-//! - with an `Idempotency-Key` the id comes from the key, so a retry with the same body lands
-//!   on the same transaction and writes nothing; another body under the same key is a 409;
+//! - with an `Idempotency-Key` the id comes from the key, so a retry of the same request lands
+//!   on the same transaction and writes nothing; another request under the key is refused
+//!   (422, [`crate::idempotency`]) before anything is looked up;
 //! - a transaction is always looked up under the caller's own server: another tenant's id
 //!   answers 404, exactly as one that does not exist;
 //! - a read never shows an open transaction past its deadline: it records the expiry first.
@@ -16,7 +17,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -36,10 +37,11 @@ use futures::Stream;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
-use crate::servers::{idempotency_key, written};
+use crate::idempotency::{IdempotencyKey, KeyedJson};
+use crate::servers::written;
 use crate::sessions::qr_answer;
 use crate::state::AppState;
-use crate::users::{open_user, tenant_metadata, user_ref};
+use crate::users::{bind_tenant_key, open_user, tenant_metadata, user_ref};
 use crate::views::{
     CreateTransactionRequest, EvidenceFormat, EvidenceParams, QrParams, QrView, ReadParams,
     TransactionView,
@@ -184,7 +186,7 @@ fn location(transaction: TransactionRef) -> Option<HeaderValue> {
 /// Creates a transaction for a user to sign and answers it.
 #[utoipa::path(post, path = "/v1/servers/{server_id}/transactions", tag = "transactions",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and body answer the same transaction")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and request answer the same transaction; another request under the key is 422")),
     request_body = CreateTransactionRequest,
     responses(
         (status = 201, description = "Created (or created earlier under this idempotency key with this body)", body = TransactionView,
@@ -192,28 +194,28 @@ fn location(transaction: TransactionRef) -> Option<HeaderValue> {
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such user, or not this key's server", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "This idempotency key was used with another body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid: bad base64, too long, bad timeout, or not an account of this user", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid: bad base64, too long, bad timeout, or not an account of this user; or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store refuses writes for now", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn create_transaction(
     State(state): State<AppState>,
     tenant: Tenant,
-    headers: HeaderMap,
-    Json(request): Json<CreateTransactionRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<CreateTransactionRequest>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
     let data = decode_data(&request.data)?;
-    let user = user_ref(&tenant, &request.userid)?;
+    let user = user_ref(&state, &tenant, &request.userid).await?;
+    let key = bind_tenant_key(&state, &tenant, &key, b"", &body.canonical).await?;
     active_user(&state, &user).await?;
     let account_id = match request.account_id.as_deref() {
         Some(id) => Some(users_account(&state, &user, id).await?),
         None => None,
     };
-    let id = match key.as_deref() {
+    let id = match key {
         Some(key) => {
             state
                 .commands()
@@ -404,13 +406,17 @@ pub async fn transaction_events(
             .ok()
             .flatten()
     };
-    Ok(crate::follow::follow(state, "status", first, read, |row| {
-        crate::follow::Step {
+    let row = crate::follow::Row {
+        stream: transaction.stream(),
+        first,
+        read,
+        step: |row| crate::follow::Step {
             value: row.status.as_str().to_owned(),
             position: row.position,
             last: row.status.is_ended(),
-        }
-    }))
+        },
+    };
+    crate::follow::follow(state, tenant, "status", row)
 }
 
 /// The evidence bundle of a signed transaction (`docs/evidence.md`): everything a third party

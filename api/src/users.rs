@@ -3,8 +3,9 @@
 //! with the user's data key, and is gone for good once the user is deleted.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
+use countersign_commands::idempotency::Scope;
 use countersign_domain::user::attribute_field;
 use countersign_domain::{AccountId, AccountRef, EnrolmentId, Sealed, UserRef};
 use countersign_eventstore::Metadata;
@@ -13,7 +14,8 @@ use countersign_protocol::qr::{QrKind, QrPayload};
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
-use crate::servers::{idempotency_key, page_limit, written};
+use crate::idempotency::{IdempotencyKey, KeyedJson};
+use crate::servers::{page_limit, written};
 use crate::sessions::qr_answer;
 use crate::state::AppState;
 use crate::views::{
@@ -22,16 +24,48 @@ use crate::views::{
     Written,
 };
 
+/// Who makes a tenant's request: its API key (in event metadata and idempotency fingerprints).
+pub(crate) fn tenant_actor(tenant: &Tenant) -> String {
+    format!("api-key:{}", tenant.key_id)
+}
+
 pub(crate) fn tenant_metadata(tenant: &Tenant) -> Metadata {
     Metadata {
-        actor: Some(format!("api-key:{}", tenant.key_id)),
+        actor: Some(tenant_actor(tenant)),
         ..Metadata::default()
     }
 }
 
-pub(crate) fn user_ref(tenant: &Tenant, userid: &str) -> Result<UserRef, ApiError> {
-    let userid = countersign_commands::user::parse_userid(userid)?;
-    Ok(UserRef::new(tenant.server, &userid))
+/// Binds the request's idempotency key (if any) within the tenant; see [`crate::idempotency`].
+pub(crate) async fn bind_tenant_key<'k>(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &'k IdempotencyKey,
+    named: &[u8],
+    body: &[u8],
+) -> Result<Option<&'k str>, ApiError> {
+    key.bind(
+        state,
+        Scope::Server(tenant.server),
+        &tenant_actor(tenant),
+        named,
+        body,
+    )
+    .await
+}
+
+/// The user's stream reference: the userid checked and normalised (422), digested under the
+/// server's user digest key (cached by the commands after the first request).
+pub(crate) async fn user_ref(
+    state: &AppState,
+    tenant: &Tenant,
+    userid: &str,
+) -> Result<UserRef, ApiError> {
+    Ok(state
+        .commands()
+        .users
+        .user_ref(tenant.server, userid)
+        .await?)
 }
 
 /// Opens a user row: its userid and attributes.
@@ -74,7 +108,7 @@ pub(crate) async fn open_user(state: &AppState, row: &UserRow) -> Result<UserVie
 #[utoipa::path(put, path = "/v1/servers/{server_id}/users/{userid}", tag = "users",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("userid" = String, Path, description = "1..=256 bytes, URL-encoded"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: no second event")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and request write no second event; another request under the key is 422")),
     request_body = PutUserRequest,
     responses(
         (status = 200, description = "Updated", body = UserWritten),
@@ -82,22 +116,24 @@ pub(crate) async fn open_user(state: &AppState, row: &UserRow) -> Result<UserVie
         (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not this key's server", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Too many attributes or a conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict (retry)", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The user was deleted", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid (also more than 64 attributes), or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn put_user(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(path): Path<(String, String)>,
-    headers: HeaderMap,
-    Json(request): Json<PutUserRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<PutUserRequest>,
 ) -> Result<Response, ApiError> {
     let (_, userid) = path;
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
+    user_ref(&state, &tenant, &userid).await?;
+    let key = bind_tenant_key(&state, &tenant, &key, b"", &body.canonical).await?;
     let (_, done) = state
         .commands()
         .users
@@ -106,7 +142,7 @@ pub async fn put_user(
             &userid,
             request.attributes.clone(),
             &tenant_metadata(&tenant),
-            key.as_deref(),
+            key,
         )
         .await?;
     let created = done
@@ -151,7 +187,7 @@ pub async fn get_user(
     Query(read): Query<ReadParams>,
 ) -> Result<Json<UserView>, ApiError> {
     let (_, userid) = path;
-    let user = user_ref(&tenant, &userid)?;
+    let user = user_ref(&state, &tenant, &userid).await?;
     state.wait_for(read.min_position).await?;
     let row = state
         .reads()
@@ -182,7 +218,8 @@ pub async fn list_users(
     let after = match page.after.as_deref() {
         Some(text) => Some(
             text.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest("after must be a number".into()))?,
+                .map_err(|_| ApiError::BadRequest("after must be a number".into()))
+                .and_then(|p| crate::error::position("after", p))?,
         ),
         None => None,
     };
@@ -224,7 +261,7 @@ pub async fn delete_user(
     Path(path): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (_, userid) = path;
-    let user = user_ref(&tenant, &userid)?;
+    let user = user_ref(&state, &tenant, &userid).await?;
     let done = state
         .commands()
         .users
@@ -269,7 +306,7 @@ pub async fn list_accounts(
     Query(read): Query<ReadParams>,
 ) -> Result<Json<AccountList>, ApiError> {
     let (_, userid) = path;
-    let user = user_ref(&tenant, &userid)?;
+    let user = user_ref(&state, &tenant, &userid).await?;
     state.wait_for(read.min_position).await?;
     if state
         .reads()
@@ -307,7 +344,7 @@ pub async fn delete_account(
     Path(path): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (_, userid, account_id) = path;
-    let user = user_ref(&tenant, &userid)?;
+    let user = user_ref(&state, &tenant, &userid).await?;
     let account_id: AccountId = account_id
         .parse()
         .map_err(|_| ApiError::NotFound("no such account".into()))?;
@@ -337,7 +374,7 @@ pub async fn delete_account(
 /// resend with the same `Idempotency-Key` to get the same code again.
 #[utoipa::path(post, path = "/v1/servers/{server_id}/enrolments", tag = "enrolments",
     params(("server_id" = String, Path, description = "32 hex digits"), QrParams,
-           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key answers the same QR code")),
+           ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and request answer the same QR code; another request under the key is 422")),
     request_body = CreateEnrolmentRequest,
     responses(
         (status = 201, description = "Started", content((EnrolmentCreated = "application/json"), (String = "image/png"), (String = "image/svg+xml"), (String = "application/cbor"), (String = "text/plain; charset=utf-8"))),
@@ -347,17 +384,19 @@ pub async fn delete_account(
         (status = 409, description = "Conflict", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid, or the Idempotency-Key was used for another request (type urn:countersign:problem:idempotency-key-reused)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn create_enrolment(
     State(state): State<AppState>,
     tenant: Tenant,
     Query(params): Query<QrParams>,
-    headers: HeaderMap,
-    Json(request): Json<CreateEnrolmentRequest>,
+    key: IdempotencyKey,
+    body: KeyedJson<CreateEnrolmentRequest>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
+    let request = body.value;
+    user_ref(&state, &tenant, &request.userid).await?;
+    let key = bind_tenant_key(&state, &tenant, &key, b"", &body.canonical).await?;
     let (enrolment, token, done) = state
         .commands()
         .enrolments
@@ -366,7 +405,7 @@ pub async fn create_enrolment(
             &request.userid,
             request.ttl_secs,
             &tenant_metadata(&tenant),
-            key.as_deref(),
+            key,
         )
         .await?;
     let expires_at = done.events.iter().find_map(|e| match e {

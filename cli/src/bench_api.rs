@@ -25,7 +25,8 @@ use countersign_domain::session::{
 };
 use countersign_domain::user::{UserAttributeSet, UserEvent, UserRegistered};
 use countersign_domain::{
-    AccountId, DataKey, DomainEvent, Hsid, ServerId, SessionRef, Timestamp, UserRef, Userid,
+    AccountId, DataKey, DomainEvent, Hsid, ServerId, SessionRef, Timestamp, UserDigestKey,
+    UserDigestScheme, UserRef, Userid,
 };
 use countersign_eventstore::{ExpectedVersion, Metadata, NewEvent, SharedStore};
 use countersign_projections::ReadModels;
@@ -170,6 +171,8 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
         kafka_group: "countersign-projector".into(),
         redis_url: None,
         redis_namespace: "countersign".into(),
+        limits: Default::default(),
+        streams: Default::default(),
     };
     let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);
@@ -340,6 +343,8 @@ fn event<E: DomainEvent>(e: &E) -> anyhow::Result<NewEvent> {
 /// attribute and a few sessions opened, scanned, logged in and out (or left to expire).
 pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u64> {
     let key = DataKey::from_bytes([7; 32]);
+    // Synthetic servers have no vault entry; their user digests use a fixed key instead.
+    let digest_key = UserDigestKey::hmac_sha256([8; 32]);
     let now = Timestamp(1_790_000_000_000);
     let mut written = 0u64;
     let mut n = 0u64;
@@ -356,11 +361,12 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
                 key_thumbprint: [3; 32],
                 public_key: public,
                 settings: ServerSettings::defaults(format!("Server {}", n / 50)),
+                user_digest: UserDigestScheme::HmacSha256,
             });
             batch.push((server.stream(), vec![event(&created)?]));
         }
         let userid = Userid::new(format!("user{n}@example.org"))?;
-        let user = UserRef::new(server, &userid);
+        let user = UserRef::new(server, &digest_key, &userid);
         let stream = user.stream();
         let seal = |field: &str, value: &str| {
             key.seal(

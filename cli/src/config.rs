@@ -115,6 +115,7 @@ impl Settings {
             std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read the master key file {}", path.display()))?,
         );
+        warn_if_readable_by_others(&path, "master key");
         parse_master_key(&text).with_context(|| format!("in {}", path.display()))
     }
 }
@@ -145,6 +146,32 @@ fn create_key_file(path: &Path) -> anyhow::Result<()> {
     create_secret_file(path)?;
     tracing::info!(path = %path.display(), "created a master key file");
     Ok(())
+}
+
+/// Warns when the secret file at `path` (`what` names it in the log) can be read by its
+/// group or by others, and answers that mode; `None` when only its owner can read it (or on
+/// a system without Unix modes). It warns rather than refuses: a key file managed by a
+/// secrets agent may be shared with a group on purpose.
+pub fn warn_if_readable_by_others(path: &Path, what: &str) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "the {what} file can be read by others than its owner: chmod 600 it"
+            );
+            return Some(mode);
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, what);
+        None
+    }
 }
 
 /// Writes 32 fresh random bytes, hex encoded, to a new file only its owner can read.
@@ -217,6 +244,50 @@ mod tests {
             ..GlobalArgs::default()
         };
         assert!(Settings::resolve(&args).is_err());
+    }
+
+    /// What `f` logs, as text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// A key file others can read is named in a warning (without its content); a private one
+    /// passes in silence.
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_readable_by_others_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.key");
+        std::fs::write(&path, "very-secret-admin-key-0123456789abcdef").unwrap();
+        for (mode, warned) in [(0o644, true), (0o640, true), (0o604, true), (0o600, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mut answer = None;
+            let log = logged(|| answer = warn_if_readable_by_others(&path, "admin key"));
+            assert_eq!(answer, warned.then_some(mode), "{mode:o}");
+            assert_eq!(log.contains("WARN"), warned, "{mode:o}: {log}");
+            assert_eq!(log.contains("chmod 600"), warned, "{mode:o}: {log}");
+            assert!(!log.contains("very-secret"), "{log}");
+        }
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         kafka_group: "countersign-projector".into(),
         redis_url: None,
         redis_namespace: "countersign".into(),
+        limits: Default::default(),
+        streams: Default::default(),
     };
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);

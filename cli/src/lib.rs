@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod events;
+pub mod listener;
 pub mod replay;
 pub mod serve;
 pub mod verify;
@@ -31,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the business API and run the read-model projections.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Rebuild read models from position 0.
     Replay(replay::ReplayArgs),
     /// Create or update the database schema, then exit.
@@ -93,7 +94,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        Command::Serve(args) => serve::run(&settings, args).await,
+        Command::Serve(args) => serve::run(&settings, *args).await,
         Command::Replay(args) => replay::run(&settings, args).await,
         Command::Events(args) => events::run(&settings, args).await,
         Command::Demo(args) => demo::run(&settings, args).await,

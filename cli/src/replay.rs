@@ -13,9 +13,16 @@ use crate::Settings;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// Rebuild only this read model (repeatable): servers, users, accounts, enrolments,
-    /// sessions. Default: all.
-    #[arg(long = "projection")]
+    // The help names every read model from the one list `replay` checks against, so it
+    // cannot omit one again (it once left out `transactions`).
+    #[arg(
+        long = "projection",
+        value_name = "NAME",
+        help = format!(
+            "Rebuild only this read model (repeatable): {}. Default: all.",
+            ReadModels::NAMES.join(", ")
+        )
+    )]
     pub projections: Vec<String>,
     /// No progress bar.
     #[arg(long)]
@@ -69,4 +76,24 @@ pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
         }
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+    use countersign_projections::ReadModels;
+
+    /// `countersign replay --help` names every read model `--projection` accepts.
+    #[test]
+    fn replay_help_names_every_read_model() {
+        let mut cli = crate::Cli::command();
+        let replay = cli
+            .find_subcommand_mut("replay")
+            .expect("a replay subcommand");
+        let help = replay.render_long_help().to_string();
+        for name in ReadModels::NAMES {
+            assert!(help.contains(name), "{name} is missing from:\n{help}");
+        }
+        assert!(help.contains("transactions"), "{help}");
+    }
 }

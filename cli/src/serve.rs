@@ -104,6 +104,51 @@ pub struct ServeArgs {
         default_value = "countersign"
     )]
     pub redis_namespace: String,
+    #[command(flatten)]
+    pub limits: crate::listener::ConnectionLimits,
+    #[command(flatten)]
+    pub streams: StreamArgs,
+}
+
+/// Limits of long-lived answers: server-sent event streams and guest device channels.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Most event streams (tenant feed, session and transaction events) one API key holds.
+    #[arg(long, env = "COUNTERSIGN_MAX_STREAMS_PER_KEY", default_value_t = 500)]
+    pub max_streams_per_key: usize,
+    /// Most event streams one virtual server's keys hold together.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_MAX_STREAMS_PER_SERVER",
+        default_value_t = 1_000
+    )]
+    pub max_streams_per_server: usize,
+    /// Most event streams the instance holds.
+    #[arg(long, env = "COUNTERSIGN_MAX_STREAMS", default_value_t = 5_000)]
+    pub max_streams: usize,
+    /// Longest an event stream lives, seconds; the client resumes with `Last-Event-ID`.
+    #[arg(long, env = "COUNTERSIGN_MAX_STREAM_SECS", default_value_t = 3_600)]
+    pub max_stream_secs: u64,
+    /// Longest a guest device channel (enrolment, a QR scan without an account) may stay
+    /// without sending a request, milliseconds.
+    #[arg(long, env = "COUNTERSIGN_GUEST_IDLE_MS", default_value_t = 30_000)]
+    pub guest_idle_ms: u64,
+    /// Longest a guest device channel may stay open, milliseconds.
+    #[arg(long, env = "COUNTERSIGN_GUEST_LIFETIME_MS", default_value_t = 600_000)]
+    pub guest_lifetime_ms: u64,
+}
+
+impl Default for StreamArgs {
+    fn default() -> Self {
+        Self {
+            max_streams_per_key: 500,
+            max_streams_per_server: 1_000,
+            max_streams: 5_000,
+            max_stream_secs: 3_600,
+            guest_idle_ms: 30_000,
+            guest_lifetime_ms: 600_000,
+        }
+    }
 }
 
 /// A part of countersign that an instance may run on its own.
@@ -164,6 +209,7 @@ fn admin_key(settings: &Settings, args: &ServeArgs) -> anyhow::Result<Zeroizing<
         std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the admin key file {}", path.display()))?,
     );
+    crate::config::warn_if_readable_by_others(&path, "admin key");
     check_admin_key(Zeroizing::new(text.trim().to_owned()))
 }
 
@@ -231,6 +277,11 @@ pub async fn start(
         clock.clone(),
         LockoutPolicy::parse(&args.sfs_lockout)
             .map_err(|e| anyhow::anyhow!("--sfs-lockout: {e}"))?,
+        Arc::new(NsEnrolments {
+            reads: reads.clone(),
+            store: opened.events.clone(),
+            max_wait: Duration::from_millis(args.max_wait_ms),
+        }),
     )
     .await
     .context("cannot start the second-factor server")?;
@@ -251,11 +302,19 @@ pub async fn start(
         GatewayConfig {
             max_wait: Duration::from_millis(args.max_wait_ms),
             trusted_sfs_keys,
+            guest_idle: Duration::from_millis(args.streams.guest_idle_ms.max(1)),
+            guest_lifetime: Duration::from_millis(args.streams.guest_lifetime_ms.max(1)),
             ..GatewayConfig::default()
         },
     );
     let mut config = ApiConfig::new(admin_key.trim(), gateway_url);
     config.max_wait = Duration::from_millis(args.max_wait_ms);
+    config.streams = countersign_api::streams::StreamLimits {
+        per_key: args.streams.max_streams_per_key,
+        per_server: args.streams.max_streams_per_server,
+        total: args.streams.max_streams,
+        lifetime: Duration::from_secs(args.streams.max_stream_secs.max(1)),
+    };
     let state = AppState::new(
         commands,
         reads.clone(),
@@ -367,15 +426,21 @@ pub async fn start(
             anyhow::anyhow!("the outbox relay stopped")
         });
     }
+    let limits = args.limits.clone();
     let task = tokio::spawn(async move {
         let (signalled, drain) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = stopped => {}
-                () = shutdown() => {}
-            }
-            let _ = signalled.send(());
-        });
+        let limits = limits.clone();
+        let server = async move {
+            crate::listener::serve(listener, app, &limits, async move {
+                tokio::select! {
+                    _ = stopped => {}
+                    () = shutdown() => {}
+                }
+                let _ = signalled.send(());
+            })
+            .await;
+            anyhow::Ok(())
+        };
         // Streams that never end by themselves (the tenant event feed, idle device channels)
         // get a grace period after the signal, then are closed.
         let drained = async move {
@@ -476,6 +541,49 @@ pub async fn run(settings: &Settings, args: ServeArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     running.wait().await
+}
+
+/// The SFS's authority for a first PIN registration: an account of the app instance in the
+/// accounts read model, once that model has seen the log's head (the app registers its PIN
+/// right after its enrolment was acknowledged).
+#[derive(Debug)]
+struct NsEnrolments {
+    reads: ReadModels,
+    store: countersign_eventstore::SharedStore,
+    max_wait: Duration,
+}
+
+impl countersign_sfs::Enrolments for NsEnrolments {
+    fn enrolled(
+        &self,
+        app: countersign_domain::AppInstanceId,
+    ) -> futures::future::BoxFuture<'_, Result<bool, countersign_sfs::EnrolmentError>> {
+        let failed = |e: &dyn std::fmt::Display| countersign_sfs::EnrolmentError(e.to_string());
+        Box::pin(async move {
+            if self
+                .reads
+                .app_instance_enrolled(app)
+                .await
+                .map_err(|e| failed(&e))?
+            {
+                return Ok(true);
+            }
+            if let Some(head) = self.store.last_position().await.map_err(|e| failed(&e))? {
+                let caught_up = self
+                    .reads
+                    .wait_for(head, self.max_wait)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                if !caught_up {
+                    return Err(failed(&"the accounts read model is behind the log"));
+                }
+            }
+            self.reads
+                .app_instance_enrolled(app)
+                .await
+                .map_err(|e| failed(&e))
+        })
+    }
 }
 
 async fn shutdown() {

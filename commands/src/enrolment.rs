@@ -12,14 +12,14 @@ use countersign_domain::enrolment::{
 };
 use countersign_domain::user::User;
 use countersign_domain::{
-    AccountId, Clock, Context, EnrolmentId, EnrolmentRef, ErrorKind, ServerId, UserRef,
+    AccountId, Clock, Context, EnrolmentId, EnrolmentRef, ErrorKind, ServerId,
 };
 use countersign_eventstore::{Metadata, SharedStore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::secrets::ServerSecrets;
-use crate::user::parse_userid;
+use crate::user::user_ref;
 use crate::{CommandError, Executed, Loaded, execute, load, random_bytes};
 
 /// An enrolment token; `Debug` prints nothing of it.
@@ -112,7 +112,7 @@ impl EnrolmentCommands {
         metadata: &Metadata,
         idempotency_key: Option<&str>,
     ) -> Result<(EnrolmentRef, EnrolmentToken, Executed<EnrolmentEvent>), CommandError> {
-        let user = UserRef::new(server, &parse_userid(userid)?);
+        let user = user_ref(&self.store, &self.secrets, server, userid).await?;
         let loaded = load::<User>(&self.store, &user.stream()).await?;
         if !matches!(loaded.state, User::Active(_)) {
             return Err(CommandError::Rejected {

@@ -8,7 +8,9 @@
 //! - Two concurrent commands on one stream never both succeed on the same state: the loser's
 //!   append conflicts and it decides again on the new state, up to [`MAX_ATTEMPTS`] times.
 //! - With an idempotency key, the event ids are derived from the key, so a retried command
-//!   whose first attempt was committed answers that attempt's result instead of deciding again.
+//!   whose first attempt was committed answers that attempt's result instead of deciding again;
+//!   the edge first binds the key to its request ([`idempotency`]), so only a retry of the
+//!   same request ever gets that far.
 //! - This crate is an edge: it reads the clock (through [`Clock`]) and the OS random generator
 //!   (ids, keys, nonces); the domain gets both as inputs.
 
@@ -22,6 +24,7 @@ use uuid::Uuid;
 pub mod account;
 pub mod clock;
 pub mod enrolment;
+pub mod idempotency;
 pub mod secrets;
 pub mod server;
 pub mod session;
@@ -39,6 +42,8 @@ pub struct Commands {
     pub enrolments: enrolment::EnrolmentCommands,
     pub accounts: account::AccountCommands,
     pub transactions: transaction::TransactionCommands,
+    /// Binds idempotency keys to the requests that used them.
+    pub idempotency: idempotency::IdempotencyKeys,
 }
 
 impl Commands {
@@ -55,7 +60,12 @@ impl Commands {
                 secrets.clone(),
                 clock.clone(),
             ),
-            users: user::UserCommands::new(store.clone(), vault, clock.clone()),
+            users: user::UserCommands::with_secrets(
+                store.clone(),
+                vault.clone(),
+                secrets.clone(),
+                clock.clone(),
+            ),
             sessions: session::SessionCommands::new(store.clone(), secrets.clone(), clock.clone()),
             enrolments: enrolment::EnrolmentCommands::new(
                 store.clone(),
@@ -63,7 +73,8 @@ impl Commands {
                 clock.clone(),
             ),
             accounts: account::AccountCommands::new(store.clone(), clock.clone()),
-            transactions: transaction::TransactionCommands::new(store, secrets, clock),
+            transactions: transaction::TransactionCommands::new(store, secrets.clone(), clock),
+            idempotency: idempotency::IdempotencyKeys::new(vault, secrets),
         }
     }
 }

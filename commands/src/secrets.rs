@@ -6,18 +6,22 @@
 //! mistaken for another:
 //! - `hsid`: a session's internal id from the caller's nonce; the nonce itself is never stored;
 //! - `api-key`, `enrolment`: the secret part of a token issued under an idempotency key, so a
-//!   retried request answers the same token without the token ever being stored.
+//!   retried request answers the same token without the token ever being stored;
+//! - `user-digest`: the key user streams are named under (`HMAC-SHA256(key, server ‖ 0 ‖
+//!   userid)`, see [`UserRef`](countersign_domain::UserRef)). It lives and dies with the
+//!   server's secret: deleting a user leaves it (the server's other users need it), deleting
+//!   the server destroys it with the secret.
 //!
-//! Secrets are cached in memory (they never change while the server exists) and dropped from
-//! the cache when the server is deleted. Beside them sits a short-lived cache of each server's
+//! Secrets, and each server's user digest key, are cached in memory (they never change while
+//! the server exists) and dropped from the cache when the server is deleted. Beside them sits a short-lived cache of each server's
 //! settings for opening sessions ([`SETTINGS_TTL`]): a change made through this process
 //! drops it at once, a change made by another instance is seen within the TTL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use countersign_domain::ServerId;
 use countersign_domain::server::ServerSettings;
+use countersign_domain::{ServerId, UserDigestKey};
 use countersign_eventstore::vault::KeyVault;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -37,12 +41,16 @@ pub fn secret_ref(server: ServerId) -> String {
     format!("server/{server}/secret")
 }
 
+/// The derivation label of a server's user digest key.
+pub const USER_DIGEST_LABEL: &str = "user-digest";
+
 /// Reads, creates and caches server secrets.
 #[derive(Clone)]
 pub struct ServerSecrets {
     vault: KeyVault,
     cache: Arc<RwLock<HashMap<ServerId, Secret>>>,
     settings: SettingsCache,
+    user_digest_keys: Arc<RwLock<HashMap<ServerId, Arc<UserDigestKey>>>>,
 }
 
 impl std::fmt::Debug for ServerSecrets {
@@ -57,7 +65,27 @@ impl ServerSecrets {
             vault,
             cache: Arc::default(),
             settings: Arc::default(),
+            user_digest_keys: Arc::default(),
         }
+    }
+
+    /// The server's user digest key if this process has it already.
+    pub fn cached_user_digest_key(&self, server: ServerId) -> Option<Arc<UserDigestKey>> {
+        self.user_digest_keys.read().ok()?.get(&server).cloned()
+    }
+
+    /// Keeps the server's user digest key for every later request (it never changes while the
+    /// server exists).
+    pub fn remember_user_digest_key(
+        &self,
+        server: ServerId,
+        key: UserDigestKey,
+    ) -> Arc<UserDigestKey> {
+        let key = Arc::new(key);
+        if let Ok(mut cache) = self.user_digest_keys.write() {
+            cache.insert(server, Arc::clone(&key));
+        }
+        key
     }
 
     /// The server's settings if read less than [`SETTINGS_TTL`] ago.
@@ -99,6 +127,9 @@ impl ServerSecrets {
     /// Forgets and destroys the server's secret (deleting a server).
     pub async fn destroy(&self, server: ServerId) -> Result<(), CommandError> {
         if let Ok(mut cache) = self.cache.write() {
+            cache.remove(&server);
+        }
+        if let Ok(mut cache) = self.user_digest_keys.write() {
             cache.remove(&server);
         }
         self.forget_settings(server);

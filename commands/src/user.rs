@@ -1,21 +1,28 @@
 //! User commands. A user's personal data (userid, attribute values) is sealed in events with
 //! the user's own data key, which lives in the key vault; deleting the user destroys that key
 //! (crypto-shredding), so the log keeps every event and none of that user's personal data.
+//!
+//! The user's stream is named by a digest of the userid keyed with the server's user digest
+//! key ([`user_digest_key`]), so the digests left in the log after the shredding cannot be
+//! tested against a guessed userid by anyone who lacks the vault.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use countersign_domain::server::Server;
 use countersign_domain::user::{
     DeleteUser, PutUser, RegisterUser, RemoveAttribute, SetAttribute, User, UserCommand, UserEvent,
 };
 use countersign_domain::{
-    Clock, Context, DataKey, SealError, Sealed, Sealer, ServerId, UserRef, Userid,
+    Clock, Context, DataKey, ErrorKind, SealError, Sealed, Sealer, ServerId, UserDigestKey,
+    UserDigestScheme, UserRef, Userid,
 };
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Metadata, SharedStore};
 use zeroize::Zeroizing;
 
-use crate::{CommandError, Executed, execute, random_bytes};
+use crate::secrets::{ServerSecrets, USER_DIGEST_LABEL};
+use crate::{CommandError, Executed, execute, load, random_bytes};
 
 /// The vault reference of a user's data key.
 pub fn data_key_ref(user: &UserRef) -> String {
@@ -32,6 +39,57 @@ pub fn parse_userid(userid: &str) -> Result<Userid, CommandError> {
         kind: countersign_domain::ErrorKind::Invalid,
         message: e.to_string(),
     })
+}
+
+/// The key `server`'s user streams are named under, cached after the first call.
+///
+/// Which scheme a server uses is a fact of its `server.created` event (read once from its
+/// stream); a keyed server's key is derived from its secret in the vault. A server that does
+/// not exist is `NotFound`, a deleted one `Gone`.
+pub async fn user_digest_key(
+    store: &SharedStore,
+    secrets: &ServerSecrets,
+    server: ServerId,
+) -> Result<Arc<UserDigestKey>, CommandError> {
+    if let Some(key) = secrets.cached_user_digest_key(server) {
+        return Ok(key);
+    }
+    let scheme = match load::<Server>(store, &server.stream()).await?.state {
+        Server::Active(active) => active.user_digest,
+        Server::NotCreated => {
+            return Err(CommandError::Rejected {
+                kind: ErrorKind::NotFound,
+                message: "server not found".into(),
+            });
+        }
+        Server::Deleted { .. } => {
+            return Err(CommandError::Rejected {
+                kind: ErrorKind::Gone,
+                message: "server was deleted".into(),
+            });
+        }
+    };
+    let key = match scheme {
+        UserDigestScheme::Sha256Unkeyed => UserDigestKey::legacy_unkeyed(),
+        UserDigestScheme::HmacSha256 => {
+            let bytes = Zeroizing::new(secrets.derive(server, USER_DIGEST_LABEL, &[]).await?);
+            UserDigestKey::hmac_sha256(*bytes)
+        }
+    };
+    Ok(secrets.remember_user_digest_key(server, key))
+}
+
+/// The stream reference of `userid` (caller input) at `server`: the userid is checked and
+/// normalised first (422 when it breaks the rules), then digested under the server's key.
+pub async fn user_ref(
+    store: &SharedStore,
+    secrets: &ServerSecrets,
+    server: ServerId,
+    userid: &str,
+) -> Result<UserRef, CommandError> {
+    let userid = parse_userid(userid)?;
+    let key = user_digest_key(store, secrets, server).await?;
+    Ok(UserRef::new(server, &key, &userid))
 }
 
 /// Seals with the user's data key and a fresh random nonce per field.
@@ -53,6 +111,7 @@ impl Sealer for OsSealer {
 pub struct UserCommands {
     store: SharedStore,
     vault: KeyVault,
+    secrets: ServerSecrets,
     clock: Arc<dyn Clock>,
 }
 
@@ -65,12 +124,38 @@ impl std::fmt::Debug for UserCommands {
 }
 
 impl UserCommands {
+    /// User commands with their own cache of server secrets.
     pub fn new(store: SharedStore, vault: KeyVault, clock: Arc<dyn Clock>) -> Self {
+        let secrets = ServerSecrets::new(vault.clone());
+        Self::with_secrets(store, vault, secrets, clock)
+    }
+
+    /// User commands sharing `secrets` (and its key caches) with the other commands.
+    pub fn with_secrets(
+        store: SharedStore,
+        vault: KeyVault,
+        secrets: ServerSecrets,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             vault,
+            secrets,
             clock,
         }
+    }
+
+    /// The stream reference of `userid` at `server`, see [`user_ref`].
+    pub async fn user_ref(&self, server: ServerId, userid: &str) -> Result<UserRef, CommandError> {
+        user_ref(&self.store, &self.secrets, server, userid).await
+    }
+
+    /// The server's user digest key, see [`user_digest_key`].
+    pub async fn user_digest_key(
+        &self,
+        server: ServerId,
+    ) -> Result<Arc<UserDigestKey>, CommandError> {
+        user_digest_key(&self.store, &self.secrets, server).await
     }
 
     /// The user's data key, created on first use.
@@ -136,10 +221,10 @@ impl UserCommands {
         idempotency_key: Option<&str>,
     ) -> Result<(UserRef, Executed<UserEvent>), CommandError> {
         let userid = parse_userid(userid)?;
-        let user = UserRef::new(server, &userid);
+        let user = UserRef::new(server, &*self.user_digest_key(server).await?, &userid);
         let key = self.data_key(&user, true).await?;
         let command = PutUser {
-            server_id: server,
+            user,
             userid,
             attributes,
         };
@@ -156,12 +241,9 @@ impl UserCommands {
         metadata: &Metadata,
     ) -> Result<(UserRef, Executed<UserEvent>), CommandError> {
         let userid = parse_userid(userid)?;
-        let user = UserRef::new(server, &userid);
+        let user = UserRef::new(server, &*self.user_digest_key(server).await?, &userid);
         let key = self.data_key(&user, true).await?;
-        let command = RegisterUser {
-            server_id: server,
-            userid,
-        };
+        let command = RegisterUser { user, userid };
         let done = self
             .run(&user, command.into(), Some(key), metadata, None)
             .await?;

@@ -24,6 +24,8 @@ use crate::{Gateway, GatewayError};
 pub(crate) enum Closed {
     #[error("the device sent no handshake in time")]
     HandshakeTimeout,
+    #[error("a guest channel was idle or open too long")]
+    GuestTimeout,
     #[error("the device closed the connection")]
     ByDevice,
     #[error("channel: {0}")]
@@ -108,9 +110,12 @@ async fn identify(
                 Account::Active(active) if active.channel_public_key == remote_static => {
                     Ok(Identity::Account(Box::new(active)))
                 }
-                Account::Active(ActiveAccount { .. }) => Err(Refusal::KeyMismatch),
+                // One refusal for both: anyone can claim an id with a key of their own, and
+                // must not learn from the answer whether the account exists.
+                Account::Active(ActiveAccount { .. }) | Account::NotRegistered => {
+                    Err(Refusal::UnknownAccount)
+                }
                 Account::Deleted { .. } => Err(Refusal::AccountDeleted),
-                Account::NotRegistered => Err(Refusal::UnknownAccount),
             })
         }
     }
@@ -241,8 +246,17 @@ where
     Out: Sink<Vec<u8>> + Unpin,
     Out::Error: std::fmt::Display,
 {
+    // Guests (keys anyone can make up) get bounded time; accounts keep their channel.
+    let guest = matches!(conn.identity, Identity::Guest { .. });
+    let config = &conn.gateway.0.config;
+    let (idle, lifetime) = (config.guest_idle, config.guest_lifetime);
+    let ends = tokio::time::Instant::now() + lifetime;
+    let mut idle_until = tokio::time::Instant::now() + idle;
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(idle_until.min(ends)), if guest => {
+                return Err(Closed::GuestTimeout);
+            }
             frame = incoming.next() => {
                 let frame = match frame {
                     None => return Err(Closed::ByDevice),
@@ -250,6 +264,7 @@ where
                     Some(Ok(frame)) => frame,
                 };
                 let Some(message) = channel.open(&frame)? else { continue };
+                idle_until = tokio::time::Instant::now() + idle;
                 let reply = match device::decode::<Request>(&message) {
                     Ok(request) => {
                         let outcome = match request.validate() {

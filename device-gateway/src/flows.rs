@@ -14,6 +14,8 @@
 //! - errors of the domain keep their meaning: not found, expired, ended, conflict; anything
 //!   on our side is `internal` with no detail (the cause is logged).
 
+#[cfg(test)]
+mod tests;
 mod transaction;
 
 use std::collections::HashSet;
@@ -214,22 +216,22 @@ pub(crate) async fn handle(
         } => enrol(conn, token.expose(), signing_public_key.0, app_instance.0).await,
         RequestBody::Scan { hsid } => {
             let session = conn.session(&hsid);
-            let loaded = conn.load_session_for_command(session).await?;
-            let opened = loaded
-                .state
-                .opened()
-                .cloned()
-                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
-            commands
-                .sessions
-                .run_on(session, loaded, ScanSession.into(), &metadata)
-                .await
-                .map_err(refused)?;
+            let opened = watching(conn, session, async {
+                let loaded = conn.load_session_for_command(session).await?;
+                let opened = loaded
+                    .state
+                    .opened()
+                    .cloned()
+                    .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
+                commands
+                    .sessions
+                    .run_on(session, loaded, ScanSession.into(), &metadata)
+                    .await
+                    .map_err(refused)?;
+                Ok(opened)
+            })
+            .await?;
             conn.scanned.insert(session.hsid);
-            conn.gateway
-                .0
-                .hub
-                .watch_session(conn.id, conn.server, session.hsid);
             Ok(Answer::Session(SessionDetails {
                 announce_info: opened.announce_info.clone(),
                 ping_time_secs: opened.ping_time_secs,
@@ -240,21 +242,20 @@ pub(crate) async fn handle(
         RequestBody::Confirm { hsid } => {
             let session = conn.session(&hsid);
             let account = conn.account()?.account.account_id;
-            let loaded = conn.load_session_for_command(session).await?;
-            conn.check_intended_user(&loaded.state)?;
-            let confirm = ConfirmSession {
-                account_id: account,
-            };
-            commands
-                .sessions
-                .run_on(session, loaded, confirm.into(), &metadata)
-                .await
-                .map_err(refused)?;
-            conn.gateway
-                .0
-                .hub
-                .watch_session(conn.id, conn.server, session.hsid);
-            Ok(Answer::Done)
+            watching(conn, session, async {
+                let loaded = conn.load_session_for_command(session).await?;
+                conn.check_intended_user(&loaded.state)?;
+                let confirm = ConfirmSession {
+                    account_id: account,
+                };
+                commands
+                    .sessions
+                    .run_on(session, loaded, confirm.into(), &metadata)
+                    .await
+                    .map_err(refused)?;
+                Ok(Answer::Done)
+            })
+            .await
         }
         RequestBody::LogIn { hsid } => {
             let session = conn.session(&hsid);
@@ -266,60 +267,59 @@ pub(crate) async fn handle(
                     "this account is not linked to a user",
                 )
             })?;
-            let loaded = conn.load_session_for_command(session).await?;
-            conn.check_intended_user(&loaded.state)?;
-            let opened = loaded
-                .state
-                .opened()
-                .cloned()
-                .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
-            let verified = matches!(&loaded.state,
-                Session::SecondFactorVerified { account_id, .. } if *account_id == account);
-            let log_in = LogIn {
-                account_id: account,
-                user,
-            };
-            if conn.settings.second_factor.require_for_login && !verified {
-                // A factor proven recently enough may stand in, per the server's policy.
-                let Some((factor, attestation_hash, verified_at)) =
-                    conn.recent_verification().await?
-                else {
-                    return Err(error(
-                        ErrorCode::SecondFactorRequired,
-                        "this server asks a second factor for logins: verify one first",
-                    ));
+            watching(conn, session, async {
+                let loaded = conn.load_session_for_command(session).await?;
+                conn.check_intended_user(&loaded.state)?;
+                let opened = loaded
+                    .state
+                    .opened()
+                    .cloned()
+                    .ok_or_else(|| error(ErrorCode::NotFound, "session not found"))?;
+                let verified = matches!(&loaded.state,
+                    Session::SecondFactorVerified { account_id, .. } if *account_id == account);
+                let log_in = LogIn {
+                    account_id: account,
+                    user,
                 };
-                let reuse = VerifySecondFactor {
-                    factor,
-                    attestation_hash,
-                    verified_at,
-                    reused: true,
-                };
-                commands
-                    .sessions
-                    .run_on(session, loaded, reuse.into(), &metadata)
-                    .await
-                    .map_err(refused)?;
-                commands
-                    .sessions
-                    .log_in(session, account, user, &metadata)
-                    .await
-                    .map_err(refused)?;
-            } else {
-                commands
-                    .sessions
-                    .run_on(session, loaded, log_in.into(), &metadata)
-                    .await
-                    .map_err(refused)?;
-            }
-            conn.gateway
-                .0
-                .hub
-                .watch_session(conn.id, conn.server, session.hsid);
-            Ok(Answer::LoggedIn {
-                session_info: opened.session_info.clone(),
-                ping_time_secs: opened.ping_time_secs,
+                if conn.settings.second_factor.require_for_login && !verified {
+                    // A factor proven recently enough may stand in, per the server's policy.
+                    let Some((factor, attestation_hash, verified_at)) =
+                        conn.recent_verification().await?
+                    else {
+                        return Err(error(
+                            ErrorCode::SecondFactorRequired,
+                            "this server asks a second factor for logins: verify one first",
+                        ));
+                    };
+                    let reuse = VerifySecondFactor {
+                        factor,
+                        attestation_hash,
+                        verified_at,
+                        reused: true,
+                    };
+                    commands
+                        .sessions
+                        .run_on(session, loaded, reuse.into(), &metadata)
+                        .await
+                        .map_err(refused)?;
+                    commands
+                        .sessions
+                        .log_in(session, account, user, &metadata)
+                        .await
+                        .map_err(refused)?;
+                } else {
+                    commands
+                        .sessions
+                        .run_on(session, loaded, log_in.into(), &metadata)
+                        .await
+                        .map_err(refused)?;
+                }
+                Ok(Answer::LoggedIn {
+                    session_info: opened.session_info.clone(),
+                    ping_time_secs: opened.ping_time_secs,
+                })
             })
+            .await
         }
         RequestBody::Ping { hsid } => {
             let session = conn.session(&hsid);
@@ -618,6 +618,25 @@ async fn use_attestation(
             e => e,
         })?;
     Ok(())
+}
+
+/// Runs a step of `session` (scan, confirm, log in) with the connection already told of the
+/// session's end: an end committed after the step loaded the session (a DELETE by the
+/// business system right after the scan or the login, a missed ping) reaches the device as a
+/// notice, and one committed before is in what the step loaded, so the step answers `ended`.
+/// A step that fails forgets a watch it added.
+async fn watching<T>(
+    conn: &Connection,
+    session: SessionRef,
+    step: impl Future<Output = Result<T, DeviceError>>,
+) -> Result<T, DeviceError> {
+    let hub = &conn.gateway.0.hub;
+    let added = hub.watch_session(conn.id, session.server_id, session.hsid);
+    let done = step.await;
+    if done.is_err() && added {
+        hub.unwatch_session(conn.id, session.server_id, session.hsid);
+    }
+    done
 }
 
 /// The session is logged in by this connection's account; `ended` once it is over.

@@ -78,18 +78,46 @@ impl Hub {
         (id, rx)
     }
 
-    /// The connection took part in a session: tell it when the session ends.
-    pub fn watch_session(&self, connection: ConnectionId, server: ServerId, hsid: Hsid) {
+    /// The connection takes part in a session: tell it when the session ends. Answers whether
+    /// it was not watching the session yet.
+    ///
+    /// Call it before the step that loads the session and appends to it, never after: an end
+    /// committed after the step's load is then told to the connection, and one committed before
+    /// it is in what the step loaded. Registered after the append, an end committed (and told)
+    /// in between reached nobody on this connection.
+    pub fn watch_session(&self, connection: ConnectionId, server: ServerId, hsid: Hsid) -> bool {
         self.with(|r| {
-            if r.sessions
+            let added = r
+                .sessions
                 .entry((server, hsid))
                 .or_default()
-                .insert(connection)
-            {
+                .insert(connection);
+            if added {
                 r.watched
                     .entry(connection)
                     .or_default()
                     .push((server, hsid));
+            }
+            added
+        })
+        .unwrap_or_default()
+    }
+
+    /// The connection no longer takes part in the session (the step it watched it for failed).
+    pub fn unwatch_session(&self, connection: ConnectionId, server: ServerId, hsid: Hsid) {
+        self.with(|r| {
+            let key = (server, hsid);
+            if let Some(set) = r.sessions.get_mut(&key) {
+                set.remove(&connection);
+                if set.is_empty() {
+                    r.sessions.remove(&key);
+                }
+            }
+            if let Some(list) = r.watched.get_mut(&connection) {
+                list.retain(|watched| *watched != key);
+                if list.is_empty() {
+                    r.watched.remove(&connection);
+                }
             }
         });
     }

@@ -13,7 +13,9 @@
 //! connected devices what happened elsewhere (a logout by the business system, an account
 //! deleted by it).
 //!
-//! Rules: a connection must finish its handshake within the configured time; a frame that
+//! Rules: a connection must finish its handshake within the configured time; a guest channel
+//! (no account) is closed after `guest_idle` without a request and after `guest_lifetime` in
+//! all, so keys made up by anyone hold nothing for long; a frame that
 //! does not decrypt closes the connection; a text WebSocket message closes it; a request that
 //! does not decode is answered `invalid` with id 0 and the connection stays usable.
 
@@ -52,6 +54,11 @@ pub struct GatewayConfig {
     /// it accepts). Empty: no second factor can be proven, so only servers with policy `none`
     /// log anyone in.
     pub trusted_sfs_keys: Vec<p256::ecdsa::VerifyingKey>,
+    /// Longest a guest channel (no account: enrolment, a scan before enrolling) may go without
+    /// a request before it is closed.
+    pub guest_idle: Duration,
+    /// Longest a guest channel may stay open at all.
+    pub guest_lifetime: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -60,6 +67,8 @@ impl Default for GatewayConfig {
             handshake_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(5),
             trusted_sfs_keys: Vec::new(),
+            guest_idle: Duration::from_secs(30),
+            guest_lifetime: Duration::from_secs(600),
         }
     }
 }

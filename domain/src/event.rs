@@ -411,9 +411,9 @@ mod tests {
             })
         );
         assert!(matches!(
-            AnyEvent::decode("server.created", 2, &[0xa0]),
+            AnyEvent::decode("server.created", 3, &[0xa0]),
             Err(EventDecodeError::UnsupportedVersion {
-                schema_version: 2,
+                schema_version: 3,
                 ..
             })
         ));

@@ -7,14 +7,23 @@
 //! - Every stream of a tenant's aggregate starts with `{kind}-{server id}-`, so a lookup built
 //!   from (server, id) can never land in another tenant's stream.
 //! - The caller's `userid` (often an email address) never appears in a stream name or a Kafka
-//!   key: the user stream is named after a SHA-256 digest of (server id, userid), see
-//!   [`UserRef`]. The userid itself is personal data and only travels sealed (see `seal`).
+//!   key: the user stream is named after a keyed digest (HMAC-SHA-256 under a per-server
+//!   [`UserDigestKey`] the edge fetches from the key vault) of (server id, userid), see
+//!   [`UserRef`], so nobody holding the log but not the vault can confirm a guessed userid.
+//!   The userid itself is personal data and only travels sealed (see `seal`).
+//! - A userid is compared in one form: [`Userid::new`] normalises it to NFC and refuses
+//!   characters that make two different strings look alike or hide text (controls, format
+//!   characters such as U+200B and U+202E, unassigned code points, private use, separators).
 //! - Time is a [`Timestamp`] passed in by the caller; nothing here reads a clock.
 
 use std::fmt;
 
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+use zeroize::Zeroizing;
 
 /// Milliseconds since the Unix epoch (UTC). Serialized as a plain integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -177,49 +186,96 @@ pub struct IdParseError {
     expected_hex_digits: usize,
 }
 
-/// Longest accepted userid, in UTF-8 bytes.
+/// Longest accepted userid, in UTF-8 bytes (of its NFC form).
 pub const USERID_MAX_BYTES: usize = 256;
 
-/// The caller's id for a user: 1..=256 UTF-8 bytes without control characters. Personal data.
+/// The caller's id for a user, in one canonical form. Personal data.
+///
+/// Rules (a subset of PRECIS, RFC 8264, chosen so that no userid accepted before changes its
+/// meaning): the text is normalised to Unicode NFC, so a composed and a decomposed "é" are one
+/// user; it must then be 1..=256 UTF-8 bytes and contain none of: control characters (Cc),
+/// format characters (Cf: U+200B ZERO WIDTH SPACE, U+202E RIGHT-TO-LEFT OVERRIDE, U+FEFF …),
+/// unassigned code points and noncharacters (Cn), private-use characters (Co), line and
+/// paragraph separators (Zl, Zp) or spaces other than U+0020 (Zs). Case and width are kept as
+/// given: `Alice` and `alice` stay two users, as the integrator chose them.
 ///
 /// `Debug` does not print the value, so a userid cannot reach a log line through `{:?}`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Userid(String);
 
-/// Why a userid was refused. Never contains the userid.
+/// Why a userid was refused. Never contains the userid (at most the code point of the one
+/// refused character, which the caller needs to find it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UseridError {
     /// The userid is the empty string.
     #[error("userid must not be empty")]
     Empty,
-    /// More than [`USERID_MAX_BYTES`] bytes.
+    /// More than [`USERID_MAX_BYTES`] bytes once normalised.
     #[error("userid must be at most {USERID_MAX_BYTES} bytes, got {0}")]
     TooLong(usize),
     /// Contains a control character (which would make logs and UIs ambiguous).
     #[error("userid must not contain control characters")]
     ControlCharacter,
+    /// Contains a character that is invisible, reorders text, is not assigned, or is a
+    /// separator other than U+0020: two such userids could look the same and be different.
+    #[error("userid must not contain U+{code_point:04X} ({class})")]
+    DisallowedCharacter {
+        /// The refused character's code point.
+        code_point: u32,
+        /// Its class, for people: "format character", "unassigned code point", ...
+        class: &'static str,
+    },
+}
+
+/// Why a character may not appear in a userid, if it may not.
+fn disallowed_class(c: char) -> Option<&'static str> {
+    match c.general_category() {
+        GeneralCategory::Format => Some("format character"),
+        GeneralCategory::Unassigned => Some("unassigned code point or noncharacter"),
+        GeneralCategory::PrivateUse => Some("private-use character"),
+        GeneralCategory::Surrogate => Some("surrogate"),
+        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator => {
+            Some("line or paragraph separator")
+        }
+        GeneralCategory::SpaceSeparator if c != ' ' => Some("space other than U+0020"),
+        _ => None,
+    }
 }
 
 impl Userid {
-    /// Validates and wraps a userid.
+    /// Normalises (NFC), validates and wraps a userid.
     ///
     /// # Errors
     /// [`UseridError`] naming the broken rule.
     pub fn new(userid: impl Into<String>) -> Result<Self, UseridError> {
-        let userid = userid.into();
-        if userid.is_empty() {
+        let raw = userid.into();
+        if raw.is_empty() {
             return Err(UseridError::Empty);
         }
+        // NFC never grows text by more than a factor of 3 (UAX #15), nor shrinks it below a
+        // third; refusing far-too-long input first bounds the work spent normalising it.
+        if raw.len() > USERID_MAX_BYTES * 3 {
+            return Err(UseridError::TooLong(raw.len()));
+        }
+        let userid: String = raw.nfc().collect();
         if userid.len() > USERID_MAX_BYTES {
             return Err(UseridError::TooLong(userid.len()));
         }
-        if userid.chars().any(char::is_control) {
-            return Err(UseridError::ControlCharacter);
+        for c in userid.chars() {
+            if c.is_control() {
+                return Err(UseridError::ControlCharacter);
+            }
+            if let Some(class) = disallowed_class(c) {
+                return Err(UseridError::DisallowedCharacter {
+                    code_point: u32::from(c),
+                    class,
+                });
+            }
         }
         Ok(Self(userid))
     }
 
-    /// The userid text.
+    /// The userid text (normalised).
     #[must_use]
     pub fn as_str(&self) -> &str {
         &self.0
@@ -239,30 +295,106 @@ impl TryFrom<String> for Userid {
     }
 }
 
+/// How a server derives user digests, recorded in its `server.created` event so that every
+/// instance, and every later build, computes the same stream names for its users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UserDigestScheme {
+    /// v0, servers created before keyed digests: `SHA-256(server id ‖ 0x00 ‖ userid)`,
+    /// unkeyed. Anyone holding the log can confirm a guessed userid; kept only so those
+    /// servers' existing streams stay reachable (see docs/event-log.md).
+    #[serde(rename = "sha256-unkeyed")]
+    Sha256Unkeyed,
+    /// v1, every new server: `HMAC-SHA-256(user digest key, server id ‖ 0x00 ‖ userid)`.
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+}
+
+/// The per-server key user digests are computed under. The edge reads it from the key vault
+/// (never from the log) and passes it in; the domain never stores it. `Debug` prints nothing
+/// of it, and the bytes are zeroed when dropped.
+#[derive(Clone)]
+pub struct UserDigestKey(UserDigestKeyInner);
+
+#[derive(Clone)]
+enum UserDigestKeyInner {
+    Unkeyed,
+    Hmac(Zeroizing<[u8; 32]>),
+}
+
+impl UserDigestKey {
+    /// The key of a [`UserDigestScheme::HmacSha256`] server: 32 secret bytes.
+    #[must_use]
+    pub fn hmac_sha256(bytes: [u8; 32]) -> Self {
+        Self(UserDigestKeyInner::Hmac(Zeroizing::new(bytes)))
+    }
+
+    /// The "key" of a [`UserDigestScheme::Sha256Unkeyed`] server (created before keyed
+    /// digests): there is none, and its digests can be recomputed by anyone.
+    #[must_use]
+    pub const fn legacy_unkeyed() -> Self {
+        Self(UserDigestKeyInner::Unkeyed)
+    }
+
+    /// Which scheme this key computes.
+    #[must_use]
+    pub const fn scheme(&self) -> UserDigestScheme {
+        match self.0 {
+            UserDigestKeyInner::Unkeyed => UserDigestScheme::Sha256Unkeyed,
+            UserDigestKeyInner::Hmac(_) => UserDigestScheme::HmacSha256,
+        }
+    }
+}
+
+impl fmt::Debug for UserDigestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserDigestKey({:?}, ..)", self.scheme())
+    }
+}
+
 /// Names a user's stream without naming the user:
-/// `user-{server id}-{hex(first 16 bytes of SHA-256(server id ‖ 0x00 ‖ userid))}`.
+/// `user-{server id}-{hex(first 16 bytes of HMAC-SHA-256(key, server id ‖ 0x00 ‖ userid))}`,
+/// under the server's [`UserDigestKey`] (for servers of the unkeyed v0 scheme, the same
+/// bytes hashed with plain SHA-256, see [`UserDigestScheme`]).
 ///
-/// Including the server id in the hash means the same userid at two tenants gives unrelated
-/// digests, so a digest seen in one tenant's data says nothing about another's.
+/// The key is what makes crypto-shredding whole: the digest sits in stream names, events,
+/// the tenant feed and the audit leaves, and without the key (which lives only in the vault)
+/// nobody can test a guessed userid against it. Each server has its own key and the server id
+/// is hashed too, so the same userid at two tenants gives unrelated digests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UserRef {
     /// The tenant.
     pub server_id: ServerId,
-    /// Truncated SHA-256 of (server id, userid).
+    /// Truncated keyed digest of (server id, userid).
     pub digest: UserDigest,
 }
 
 impl UserRef {
-    /// Derives the reference of `userid` at `server_id`.
+    /// Derives the reference of `userid` at `server_id` under the server's digest key.
     #[must_use]
-    pub fn new(server_id: ServerId, userid: &Userid) -> Self {
-        let hash = Sha256::new()
-            .chain_update(server_id.as_bytes())
-            .chain_update([0u8])
-            .chain_update(userid.as_str().as_bytes())
-            .finalize();
+    pub fn new(server_id: ServerId, key: &UserDigestKey, userid: &Userid) -> Self {
+        let full: [u8; 32] = match &key.0 {
+            UserDigestKeyInner::Unkeyed => Sha256::new()
+                .chain_update(server_id.as_bytes())
+                .chain_update([0u8])
+                .chain_update(userid.as_str().as_bytes())
+                .finalize()
+                .into(),
+            UserDigestKeyInner::Hmac(secret) => {
+                // A key shorter than SHA-256's 64-byte block is zero-padded to it (RFC 2104),
+                // so padding here is the same HMAC, without a fallible constructor.
+                let mut block = Zeroizing::new([0u8; 64]);
+                for (b, k) in block.iter_mut().zip(secret.iter()) {
+                    *b = *k;
+                }
+                let mut mac = <Hmac<Sha256> as KeyInit>::new(&(*block).into());
+                mac.update(server_id.as_bytes());
+                mac.update(&[0u8]);
+                mac.update(userid.as_str().as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+        };
         let mut digest = [0u8; 16];
-        for (d, h) in digest.iter_mut().zip(hash.iter()) {
+        for (d, h) in digest.iter_mut().zip(full.iter()) {
             *d = *h;
         }
         Self {
@@ -366,24 +498,64 @@ mod tests {
         assert!(t.stream().starts_with("transaction-abab"));
     }
 
+    fn key(byte: u8) -> UserDigestKey {
+        UserDigestKey::hmac_sha256([byte; 32])
+    }
+
+    /// The old unkeyed form, `SHA-256(server ‖ 00 ‖ userid)[..16]`, as anyone can compute it.
+    fn unkeyed_hex(server: ServerId, userid: &str) -> String {
+        let mut input = server.as_bytes().to_vec();
+        input.push(0);
+        input.extend_from_slice(userid.as_bytes());
+        hex::encode(&Sha256::digest(&input)[..16])
+    }
+
     #[test]
-    fn user_stream_hides_the_userid() {
+    fn user_stream_hides_the_userid_under_the_server_key() {
         let userid = Userid::new("alice@example.com").unwrap();
-        let user = UserRef::new(SERVER, &userid);
-        // SHA-256(0xab*16 ‖ 00 ‖ "alice@example.com"), computed independently with sha256sum.
+        let user = UserRef::new(SERVER, &key(7), &userid);
+        // HMAC-SHA-256(07*32, ab*16 ‖ 00 ‖ "alice@example.com"), through the hmac crate's
+        // ordinary constructor (the code pads the key itself).
         let expected = {
-            let mut input = vec![0xab; 16];
-            input.push(0);
-            input.extend_from_slice(b"alice@example.com");
-            hex::encode(&Sha256::digest(&input)[..16])
+            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[7; 32]).unwrap();
+            mac.update(&[0xab; 16]);
+            mac.update(&[0]);
+            mac.update(b"alice@example.com");
+            hex::encode(&mac.finalize().into_bytes()[..16])
         };
         assert_eq!(
             user.stream(),
             format!("user-{}-{expected}", "ab".repeat(16))
         );
         assert!(!user.stream().contains("alice"));
-        let other_tenant = UserRef::new(ServerId::from_bytes([0xac; 16]), &userid);
+        // Whoever lacks the key cannot confirm a guess by hashing it.
+        assert_ne!(
+            user.digest.to_string(),
+            unkeyed_hex(SERVER, "alice@example.com")
+        );
+        // Another key (another server's) gives an unrelated digest for the same userid.
+        assert_ne!(user.digest, UserRef::new(SERVER, &key(8), &userid).digest);
+        let other_tenant = UserRef::new(ServerId::from_bytes([0xac; 16]), &key(7), &userid);
         assert_ne!(user.digest, other_tenant.digest);
+        assert_eq!(user.digest, UserRef::new(SERVER, &key(7), &userid).digest);
+        assert_eq!(key(7).scheme(), UserDigestScheme::HmacSha256);
+        assert_eq!(
+            format!("{:?}", key(7)),
+            "UserDigestKey(HmacSha256, ..)",
+            "Debug prints nothing of the key"
+        );
+    }
+
+    #[test]
+    fn legacy_servers_keep_the_unkeyed_digest() {
+        let userid = Userid::new("alice@example.com").unwrap();
+        let key = UserDigestKey::legacy_unkeyed();
+        assert_eq!(key.scheme(), UserDigestScheme::Sha256Unkeyed);
+        let user = UserRef::new(SERVER, &key, &userid);
+        assert_eq!(
+            user.digest.to_string(),
+            unkeyed_hex(SERVER, "alice@example.com")
+        );
     }
 
     #[test]
@@ -392,12 +564,73 @@ mod tests {
         assert_eq!(Userid::new("a".repeat(257)), Err(UseridError::TooLong(257)));
         assert!(Userid::new("é".repeat(128)).is_ok());
         assert_eq!(Userid::new("é".repeat(129)), Err(UseridError::TooLong(258)));
+        assert_eq!(
+            Userid::new("a".repeat(10_000)),
+            Err(UseridError::TooLong(10_000))
+        );
         assert_eq!(Userid::new("a\nb"), Err(UseridError::ControlCharacter));
         assert_eq!(Userid::new("a\u{7f}"), Err(UseridError::ControlCharacter));
         assert_eq!(
             format!("{:?}", Userid::new("secret").unwrap()),
             "Userid(..)"
         );
+        // Spaces and ordinary punctuation stay allowed, as before.
+        assert!(Userid::new("Alice Smith (HR)").is_ok());
+        assert!(Userid::new("用户@例子.中国").is_ok());
+    }
+
+    #[test]
+    fn userids_are_one_form_nfc() {
+        let composed = Userid::new("jos\u{e9}@example.com").unwrap();
+        let decomposed = Userid::new("jose\u{301}@example.com").unwrap();
+        assert_eq!(composed, decomposed);
+        assert_eq!(decomposed.as_str(), "jos\u{e9}@example.com");
+        assert_eq!(
+            UserRef::new(SERVER, &key(1), &composed),
+            UserRef::new(SERVER, &key(1), &decomposed)
+        );
+        // The length rule counts the normalised form: 128 decomposed "é" are 384 bytes in,
+        // 256 bytes once composed.
+        assert!(Userid::new("e\u{301}".repeat(128)).is_ok());
+        // Case and width are the integrator's: not folded.
+        assert_ne!(Userid::new("Alice").unwrap(), Userid::new("alice").unwrap());
+    }
+
+    #[test]
+    fn invisible_and_reordering_characters_are_refused() {
+        for (text, code_point, class) in [
+            ("ali\u{200b}ce", 0x200b, "format character"),
+            ("\u{202e}moc.elpmaxe@ecila", 0x202e, "format character"),
+            ("\u{feff}alice", 0xfeff, "format character"),
+            ("al\u{2060}ice", 0x2060, "format character"),
+            ("alice\u{e000}", 0xe000, "private-use character"),
+            (
+                "alice\u{fdd0}",
+                0xfdd0,
+                "unassigned code point or noncharacter",
+            ),
+            (
+                "alice\u{10ffff}",
+                0x10_ffff,
+                "unassigned code point or noncharacter",
+            ),
+            ("alice\u{2028}x", 0x2028, "line or paragraph separator"),
+            ("alice\u{a0}smith", 0xa0, "space other than U+0020"),
+            ("alice\u{3000}", 0x3000, "space other than U+0020"),
+        ] {
+            let err = Userid::new(text).unwrap_err();
+            assert_eq!(
+                err,
+                UseridError::DisallowedCharacter { code_point, class },
+                "{code_point:x}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("U+{code_point:04X}")),
+                "{message}"
+            );
+            assert!(!message.contains("alice") && !message.contains("ecila"));
+        }
     }
 
     #[test]

@@ -43,8 +43,8 @@ pub use enrolment::Enrolment;
 pub use event::{AnyEvent, DomainEvent, EventDecodeError};
 pub use ids::{
     AccountId, AccountRef, ApiKeyId, AppInstanceId, Clock, EnrolmentId, EnrolmentRef, FixedClock,
-    Hsid, ServerId, SessionRef, Timestamp, TransactionId, TransactionRef, UserDigest, UserRef,
-    Userid, UseridError,
+    Hsid, ServerId, SessionRef, Timestamp, TransactionId, TransactionRef, UserDigest,
+    UserDigestKey, UserDigestScheme, UserRef, Userid, UseridError,
 };
 pub use seal::{CounterSealer, DataKey, SealError, Sealed, Sealer};
 pub use second_factor::SecondFactor;

@@ -143,6 +143,7 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             public_key: vec![4; 65],
             key_thumbprint: [7; 32],
             settings: settings.clone(),
+            user_digest: crate::ids::UserDigestScheme::HmacSha256,
         })
         .into(),
         ServerEvent::Configured(ServerConfigured {

@@ -4,7 +4,9 @@
 //! every batch with `BEGIN IMMEDIATE`, which takes the database's write lock before it reads
 //! the head, so even several processes on one file assign positions in commit order. The
 //! database runs in WAL mode with `synchronous = FULL`: an acknowledged append survives a
-//! crash of the process and of the machine.
+//! crash of the process and of the machine. The database file is created readable by its
+//! owner only (0600), and SQLite gives its `-wal` and `-shm` files the same mode: they hold
+//! the log, transaction texts in clear among it.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -56,6 +58,7 @@ impl SqliteStore {
             // larger page cache: `$all` catch-up reads are sequential scans of the log.
             .pragma("mmap_size", "1073741824")
             .pragma("cache_size", "-65536");
+        create_private(options.get_filename())?;
         let mut writer_conn = SqliteConnection::connect_with(&options)
             .await
             .map_err(|e| StoreError::Config(format!("cannot open SQLite database: {e}")))?;
@@ -84,6 +87,35 @@ impl SqliteStore {
     /// The read-write pool (one connection; the log's own writer has another).
     pub fn write_pool(&self) -> &SqlitePool {
         &self.vault_pool
+    }
+}
+
+/// Creates the database file with mode 0600 unless it exists. SQLite itself would create it
+/// 0644 (less the umask), and it creates the `-wal`, `-shm` and journal files with the
+/// database file's mode: deciding it at this one creation keeps all of them private, with no
+/// moment in which they are readable by others (a `chmod` afterwards would leave one).
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(error) => Err(StoreError::Config(format!(
+                "cannot create the SQLite database {}: {error}",
+                path.display()
+            ))),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
     }
 }
 
@@ -246,3 +278,33 @@ impl BatchWriter for SqliteWriter {
 }
 
 crate::event_store_impl!(SqliteStore, SqliteRow);
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::SqliteStore;
+
+    /// The database and its WAL and shared-memory files are the owner's only, whatever the
+    /// umask lets through (the default 022 would give 0644).
+    #[tokio::test]
+    async fn database_files_are_created_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open");
+        let mut seen = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("events.db{suffix}"));
+            let mode = std::fs::metadata(&file)
+                .expect("the migrations wrote through the WAL, which is open")
+                .permissions()
+                .mode();
+            seen.push((suffix, format!("{:o}", mode & 0o777)));
+        }
+        let private = |suffix| (suffix, "600".to_owned());
+        assert_eq!(seen, [private(""), private("-wal"), private("-shm")]);
+        drop(store);
+    }
+}

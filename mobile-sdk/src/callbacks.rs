@@ -13,7 +13,9 @@ use crate::model::{AccountInfo, HistoryEntry, PendingTransaction, ServerInfo, Se
 
 /// What the app hears from the SDK.
 pub trait Callbacks: Send + Sync {
-    /// A session's state changed.
+    /// A session's state changed. Called before the change is visible through
+    /// `SessionHandle::snapshot`, `state` or `wait_for` (use `session` here, not the handle):
+    /// once `wait_for` answers a state, `on_state` has been told of it.
     fn on_state(&self, _session: &SessionSnapshot) {}
     /// A login waits for the user to pick one of `accounts` (`set_account`) or stop.
     fn confirm_login(&self, _session: &SessionSnapshot, _accounts: &[AccountInfo]) {}

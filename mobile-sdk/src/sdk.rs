@@ -485,7 +485,11 @@ impl Sdk {
                     }
                 }
             }
-            Err(SdkError::Refused(Refusal::AccountDeleted | Refusal::UnknownAccount)) => {}
+            // Gone, or not this device's to delete: either way nothing here can use it.
+            // (`key_mismatch` is what older gateways answer for the second.)
+            Err(SdkError::Refused(
+                Refusal::AccountDeleted | Refusal::UnknownAccount | Refusal::KeyMismatch,
+            )) => {}
             Err(e) => return Err(e),
         }
         self.inner.drop_channels(account_id)?;

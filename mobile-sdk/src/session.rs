@@ -11,7 +11,11 @@
 //! The snapshot the app sees ([`SessionHandle::snapshot`], the `watch` behind
 //! [`SessionHandle::wait_for`], [`Callbacks::on_state`]) changes when the machine's
 //! `StateChanged` effect is performed, which comes after the requests of the same step: once
-//! a test sees `Done`, the `abort` or `log_out` of that step has been answered.
+//! a test sees `Done`, the `abort` or `log_out` of that step has been answered. Within that
+//! effect [`Callbacks::on_state`] is called first and the watch is published last, so an app
+//! that waits on the snapshot and then reads what its callbacks recorded finds the change
+//! there too (the CLI once missed a `done (logged out)` line that a notice's task had
+//! published to the watch but not yet told the callbacks).
 //!
 //! The second factor the user gives is kept in the session only between
 //! `set_pin_biometric` and the step that proves it (it is taken out, and dropped with the
@@ -637,7 +641,9 @@ impl Session {
         match effect {
             Effect::StateChanged(_) => {
                 let snapshot = self.snapshot()?;
-                self.watch.send_replace(snapshot.clone());
+                // Published last: whoever sees the change in the watch (`wait_for`, another
+                // thread) finds `on_state` told of it and a final state's cleanup done, even
+                // when a background task (a notice, the pinger) made the change.
                 self.callbacks.on_state(&snapshot);
                 if snapshot.state.is_final() {
                     let mut core = self.core()?;
@@ -647,6 +653,7 @@ impl Session {
                     core.enrolment = None;
                     core.pending_factor = None;
                 }
+                self.watch.send_replace(snapshot);
                 Ok(None)
             }
             Effect::AskConfirmLogin => {

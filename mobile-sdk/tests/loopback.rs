@@ -409,6 +409,69 @@ async fn a_session_ended_notice_logs_out() {
     );
 }
 
+/// For each state it is told of: that state, and the one the session's handle showed then.
+#[derive(Default)]
+struct TellsBeforePublishing {
+    handle: std::sync::OnceLock<countersign_mobile_sdk::SessionHandle>,
+    told: Mutex<Vec<(State, Option<State>)>>,
+}
+
+impl countersign_mobile_sdk::Callbacks for TellsBeforePublishing {
+    fn on_state(&self, session: &countersign_mobile_sdk::SessionSnapshot) {
+        let shown = self
+            .handle
+            .get()
+            .map(countersign_mobile_sdk::SessionHandle::state);
+        self.told.lock().unwrap().push((session.state, shown));
+    }
+}
+
+/// A notice ends the session on the notice task while the app waits on the handle (what
+/// `countersign device login` does while a continuous session is up): the app must not see
+/// `Done` through `wait_for` before `on_state` told it, or it misses the final state (the
+/// CLI printed no `state: done (logged out)` when its thread ran between the two).
+#[tokio::test]
+async fn on_state_is_told_of_a_notice_before_the_handle_shows_it() {
+    let gateway = Gateway::start(60).await;
+    let sdk = enrolled(&gateway, config()).await;
+    let callbacks = Arc::new(TellsBeforePublishing::default());
+    let session = sdk
+        .start_session(&gateway.qr(QrKind::Login), callbacks.clone())
+        .await
+        .unwrap();
+    assert!(callbacks.handle.set(session.clone()).is_ok());
+    session
+        .set_account(Some(&hex::encode(ACCOUNT_ID)))
+        .await
+        .unwrap();
+    assert_eq!(session.state(), State::Active);
+    gateway
+        .notices
+        .send(Notice::SessionEnded {
+            hsid: Bytes(HSID),
+            how: SessionEnd::LoggedOut,
+        })
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(5),
+        session.wait_for(|s| s.state.is_final()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (done.state, done.history_status),
+        (State::Done, Some(HistoryStatus::LoggedOut))
+    );
+    let told = callbacks.told.lock().unwrap().clone();
+    // Told of Done by the time `wait_for` answered it, and while the handle still showed
+    // Active: no waiter could have seen Done first.
+    assert_eq!(
+        told.iter().find(|(state, _)| *state == State::Done),
+        Some(&(State::Done, Some(State::Active))),
+        "{told:?}"
+    );
+}
+
 #[tokio::test]
 async fn unknown_accounts_and_wrong_fingerprints_are_refused() {
     let gateway = Gateway::start(0).await;

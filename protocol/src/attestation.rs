@@ -3,9 +3,11 @@
 //! proved their PIN or biometric factor, bound to one NS challenge and one account key.
 //!
 //! Rules enforced by [`verify_attestation`], in this order, each with its own error:
-//! 1. a COSE_Sign1 with `alg` ES256 in the protected header only, no `crit`, a 64-byte raw
+//! 1. a COSE_Sign1 in its one encoding (tag 18, deterministic CBOR, empty unprotected header:
+//!    [`crate::cose`]) with `alg` ES256 in the protected header only, no `crit`, a 64-byte raw
 //!    `r ‖ s` signature (DER is refused) and the attestation content type;
-//! 2. its `kid` names one of the trusted keys, and the signature verifies under that key;
+//! 2. its `kid` names one of the trusted keys, and the signature verifies under that key; the
+//!    payload is the claims map in deterministic CBOR (RFC 8949 §4.2.1), nothing else;
 //! 3. the challenge is the expected one;
 //! 4. the account key thumbprint is the expected one;
 //! 5. it is fresh: `issued_at_ms − 5 s ≤ now ≤ expires_at_ms`, and it lives at most 60 s.
@@ -89,6 +91,9 @@ pub enum AttestationError {
     /// The signed payload is not an attestation claims map.
     #[error("malformed attestation claims")]
     Malformed,
+    /// The signed payload is a claims map, but not in its one deterministic encoding.
+    #[error("the attestation claims are not deterministic CBOR")]
+    NotDeterministic,
     /// Check 3: attests another challenge.
     #[error("the attestation is for another challenge")]
     ChallengeMismatch,
@@ -154,7 +159,10 @@ pub fn verify_attestation(
         other => AttestationError::Cose(other),
     })?;
     let claims: AttestationClaims =
-        crate::cbor::from_slice(&verified.payload).map_err(|_| AttestationError::Malformed)?;
+        crate::cbor::from_canonical_slice(&verified.payload).map_err(|e| match e {
+            crate::cbor::CborError::NotDeterministic => AttestationError::NotDeterministic,
+            _ => AttestationError::Malformed,
+        })?;
     // 3, 4. What it is bound to.
     if claims.challenge.0 != expect.challenge {
         return Err(AttestationError::ChallengeMismatch);
@@ -287,6 +295,51 @@ mod tests {
         assert_eq!(json["factor"], "pin");
         assert_eq!(json["issued_at_ms"], NOW);
         assert_eq!(json.as_object().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn only_the_one_deterministic_encoding_is_accepted() {
+        let good = sign_attestation(&claims(), &key(1)).unwrap();
+        for v in cose::noncanonical::variants(&good).unwrap() {
+            assert_eq!(
+                verify(&v.bytes, &expected()),
+                Err(AttestationError::Cose(v.refused_with)),
+                "{}",
+                v.name
+            );
+        }
+        let loose = cose::noncanonical::loose_protected_header(&good, &key(1), b"").unwrap();
+        assert_eq!(
+            verify(&loose, &expected()),
+            Err(AttestationError::Cose(CoseError::NotDeterministic(
+                "protected header"
+            )))
+        );
+        // Claims that decode to the same map but are not its deterministic encoding, validly
+        // signed by a trusted key.
+        let canonical = crate::cbor::to_canonical_vec(&claims()).unwrap();
+        let mut indefinite = vec![0xbf];
+        indefinite.extend_from_slice(&canonical[1..]);
+        indefinite.push(0xff);
+        let fields = ProtectedFields {
+            content_type: Some(ContentType::MediaType(ATTESTATION_CONTENT_TYPE.to_owned())),
+            key_id: Some(key_id(key(1).verifying_key())),
+        };
+        for payload in [
+            cose::noncanonical::reordered_map(&canonical).unwrap(),
+            indefinite,
+        ] {
+            assert_eq!(
+                crate::cbor::from_slice::<AttestationClaims>(&payload).unwrap(),
+                claims(),
+                "the same claims"
+            );
+            let signed = cose::sign1_es256(&key(1), &fields, &payload, b"").unwrap();
+            assert_eq!(
+                verify(&signed, &expected()),
+                Err(AttestationError::NotDeterministic)
+            );
+        }
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! - floats in the shortest of binary16/32/64 that keeps the value exactly, every NaN as `f97e00`;
 //! - integers outside the 64-bit argument range as bignums (tags 2/3) with no leading zero bytes.
 //!
-//! Decoding is lenient about form (it accepts any well-formed item, so old or foreign writers
-//! can be read) but strict about content: truncated input, trailing bytes, nesting deeper than
-//! 256 levels and wrong shapes are a [`CborError`], never a panic. `cbor4ii` does the parsing
+//! Decoding with [`decode_value`] / [`from_slice`] is lenient about form (it accepts any
+//! well-formed item, so old or foreign writers can be read); [`decode_canonical`] /
+//! [`from_canonical_slice`] also refuse every encoding but the deterministic one, and are what
+//! every verifier of signed or hashed bytes uses. Both are strict about content: truncated
+//! input, trailing bytes, nesting deeper than 256 levels and wrong shapes are a [`CborError`],
+//! never a panic. `cbor4ii` does the parsing
 //! and the serde mapping; this module owns only the canonical writer, because `cbor4ii` writes
 //! floats at their Rust width and keeps map entries in insertion order.
 //!
@@ -39,6 +42,11 @@ pub enum CborError {
     /// A well-formed item was followed by more bytes: a payload is exactly one item.
     #[error("{0} trailing byte(s) after the CBOR item")]
     TrailingBytes(usize),
+    /// Well-formed, but not the core deterministic encoding of what it decodes to (a longer
+    /// head than needed, an indefinite length, map keys out of order, a wider float):
+    /// refused where one value must have exactly one encoding (see [`decode_canonical`]).
+    #[error("not deterministic CBOR (RFC 8949 §4.2.1)")]
+    NotDeterministic,
 }
 
 /// Serializes `v` with serde and returns its canonical CBOR encoding.
@@ -90,6 +98,50 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value, CborError> {
     let value = Value::decode(&mut reader).map_err(|e| CborError::Decode(format!("{e:?}")))?;
     ensure_consumed(reader)?;
     Ok(value)
+}
+
+/// Decodes exactly one CBOR item and refuses it unless `bytes` is its core deterministic
+/// encoding: decode, re-encode canonically, compare bytes. This is the one strictness check
+/// for everything signed or hashed (COSE_Sign1 messages and their protected headers in
+/// [`crate::cose`], attestation claims, signed transactions, evidence bundles and their events),
+/// so a valid value has exactly one valid encoding.
+///
+/// # Errors
+/// As [`decode_value`], and [`CborError::NotDeterministic`] for any other encoding.
+pub fn decode_canonical(bytes: &[u8]) -> Result<Value, CborError> {
+    let value = decode_value(bytes)?;
+    // A map with a repeated key re-encodes to itself, but RFC 8949 §5.6 makes it invalid and
+    // readers disagree on which entry wins: it too has no one meaning.
+    if encode_canonical(&value) == bytes && !has_duplicate_keys(&value) {
+        Ok(value)
+    } else {
+        Err(CborError::NotDeterministic)
+    }
+}
+
+fn has_duplicate_keys(value: &Value) -> bool {
+    match value {
+        Value::Map(entries) => {
+            let mut keys: Vec<Vec<u8>> = entries.iter().map(|(k, _)| encode_canonical(k)).collect();
+            keys.sort();
+            keys.windows(2).any(|w| w.first() == w.get(1))
+                || entries
+                    .iter()
+                    .any(|(k, v)| has_duplicate_keys(k) || has_duplicate_keys(v))
+        }
+        Value::Array(items) => items.iter().any(has_duplicate_keys),
+        Value::Tag(_, inner) => has_duplicate_keys(inner),
+        _ => false,
+    }
+}
+
+/// [`decode_canonical`], then the serde mapping into `T`.
+///
+/// # Errors
+/// As [`decode_canonical`] and [`from_slice`].
+pub fn from_canonical_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CborError> {
+    decode_canonical(bytes)?;
+    from_slice(bytes)
 }
 
 fn ensure_consumed<'de, R: Read<'de>>(mut reader: R) -> Result<(), CborError> {

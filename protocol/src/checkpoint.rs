@@ -5,8 +5,10 @@
 //! what the `verify_*_against_checkpoint` functions here do, link by link.
 //!
 //! Wire format, for verifiers in other languages:
-//! - A tagged COSE_Sign1 (tag 18), ES256, empty external AAD, empty unprotected header, and the
-//!   protected header `{1: -7, 3: "application/countersign-checkpoint+cbor", 4: kid}` where
+//! - A tagged COSE_Sign1 (tag 18, written `d2`), ES256, empty external AAD, an empty
+//!   unprotected header (`a0`: a `kid` or anything else there is refused), deterministic CBOR
+//!   throughout (refused otherwise, by [`crate::cose`]), and the protected header
+//!   `{1: -7, 3: "application/countersign-checkpoint+cbor", 4: kid}` where
 //!   `kid` = SHA-256 of the audit key's 33-byte compressed SEC1 encoding.
 //! - The payload is this CBOR map, in RFC 8949 §4.2.1 core deterministic encoding (definite
 //!   lengths, shortest-form heads, keys in ascending order), and nothing else is accepted:
@@ -448,6 +450,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_the_one_deterministic_encoding_is_accepted() {
+        let k = key(5);
+        let signed = sign_checkpoint(&sample(), &k).unwrap();
+        for v in cose::noncanonical::variants(&signed).unwrap() {
+            assert_eq!(
+                verify_checkpoint(&v.bytes, k.verifying_key()),
+                Err(CheckpointError::Cose(v.refused_with)),
+                "{}",
+                v.name
+            );
+        }
+        let loose = cose::noncanonical::loose_protected_header(&signed, &k, b"").unwrap();
+        assert_eq!(
+            verify_checkpoint(&loose, k.verifying_key()),
+            Err(CheckpointError::Cose(CoseError::NotDeterministic(
+                "protected header"
+            )))
+        );
     }
 
     #[test]

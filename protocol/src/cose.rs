@@ -13,9 +13,23 @@
 //!   (phones' secure hardware and other COSE libraries emit either) and *emit only low-S*
 //!   (`s ≤ n/2`), so what we sign is canonical. Consequently signature bytes must never serve as
 //!   an identifier or a replay key: hash the payload (or the Sig_structure) instead.
-//! - Input is tag 18 or untagged (RFC 9052 §2 lets context decide); any other tag, trailing
-//!   bytes after the message, a detached (nil) payload, or malformed CBOR is a typed
-//!   [`CoseError`]. The Sig_structure is built from the protected header bytes *as received*.
+//! - One valid encoding of every message (DESIGN.md, "one valid encoding of every signed
+//!   object"): the input must be tagged 18 with the tag head in its shortest form (`d2`), be
+//!   RFC 8949 §4.2.1 deterministic CBOR as a whole and in its protected header bytes (definite
+//!   lengths, shortest heads, map keys in bytewise order, no repeated key), and carry an
+//!   **empty unprotected header** (`a0`): nothing binds the unprotected header, so anything in
+//!   it (another `kid`, a content type, a 15 kB blob) would ride unsigned inside a valid
+//!   message and make two different files verify. The check is "decode, re-encode
+//!   canonically, compare bytes" ([`crate::cbor::decode_canonical`]), in [`decode_strict`],
+//!   which every verifier here goes through ([`verify_sign1_es256`], [`inspect_sign1_es256`]).
+//!   Untagged input, another tag, any other encoding, trailing bytes, a detached (nil)
+//!   payload, or malformed CBOR is a typed [`CoseError`]. What the payload must be is the
+//!   caller's rule (every countersign payload is deterministic CBOR too, checked by its
+//!   verifier with the same function). The Sig_structure is built from the protected header
+//!   bytes as received, which this rule makes the only bytes possible.
+//! - [`to_be_signed`] alone stays lenient (tagged or untagged, any encoding): it is a
+//!   diagnostic for comparing Sig_structures with other implementations' vectors, and checks
+//!   no signature.
 //! - Signing is deterministic (RFC 6979), so it needs no RNG and stays pure.
 
 use coset::cbor::value::Value;
@@ -25,8 +39,12 @@ use coset::{
     RegisteredLabel, RegisteredLabelWithPrivate, TaggedCborSerializable as _,
 };
 use p256::ecdsa::signature::Signer as _;
+
+use crate::cbor::{self, CborError};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use p256::elliptic_curve::sec1::ToSec1Point as _;
+
+pub mod noncanonical;
 
 /// Length of an ES256 signature: `r ‖ s`, 32 bytes each.
 pub const ES256_SIGNATURE_LEN: usize = 64;
@@ -70,6 +88,17 @@ pub enum CoseError {
     /// Tagged with something other than 18 (COSE_Sign1).
     #[error("CBOR tag {0} is not COSE_Sign1 (18)")]
     WrongTag(u64),
+    /// Not tagged: a COSE_Sign1 countersign accepts always carries tag 18.
+    #[error("COSE_Sign1 must be tagged 18")]
+    Untagged,
+    /// Well-formed, but not the one deterministic encoding of the message (or of its protected
+    /// header): a non-shortest head (the tag as `d812` included), an indefinite length, map
+    /// keys out of order or repeated. Names the part.
+    #[error("the {0} is not deterministic CBOR (RFC 8949 §4.2.1)")]
+    NotDeterministic(&'static str),
+    /// The unprotected header is not empty; nothing binds it, so nothing may be in it.
+    #[error("the unprotected header must be empty")]
+    UnprotectedHeader,
     /// The protected header names no algorithm.
     #[error("the protected header has no alg")]
     MissingAlgorithm,
@@ -154,8 +183,9 @@ pub fn verify_sign1_es256(
     })
 }
 
-/// Checks every rule of the module documentation that needs no key (tag, `alg` ES256 in the
-/// protected header only, no `crit`, an attached payload, a 64-byte signature) and answers the
+/// Checks every rule of the module documentation that needs no key (tag 18, deterministic
+/// encoding, `alg` ES256 in the protected header only, no `crit`, an empty unprotected header,
+/// an attached payload, a 64-byte signature) and answers the
 /// signed header fields, so a verifier can pick the key by its `kid` before calling
 /// [`verify_sign1_es256`]. Nothing returned here is authenticated yet.
 ///
@@ -170,7 +200,7 @@ pub fn inspect_sign1_es256(bytes: &[u8]) -> Result<ProtectedFields, CoseError> {
 }
 
 fn decode_checked(bytes: &[u8]) -> Result<(CoseSign1, Vec<u8>), CoseError> {
-    let msg = decode_sign1(bytes)?;
+    let msg = decode_strict(bytes)?;
     let protected = &msg.protected.header;
     if msg.unprotected.alg.is_some() {
         return Err(CoseError::UnprotectedAlgorithm);
@@ -183,10 +213,50 @@ fn decode_checked(bytes: &[u8]) -> Result<(CoseSign1, Vec<u8>), CoseError> {
     if !protected.crit.is_empty() || !msg.unprotected.crit.is_empty() {
         return Err(CoseError::CriticalHeaders);
     }
+    if !msg.unprotected.is_empty() {
+        return Err(CoseError::UnprotectedHeader);
+    }
     let Some(payload) = msg.payload.clone() else {
         return Err(CoseError::DetachedPayload);
     };
     Ok((msg, payload))
+}
+
+/// Decodes a COSE_Sign1 that is in the one encoding countersign accepts (module
+/// documentation): tag 18, deterministic CBOR as a whole and in the protected header bytes.
+/// The header rules (`alg`, `crit`, an empty unprotected header) are [`decode_checked`]'s.
+///
+/// # Errors
+/// [`CoseError::Untagged`], [`CoseError::WrongTag`], [`CoseError::NotDeterministic`] or
+/// [`CoseError::Malformed`].
+pub fn decode_strict(bytes: &[u8]) -> Result<CoseSign1, CoseError> {
+    // The tag first, read leniently, so that an untagged or otherwise tagged message is named
+    // as such rather than as a mere encoding problem.
+    match cbor::decode_value(bytes) {
+        Ok(cbor::Value::Tag(COSE_SIGN1_TAG, _)) => {}
+        Ok(cbor::Value::Tag(other, _)) => return Err(CoseError::WrongTag(other)),
+        Ok(_) => return Err(CoseError::Untagged),
+        Err(e) => return Err(CoseError::Malformed(e.to_string())),
+    }
+    let value = cbor::decode_canonical(bytes).map_err(|e| not_deterministic(e, "COSE_Sign1"))?;
+    // The protected header is a map inside a byte string: its encoding is checked the same way
+    // (before coset reads it). A zero-length one is the one encoding of "no protected
+    // attributes" (RFC 9052 §3), refused later for its missing `alg`.
+    if let cbor::Value::Tag(_, inner) = &value
+        && let cbor::Value::Array(items) = inner.as_ref()
+        && let Some(cbor::Value::Bytes(header)) = items.first()
+        && !header.is_empty()
+    {
+        cbor::decode_canonical(header).map_err(|e| not_deterministic(e, "protected header"))?;
+    }
+    Ok(CoseSign1::from_tagged_slice(bytes)?)
+}
+
+fn not_deterministic(e: CborError, what: &'static str) -> CoseError {
+    match e {
+        CborError::NotDeterministic => CoseError::NotDeterministic(what),
+        other => CoseError::Malformed(other.to_string()),
+    }
 }
 
 fn protected_fields(msg: &CoseSign1) -> ProtectedFields {
@@ -201,12 +271,13 @@ fn protected_fields(msg: &CoseSign1) -> ProtectedFields {
 }
 
 /// The Sig_structure (the exact bytes ES256 signs) of a COSE_Sign1 message, for diagnostics and
-/// for checking another implementation byte for byte. No signature is checked.
+/// for checking another implementation byte for byte. No signature is checked, and the input
+/// is read leniently (untagged, any encoding, any unprotected header): this is not a verifier.
 ///
 /// # Errors
 /// [`CoseError::Malformed`] or [`CoseError::WrongTag`] if `bytes` is not a COSE_Sign1.
 pub fn to_be_signed(bytes: &[u8], external_aad: &[u8]) -> Result<Vec<u8>, CoseError> {
-    Ok(decode_sign1(bytes)?.tbs_data(external_aad))
+    Ok(decode_lenient(bytes)?.tbs_data(external_aad))
 }
 
 /// Signs `message` with ES256 (SHA-256, RFC 6979 deterministic nonce) and returns the low-S
@@ -241,7 +312,7 @@ pub fn verify_es256(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> Res
     .map_err(|_| CoseError::BadSignature)
 }
 
-fn decode_sign1(bytes: &[u8]) -> Result<CoseSign1, CoseError> {
+fn decode_lenient(bytes: &[u8]) -> Result<CoseSign1, CoseError> {
     // `Value::from_slice` refuses trailing bytes after the one data item.
     let mut msg = match Value::from_slice(bytes)? {
         Value::Tag(COSE_SIGN1_TAG, inner) => CoseSign1::from_cbor_value(*inner)?,
@@ -368,6 +439,69 @@ mod tests {
     }
 
     #[test]
+    fn only_the_one_deterministic_encoding_is_accepted() {
+        let k = key(7);
+        let vk = k.verifying_key();
+        let msg = sign1_es256(&k, &fields(), b"hello", b"aad").unwrap();
+        // What we sign is itself the canonical form.
+        assert_eq!(
+            cbor::encode_canonical(&cbor::decode_value(&msg).unwrap()),
+            msg
+        );
+        let variants = noncanonical::variants(&msg).unwrap();
+        assert_eq!(variants.len(), 13);
+        for v in variants {
+            // The signature still verifies over the same Sig_structure: only the rule refuses it.
+            let tbs = to_be_signed(&v.bytes, b"aad").unwrap();
+            let sig = decode_lenient(&v.bytes).unwrap().signature;
+            verify_es256(vk, &tbs, &sig).unwrap();
+            assert_eq!(
+                verify_sign1_es256(&v.bytes, vk, b"aad"),
+                Err(v.refused_with.clone()),
+                "{}",
+                v.name
+            );
+            assert_eq!(
+                inspect_sign1_es256(&v.bytes),
+                Err(v.refused_with),
+                "{}",
+                v.name
+            );
+        }
+        let loose = noncanonical::loose_protected_header(&msg, &k, b"aad").unwrap();
+        verify_es256(
+            vk,
+            &to_be_signed(&loose, b"aad").unwrap(),
+            &decode_lenient(&loose).unwrap().signature,
+        )
+        .unwrap();
+        assert_eq!(
+            verify_sign1_es256(&loose, vk, b"aad"),
+            Err(CoseError::NotDeterministic("protected header"))
+        );
+        // A protected header with its keys out of order, re-signed.
+        let mut m = decode_lenient(&msg).unwrap();
+        let reordered =
+            noncanonical::reordered_map(m.protected.original_data.as_ref().unwrap()).unwrap();
+        m.protected.original_data = Some(reordered);
+        let tbs = m.tbs_data(b"aad");
+        m.signature = sign_es256(&k, &tbs).to_vec();
+        assert_eq!(
+            verify_sign1_es256(&m.to_tagged_vec().unwrap(), vk, b"aad"),
+            Err(CoseError::NotDeterministic("protected header"))
+        );
+        // A repeated key in the protected header, re-signed: refused before coset reads it.
+        let mut m = decode_lenient(&msg).unwrap();
+        m.protected.original_data = Some(hex::decode("a201260126").unwrap());
+        let tbs = m.tbs_data(b"aad");
+        m.signature = sign_es256(&k, &tbs).to_vec();
+        assert_eq!(
+            verify_sign1_es256(&m.to_tagged_vec().unwrap(), vk, b"aad"),
+            Err(CoseError::NotDeterministic("protected header"))
+        );
+    }
+
+    #[test]
     fn wrong_tag_detached_and_short_signature_fail() {
         let k = key(3);
         let vk = k.verifying_key();
@@ -386,8 +520,12 @@ mod tests {
         msg.payload = Some(vec![]);
         msg.signature.truncate(63);
         assert_eq!(
-            verify_sign1_es256(&msg.clone().to_vec().unwrap(), vk, b""),
+            verify_sign1_es256(&msg.clone().to_tagged_vec().unwrap(), vk, b""),
             Err(CoseError::SignatureLength(63))
+        );
+        assert_eq!(
+            verify_sign1_es256(&msg.clone().to_vec().unwrap(), vk, b""),
+            Err(CoseError::Untagged)
         );
         let wrong_tag = Value::Tag(98, Box::new(msg.to_cbor_value().unwrap()))
             .to_vec()

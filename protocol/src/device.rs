@@ -163,11 +163,14 @@ pub enum Welcome {
 pub enum Refusal {
     /// The device speaks a version the gateway does not.
     UnsupportedVersion,
-    /// No such account at this server.
+    /// No account with this id opens with this Noise static key: either none exists, or its
+    /// channel key is another. One refusal for both, so that a made-up key does not tell
+    /// whether an id exists.
     UnknownAccount,
     /// The account was deleted (the device should forget it).
     AccountDeleted,
-    /// The Noise static key is not the account's channel key.
+    /// Sent by gateways before [`Refusal::UnknownAccount`] covered it (the static key is not
+    /// the account's channel key); no longer sent, still decoded, and to be treated alike.
     KeyMismatch,
     /// The server was deleted.
     ServerGone,

@@ -163,6 +163,8 @@ pub struct VerifiedEvidence {
     pub account_id: [u8; 16],
     /// The second factor the SFS attested.
     pub factor: Factor,
+    /// The app instance the account was enrolled from, on which the SFS attested the factor.
+    pub app_instance: [u8; 16],
     /// The device's clock at signing.
     pub device_time_ms: i64,
     /// Position of the signing event in the log.
@@ -239,6 +241,10 @@ pub enum EvidenceError {
     /// not valid at the device time).
     #[error("attestation: {0}")]
     Attestation(AttestationError),
+    /// Check 8: the attestation is for another app instance than the one the account was
+    /// enrolled from.
+    #[error("the attestation is for another app instance than the enrolled one")]
+    AppInstanceMismatch,
     /// Check 9: the device signed another attestation.
     #[error("the device signed another attestation")]
     AttestationHashMismatch,
@@ -365,14 +371,13 @@ fn strict_decode<T: serde::de::DeserializeOwned>(
 }
 
 fn decode_canonical(bytes: &[u8], what: &'static str) -> Result<Value, EvidenceError> {
-    let value = cbor::decode_value(bytes).map_err(|e| EvidenceError::Malformed {
-        what,
-        reason: e.to_string(),
-    })?;
-    if cbor::encode_canonical(&value) != bytes {
-        return Err(EvidenceError::NotDeterministic(what));
-    }
-    Ok(value)
+    cbor::decode_canonical(bytes).map_err(|e| match e {
+        cbor::CborError::NotDeterministic => EvidenceError::NotDeterministic(what),
+        other => EvidenceError::Malformed {
+            what,
+            reason: other.to_string(),
+        },
+    })
 }
 
 impl Evidence {
@@ -541,6 +546,7 @@ fn decode_event(bytes: &[u8]) -> Result<CanonicalEvent, &'static str> {
 #[derive(Deserialize)]
 struct RegisteredPayload {
     account: AccountRefPayload,
+    app_instance: Bytes<16>,
     #[serde(with = "serde_bytes")]
     signing_public_key: Vec<u8>,
     signing_key_thumbprint: Bytes<32>,
@@ -584,12 +590,13 @@ fn stream_name(prefix: &str, server_id: &[u8; 16], id: &[u8; 16]) -> String {
 /// 3. `enrolment_event` is leaf `enrolment_position` of the same tree;
 /// 4. the enrolment event is `account.registered` v1 of this account in stream
 ///    `account-{server}-{account}`, at its position, before the signing event, and carries
-///    exactly the bundle's signing key (and its thumbprint);
+///    exactly the bundle's signing key (and its thumbprint) and an app instance;
 /// 5. the device signature verifies under that key as a signed transaction;
 /// 6. its data and text hashes are SHA-256 of the bundle's data and text;
 /// 7. its transaction and server ids are the bundle's;
 /// 8. the attestation verifies under a trusted SFS key, for the transaction challenge and the
-///    account key thumbprint, valid at the signed device time;
+///    account key thumbprint, valid at the signed device time, and attests the app instance the
+///    enrolment event names;
 /// 9. the signed attestation hash is SHA-256 of the attestation bytes;
 /// 10. the signing event is `transaction.signed` v1 in stream
 ///     `transaction-{server}-{transaction}`, at its position, and carries this account id,
@@ -655,7 +662,7 @@ pub fn verify_evidence(
             "not before the signing event",
         ));
     }
-    let registered: RegisteredPayload = cbor::from_slice(&enrolment.payload)
+    let registered: RegisteredPayload = cbor::from_canonical_slice(&enrolment.payload)
         .map_err(|_| EvidenceError::EnrolmentEvent("malformed account.registered payload"))?;
     if registered.account.server_id != tx.server_id
         || registered.account.account_id != account.account_id
@@ -701,6 +708,11 @@ pub fn verify_evidence(
     };
     let claims = attestation::verify_attestation(&ev.attestation, sfs_keys, &expect)
         .map_err(EvidenceError::Attestation)?;
+    // The factor was proven on the enrolled app instance (which `account.registered` fixes for
+    // the account's life), not on another installation holding a copy of the key.
+    if claims.app_instance != registered.app_instance {
+        return Err(EvidenceError::AppInstanceMismatch);
+    }
 
     // 9.
     if signed.attestation_hash.0 != attestation::attestation_hash(&ev.attestation) {
@@ -720,7 +732,7 @@ pub fn verify_evidence(
     if event.position != ev.signed_position {
         return Err(EvidenceError::SignedEvent("position differs from its leaf"));
     }
-    let payload: SignedPayload = cbor::from_slice(&event.payload)
+    let payload: SignedPayload = cbor::from_canonical_slice(&event.payload)
         .map_err(|_| EvidenceError::SignedEvent("malformed transaction.signed payload"))?;
     if payload.account_id != account.account_id {
         return Err(EvidenceError::SignedEvent("signed by another account"));
@@ -747,6 +759,7 @@ pub fn verify_evidence(
         server_id: tx.server_id.0,
         account_id: account.account_id.0,
         factor: claims.factor,
+        app_instance: claims.app_instance.0,
         device_time_ms: signed.device_time_ms,
         signed_position: ev.signed_position,
         checkpoint: head,

@@ -5,15 +5,18 @@
 //! WebSocket in production and over channels in tests. The first frame must arrive within the
 //! handshake timeout; requests are answered one at a time in arrival order.
 //!
-//! The handshake binds the app instance to its Noise static key on first use
-//! (`second_factor.key_bound`); another key for the same app instance is refused
-//! `key_mismatch`, an unknown version `unsupported_version`.
+//! The handshake writes nothing: it checks the Noise static key against the one the app
+//! instance's stream bound (another is refused `key_mismatch`, an unknown version
+//! `unsupported_version`). An app instance with no PIN registered is anonymous: its hello
+//! takes a token from the [`admission`](crate::admission) limiter, and without one the
+//! connection is closed before the welcome. The key is bound on first use by the first PIN
+//! registration, in the same append (`second_factor.key_bound`, then `pin_registered`).
 
 use axum::extract::ws::{Message, WebSocket};
-use countersign_commands::{Refused, execute_typed};
-use countersign_domain::second_factor::{BindKey, SecondFactor, SecondFactorError};
-use countersign_domain::{AppInstanceId, Context};
-use countersign_eventstore::Metadata;
+use std::net::IpAddr;
+
+use countersign_domain::AppInstanceId;
+use countersign_domain::second_factor::SecondFactor;
 use countersign_protocol::channel::{self, Channel, Responder, SFS_PROLOGUE};
 use countersign_protocol::sfs::{
     self, SfsCode, SfsError, SfsHello, SfsOutcome, SfsRefusal, SfsReply, SfsRequest, SfsWelcome,
@@ -30,6 +33,9 @@ pub enum Closed {
     /// No first frame within the handshake timeout.
     #[error("the app sent no handshake in time")]
     HandshakeTimeout,
+    /// No frame from the app for the idle timeout after the handshake.
+    #[error("the app sent nothing for too long")]
+    IdleTimeout,
     /// The app closed the connection.
     #[error("the app closed the connection")]
     ByApp,
@@ -45,13 +51,16 @@ pub enum Closed {
     /// The handshake was refused.
     #[error("refused: {0:?}")]
     Refused(SfsRefusal),
+    /// An anonymous hello found no token left: closed before the welcome.
+    #[error("too many anonymous connections; closed")]
+    Busy,
     /// The SFS failed.
     #[error(transparent)]
     Sfs(#[from] Error),
 }
 
-/// Serves an upgraded WebSocket.
-pub(crate) async fn serve_socket(sfs: Sfs, socket: WebSocket) {
+/// Serves an upgraded WebSocket from `peer`.
+pub(crate) async fn serve_socket(sfs: Sfs, peer: Option<IpAddr>, socket: WebSocket) {
     let (sink, stream) = socket.split();
     let frames = Box::pin(stream.filter_map(|message| async move {
         match message {
@@ -66,68 +75,67 @@ pub(crate) async fn serve_socket(sfs: Sfs, socket: WebSocket) {
         Box::pin(sink.with(|frame: Vec<u8>| async move {
             Ok::<_, axum::Error>(Message::Binary(frame.into()))
         }));
-    if let Err(reason) = serve_frames(sfs, frames, sink).await {
+    if let Err(reason) = serve_frames_from(sfs, peer, frames, sink).await {
         tracing::debug!(%reason, "sfs connection closed");
     }
 }
 
-/// Checks the hello and binds (or checks) the channel key; answers the session or why not.
+/// Checks the hello and the channel key; answers the session or why not. Writes nothing.
 async fn admit(
     sfs: &Sfs,
+    peer: Option<IpAddr>,
     hello: &SfsHello,
     remote_static: &[u8],
-) -> Result<Result<(Session, SfsWelcome), SfsRefusal>, Error> {
+) -> Result<Result<(Session, SfsWelcome), SfsRefusal>, Closed> {
     if hello.version != VERSION {
         return Ok(Err(SfsRefusal::UnsupportedVersion));
     }
     let app = AppInstanceId::from_bytes(hello.app_instance.0);
-    let now = sfs.0.clock.now();
-    let bind = BindKey {
-        app_instance: app,
-        key_thumbprint: channel::fingerprint(remote_static),
-    };
-    let metadata = Metadata {
-        actor: Some("sfs".to_owned()),
-        ..Metadata::default()
-    };
-    match execute_typed::<SecondFactor>(
-        &sfs.0.store,
-        &app.stream(),
-        bind.into(),
-        &mut Context::new(now),
-        &metadata,
-        None,
-    )
-    .await
+    let key_thumbprint = channel::fingerprint(remote_static);
+    let loaded = countersign_commands::load::<SecondFactor>(&sfs.0.store, &app.stream())
+        .await
+        .map_err(Error::from)?;
+    let state = &loaded.state;
+    if state
+        .key_thumbprint()
+        .is_some_and(|bound| *bound != key_thumbprint)
     {
-        Ok(_) => {}
-        Err(Refused::Rule(SecondFactorError::KeyMismatch)) => {
-            return Ok(Err(SfsRefusal::KeyMismatch));
-        }
-        Err(Refused::Rule(other)) => {
-            return Err(Error::Command(
-                countersign_commands::CommandError::Internal(other.to_string()),
-            ));
-        }
-        Err(Refused::Command(other)) => return Err(other.into()),
+        return Ok(Err(SfsRefusal::KeyMismatch));
     }
-    let state = countersign_commands::load::<SecondFactor>(&sfs.0.store, &app.stream())
-        .await?
-        .state;
+    let now = sfs.0.clock.now();
+    if state.pin_record_digest().is_none() && !sfs.0.limiter.take(peer, now.as_millis()) {
+        return Err(Closed::Busy);
+    }
     let welcome = SfsWelcome::Accepted {
         pin_registered: state.pin_record_digest().is_some(),
         biometric_registered: state.biometric_key().is_some(),
         state: factor_state(state.status(now)),
     };
-    Ok(Ok((Session::new(sfs.clone(), app), welcome)))
+    let session = Session::new(sfs.clone(), app, key_thumbprint, peer);
+    Ok(Ok((session, welcome)))
 }
 
-/// Runs one connection over frames; answers why it ended.
+/// Runs one connection over frames from an unknown address; answers why it ended.
 ///
 /// # Errors
 /// [`Closed`] says why the connection ended early.
-pub async fn serve_frames<In, Out>(
+pub async fn serve_frames<In, Out>(sfs: Sfs, incoming: In, outgoing: Out) -> Result<(), Closed>
+where
+    In: Stream<Item = Result<Vec<u8>, String>> + Unpin,
+    Out: Sink<Vec<u8>> + Unpin,
+    Out::Error: std::fmt::Display,
+{
+    serve_frames_from(sfs, None, incoming, outgoing).await
+}
+
+/// Runs one connection over frames from `peer` (its address counts its anonymous work);
+/// answers why it ended.
+///
+/// # Errors
+/// [`Closed`] says why the connection ended early.
+pub async fn serve_frames_from<In, Out>(
     sfs: Sfs,
+    peer: Option<IpAddr>,
     mut incoming: In,
     mut outgoing: Out,
 ) -> Result<(), Closed>
@@ -144,7 +152,7 @@ where
     let (responder, hello) =
         Responder::read_with_prologue(&sfs.0.keys.channel, SFS_PROLOGUE, &first)?;
     let hello: SfsHello = sfs::decode(&hello)?;
-    let (mut session, welcome) = match admit(&sfs, &hello, responder.remote_static()).await? {
+    let (mut session, welcome) = match admit(&sfs, peer, &hello, responder.remote_static()).await? {
         Ok(admitted) => admitted,
         Err(reason) => {
             refuse(responder, &mut outgoing, reason).await?;
@@ -154,7 +162,15 @@ where
     let (mut channel, frame) = responder.accept(&sfs::encode(&welcome)?)?;
     send(&mut outgoing, frame).await?;
     tracing::debug!(app_instance = %AppInstanceId::from_bytes(hello.app_instance.0), "sfs channel open");
-    run(&mut session, &mut channel, &mut incoming, &mut outgoing).await
+    let idle = sfs.0.idle_timeout;
+    run(
+        &mut session,
+        &mut channel,
+        &mut incoming,
+        &mut outgoing,
+        idle,
+    )
+    .await
 }
 
 async fn refuse<Out>(
@@ -187,6 +203,7 @@ async fn run<In, Out>(
     channel: &mut Channel,
     incoming: &mut In,
     outgoing: &mut Out,
+    idle: std::time::Duration,
 ) -> Result<(), Closed>
 where
     In: Stream<Item = Result<Vec<u8>, String>> + Unpin,
@@ -194,7 +211,10 @@ where
     Out::Error: std::fmt::Display,
 {
     loop {
-        let frame = match incoming.next().await {
+        let next = tokio::time::timeout(idle, incoming.next())
+            .await
+            .map_err(|_| Closed::IdleTimeout)?;
+        let frame = match next {
             None => return Err(Closed::ByApp),
             Some(Err(reason)) => return Err(Closed::Socket(reason)),
             Some(Ok(frame)) => frame,

@@ -8,8 +8,12 @@
 //! - State lives in three places: the `sf-{app instance}` event stream (key binding, the
 //!   record's digest, the biometric key, failures, locks, revocation: the
 //!   [`SecondFactor`](countersign_domain::second_factor::SecondFactor) aggregate, written
-//!   through `countersign_commands`), the `sfs_records` table ([`records`]: the OPAQUE
-//!   registration records) and the key vault ([`keys`]).
+//!   through `countersign_commands`), the `sfs_opaque_records` table ([`records`]: the OPAQUE
+//!   registration records, keyed by digest so a crash between record and event is harmless)
+//!   and the key vault ([`keys`]).
+//! - Nothing is written for an app instance until its first PIN registration, which needs an
+//!   enrolment a countersign server authorised ([`admission::Enrolments`]); anonymous work
+//!   (hellos and requests of app instances with no PIN) is rate-limited ([`admission`]).
 //! - Per connection, in memory only: the pending OPAQUE login, the biometric nonce, and
 //!   whether the channel proved the PIN.
 //!
@@ -33,6 +37,7 @@ use countersign_eventstore::{Database, SharedStore, StoreError};
 use p256::ecdsa::VerifyingKey;
 use serde::Serialize;
 
+pub mod admission;
 pub mod connection;
 pub mod keys;
 pub mod opaque;
@@ -43,10 +48,14 @@ pub mod bench;
 #[cfg(test)]
 mod tests;
 
+pub use admission::{AnonymousLimits, EnrolmentError, Enrolments, NoEnrolments, Rate};
 pub use keys::attestation_public_key;
 
 /// How long a client has to send the first handshake frame.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest an open channel may go without a frame from the app before it is closed (the SDK
+/// opens a new one when it needs it again).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why the SFS failed. All of these are internal (500, logged, never shown to the app: a
 /// request answers `internal`); refusals are [`countersign_protocol::sfs::SfsError`]s.
@@ -67,9 +76,12 @@ pub enum Error {
     /// The OS random generator failed.
     #[error("no randomness from the OS")]
     Random,
-    /// A stored registration record is not the one the stream registered.
-    #[error("the stored OPAQUE record does not match the registered digest")]
+    /// The record the stream registered is not stored (lost, or changed outside the SFS).
+    #[error("the OPAQUE record the stream registered is not stored")]
     RecordMismatch,
+    /// The NS could not say whether it enrolled the app instance.
+    #[error(transparent)]
+    Enrolments(#[from] EnrolmentError),
 }
 
 /// The second-factor server: cheap to clone, one per process.
@@ -83,6 +95,9 @@ pub(crate) struct Inner {
     pub(crate) policy: LockoutPolicy,
     pub(crate) keys: keys::Keys,
     pub(crate) handshake_timeout: std::time::Duration,
+    pub(crate) idle_timeout: std::time::Duration,
+    pub(crate) enrolments: Arc<dyn Enrolments>,
+    pub(crate) limiter: admission::Limiter,
 }
 
 impl std::fmt::Debug for Inner {
@@ -103,7 +118,9 @@ pub struct PublicKeys {
 }
 
 impl Sfs {
-    /// Loads (or, on the first start, creates) the SFS keys from the vault.
+    /// Loads (or, on the first start, creates) the SFS keys from the vault. `enrolments`
+    /// says which app instances a countersign server enrolled: only those may register a
+    /// first PIN. Anonymous work is limited by [`AnonymousLimits::default`].
     ///
     /// # Errors
     /// [`Error::Store`] when the vault fails, [`Error::Keys`] when an entry is not a key.
@@ -113,6 +130,32 @@ impl Sfs {
         database: Database,
         clock: Arc<dyn Clock>,
         policy: LockoutPolicy,
+        enrolments: Arc<dyn Enrolments>,
+    ) -> Result<Self, Error> {
+        Self::with_limits(
+            store,
+            vault,
+            database,
+            clock,
+            policy,
+            enrolments,
+            AnonymousLimits::default(),
+        )
+        .await
+    }
+
+    /// As [`Sfs::new`], with another budget for anonymous work.
+    ///
+    /// # Errors
+    /// As [`Sfs::new`].
+    pub async fn with_limits(
+        store: SharedStore,
+        vault: KeyVault,
+        database: Database,
+        clock: Arc<dyn Clock>,
+        policy: LockoutPolicy,
+        enrolments: Arc<dyn Enrolments>,
+        limits: AnonymousLimits,
     ) -> Result<Self, Error> {
         let keys = keys::Keys::load_or_create(&vault).await?;
         Ok(Self(Arc::new(Inner {
@@ -122,7 +165,20 @@ impl Sfs {
             policy,
             keys,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            enrolments,
+            limiter: admission::Limiter::new(limits),
         })))
+    }
+
+    /// With another idle timeout for open channels ([`IDLE_TIMEOUT`] by default). Call before
+    /// sharing the SFS; on a shared one it changes nothing.
+    #[must_use]
+    pub fn with_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.idle_timeout = idle;
+        }
+        self
     }
 
     /// The attestation key's public half: what a countersign server trusts.
@@ -163,7 +219,16 @@ async fn public_keys(State(sfs): State<Sfs>) -> Json<PublicKeys> {
     Json(sfs.public_keys())
 }
 
-async fn channel(State(sfs): State<Sfs>, upgrade: WebSocketUpgrade) -> Response {
+async fn channel(
+    State(sfs): State<Sfs>,
+    extensions: axum::http::Extensions,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // The client's address, when the listener recorded it: anonymous work is limited per
+    // address.
+    let peer = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
     // Small buffers, as the device gateway's: a channel sits idle between a few small
     // messages. Frames larger than a Noise message are refused at the WebSocket layer.
     upgrade
@@ -171,6 +236,6 @@ async fn channel(State(sfs): State<Sfs>, upgrade: WebSocketUpgrade) -> Response 
         .write_buffer_size(0)
         .max_frame_size(countersign_protocol::channel::MAX_FRAME)
         .max_message_size(countersign_protocol::channel::MAX_FRAME)
-        .on_upgrade(move |socket| connection::serve_socket(sfs, socket))
+        .on_upgrade(move |socket| connection::serve_socket(sfs, peer, socket))
         .into_response()
 }

@@ -11,7 +11,10 @@
 //! ```
 //!
 //! A new `login_start` replaces a pending login, a new `biometric_start` a pending nonce; a
-//! nonce is used once whatever the outcome. Every refusal is an [`SfsError`] with a code the
+//! nonce is used once whatever the outcome. While the app instance has no PIN registered the
+//! channel is anonymous: each request takes a token from the limiter (none left: `internal`,
+//! "busy"), and the first registration is refused `not_allowed` unless a countersign server
+//! enrolled the app instance; that registration binds the channel key in the same append. Every refusal is an [`SfsError`] with a code the
 //! app acts on; internal failures are logged here with the app instance id and answered
 //! `internal` without detail.
 
@@ -20,6 +23,8 @@ use countersign_domain::second_factor::{
     FactorStatus, FailBiometric, RegisterBiometric, RegisterPin, SecondFactor, SecondFactorCommand,
     SecondFactorError, SecondFactorKind, StartPinLogin, SucceedVerification,
 };
+use std::net::IpAddr;
+
 use countersign_domain::{AppInstanceId, Context, Timestamp};
 use countersign_eventstore::Metadata;
 use countersign_protocol::attestation::{self, AttestationClaims, Factor, MAX_LIFETIME_MS};
@@ -35,6 +40,11 @@ use crate::{Error, Sfs, records};
 pub struct Session {
     sfs: Sfs,
     app: AppInstanceId,
+    /// SHA-256 of the channel's Noise static key (checked at the hello, bound by the first
+    /// PIN registration).
+    key_thumbprint: [u8; 32],
+    /// The client's address, when known: anonymous work is counted per address.
+    peer: Option<IpAddr>,
     /// A PIN login completed on this channel (allows changing the PIN, registering a
     /// biometric key).
     pin_proven: bool,
@@ -49,10 +59,17 @@ type Answer = Result<SfsAnswer, SfsError>;
 
 impl Session {
     /// The session of an app instance whose channel key was checked.
-    pub(crate) fn new(sfs: Sfs, app: AppInstanceId) -> Self {
+    pub(crate) fn new(
+        sfs: Sfs,
+        app: AppInstanceId,
+        key_thumbprint: [u8; 32],
+        peer: Option<IpAddr>,
+    ) -> Self {
         Self {
             sfs,
             app,
+            key_thumbprint,
+            peer,
             pin_proven: false,
             login: None,
             nonce: None,
@@ -62,6 +79,16 @@ impl Session {
 
     /// Answers one request.
     pub async fn handle(&mut self, body: SfsBody) -> Answer {
+        match self.within_budget().await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(SfsError::new(
+                    SfsCode::Internal,
+                    "too many requests of unregistered app instances; try again later",
+                ));
+            }
+            Err(error) => return Err(self.internal(&error)),
+        }
         let result = match body {
             SfsBody::RegisterPinStart { request } => self.register_pin_start(&request.0).await,
             SfsBody::RegisterPinFinish { upload } => self.register_pin_finish(&upload.0).await,
@@ -87,13 +114,30 @@ impl Session {
                     .await
             }
         };
-        result.unwrap_or_else(|error| {
-            tracing::error!(app_instance = %self.app, %error, "sfs request failed");
-            Err(SfsError::new(
-                SfsCode::Internal,
-                "internal error; try again later",
-            ))
-        })
+        result.unwrap_or_else(|error| Err(self.internal(&error)))
+    }
+
+    fn internal(&self, error: &Error) -> SfsError {
+        tracing::error!(app_instance = %self.app, %error, "sfs request failed");
+        SfsError::new(SfsCode::Internal, "internal error; try again later")
+    }
+
+    /// A registered app instance (one with a PIN) is not limited; an anonymous channel's
+    /// request takes a token.
+    async fn within_budget(&mut self) -> Result<bool, Error> {
+        if self.state().await?.pin_record_digest().is_some() {
+            return Ok(true);
+        }
+        Ok(self.sfs.0.limiter.take(self.peer, self.now().as_millis()))
+    }
+
+    /// Whether a first registration is authorised: a countersign server enrolled the app
+    /// instance. Asked only when no PIN is registered.
+    async fn enrolled(&self, state: &SecondFactor) -> Result<bool, Error> {
+        if state.pin_record_digest().is_some() {
+            return Ok(true);
+        }
+        Ok(self.sfs.0.enrolments.enrolled(self.app).await?)
     }
 
     fn now(&self) -> Timestamp {
@@ -146,6 +190,13 @@ impl Session {
         if state.status(self.now()) == FactorStatus::Revoked {
             return Err(refusal(&SecondFactorError::Revoked));
         }
+        // Another channel's key was bound since this one's hello.
+        if state
+            .key_thumbprint()
+            .is_some_and(|bound| *bound != self.key_thumbprint)
+        {
+            return Err(refusal(&SecondFactorError::KeyMismatch));
+        }
         if state.pin_record_digest().is_some() && !self.pin_proven {
             return Err(refusal(&SecondFactorError::AlreadyRegistered));
         }
@@ -156,6 +207,9 @@ impl Session {
         let state = self.state().await?;
         if let Err(refused) = self.may_register_pin(&state) {
             return Ok(Err(refused));
+        }
+        if !self.enrolled(&state).await? {
+            return Ok(Err(refusal(&SecondFactorError::NotEnrolled)));
         }
         Ok(
             match self
@@ -178,33 +232,47 @@ impl Session {
         if let Err(refused) = self.may_register_pin(&state) {
             return Ok(Err(refused));
         }
+        let enrolled = self.enrolled(&state).await?;
+        if !enrolled {
+            return Ok(Err(refusal(&SecondFactorError::NotEnrolled)));
+        }
         let Ok(record) = opaque::registration_record(upload) else {
             return Ok(Err(invalid("not an OPAQUE registration upload")));
         };
-        // The record first, then the event naming it: a login checks that the stored record
-        // is the registered one. If the stream refuses (a concurrent change), the previous
-        // record is put back.
+        // The record first, under its digest, then the event naming it (`records` explains
+        // why a crash in between is harmless). Nothing is overwritten: a refused
+        // registration removes its own row; the superseded one goes once the event is in.
         let db = self.sfs.0.database.clone();
-        let db = &db;
-        let previous = records::get(db, &self.app).await?;
-        records::put(db, &self.app, &record, self.now().as_millis()).await?;
+        let record_digest = records::digest(&record);
+        records::put(&db, &self.app, &record, self.now().as_millis()).await?;
         let registered = self
             .execute(RegisterPin {
                 app_instance: self.app,
-                record_digest: records::digest(&record),
+                record_digest,
+                key_thumbprint: self.key_thumbprint,
                 pin_proven: self.pin_proven,
+                enrolled,
             })
-            .await;
-        if !matches!(registered, Ok(Ok(_))) {
-            match &previous {
-                Some(old) => records::put(db, &self.app, old, self.now().as_millis()).await?,
-                None => records::delete(db, &self.app).await?,
-            }
+            .await?;
+        if let Err(refused) = registered {
+            // Refused for sure (an internal error may have committed, so its row stays).
+            records::discard(&db, &self.app, &record_digest).await?;
+            return Ok(Err(refused));
         }
-        Ok(registered?.map(|_| {
-            tracing::info!(app_instance = %self.app, "pin registered");
-            SfsAnswer::Done
-        }))
+        let pruned = records::prune(
+            &db,
+            &self.app,
+            &record_digest,
+            state.pin_record_digest(),
+            self.now().as_millis(),
+        )
+        .await;
+        if let Err(error) = pruned {
+            // The registration stands; an unreferenced row is never read.
+            tracing::warn!(app_instance = %self.app, %error, "superseded OPAQUE records not removed");
+        }
+        tracing::info!(app_instance = %self.app, "pin registered");
+        Ok(Ok(SfsAnswer::Done))
     }
 
     async fn login_start(&mut self, request: &[u8]) -> Result<Answer, Error> {
@@ -219,10 +287,13 @@ impl Session {
             return Ok(Err(refused));
         }
         let state = self.state().await?;
-        let record = records::get(&self.sfs.0.database, &self.app).await?;
-        let record = match (record, state.pin_record_digest()) {
-            (Some(record), Some(digest)) if records::digest(&record) == *digest => record,
-            _ => return Err(Error::RecordMismatch),
+        let Some(digest) = state.pin_record_digest() else {
+            return Err(Error::RecordMismatch);
+        };
+        // Only the record the stream registered: an orphan of a crashed registration is
+        // never used.
+        let Some(record) = records::get(&self.sfs.0.database, &self.app, digest).await? else {
+            return Err(Error::RecordMismatch);
         };
         Ok(
             match self
@@ -393,7 +464,9 @@ impl Session {
 fn refusal(error: &SecondFactorError) -> SfsError {
     let code = match error {
         SecondFactorError::Invalid(_) => SfsCode::Invalid,
-        SecondFactorError::KeyMismatch | SecondFactorError::NotAllowed => SfsCode::NotAllowed,
+        SecondFactorError::KeyMismatch
+        | SecondFactorError::NotAllowed
+        | SecondFactorError::NotEnrolled => SfsCode::NotAllowed,
         SecondFactorError::NotRegistered => SfsCode::NotRegistered,
         SecondFactorError::AlreadyRegistered => SfsCode::AlreadyRegistered,
         SecondFactorError::Locked { until } => SfsCode::Locked {

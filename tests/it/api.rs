@@ -11,9 +11,7 @@ use countersign::config::Settings;
 use countersign::serve::{Role, Running, ServeArgs, start};
 use countersign_commands::Clock;
 use countersign_domain::account::RegisterAccount;
-use countersign_domain::{
-    AccountId, AccountRef, AppInstanceId, ServerId, Timestamp, UserRef, Userid,
-};
+use countersign_domain::{AccountId, AccountRef, AppInstanceId, ServerId, Timestamp};
 use countersign_eventstore::testing::TestDb;
 use countersign_eventstore::{Direction, Metadata};
 use countersign_protocol::qr::{QrKind, QrPayload};
@@ -21,7 +19,7 @@ use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef0123456789";
+pub(crate) const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef0123456789";
 const START: i64 = 1_790_000_000_000;
 
 /// A clock the test moves by hand.
@@ -74,8 +72,15 @@ impl Api {
             gateway_url,
             trust_sfs_keys,
             "127.0.0.1:0".parse().unwrap(),
+            |_| {},
         )
         .await
+    }
+
+    /// With settings changed by `tune` (limits, timeouts); QR codes name this process's own
+    /// device gateway.
+    pub async fn start_tuned(db: &TestDb, tune: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::start_on(db, None, Vec::new(), "127.0.0.1:0".parse().unwrap(), tune).await
     }
 
     /// Stops this server and starts a new one on the same address and database (a restart,
@@ -83,7 +88,7 @@ impl Api {
     pub async fn restart(self, db: &TestDb) -> Self {
         let addr = self.running.addr;
         self.stop().await;
-        Self::start_on(db, None, Vec::new(), addr).await
+        Self::start_on(db, None, Vec::new(), addr, |_| {}).await
     }
 
     async fn start_on(
@@ -91,6 +96,7 @@ impl Api {
         gateway_url: Option<&str>,
         trust_sfs_keys: Vec<String>,
         listen: std::net::SocketAddr,
+        tune: impl FnOnce(&mut ServeArgs),
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("master.key");
@@ -104,7 +110,7 @@ impl Api {
             master_key_file: Some(master),
             log: None,
         };
-        let args = ServeArgs {
+        let mut args = ServeArgs {
             listen,
             admin_key_file: Some(admin),
             gateway_url: gateway_url.map(str::to_owned),
@@ -119,7 +125,10 @@ impl Api {
             kafka_group: "countersign-projector".into(),
             redis_url: None,
             redis_namespace: "countersign".into(),
+            limits: Default::default(),
+            streams: Default::default(),
         };
+        tune(&mut args);
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))
             .await
@@ -236,7 +245,14 @@ pub(crate) fn p256_point(seed: u8) -> Vec<u8> {
 pub(crate) async fn register_account(api: &Api, server: &str, userid: &str, seed: u8) -> AccountId {
     let server: ServerId = server.parse().unwrap();
     let account_id = AccountId::from_bytes([seed; 16]);
-    let user = UserRef::new(server, &Userid::new(userid).unwrap());
+    let user = api
+        .running
+        .state
+        .commands()
+        .users
+        .user_ref(server, userid)
+        .await
+        .unwrap();
     api.running
         .state
         .commands()
@@ -834,7 +850,14 @@ async fn session_login_flow(db: &TestDb) {
         next_state(&mut stream, &mut buffer).await["state"],
         "scanned"
     );
-    let alice = UserRef::new(server.parse().unwrap(), &Userid::new("alice").unwrap());
+    let alice = api
+        .running
+        .state
+        .commands()
+        .users
+        .user_ref(server.parse().unwrap(), "alice")
+        .await
+        .unwrap();
     let done = sessions
         .log_in(session_ref, account, alice.digest, &Metadata::default())
         .await

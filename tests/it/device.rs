@@ -492,7 +492,7 @@ impl RawDevice {
     }
 
     /// True once the server closed the connection.
-    async fn closed(&mut self) -> bool {
+    pub(crate) async fn closed(&mut self) -> bool {
         matches!(
             tokio::time::timeout(WAIT, self.ws.next()).await.unwrap(),
             None | Some(Err(_)) | Some(Ok(Message::Close(_)))
@@ -528,14 +528,15 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["status"], 404);
 
-    // Another key claiming the account: refused, then closed.
+    // Another key claiming the account: refused, then closed, exactly as an account id that
+    // does not exist is (item 9 of issue 19: the answer must not tell whether it exists).
     let stranger = StaticKey::from_bytes(&[7; 32]).unwrap();
-    let (mut raw, welcome) =
+    let (mut raw, claimed) =
         RawDevice::connect(&api, &server, &stranger, Intent::Account { account_id }).await;
     assert_eq!(
-        welcome,
+        claimed,
         Welcome::Refused {
-            reason: Refusal::KeyMismatch
+            reason: Refusal::UnknownAccount
         }
     );
     assert!(raw.closed().await);
@@ -553,6 +554,11 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
         Welcome::Refused {
             reason: Refusal::UnknownAccount
         }
+    );
+    assert_eq!(
+        device::encode(&claimed).unwrap(),
+        device::encode(&welcome).unwrap(),
+        "the same bytes for an existing account claimed with another key and for no account"
     );
     assert!(raw.closed().await);
 

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use countersign_eventstore::testing::TestDb;
 use countersign_mobile_sdk::{Sdk, SecondFactor};
+use countersign_protocol::checkpoint::CheckpointError;
+use countersign_protocol::cose::noncanonical;
 use countersign_protocol::evidence::{Evidence, EvidenceError, verify_evidence};
 use p256::ecdsa::VerifyingKey;
 use reqwest::{Method, StatusCode};
@@ -90,12 +92,23 @@ fn run_verify(
     audit: &str,
     sfs: &str,
 ) -> std::process::Output {
+    run_verify_with(dir, bundle, audit, sfs, &[])
+}
+
+fn run_verify_with(
+    dir: &std::path::Path,
+    bundle: &[u8],
+    audit: &str,
+    sfs: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let file = dir.join("evidence.cbor");
     std::fs::write(&file, bundle).unwrap();
     Command::new(binary())
         .arg("verify")
         .arg(&file)
         .args(["--audit-key", audit, "--sfs-key", sfs])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -214,6 +227,51 @@ async fn a_payment_approved_with_a_pin_is_proven_offline(db: &TestDb) {
         stderr.contains("NOT VALID") && stderr.contains("data"),
         "{stderr}"
     );
+
+    // Issue 19 item 10: the served checkpoint, re-encoded (untagged, `d812`, long or indefinite
+    // heads, an unprotected kid, content type or 15 kB blob: its signature still holds), makes
+    // another file that verified before; each is refused, by the binary too.
+    let signed_head = verify(&valid).unwrap().checkpoint;
+    for v in noncanonical::variants(&valid.checkpoint).unwrap() {
+        let mut b = valid.clone();
+        b.checkpoint = v.bytes;
+        assert_eq!(
+            verify(&b).unwrap_err(),
+            EvidenceError::Checkpoint(CheckpointError::Cose(v.refused_with.clone())),
+            "{}",
+            v.name
+        );
+        let out = run_verify(dir.path(), &b.to_cbor().unwrap(), &audit, &sfs);
+        assert_eq!(out.status.code(), Some(1), "{}", v.name);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("NOT VALID") && stderr.contains(&v.refused_with.to_string()),
+            "{}: {stderr}",
+            v.name
+        );
+    }
+    // `--at` judges the checkpoint's date at a given time, `--no-clock` at none.
+    let before = (signed_head.timestamp_ms - 5_001).to_string();
+    let out = run_verify_with(dir.path(), &bundle, &audit, &sfs, &["--at", &before]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dated in the future"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at_skew = (signed_head.timestamp_ms - 5_000).to_string();
+    for extra in [&["--at", at_skew.as_str()][..], &["--no-clock"]] {
+        let out = run_verify_with(dir.path(), &bundle, &audit, &sfs, extra);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Issue 19 item 11: the binary names the app instance the factor was proven on, the
+    // enrolled one.
+    let app_instance = hex::encode(verify(&valid).unwrap().app_instance);
+    assert!(stdout.contains(&app_instance), "{stdout}");
 
     // A signature and attestation carried onto another transaction of the same user, with the
     // same data and text: refused.

@@ -9,15 +9,21 @@
     clippy::indexing_slicing
 )]
 
+mod anonymous;
 mod api;
 mod binary;
+mod client_errors;
 mod commands;
 mod crash;
 mod device;
 mod device_cli;
 mod evidence;
 mod feed;
+mod limits;
+mod idempotency;
 mod scale;
 mod second_factor;
+mod session_nonce;
 mod transactions_api;
 mod transactions_device;
+mod user_digest;

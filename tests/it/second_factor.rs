@@ -349,7 +349,7 @@ async fn dump_tables(db: &TestDb) -> Vec<u8> {
 /// Attestations made with a key the deployment was told to trust, so each check can be broken
 /// on purpose.
 pub(crate) struct TestSfs {
-    key: p256::ecdsa::SigningKey,
+    pub(crate) key: p256::ecdsa::SigningKey,
 }
 
 impl TestSfs {

@@ -164,11 +164,27 @@ async fn idempotent_creation(db: &TestDb) {
 
     let mut other = payment("alice");
     other["text"] = json!("Pay 1000.00 EUR to Acme?");
+    let head = api.head().await;
     let conflict = create(&api, &server, &token, Some("pay-1"), &other).await;
-    assert_eq!(conflict.status, StatusCode::CONFLICT, "{}", conflict.body);
+    assert_eq!(
+        conflict.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        conflict.body
+    );
     assert_eq!(
         conflict.header("content-type"),
         Some("application/problem+json")
+    );
+    assert_eq!(
+        conflict.body["type"],
+        "urn:countersign:problem:idempotency-key-reused"
+    );
+    assert_eq!(api.head().await, head, "a reused key writes nothing");
+    let again = create(&api, &server, &token, Some("pay-1"), &payment("alice")).await;
+    assert_eq!(
+        again.body, first.body,
+        "the key still answers its own request"
     );
     let another = create(&api, &server, &token, Some("pay-2"), &other).await;
     assert_eq!(another.status, StatusCode::CREATED, "{}", another.body);

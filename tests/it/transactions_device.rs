@@ -16,6 +16,7 @@ use countersign_mobile_sdk::{
 };
 use countersign_protocol::attestation::attestation_hash;
 use countersign_protocol::channel::StaticKey;
+use countersign_protocol::cose::noncanonical;
 use countersign_protocol::device::{
     Answer, Blob, Bytes, ChallengePurpose, ErrorCode, Intent, Outcome, RequestBody, Secret,
 };
@@ -661,6 +662,63 @@ async fn the_gateway_checks_every_transaction_signature(db: &TestDb) {
         assert_eq!(code(&outcome), Some(expected), "{what}: {outcome:?}");
     }
     assert_eq!(api.head().await, head, "a refused signature writes nothing");
+
+    // Issue 19 item 10: another encoding of a good device signature or attestation (its
+    // signature still verifies) is refused with the reason, and nothing is written.
+    let head = api.head().await;
+    let refused = |outcome: &Outcome, code: ErrorCode, reason: &str, what: &str| match outcome {
+        Outcome::Err(e) => {
+            assert_eq!(e.code, code, "{what}: {e:?}");
+            assert!(e.message.contains(reason), "{what}: {e:?}, want {reason}");
+        }
+        Outcome::Ok(_) => panic!("{what}: accepted"),
+    };
+    let canonical = good(first, &fresh).with(&ana.signing);
+    let mut request_id = 100;
+    for v in noncanonical::variants(&canonical).unwrap() {
+        request_id += 1;
+        let outcome = ana
+            .device
+            .request(request_id, sign_request(first, v.bytes, &fresh))
+            .await;
+        let reason = v.refused_with.to_string();
+        refused(&outcome, ErrorCode::Invalid, &reason, v.name);
+    }
+    for v in noncanonical::variants(&fresh).unwrap() {
+        request_id += 1;
+        // The device signs the re-encoded attestation's hash, so only its encoding is wrong.
+        let signature = Sign::good(server_id, first, &v.bytes, now).with(&ana.signing);
+        let outcome = ana
+            .device
+            .request(request_id, sign_request(first, signature, &v.bytes))
+            .await;
+        if v.bytes.len() > 1_024 {
+            // Over the attestation size limit: refused before it is even read.
+            refused(&outcome, ErrorCode::Invalid, "attestation", v.name);
+        } else {
+            let reason = v.refused_with.to_string();
+            refused(&outcome, ErrorCode::BadAttestation, &reason, v.name);
+        }
+    }
+    let loose = noncanonical::loose_protected_header(&fresh, &sfs.key, b"").unwrap();
+    let outcome = ana
+        .device
+        .request(
+            request_id + 1,
+            sign_request(
+                first,
+                Sign::good(server_id, first, &loose, now).with(&ana.signing),
+                &loose,
+            ),
+        )
+        .await;
+    refused(
+        &outcome,
+        ErrorCode::BadAttestation,
+        "protected header is not deterministic",
+        "loose protected header",
+    );
+    assert_eq!(api.head().await, head, "a refused encoding writes nothing");
 
     // A good signature is recorded once; its retry answers done.
     let signature = good(first, &fresh).with(&ana.signing);

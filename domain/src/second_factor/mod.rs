@@ -11,8 +11,12 @@
 //! ```
 //!
 //! Rules enforced by [`SecondFactor::decide`]:
-//! - the first [`BindKey`] records the channel key; the same key again emits nothing, another
-//!   is [`SecondFactorError::KeyMismatch`];
+//! - nothing is recorded for an app instance until its first PIN registration, and that one
+//!   needs an enrolment a countersign server authorised for the app instance
+//!   ([`RegisterPin::enrolled`], else [`SecondFactorError::NotEnrolled`]): an anonymous
+//!   client cannot write to the log. The first registration records the channel key
+//!   (`key_bound`) in the same append as the PIN; later registrations must come over the same
+//!   key ([`SecondFactorError::KeyMismatch`]);
 //! - a PIN may be registered when none is, or when the channel proved the current PIN (a
 //!   change); otherwise [`SecondFactorError::AlreadyRegistered`];
 //! - a biometric key needs a registered PIN proven on the channel ([`SecondFactorError::NotAllowed`]);
@@ -125,24 +129,21 @@ impl LockoutPolicy {
     }
 }
 
-/// Bind the channel key that authenticated this app instance's SFS channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BindKey {
-    /// The app instance.
-    pub app_instance: AppInstanceId,
-    /// SHA-256 of the SEC1 uncompressed Noise static key.
-    pub key_thumbprint: [u8; 32],
-}
-
 /// Register (or change) the PIN: the OPAQUE record is stored by the SFS, its digest here.
+/// The first registration also binds the channel key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegisterPin {
     /// The app instance.
     pub app_instance: AppInstanceId,
     /// SHA-256 of the OPAQUE registration record.
     pub record_digest: [u8; 32],
+    /// SHA-256 of the SEC1 uncompressed Noise static key of the channel registering.
+    pub key_thumbprint: [u8; 32],
     /// Whether this channel completed a PIN login (needed to change a registered PIN).
     pub pin_proven: bool,
+    /// Whether a countersign server enrolled an account of this app instance (needed for the
+    /// first registration; the SFS asks the NS only when no PIN is registered).
+    pub enrolled: bool,
 }
 
 /// Register (or replace) the biometric key.
@@ -186,8 +187,6 @@ pub struct SucceedVerification {
 /// Commands of the second-factor aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecondFactorCommand {
-    /// See [`BindKey`].
-    BindKey(BindKey),
     /// See [`RegisterPin`].
     RegisterPin(RegisterPin),
     /// See [`RegisterBiometric`].
@@ -201,7 +200,6 @@ pub enum SecondFactorCommand {
 }
 
 into_command!(SecondFactorCommand {
-    BindKey(BindKey),
     RegisterPin(RegisterPin),
     RegisterBiometric(RegisterBiometric),
     StartPinLogin(StartPinLogin),
@@ -218,6 +216,9 @@ pub enum SecondFactorError {
     /// Another channel key is bound to this app instance. HTTP 409.
     #[error("another key is bound to this app instance")]
     KeyMismatch,
+    /// A first PIN registration for an app instance no countersign server enrolled. HTTP 422.
+    #[error("no countersign server enrolled this app instance; enrol it first")]
+    NotEnrolled,
     /// No PIN (or, for a biometric verification, no biometric key) is registered. HTTP 404.
     #[error("no such factor is registered")]
     NotRegistered,
@@ -241,7 +242,7 @@ pub enum SecondFactorError {
 impl Classify for SecondFactorError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Invalid(_) | Self::NotAllowed => ErrorKind::Invalid,
+            Self::Invalid(_) | Self::NotAllowed | Self::NotEnrolled => ErrorKind::Invalid,
             Self::KeyMismatch | Self::AlreadyRegistered | Self::Locked { .. } => {
                 ErrorKind::Conflict
             }
@@ -359,18 +360,36 @@ impl SecondFactor {
     fn decide_register_pin(
         &self,
         cmd: RegisterPin,
+        now: Timestamp,
     ) -> Result<Vec<SecondFactorEvent>, SecondFactorError> {
         if self.revoked {
             return Err(SecondFactorError::Revoked);
         }
-        match self.pin_record_digest {
-            Some(d) if d == cmd.record_digest => Ok(Vec::new()),
-            Some(_) if !cmd.pin_proven => Err(SecondFactorError::AlreadyRegistered),
-            _ => Ok(vec![SecondFactorEvent::PinRegistered(PinRegistered {
+        let bind = match self.key_thumbprint {
+            None => Some(SecondFactorEvent::KeyBound(KeyBound {
                 app_instance: cmd.app_instance,
-                record_digest: cmd.record_digest,
-            })]),
-        }
+                key_thumbprint: cmd.key_thumbprint,
+                bound_at: now,
+            })),
+            Some(bound) if bound == cmd.key_thumbprint => None,
+            Some(_) => return Err(SecondFactorError::KeyMismatch),
+        };
+        let pin = match self.pin_record_digest {
+            Some(d) if d == cmd.record_digest => None,
+            Some(_) if !cmd.pin_proven => return Err(SecondFactorError::AlreadyRegistered),
+            Some(_) => Some(cmd.record_digest),
+            None if !cmd.enrolled => return Err(SecondFactorError::NotEnrolled),
+            None => Some(cmd.record_digest),
+        };
+        Ok(bind
+            .into_iter()
+            .chain(pin.map(|record_digest| {
+                SecondFactorEvent::PinRegistered(PinRegistered {
+                    app_instance: cmd.app_instance,
+                    record_digest,
+                })
+            }))
+            .collect())
     }
 
     fn decide_register_biometric(
@@ -442,16 +461,7 @@ impl Aggregate for SecondFactor {
     ) -> Result<Vec<SecondFactorEvent>, SecondFactorError> {
         let now = ctx.now;
         match command {
-            SecondFactorCommand::BindKey(cmd) => match self.key_thumbprint {
-                None => Ok(vec![SecondFactorEvent::KeyBound(KeyBound {
-                    app_instance: cmd.app_instance,
-                    key_thumbprint: cmd.key_thumbprint,
-                    bound_at: now,
-                })]),
-                Some(bound) if bound == cmd.key_thumbprint => Ok(Vec::new()),
-                Some(_) => Err(SecondFactorError::KeyMismatch),
-            },
-            SecondFactorCommand::RegisterPin(cmd) => self.decide_register_pin(cmd),
+            SecondFactorCommand::RegisterPin(cmd) => self.decide_register_pin(cmd, now),
             SecondFactorCommand::RegisterBiometric(cmd) => self.decide_register_biometric(cmd),
             SecondFactorCommand::StartPinLogin(cmd) => {
                 self.ensure_usable(now)?;

@@ -95,34 +95,60 @@ fn failures(n: u32) -> Vec<SecondFactorEvent> {
     events
 }
 
-#[test]
-fn the_first_key_binds_and_another_is_refused() {
-    let cmd = BindKey {
+fn register(digest: u8, pin_proven: bool) -> RegisterPin {
+    RegisterPin {
         app_instance: APP,
+        record_digest: [digest; 32],
         key_thumbprint: [1; 32],
+        pin_proven,
+        enrolled: false,
+    }
+}
+
+#[test]
+fn the_first_pin_needs_an_enrolment_and_binds_the_key_in_the_same_append() {
+    given_nothing::<SecondFactor>()
+        .when(register(1, false))
+        .then_error(SecondFactorError::NotEnrolled);
+    let enrolled = RegisterPin {
+        enrolled: true,
+        ..register(1, false)
     };
     let state = given_nothing::<SecondFactor>()
-        .when(cmd)
-        .then(vec![bound()]);
+        .when(enrolled)
+        .then(vec![bound(), pin(1)]);
     assert_eq!(state.key_thumbprint(), Some(&[1; 32]));
-    given::<SecondFactor>([bound()]).when(cmd).then_nothing();
+    assert_eq!(SecondFactorError::NotEnrolled.kind(), ErrorKind::Invalid);
+    // A stream that only bound a key (before version 1.1 a hello did) is not registered.
     given::<SecondFactor>([bound()])
-        .when(BindKey {
-            key_thumbprint: [2; 32],
-            ..cmd
+        .when(register(1, false))
+        .then_error(SecondFactorError::NotEnrolled);
+    given::<SecondFactor>([bound()])
+        .when(enrolled)
+        .then(vec![pin(1)]);
+    // Another channel key never registers, first time or not.
+    let other_key = RegisterPin {
+        key_thumbprint: [2; 32],
+        ..enrolled
+    };
+    given::<SecondFactor>([bound()])
+        .when(other_key)
+        .then_error(SecondFactorError::KeyMismatch);
+    given::<SecondFactor>([bound(), pin(1)])
+        .when(RegisterPin {
+            pin_proven: true,
+            ..other_key
         })
         .then_error(SecondFactorError::KeyMismatch);
 }
 
 #[test]
 fn a_pin_registers_once_and_changes_only_after_a_login() {
-    let register = |digest: u8, pin_proven| RegisterPin {
-        app_instance: APP,
-        record_digest: [digest; 32],
-        pin_proven,
-    };
     let state = given::<SecondFactor>([bound()])
-        .when(register(1, false))
+        .when(RegisterPin {
+            enrolled: true,
+            ..register(1, false)
+        })
         .then(vec![pin(1)]);
     assert_eq!(state.status(NOW), FactorStatus::Active);
     given::<SecondFactor>([bound(), pin(1)])

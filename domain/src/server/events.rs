@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ApiKeyId, ServerId, Timestamp};
+use crate::ids::{ApiKeyId, ServerId, Timestamp, UserDigestScheme};
 
 /// Which second factors a server accepts and when logins need one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,7 +68,8 @@ impl ServerSettings {
     }
 }
 
-/// `server.created` v1: a tenant exists, with its public key and default settings.
+/// `server.created` v2: a tenant exists, with its public key, default settings and the scheme
+/// its user digests use (always [`UserDigestScheme::HmacSha256`] for servers created now).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerCreated {
     /// The tenant.
@@ -81,6 +82,37 @@ pub struct ServerCreated {
     pub key_thumbprint: [u8; 32],
     /// The initial settings (defaults plus the given name).
     pub settings: ServerSettings,
+    /// How this server's user streams are named; fixed for the server's life.
+    pub user_digest: UserDigestScheme,
+}
+
+/// `server.created` v1, written before user digests were keyed. It upcasts to v2 with
+/// [`UserDigestScheme::Sha256Unkeyed`]: such a server's user streams were named with the
+/// unkeyed digest and keep that name (see docs/event-log.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerCreatedV1 {
+    /// The tenant.
+    pub server_id: ServerId,
+    /// SEC1 uncompressed P-256 public key.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// SHA-256 of `public_key`.
+    #[serde(with = "serde_bytes")]
+    pub key_thumbprint: [u8; 32],
+    /// The initial settings.
+    pub settings: ServerSettings,
+}
+
+impl From<ServerCreatedV1> for ServerEvent {
+    fn from(old: ServerCreatedV1) -> Self {
+        Self::Created(ServerCreated {
+            server_id: old.server_id,
+            public_key: old.public_key,
+            key_thumbprint: old.key_thumbprint,
+            settings: old.settings,
+            user_digest: UserDigestScheme::Sha256Unkeyed,
+        })
+    }
 }
 
 /// `server.configured` v1: the settings after a change, in full.
@@ -145,12 +177,15 @@ pub struct SfsKeyDistrusted {
 crate::domain_events! {
     /// Everything that happens to a server.
     pub enum ServerEvent {
-        Created(ServerCreated) = ("server.created", 1),
+        Created(ServerCreated) = ("server.created", 2),
         Configured(ServerConfigured) = ("server.configured", 1),
         ApiKeyIssued(ApiKeyIssued) = ("server.api_key_issued", 1),
         ApiKeyRevoked(ApiKeyRevoked) = ("server.api_key_revoked", 1),
         Deleted(ServerDeleted) = ("server.deleted", 1),
         SfsKeyTrusted(SfsKeyTrusted) = ("server.sfs_key_trusted", 1),
         SfsKeyDistrusted(SfsKeyDistrusted) = ("server.sfs_key_distrusted", 1),
+    }
+    upcast {
+        ("server.created", 1) => ServerCreatedV1,
     }
 }

@@ -11,7 +11,10 @@
 //! - API keys: id never reused (even after revocation), label 1..=100 characters, at most
 //!   [`MAX_ACTIVE_API_KEYS`] active; revoking an unknown key is `ApiKeyNotFound`, revoking a
 //!   revoked key emits nothing;
-//! - a deleted server refuses every command with [`ServerError::Deleted`].
+//! - a deleted server refuses every command with [`ServerError::Deleted`];
+//! - a new server names its user streams with keyed digests
+//!   ([`UserDigestScheme::HmacSha256`]); servers created before keep the unkeyed scheme their
+//!   `server.created` v1 implies, so their existing streams stay where they are.
 
 mod events;
 #[cfg(test)]
@@ -22,7 +25,7 @@ use std::collections::BTreeMap;
 pub use events::*;
 
 use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
-use crate::ids::{ApiKeyId, ServerId};
+use crate::ids::{ApiKeyId, ServerId, UserDigestScheme};
 use crate::validate::{self, ValidationError};
 
 /// Most API keys a server may have active at once.
@@ -200,6 +203,8 @@ pub struct ActiveServer {
     pub api_keys: BTreeMap<ApiKeyId, ApiKeyStatus>,
     /// Third-party SFS attestation keys this server accepts, by key id (SEC1 uncompressed).
     pub trusted_sfs_keys: BTreeMap<[u8; 32], Vec<u8>>,
+    /// How this server's user streams are named (from `server.created`).
+    pub user_digest: UserDigestScheme,
 }
 
 /// The server aggregate's state.
@@ -262,6 +267,7 @@ fn decide_create(cmd: CreateServer) -> Result<Vec<ServerEvent>, ServerError> {
         public_key,
         key_thumbprint,
         settings,
+        user_digest: UserDigestScheme::HmacSha256,
     })])
 }
 
@@ -405,6 +411,7 @@ impl Aggregate for Server {
                     settings: e.settings.clone(),
                     api_keys: BTreeMap::new(),
                     trusted_sfs_keys: BTreeMap::new(),
+                    user_digest: e.user_digest,
                 });
             }
             (ServerEvent::Configured(e), Self::Active(s)) => s.settings = e.settings.clone(),

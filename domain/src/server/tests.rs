@@ -33,6 +33,7 @@ fn created() -> ServerEvent {
         key_thumbprint: Sha256::digest(&public_key).into(),
         public_key,
         settings: ServerSettings::defaults("Acme Bank".into()),
+        user_digest: UserDigestScheme::HmacSha256,
     })
 }
 
@@ -527,7 +528,13 @@ fn lifecycle_snapshot() {
     run(t(240), RevokeApiKey { key_id: key(1) }.into());
     run(t(300), DeleteServer.into());
     let rendered: Vec<_> = events.iter().map(crate::testing::render).collect();
-    assert!(events.iter().all(|e| e.schema_version() == 1));
+    // server.created is at v2 (user digest scheme); every other server event at v1.
+    let expected_version = |e: &ServerEvent| u16::from(e.event_type() == "server.created") + 1;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.schema_version() == expected_version(e))
+    );
     insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
         insta::assert_yaml_snapshot!(NAME, rendered);
     });
@@ -578,4 +585,52 @@ fn a_server_trusts_and_distrusts_third_party_sfs_keys() {
         label: "x".into(),
     };
     assert!(server.decide(bad.into(), &mut ctx).is_err(), "not a point");
+}
+
+#[test]
+fn a_new_server_names_users_with_keyed_digests() {
+    let events = given_nothing::<Server>().when(create()).events();
+    let [ServerEvent::Created(e)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(e.user_digest, UserDigestScheme::HmacSha256);
+    let mut state = Server::default();
+    state.apply(&events[0]);
+    let Server::Active(active) = state else {
+        panic!("{state:?}")
+    };
+    assert_eq!(active.user_digest, UserDigestScheme::HmacSha256);
+}
+
+/// A `server.created` v1 written before keyed digests reads back as v2 with the unkeyed
+/// scheme: that server's users keep the stream names they were given.
+#[test]
+fn server_created_v1_upcasts_to_the_unkeyed_user_digest_scheme() {
+    let ServerEvent::Created(current) = created() else {
+        panic!()
+    };
+    let v1 = ServerCreatedV1 {
+        server_id: current.server_id,
+        public_key: current.public_key.clone(),
+        key_thumbprint: current.key_thumbprint,
+        settings: current.settings.clone(),
+    };
+    let bytes = crate::cbor::to_canonical_vec(&v1).unwrap();
+    let decoded = ServerEvent::decode("server.created", 1, &bytes).unwrap();
+    assert_eq!(
+        decoded,
+        ServerEvent::Created(ServerCreated {
+            user_digest: UserDigestScheme::Sha256Unkeyed,
+            ..current.clone()
+        })
+    );
+    // Written again it is v2, whose bytes name the scheme; v1 bytes are not v2 bytes.
+    assert_eq!(decoded.schema_version(), 2);
+    assert!(ServerEvent::decode("server.created", 2, &bytes).is_err());
+    let v2 = ServerEvent::Created(current).encode().unwrap();
+    assert!(v2.windows(11).any(|w| w == b"hmac-sha256"));
+    assert_eq!(
+        ServerEvent::decode("server.created", 2, &v2).unwrap(),
+        created()
+    );
 }

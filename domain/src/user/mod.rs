@@ -5,7 +5,11 @@
 //! fresh key for the same stream, which the key vault does not version yet).
 //!
 //! Rules enforced by [`User::decide`]:
-//! - the userid is 1..=256 bytes without control characters ([`Userid`]);
+//! - the userid is NFC, 1..=256 bytes, without control, format or unassigned characters
+//!   ([`Userid`]);
+//! - the stream is named by a keyed digest the edge computed ([`UserRef::new`] under the
+//!   server's [`UserDigestKey`](crate::ids::UserDigestKey)); commands carry that [`UserRef`],
+//!   since `decide` is not given the key;
 //! - attribute names are 1..=64 characters of `[a-z0-9_.-]`; values at most 4096 bytes of
 //!   UTF-8; at most [`MAX_ATTRIBUTES`] attributes;
 //! - the userid and values are sealed through [`Context::sealer`] with associated data
@@ -16,7 +20,7 @@
 //! - [`PutUser`] replaces the whole user in one decision: `user.registered` if the user does
 //!   not exist yet, then `user.attribute_set` for every given attribute, then
 //!   `user.attribute_removed` for every attribute not given. It validates every attribute
-//!   before emitting anything, so a bad one leaves the user as it was; its userid must name the
+//!   before emitting anything, so a bad one leaves the user as it was; its `user` must be the
 //!   stream it is decided on;
 //! - a deleted user refuses every command with [`UserError::Deleted`].
 //!
@@ -31,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use events::*;
 
 use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
-use crate::ids::{ServerId, UserRef, Userid};
+use crate::ids::{UserRef, Userid};
 use crate::seal::{SealError, Sealed, aad};
 use crate::server::into_command;
 use crate::validate::ValidationError;
@@ -43,11 +47,12 @@ pub const ATTRIBUTE_NAME_MAX_CHARS: usize = 64;
 /// Longest attribute value, in UTF-8 bytes.
 pub const ATTRIBUTE_VALUE_MAX_BYTES: usize = 4096;
 
-/// Register a userid at a server. The stream is `UserRef::new(server_id, &userid).stream()`.
+/// Register a userid at a server. The stream is `user.stream()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisterUser {
-    /// The tenant.
-    pub server_id: ServerId,
+    /// The tenant and the userid's digest, `UserRef::new(server, &key, &userid)`, computed by
+    /// the edge with the server's user digest key.
+    pub user: UserRef,
     /// The caller's userid (its `Debug` hides it).
     pub userid: Userid,
 }
@@ -78,11 +83,11 @@ pub struct RemoveAttribute {
 }
 
 /// Create the user if needed and make its attributes exactly `attributes` (an HTTP PUT of the
-/// whole user). The stream is `UserRef::new(server_id, &userid).stream()`.
+/// whole user). The stream is `user.stream()`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PutUser {
-    /// The tenant.
-    pub server_id: ServerId,
+    /// The tenant and the userid's digest, computed by the edge as for [`RegisterUser`].
+    pub user: UserRef,
     /// The caller's userid (its `Debug` hides it).
     pub userid: Userid,
     /// Every attribute the user is to have, by name; values are personal data, hidden from
@@ -93,7 +98,7 @@ pub struct PutUser {
 impl std::fmt::Debug for PutUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PutUser")
-            .field("server_id", &self.server_id)
+            .field("user", &self.user)
             .field("userid", &self.userid)
             .field("attributes", &self.attributes.keys().collect::<Vec<_>>())
             .finish()
@@ -142,11 +147,12 @@ pub enum UserError {
     /// The user was deleted. HTTP 410.
     #[error("user was deleted")]
     Deleted,
-    /// The command's userid names another user than the stream it was decided on: a wiring
+    /// The command's user names another user than the stream it was decided on: a wiring
     /// bug at the caller. HTTP 422.
     #[error("the userid does not name this user")]
     UserMismatch,
-    /// A new attribute would exceed [`MAX_ATTRIBUTES`]. HTTP 409.
+    /// The user would have more than [`MAX_ATTRIBUTES`] attributes: a rule of the input, as
+    /// a too long value is. HTTP 422.
     #[error("at most {max} attributes per user")]
     TooManyAttributes {
         /// The limit.
@@ -163,8 +169,10 @@ pub enum UserError {
 impl Classify for UserError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Invalid(_) | Self::UserMismatch => ErrorKind::Invalid,
-            Self::AlreadyExists | Self::TooManyAttributes { .. } => ErrorKind::Conflict,
+            Self::Invalid(_) | Self::UserMismatch | Self::TooManyAttributes { .. } => {
+                ErrorKind::Invalid
+            }
+            Self::AlreadyExists => ErrorKind::Conflict,
             Self::NotFound => ErrorKind::NotFound,
             Self::Deleted => ErrorKind::Gone,
             Self::SealerMissing | Self::Seal(_) => ErrorKind::Internal,
@@ -262,7 +270,7 @@ fn seal(
 
 impl User {
     fn decide_put(&self, cmd: PutUser, ctx: &mut Context<'_>) -> Result<Vec<UserEvent>, UserError> {
-        let user = UserRef::new(cmd.server_id, &cmd.userid);
+        let user = cmd.user;
         let existing = match self {
             Self::NotRegistered => None,
             Self::Active(active) if active.user == user => Some(&active.attributes),
@@ -316,7 +324,7 @@ impl Aggregate for User {
                     Self::Active(_) => return Err(UserError::AlreadyExists),
                     Self::Deleted { .. } => return Err(UserError::Deleted),
                 }
-                let user = UserRef::new(cmd.server_id, &cmd.userid);
+                let user = cmd.user;
                 let userid = seal(ctx, &user, "userid", cmd.userid.as_str().as_bytes())?;
                 Ok(vec![UserEvent::Registered(UserRegistered { user, userid })])
             }

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::aggregate::ErrorKind;
 use crate::event::DomainEvent;
-use crate::ids::Timestamp;
+use crate::ids::{ServerId, Timestamp, UserDigestKey};
 use crate::seal::{CounterSealer, Sealer, aad};
 use crate::testing::{NOW, given, given_nothing, test_key, test_sealer};
 
@@ -13,13 +13,17 @@ fn userid() -> Userid {
     Userid::new("alice@example.com").unwrap()
 }
 
+fn digest_key() -> UserDigestKey {
+    UserDigestKey::hmac_sha256([0x5a; 32])
+}
+
 fn user() -> UserRef {
-    UserRef::new(SERVER, &userid())
+    UserRef::new(SERVER, &digest_key(), &userid())
 }
 
 fn register() -> RegisterUser {
     RegisterUser {
-        server_id: SERVER,
+        user: user(),
         userid: userid(),
     }
 }
@@ -79,7 +83,7 @@ fn register_seals_the_userid_bound_to_the_stream() {
         b"alice@example.com"
     );
     // Moved to another user's stream or field, it no longer opens.
-    let other = UserRef::new(SERVER, &Userid::new("bob").unwrap()).stream();
+    let other = UserRef::new(SERVER, &digest_key(), &Userid::new("bob").unwrap()).stream();
     assert!(test_key().open(&aad(&other, "userid"), &e.userid).is_err());
     assert!(
         test_key()
@@ -294,7 +298,7 @@ fn errors_and_debug_never_show_personal_data() {
     assert_eq!(UserError::AlreadyExists.kind(), ErrorKind::Conflict);
     assert_eq!(
         UserError::TooManyAttributes { max: 64 }.kind(),
-        ErrorKind::Conflict
+        ErrorKind::Invalid
     );
     assert_eq!(UserError::NotFound.kind(), ErrorKind::NotFound);
     assert_eq!(UserError::Deleted.kind(), ErrorKind::Gone);
@@ -368,7 +372,7 @@ fn lifecycle_snapshot() {
 
 fn put(attributes: &[(&str, &str)]) -> PutUser {
     PutUser {
-        server_id: SERVER,
+        user: user(),
         userid: userid(),
         attributes: attributes
             .iter()
@@ -516,15 +520,17 @@ fn put_counts_only_the_attributes_it_leaves() {
 
 #[test]
 fn put_must_name_the_stream_it_is_decided_on() {
+    let bob = Userid::new("bob").unwrap();
     let err = given::<User>([registered()]).when(PutUser {
-        userid: Userid::new("bob").unwrap(),
+        user: UserRef::new(SERVER, &digest_key(), &bob),
+        userid: bob,
         ..put(&[])
     });
     err.then_error(UserError::UserMismatch);
     assert_eq!(UserError::UserMismatch.kind(), ErrorKind::Invalid);
     given::<User>([registered()])
         .when(PutUser {
-            server_id: ServerId::from_bytes([0x12; 16]),
+            user: UserRef::new(ServerId::from_bytes([0x12; 16]), &digest_key(), &userid()),
             ..put(&[])
         })
         .then_error(UserError::UserMismatch);

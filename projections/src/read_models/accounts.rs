@@ -316,6 +316,20 @@ macro_rules! select_accounts {
 }
 
 impl ReadModels {
+    /// Whether any server of the deployment has an account of `app` (the SFS registers a
+    /// first PIN only for an enrolled app instance). Through `rm_accounts_by_app_instance`.
+    pub async fn app_instance_enrolled(&self, app: AppInstanceId) -> Result<bool, ProjectionError> {
+        Ok(with_pool!(self.reads(), pool => {
+            sqlx::query_scalar::<_, Vec<u8>>(
+                "SELECT app_instance FROM rm_accounts WHERE app_instance = $1 LIMIT 1",
+            )
+            .bind(app.as_bytes().as_slice())
+            .fetch_optional(pool)
+            .await?
+            .is_some()
+        }))
+    }
+
     /// The accounts of a user of `server`, oldest first.
     pub async fn accounts(
         &self,

@@ -167,6 +167,7 @@ fn server_created(server: ServerId, name: &str) -> ServerEvent {
         public_key: vec![4; 65],
         key_thumbprint: [server.as_bytes()[0]; 32],
         settings: settings(name),
+        user_digest: countersign_domain::UserDigestScheme::HmacSha256,
     })
 }
 

@@ -104,6 +104,7 @@ struct Fixture {
     signed_event_tx: [u8; 16],
     challenge_tx: [u8; 16],
     attestation_issued_at: i64,
+    attested_app_instance: [u8; 16],
 }
 
 impl Fixture {
@@ -129,6 +130,7 @@ impl Fixture {
             signed_event_tx: TX,
             challenge_tx: TX,
             attestation_issued_at: T,
+            attested_app_instance: [7; 16],
         }
     }
 
@@ -137,7 +139,7 @@ impl Fixture {
         let data_hash = sha256(&self.data);
         let text_hash = sha256(self.text.as_bytes());
         let claims = AttestationClaims {
-            app_instance: Bytes([7; 16]),
+            app_instance: Bytes(self.attested_app_instance),
             factor: Factor::Pin,
             challenge: Bytes(transaction_challenge(
                 &SERVER,
@@ -301,6 +303,7 @@ fn a_complete_bundle_verifies_ten_years_later() {
     assert_eq!(verified.server_id, SERVER);
     assert_eq!(verified.account_id, ACCOUNT);
     assert_eq!(verified.factor, Factor::Pin);
+    assert_eq!(verified.app_instance, [7; 16]);
     assert_eq!(verified.device_time_ms, T + 1_000);
     assert_eq!(verified.signed_position, SIGNED_POSITION);
     assert_eq!(verified.checkpoint.tree_size, TREE_SIZE);
@@ -574,6 +577,69 @@ fn each_tampered_part_is_refused_with_its_reason() {
     assert_eq!(no_sfs, Err(E::Attestation(AttestationError::UntrustedKey)));
 }
 
+/// Issue 19 item 10: a bundle whose checkpoint, device signature or attestation is another
+/// encoding of the signed object (untagged, `d812`, indefinite or long heads, an unprotected
+/// header carrying a blob, another kid or a content type) verified before; each is refused now
+/// with the reason, and the valid bundle is unique.
+#[test]
+fn every_cose_sign1_in_the_bundle_has_its_one_encoding() {
+    use EvidenceError as E;
+    let ev = valid();
+    for v in cose::noncanonical::variants(&ev.checkpoint).unwrap() {
+        assert_eq!(
+            with(|e| e.checkpoint = v.bytes.clone()),
+            Err(E::Checkpoint(CheckpointError::Cose(v.refused_with))),
+            "checkpoint: {}",
+            v.name
+        );
+    }
+    for v in cose::noncanonical::variants(&ev.device_signature).unwrap() {
+        assert_eq!(
+            with(|e| e.device_signature = v.bytes.clone()),
+            Err(E::DeviceSignature(v.refused_with)),
+            "device signature: {}",
+            v.name
+        );
+    }
+    for v in cose::noncanonical::variants(&ev.attestation).unwrap() {
+        assert_eq!(
+            with(|e| e.attestation = v.bytes.clone()),
+            Err(E::Attestation(AttestationError::Cose(v.refused_with))),
+            "attestation: {}",
+            v.name
+        );
+    }
+    let loose = cose::noncanonical::loose_protected_header(&ev.checkpoint, &audit(), b"").unwrap();
+    assert_eq!(
+        with(|e| e.checkpoint = loose),
+        Err(E::Checkpoint(CheckpointError::Cose(
+            CoseError::NotDeterministic("protected header")
+        )))
+    );
+}
+
+#[test]
+fn a_device_signature_over_a_non_deterministic_payload_is_refused() {
+    let tx = Fixture::new().signed_tx;
+    let canonical = cbor::to_canonical_vec(&tx).unwrap();
+    let reordered = cose::noncanonical::reordered_map(&canonical).unwrap();
+    assert_eq!(
+        cbor::from_slice::<SignedTransaction>(&reordered).unwrap(),
+        tx
+    );
+    let fields = ProtectedFields {
+        content_type: Some(ContentType::MediaType(
+            SIGNED_TRANSACTION_CONTENT_TYPE.to_owned(),
+        )),
+        key_id: Some(account_key_thumbprint(account_key().verifying_key()).to_vec()),
+    };
+    let signed = cose::sign1_es256(&account_key(), &fields, &reordered, b"").unwrap();
+    assert_eq!(
+        verify_signed_transaction(&signed, account_key().verifying_key()),
+        Err(EvidenceError::NotDeterministic("signed transaction"))
+    );
+}
+
 #[test]
 fn a_signature_replayed_onto_another_transaction_is_refused() {
     // The bundle claims another transaction id for the same signature.
@@ -632,6 +698,16 @@ fn a_key_other_than_the_enrolled_one_is_refused() {
         with(|e| e.account.signing_public_key = Bytes(uncompressed(&key(4)))),
         Err(EvidenceError::AccountKeyNotEnrolled)
     );
+}
+
+/// Issue 19 item 11: the factor must have been proven on the app instance the account was
+/// enrolled from; an attestation of another installation (holding a copy of the key, or
+/// another app of the same user) no longer verifies.
+#[test]
+fn the_attestation_must_come_from_the_enrolled_app_instance() {
+    let mut f = Fixture::new();
+    f.attested_app_instance = [0x0e; 16];
+    assert_eq!(verify(&f.build()), Err(EvidenceError::AppInstanceMismatch));
 }
 
 #[test]
