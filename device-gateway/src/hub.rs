@@ -281,18 +281,26 @@ impl Hub {
         }
     }
 
-    /// Tails the log from its current end, dispatching every event, until the store fails.
+    /// Tails the log from `next` (from its current end when `None`), dispatching every event
+    /// and moving `next` past it, until the store fails.
     ///
     /// # Errors
-    /// The store's error; the caller restarts the follower (events are not lost: the log is
-    /// read again from where it stopped).
-    pub async fn follow(&self, store: SharedStore) -> Result<(), StoreError> {
+    /// The store's error; the caller restarts the follower with the same `next`, so events
+    /// committed meanwhile are read then, not lost.
+    pub async fn follow(
+        &self,
+        store: SharedStore,
+        next: &mut Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut head = store.head();
         head.borrow_and_update();
-        let mut next = store.last_position().await?.map_or(0, |p| p + 1);
+        let next = match next {
+            Some(next) => next,
+            None => next.insert(store.last_position().await?.map_or(0, |p| p + 1)),
+        };
         loop {
             head.borrow_and_update();
-            let events = store.read_all(next, BATCH).await?;
+            let events = store.read_all(*next, BATCH).await?;
             if events.is_empty() {
                 if head.changed().await.is_err() {
                     return Ok(());
@@ -300,7 +308,7 @@ impl Hub {
                 continue;
             }
             for event in &events {
-                next = event.position + 1;
+                *next = event.position + 1;
                 self.dispatch(event);
             }
         }

@@ -135,8 +135,9 @@ impl Gateway {
     /// Tails the log and tells connected devices what they must hear of; restarts after a
     /// store failure. Runs until the task is dropped.
     pub async fn follow(&self) {
+        let mut next = None;
         loop {
-            match self.0.hub.follow(self.0.store.clone()).await {
+            match self.0.hub.follow(self.0.store.clone(), &mut next).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(%error, "the device notice follower failed; restarting");

@@ -23,12 +23,10 @@ use crate::device::{RawDevice, code, open_session};
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Fresh bytes (N ≤ 32): never the same twice in a run, unpredictable enough for junk.
+/// Fresh random bytes (N ≤ 32) for junk.
 fn random<const N: usize>() -> [u8; N] {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(uuid::Uuid::now_v7().as_bytes());
     let mut bytes = [0u8; N];
-    bytes.copy_from_slice(&digest[..N]);
+    getrandom::fill(&mut bytes).unwrap();
     bytes
 }
 
