@@ -92,6 +92,17 @@ fn view(event: &RecordedEvent) -> Result<EventView, ApiError> {
     })
 }
 
+/// An event as the feed shows it, as JSON; `None` (and a warning) when it cannot be shown.
+pub(crate) fn render(event: &RecordedEvent) -> Option<std::sync::Arc<str>> {
+    match view(event).and_then(|v| serde_json::to_string(&v).map_err(ApiError::internal)) {
+        Ok(json) => Some(json.into()),
+        Err(error) => {
+            tracing::warn!(%error, position = event.position, "event stream: cannot show an event");
+            None
+        }
+    }
+}
+
 /// Up to `limit` of the tenant's events after `after`, scanning at most [`SCAN`] positions.
 async fn page(
     state: &AppState,
@@ -206,23 +217,22 @@ pub async fn event_stream(
         revocations: tokio::sync::watch::Receiver<u64>,
         /// The fan-out may not hold everything from `next` on: read the log.
         behind: bool,
-        queue: std::collections::VecDeque<EventView>,
+        /// (position, the event's JSON) to send.
+        queue: std::collections::VecDeque<(u64, std::sync::Arc<str>)>,
         greeted: bool,
         ends: tokio::time::Instant,
         _lease: crate::streams::Lease,
     }
     impl Follow {
         /// Queues the tenant's events of `batch` from `next` on.
-        fn take(&mut self, batch: &[RecordedEvent]) {
+        fn take(&mut self, batch: &[crate::streams::Shared]) {
             let from = self.next;
-            for event in batch.iter().filter(|e| e.position >= from) {
-                if crate::audit::stream_of(&event.stream, &self.server) {
-                    match view(event) {
-                        Ok(view) => self.queue.push_back(view),
-                        Err(error) => {
-                            tracing::warn!(%error, position = event.position, "event stream: cannot show an event");
-                        }
-                    }
+            for shared in batch.iter().filter(|e| e.event.position >= from) {
+                let event = &shared.event;
+                if crate::audit::stream_of(&event.stream, &self.server)
+                    && let Some(json) = shared.json()
+                {
+                    self.queue.push_back((event.position, json));
                 }
                 self.next = event.position + 1;
             }
@@ -252,12 +262,11 @@ pub async fn event_stream(
             ));
         }
         loop {
-            if let Some(event) = follow.queue.pop_front() {
-                let data = serde_json::to_string(&event).unwrap_or_default();
+            if let Some((position, json)) = follow.queue.pop_front() {
                 let sse = Event::default()
                     .event("event")
-                    .id(event.position.to_string())
-                    .data(data);
+                    .id(position.to_string())
+                    .data(&*json);
                 return Some((Ok(sse), follow));
             }
             if tokio::time::Instant::now() >= follow.ends
@@ -289,7 +298,7 @@ pub async fn event_stream(
                 batch = follow.fan_out.recv() => match batch {
                     Ok(batch) => match batch.first() {
                         // A gap between what was read and the fan-out: read it from the log.
-                        Some(first) if first.position > follow.next => follow.behind = true,
+                        Some(first) if first.event.position > follow.next => follow.behind = true,
                         _ => follow.take(&batch),
                     },
                     Err(RecvError::Lagged(_)) => follow.behind = true,

@@ -129,8 +129,8 @@ where
             }
             let changed_at = tokio::select! {
                 batch = follow.fan_out.recv() => match batch {
-                    Ok(batch) => match batch.iter().rev().find(|e| e.stream == follow.stream) {
-                        Some(event) => Some(event.position),
+                    Ok(batch) => match batch.iter().rev().find(|e| e.event.stream == follow.stream) {
+                        Some(shared) => Some(shared.event.position),
                         None => continue,
                     },
                     // Fell behind the fan-out: whatever happened, the row says it now.

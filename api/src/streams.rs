@@ -16,7 +16,7 @@
 //!   this instance, within [`RECHECK`] through another).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use countersign_domain::{ApiKeyId, ServerId};
@@ -61,8 +61,32 @@ impl Default for StreamLimits {
     }
 }
 
+/// One event as streams get it: the stored event, and its JSON for the tenant feed, made
+/// once for all the streams that show it (not once per stream).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub event: RecordedEvent,
+    json: OnceLock<Option<Arc<str>>>,
+}
+
+impl Shared {
+    fn new(event: RecordedEvent) -> Self {
+        Self {
+            event,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The feed's JSON of the event (`None`: it cannot be shown, which was logged).
+    pub(crate) fn json(&self) -> Option<Arc<str>> {
+        self.json
+            .get_or_init(|| crate::feed::render(&self.event))
+            .clone()
+    }
+}
+
 /// A batch of consecutive events of the log, as the shared reader read it.
-pub(crate) type Batch = Arc<Vec<RecordedEvent>>;
+pub(crate) type Batch = Arc<Vec<Shared>>;
 
 #[derive(Debug, Default)]
 struct Counts {
@@ -189,7 +213,7 @@ impl Streams {
         store: &SharedStore,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<RecordedEvent>, ApiError> {
+    ) -> Result<Vec<Shared>, ApiError> {
         let _permit: OwnedSemaphorePermit = self
             .catch_up
             .clone()
@@ -200,7 +224,8 @@ impl Streams {
             .log_reads
             .get_or_create(&ReaderLabels { reader: "catch_up" })
             .inc();
-        Ok(store.read_all(from, limit).await?)
+        let events = store.read_all(from, limit).await?;
+        Ok(events.into_iter().map(Shared::new).collect())
     }
 
     /// Changes whenever this instance revokes a key or deletes a server.
@@ -250,6 +275,7 @@ async fn read_log(streams: Arc<Streams>, store: SharedStore, mut woken: watch::R
                     next = last + 1;
                     let full = batch.len() == READ_BATCH;
                     // No receiver left is not an error: the check above ends the task.
+                    let batch = batch.into_iter().map(Shared::new).collect();
                     let _ = streams.fan_out.send(Arc::new(batch));
                     if !full {
                         break;

@@ -54,6 +54,9 @@ pub enum BenchWhat {
     /// The second-factor server's hot paths: server-side OPAQUE logins, attestation sign +
     /// verify (one thread and every core) against bare ES256. Needs no database.
     Sfs(SfsArgs),
+    /// What open event streams cost the writers: user writes with none open (the floor) and
+    /// under `--streams` tenant feeds of one key, with every event checked delivered.
+    Streams(crate::bench_streams::StreamsArgs),
     /// Scaled mode: outbox relay throughput into Kafka (against a bare producer), then the
     /// append-to-projection lag through relay, broker and Kafka-fed projector at a steady
     /// rate. Needs a scratch PostgreSQL database with an empty log, and a broker.
@@ -134,6 +137,7 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Transactions(args) => transactions::transactions(args).await,
         BenchWhat::Sfs(args) => sfs(&args),
         BenchWhat::Scale(args) => scale::scale(settings, args).await,
+        BenchWhat::Streams(args) => crate::bench_streams::streams(settings, args).await,
     }
 }
 

@@ -4,9 +4,10 @@
 //!
 //! - `api` starts the real server (the code of `serve`) on the configured database, creates a
 //!   server and an API key over HTTP, then runs `--connections` concurrent HTTP/1.1 clients in
-//!   the same process: session creations (`PUT …/sessions/{nonce}`) for `--seconds`, then
-//!   status reads (`GET …/sessions/{nonce}`) of those sessions for `--seconds`. Baseline: the
-//!   bare primary-key lookup of a session row through the same pool, from as many tasks.
+//!   the same process: session creations (`PUT …/session`, the nonce in `X-Nonce`) for
+//!   `--seconds`, then status reads (`GET …/session`, `X-Nonce`) of those sessions for
+//!   `--seconds`, as an integrator calls them (docs/api.md). Baseline: the bare primary-key
+//!   lookup of a session row through the same pool, from as many tasks.
 //! - `replay` fills an empty log with `--events` realistic events (servers, users, sessions
 //!   through their whole life), projects them incrementally, dumps the read models, rebuilds
 //!   them from position 0 and checks the dump is identical; it reports the rebuild rate.
@@ -93,6 +94,90 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(hex::encode(buf))
 }
 
+/// The real server (the code of `serve`) on the configured database, with one virtual server
+/// and an API key made over HTTP: what the API benches run against.
+pub(crate) struct BenchServer {
+    pub running: crate::serve::Running,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub server: String,
+    pub token: Arc<str>,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchServer {
+    pub(crate) async fn start(
+        settings: &Settings,
+        pool: usize,
+        tune: impl FnOnce(&mut ServeArgs),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let admin_file = dir.path().join("admin.key");
+        let admin_key = random_hex(32)?;
+        std::fs::write(&admin_file, &admin_key)?;
+        let mut serve_args = ServeArgs {
+            listen: "127.0.0.1:0".parse()?,
+            admin_key_file: Some(admin_file),
+            gateway_url: Some("wss://gateway.bench/v1/device".into()),
+            max_wait_ms: 5_000,
+            expiry_interval_ms: 1_000,
+            checkpoint_interval_ms: 1_000,
+            trust_sfs_keys: Vec::new(),
+            sfs_lockout: "5:60,8:3600,10:revoke".into(),
+            role: vec![Role::All],
+            kafka_brokers: None,
+            kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
+            kafka_group: "countersign-projector".into(),
+            redis_url: None,
+            redis_namespace: "countersign".into(),
+            limits: Default::default(),
+            streams: Default::default(),
+        };
+        tune(&mut serve_args);
+        let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(pool)
+            .build()?;
+        let created: serde_json::Value = http
+            .post(format!("{base}/v1/servers"))
+            .bearer_auth(&admin_key)
+            .json(&serde_json::json!({"name": "Bench"}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let server = created
+            .pointer("/server/server_id")
+            .and_then(|v| v.as_str())
+            .context("no server id")?
+            .to_owned();
+        let key: serde_json::Value = http
+            .post(format!("{base}/v1/servers/{server}/api-keys"))
+            .bearer_auth(&admin_key)
+            .json(&serde_json::json!({"label": "bench"}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token: Arc<str> = key
+            .get("token")
+            .and_then(|v| v.as_str())
+            .context("no token")?
+            .into();
+        Ok(Self {
+            running,
+            base,
+            http,
+            server,
+            token,
+            _dir: dir,
+        })
+    }
+}
+
 /// Runs `work` from `connections` tasks for `seconds`; each call answers whether it succeeded.
 async fn phase<F, Fut>(connections: usize, seconds: f64, work: F) -> Phase
 where
@@ -152,63 +237,16 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     if args.connections == 0 {
         bail!("--connections must be positive");
     }
-    let dir = tempfile::tempdir()?;
-    let admin_file = dir.path().join("admin.key");
-    let admin_key = random_hex(32)?;
-    std::fs::write(&admin_file, &admin_key)?;
-    let serve_args = ServeArgs {
-        listen: "127.0.0.1:0".parse()?,
-        admin_key_file: Some(admin_file),
-        gateway_url: Some("wss://gateway.bench/v1/device".into()),
-        max_wait_ms: 5_000,
-        expiry_interval_ms: 1_000,
-        checkpoint_interval_ms: 1_000,
-        trust_sfs_keys: Vec::new(),
-        sfs_lockout: "5:60,8:3600,10:revoke".into(),
-        role: vec![Role::All],
-        kafka_brokers: None,
-        kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
-        kafka_group: "countersign-projector".into(),
-        redis_url: None,
-        redis_namespace: "countersign".into(),
-        limits: Default::default(),
-        streams: Default::default(),
-    };
-    let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
-    let base = format!("http://{}", running.addr);
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.connections)
-        .build()?;
-    let created: serde_json::Value = http
-        .post(format!("{base}/v1/servers"))
-        .bearer_auth(&admin_key)
-        .json(&serde_json::json!({"name": "Bench"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let server = created
-        .pointer("/server/server_id")
-        .and_then(|v| v.as_str())
-        .context("no server id")?
-        .to_owned();
-    let key: serde_json::Value = http
-        .post(format!("{base}/v1/servers/{server}/api-keys"))
-        .bearer_auth(&admin_key)
-        .json(&serde_json::json!({"label": "bench"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let token: Arc<str> = key
-        .get("token")
-        .and_then(|v| v.as_str())
-        .context("no token")?
-        .into();
+    let bench = BenchServer::start(settings, args.connections, |_| {}).await?;
+    let (base, http, server, token) = (
+        bench.base.clone(),
+        bench.http.clone(),
+        bench.server.clone(),
+        bench.token.clone(),
+    );
     let prefix: Arc<str> = random_hex(8)?.into();
-    let sessions_url: Arc<str> = format!("{base}/v1/servers/{server}/sessions").into();
+    // The header form: the nonce in `X-Nonce`, never in the path (docs/api.md).
+    let session_url: Arc<str> = format!("{base}/v1/servers/{server}/session").into();
 
     // Each worker creates sessions 0, 1, 2… of its own, then re-reads those it created.
     let created: Arc<Vec<AtomicU64>> =
@@ -218,13 +256,14 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
             http.clone(),
             token.clone(),
             prefix.clone(),
-            sessions_url.clone(),
+            session_url.clone(),
         );
         let created = Arc::clone(&created);
         phase(args.connections, args.seconds, move |worker, _| {
             let n = created.get(worker).map_or(0, |c| c.load(Ordering::Relaxed));
             let request = http
-                .put(format!("{url}/{prefix}{worker:08x}{n:016x}"))
+                .put(&*url)
+                .header("X-Nonce", format!("{prefix}{worker:08x}{n:016x}"))
                 .bearer_auth(&*token)
                 .send();
             let created = Arc::clone(&created);
@@ -245,21 +284,22 @@ pub async fn api(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
                 http.clone(),
                 token.clone(),
                 prefix.clone(),
-                sessions_url.clone(),
+                session_url.clone(),
             );
             let created = Arc::clone(&created);
             phase(args.connections, args.seconds, move |worker, i| {
             let n = created.get(worker).map_or(1, |c| c.load(Ordering::Relaxed).max(1));
             let request = http
-                .get(format!("{url}/{prefix}{worker:08x}{:016x}", i % n))
+                .get(&*url)
+                .header("X-Nonce", format!("{prefix}{worker:08x}{:016x}", i % n))
                 .bearer_auth(&*token)
                 .send();
             async move { matches!(request.await, Ok(r) if r.status() == reqwest::StatusCode::OK) }
         })
         .await
         };
-    let baseline = baseline_lookups(&running, args.connections, args.seconds).await?;
-    running.stop().await?;
+    let baseline = baseline_lookups(&bench.running, args.connections, args.seconds).await?;
+    bench.running.stop().await?;
     let report = ApiReport {
         backend: backend(settings).into(),
         connections: args.connections,

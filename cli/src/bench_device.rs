@@ -5,16 +5,16 @@
 //!
 //! - `logins`: creates a virtual server whose logins need no second factor, `--devices` users
 //!   and devices enrolled through QR codes, then `--concurrency` workers loop for
-//!   `--seconds`: open a session (`PUT …/sessions/{nonce}`, one-shot), the device logs in
-//!   from the QR code over a new connection (handshake, `scan`, `confirm`, `log_in`), and the
-//!   business side reads the session until the API shows `logged_in`. End-to-end latency runs
-//!   from before the PUT to that read. The device is either the mobile SDK (`--client sdk`,
-//!   what an app runs) or a raw protocol client (`--client raw`: the same messages with no
-//!   SDK state machine or persistence), or both one after the other. Baselines: the bare PUT
-//!   rate of the same API at the same concurrency, and full Noise IK handshakes (both sides)
-//!   per second on one core. With `--server-pid`, the CPU seconds per login of the server, of
-//!   PostgreSQL (all local `postgres` processes) and of this process are reported, read from
-//!   `/proc` before and after each phase.
+//!   `--seconds`: open a session (`PUT …/session`, one-shot, the nonce in `X-Nonce`), the
+//!   device logs in from the QR code over a new connection (handshake, `scan`, `confirm`,
+//!   `log_in`), and the business side reads the session until the API shows `logged_in`.
+//!   End-to-end latency runs from before the PUT to that read. The device is either the
+//!   mobile SDK (`--client sdk`, what an app runs) or a raw protocol client (`--client raw`:
+//!   the same messages with no SDK state machine or persistence), or both one after the
+//!   other. Baselines: the bare PUT rate of the same API at the same concurrency, and full
+//!   Noise IK handshakes (both sides) per second on one core. With `--server-pid`, the CPU
+//!   seconds per login of the server, of PostgreSQL (all local `postgres` processes) and of
+//!   this process are reported, read from `/proc` before and after each phase.
 //! - `connections`: opens `--count` idle device connections (as one enrolled account, or as
 //!   guests), each bound to a source address in 127.0.0.2… so ephemeral ports never run out,
 //!   holds them, and reports the server's resident memory (`VmRSS`) per connection, read
@@ -263,7 +263,8 @@ impl Business {
     async fn open_session(&self, nonce: &str) -> anyhow::Result<(QrPayload, u64)> {
         let response = self
             .http
-            .put(self.url(&format!("/sessions/{nonce}")))
+            .put(self.url("/session"))
+            .header("X-Nonce", nonce)
             .bearer_auth(&*self.token)
             .json(&serde_json::json!({"ping_time_secs": 0}))
             .send()
@@ -281,8 +282,9 @@ impl Business {
 
     /// Reads the session until it shows `logged_in`; answers how many reads that took.
     async fn await_logged_in(&self, nonce: &str, position: u64) -> anyhow::Result<u64> {
-        self.await_field(
-            &format!("/sessions/{nonce}"),
+        self.await_field_as(
+            "/session",
+            Some(nonce),
             position,
             ("state", "logged_in"),
             &["pending", "scanned"],
@@ -300,20 +302,32 @@ impl Business {
         (field, done): (&str, &str),
         waiting: &[&str],
     ) -> anyhow::Result<u64> {
+        self.await_field_as(path, None, position, (field, done), waiting)
+            .await
+    }
+
+    /// [`Self::await_field`], naming a login session by its nonce in `X-Nonce`.
+    async fn await_field_as(
+        &self,
+        path: &str,
+        nonce: Option<&str>,
+        position: u64,
+        (field, done): (&str, &str),
+        waiting: &[&str],
+    ) -> anyhow::Result<u64> {
         let url = self.url(path);
         let started = Instant::now();
         let mut reads = 0;
         loop {
             reads += 1;
-            let view: serde_json::Value = self
+            let mut request = self
                 .http
                 .get(format!("{url}?min_position={position}"))
-                .bearer_auth(&*self.token)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+                .bearer_auth(&*self.token);
+            if let Some(nonce) = nonce {
+                request = request.header("X-Nonce", nonce);
+            }
+            let view: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
             match view.get(field).and_then(|s| s.as_str()) {
                 Some(value) if value == done => return Ok(reads),
                 Some(value) if waiting.contains(&value) && started.elapsed() < STEP_TIMEOUT => {

@@ -248,11 +248,12 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     )?;
 
     let nonce = random_nonce()?;
-    let session = format!("/sessions/{nonce}");
-    let session_opened = business
+    // The nonce is the session's bearer secret: it travels in `X-Nonce`, never in a path.
+    let session = business.session(&nonce);
+    let session_opened = session
         .json(
             Method::PUT,
-            &session,
+            "/session",
             Some(json!({
                 "ping_time_secs": 30,
                 "announce_info": "Log in to Demo Bank",
@@ -265,13 +266,13 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .get("position")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let mut heard = business
-        .follow(&format!("{session}/events?min_position={opened_at}"))
+    let mut heard = session
+        .follow(&format!("/session/events?min_position={opened_at}"))
         .await?;
-    let image = business
+    let image = session
         .bytes(
             Method::GET,
-            &format!("{session}/qr?format=png&min_position={opened_at}"),
+            &format!("/session/qr?format=png&min_position={opened_at}"),
             None,
         )
         .await?;
@@ -322,10 +323,10 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             break position;
         }
     };
-    let view = business
+    let view = session
         .json(
             Method::GET,
-            &format!("{session}?min_position={position}"),
+            &format!("/session?min_position={position}"),
             None,
         )
         .await?;
@@ -341,7 +342,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
 
-    business.json(Method::DELETE, &session, None).await?;
+    session.json(Method::DELETE, "/session", None).await?;
     writeln!(out, "10. business system: logged the session out")?;
     let ended = finished(&login).await?;
     states.print(&mut out)?;
@@ -596,16 +597,38 @@ struct Business {
 }
 
 impl Business {
+    /// The calls on the login session of `nonce`.
+    fn session<'a>(&'a self, nonce: &'a str) -> LoginSession<'a> {
+        LoginSession {
+            business: self,
+            nonce,
+        }
+    }
+
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<reqwest::Response> {
+        self.send_as(method, path, None, body).await
+    }
+
+    /// `send`, naming a login session by its nonce in `X-Nonce` when there is one.
+    async fn send_as(
+        &self,
+        method: Method,
+        path: &str,
+        nonce: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<reqwest::Response> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
             .bearer_auth(&self.token);
+        if let Some(nonce) = nonce {
+            request = request.header("X-Nonce", nonce);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -640,6 +663,48 @@ impl Business {
     async fn follow(&self, path: &str) -> anyhow::Result<StateStream> {
         Ok(StateStream {
             response: self.send(Method::GET, path, None).await?,
+            buffer: String::new(),
+        })
+    }
+}
+
+/// The business system's calls on one login session (`…/session`): the session's nonce goes
+/// in `X-Nonce`, since a nonce in the path would end up in proxies' access logs.
+struct LoginSession<'a> {
+    business: &'a Business,
+    nonce: &'a str,
+}
+
+impl LoginSession<'_> {
+    /// The answer's JSON body (`null` for an empty one).
+    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let response = self
+            .business
+            .send_as(method, path, Some(self.nonce), body)
+            .await?;
+        Ok(serde_json::from_slice(&response.bytes().await?).unwrap_or(Value::Null))
+    }
+
+    async fn bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .business
+            .send_as(method, path, Some(self.nonce), body)
+            .await?;
+        Ok(response.bytes().await?.to_vec())
+    }
+
+    /// Opens the session's server-sent event stream.
+    async fn follow(&self, path: &str) -> anyhow::Result<StateStream> {
+        Ok(StateStream {
+            response: self
+                .business
+                .send_as(Method::GET, path, Some(self.nonce), None)
+                .await?,
             buffer: String::new(),
         })
     }

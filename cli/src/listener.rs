@@ -303,7 +303,8 @@ pub async fn serve(
         ));
     }
     let _ = stopping.send(true);
-    // Wait for every connection task to let go of its receiver.
+    // Wait for every connection task to let go of its receiver (this one's first).
+    drop(stopped);
     stopping.closed().await;
 }
 

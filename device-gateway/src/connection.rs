@@ -110,12 +110,16 @@ async fn identify(
                 Account::Active(active) if active.channel_public_key == remote_static => {
                     Ok(Identity::Account(Box::new(active)))
                 }
-                // One refusal for both: anyone can claim an id with a key of their own, and
-                // must not learn from the answer whether the account exists.
-                Account::Active(ActiveAccount { .. }) | Account::NotRegistered => {
-                    Err(Refusal::UnknownAccount)
-                }
-                Account::Deleted { .. } => Err(Refusal::AccountDeleted),
+                // Only the device that held the account is told it was deleted (and forgets
+                // it).
+                Account::Deleted {
+                    channel_public_key, ..
+                } if channel_public_key == remote_static => Err(Refusal::AccountDeleted),
+                // One refusal for the rest: anyone can claim an id with a key of their own,
+                // and must not learn from the answer whether the account exists or existed.
+                Account::Active(ActiveAccount { .. })
+                | Account::Deleted { .. }
+                | Account::NotRegistered => Err(Refusal::UnknownAccount),
             })
         }
     }

@@ -37,6 +37,10 @@ pub const TRANSACTION_CHALLENGE_CONTEXT: &[u8] = b"countersign/transaction-chall
 pub const ENROLMENT_EVENT_TYPE: (&str, u16) = ("account.registered", 1);
 /// Event type and schema version of the signing event a bundle carries.
 pub const SIGNED_EVENT_TYPE: (&str, u16) = ("transaction.signed", 1);
+/// Event type and schema version of a key rotation a bundle carries.
+pub const KEY_ROTATED_EVENT_TYPE: (&str, u16) = ("account.key_rotated", 1);
+/// The key role (`account.key_rotated`'s `role`) whose rotations a bundle carries.
+pub const SIGNING_KEY_ROLE: &str = "signing";
 
 /// Largest bundle accepted, in bytes.
 pub const MAX_EVIDENCE_BYTES: usize = 512 * 1024;
@@ -60,6 +64,8 @@ pub const MAX_COSE_BYTES: usize = 16 * 1024;
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Most hashes in an inclusion proof (a tree of 2^64 leaves needs 64).
 pub const MAX_PROOF_HASHES: usize = 64;
+/// Most signing-key rotations a bundle carries (`account.key_rotations`).
+pub const MAX_KEY_ROTATIONS: usize = 64;
 /// How far a checkpoint may be ahead of the verifier's clock, when a clock is given.
 pub const CLOCK_SKEW_MS: i64 = 5_000;
 
@@ -122,6 +128,25 @@ pub struct AccountProof {
     pub enrolment_position: u64,
     /// Its RFC 9162 inclusion proof against the bundle's checkpoint.
     pub enrolment_proof: Vec<Bytes<32>>,
+    /// The account's signing-key rotations before the signature, oldest first: the chain from
+    /// the enrolled key to `signing_public_key`. Empty (and then absent from the CBOR, so a
+    /// bundle of a never-rotated account is unchanged) when the enrolled key signed; an
+    /// explicitly empty list is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_rotations: Vec<KeyRotationProof>,
+}
+
+/// One `account.key_rotated` event of the signing account and its proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotationProof {
+    /// Canonical bytes of the event, as the audit tree hashed them.
+    #[serde(with = "serde_bytes")]
+    pub event: Vec<u8>,
+    /// Its position in the log (its leaf index).
+    pub position: u64,
+    /// Its RFC 9162 inclusion proof against the bundle's checkpoint.
+    pub proof: Vec<Bytes<32>>,
 }
 
 /// A whole evidence bundle (layout in `docs/evidence.md`).
@@ -213,7 +238,24 @@ pub enum EvidenceError {
     /// its position, before the signing event.
     #[error("enrolment event: {0}")]
     EnrolmentEvent(&'static str),
-    /// Check 4: the enrolled key is not the bundle's account key.
+    /// Check 3: a key rotation event is not at its position in the checkpoint's tree.
+    #[error("key rotation {link} is not included: {error}")]
+    KeyRotationNotIncluded {
+        /// Its index in `account.key_rotations`.
+        link: usize,
+        /// Why its proof failed.
+        error: ProofError,
+    },
+    /// Check 4: a key rotation is not this account's `account.key_rotated` v1 of its signing
+    /// key, at its position, after the previous link and before the signing event.
+    #[error("key rotation {link}: {reason}")]
+    KeyRotation {
+        /// Its index in `account.key_rotations`.
+        link: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Check 4: the key the enrolment and its rotations end at is not the bundle's account key.
     #[error("the account key is not the enrolled one")]
     AccountKeyNotEnrolled,
     /// Check 4: the account key is not a P-256 point.
@@ -426,6 +468,18 @@ impl Evidence {
             Some(_) => return Err(EvidenceError::UnsupportedVersion("(not an integer)".into())),
             None => return Err(EvidenceError::UnsupportedVersion("(missing)".into())),
         }
+        // An empty rotation list is written by omitting the key: `[]` would be a second
+        // encoding of the same bundle.
+        let rotations = field(entries, "account").and_then(|a| match a {
+            Value::Map(account) => field(account, "key_rotations"),
+            _ => None,
+        });
+        if matches!(rotations, Some(Value::Array(links)) if links.is_empty()) {
+            return Err(EvidenceError::Malformed {
+                what: "evidence bundle",
+                reason: "account.key_rotations is empty (omit it instead)".to_owned(),
+            });
+        }
         let evidence: Self = cbor::from_slice(bytes).map_err(|e| EvidenceError::Malformed {
             what: "evidence bundle",
             reason: e.to_string(),
@@ -485,11 +539,31 @@ impl Evidence {
                 "account.enrolment_proof",
             ),
         ];
-        match limits.iter().find(|(over, _)| *over) {
-            Some((_, what)) => Err(EvidenceError::Limit(what)),
-            None => Ok(()),
+        if let Some((_, what)) = limits.iter().find(|(over, _)| *over) {
+            return Err(EvidenceError::Limit(what));
         }
+        let rotations = &self.account.key_rotations;
+        if rotations.len() > MAX_KEY_ROTATIONS {
+            return Err(EvidenceError::Limit("account.key_rotations"));
+        }
+        for link in rotations {
+            if link.event.len() > MAX_EVENT_BYTES {
+                return Err(EvidenceError::Limit("account.key_rotations.event"));
+            }
+            if link.proof.len() > MAX_PROOF_HASHES {
+                return Err(EvidenceError::Limit("account.key_rotations.proof"));
+            }
+        }
+        Ok(())
     }
+}
+
+/// The value of text key `name` in a decoded map's entries.
+fn field<'a>(entries: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
+    entries
+        .iter()
+        .find(|(k, _)| matches!(k, Value::Text(t) if t == name))
+        .map(|(_, v)| v)
 }
 
 fn coset_payload(bytes: &[u8]) -> Option<Vec<u8>> {
@@ -558,6 +632,15 @@ struct AccountRefPayload {
     account_id: Bytes<16>,
 }
 
+/// The fields of `account.key_rotated` v1 (all of them).
+#[derive(Deserialize)]
+struct KeyRotatedPayload {
+    role: String,
+    #[serde(with = "serde_bytes")]
+    public_key: Vec<u8>,
+    key_thumbprint: Bytes<32>,
+}
+
 /// The fields of `transaction.signed` v1 the verifier needs; others are ignored.
 #[derive(Deserialize)]
 struct SignedPayload {
@@ -581,16 +664,70 @@ fn stream_name(prefix: &str, server_id: &[u8; 16], id: &[u8; 16]) -> String {
     format!("{prefix}-{}-{}", hex::encode(server_id), hex::encode(id))
 }
 
+/// Walks the signing-key rotation chain from the enrolled key: each link is
+/// `account.key_rotated` v1 of the signing key in the account's stream, at its position, after
+/// the previous link (or the enrolment) and before the signing event, its thumbprint that of its
+/// key. Answers the key the chain ends at (the enrolled one when there is no link).
+fn rotated_key(
+    rotations: &[KeyRotationProof],
+    account_stream: &str,
+    enrolled: Vec<u8>,
+    enrolment_position: u64,
+    signed_position: u64,
+) -> Result<Vec<u8>, EvidenceError> {
+    let mut key = enrolled;
+    let mut after = enrolment_position;
+    for (link, rotation) in rotations.iter().enumerate() {
+        let refuse = |reason| EvidenceError::KeyRotation { link, reason };
+        let event = decode_event(&rotation.event).map_err(refuse)?;
+        if (event.event_type.as_str(), event.schema_version)
+            != (
+                KEY_ROTATED_EVENT_TYPE.0,
+                u64::from(KEY_ROTATED_EVENT_TYPE.1),
+            )
+        {
+            return Err(refuse("not account.key_rotated v1"));
+        }
+        if event.stream != account_stream {
+            return Err(refuse("not this account's stream"));
+        }
+        if event.position != rotation.position {
+            return Err(refuse("position differs from its leaf"));
+        }
+        if event.position <= after {
+            return Err(refuse("not after the previous link or the enrolment"));
+        }
+        if event.position >= signed_position {
+            return Err(refuse("not before the signing event"));
+        }
+        let rotated: KeyRotatedPayload = cbor::from_canonical_slice(&event.payload)
+            .map_err(|_| refuse("malformed account.key_rotated payload"))?;
+        if rotated.role != SIGNING_KEY_ROLE {
+            return Err(refuse("rotates another key than the signing key"));
+        }
+        if rotated.key_thumbprint.0 != sha256(&rotated.public_key) {
+            return Err(refuse("thumbprint is not its key's"));
+        }
+        key = rotated.public_key;
+        after = event.position;
+    }
+    Ok(key)
+}
+
 /// Verifies an evidence bundle offline against the deployment's audit key and the trusted SFS
 /// keys (at least one), running the checks of `docs/evidence.md` in order:
 ///
 /// 1. the checkpoint verifies under `audit_key` (and, if `now_ms` is given, is not dated more
 ///    than [`CLOCK_SKEW_MS`] after it);
 /// 2. `signed_event` is leaf `signed_position` of the checkpoint's tree;
-/// 3. `enrolment_event` is leaf `enrolment_position` of the same tree;
+/// 3. `enrolment_event` is leaf `enrolment_position` of the same tree, and so is each
+///    `key_rotations` event at its position;
 /// 4. the enrolment event is `account.registered` v1 of this account in stream
-///    `account-{server}-{account}`, at its position, before the signing event, and carries
-///    exactly the bundle's signing key (and its thumbprint) and an app instance;
+///    `account-{server}-{account}`, at its position, before the signing event, and carries a
+///    signing key (and its thumbprint) and an app instance; each key rotation is
+///    `account.key_rotated` v1 of the signing key in that stream, at its position, the
+///    positions strictly increasing after the enrolment and before the signing event; the key
+///    the enrolment and the rotations end at is exactly the bundle's signing key;
 /// 5. the device signature verifies under that key as a signed transaction;
 /// 6. its data and text hashes are SHA-256 of the bundle's data and text;
 /// 7. its transaction and server ids are the bundle's;
@@ -640,6 +777,16 @@ pub fn verify_evidence(
         &head.root_hash,
     )
     .map_err(EvidenceError::EnrolmentNotIncluded)?;
+    for (link, rotation) in account.key_rotations.iter().enumerate() {
+        merkle::verify_inclusion(
+            &merkle::leaf_hash(&rotation.event),
+            rotation.position,
+            head.tree_size,
+            &hashes(&rotation.proof),
+            &head.root_hash,
+        )
+        .map_err(|error| EvidenceError::KeyRotationNotIncluded { link, error })?;
+    }
 
     // 4.
     let enrolment =
@@ -649,7 +796,8 @@ pub fn verify_evidence(
     {
         return Err(EvidenceError::EnrolmentEvent("not account.registered v1"));
     }
-    if enrolment.stream != stream_name("account", &tx.server_id.0, &account.account_id.0) {
+    let account_stream = stream_name("account", &tx.server_id.0, &account.account_id.0);
+    if enrolment.stream != account_stream {
         return Err(EvidenceError::EnrolmentEvent("not this account's stream"));
     }
     if enrolment.position != account.enrolment_position {
@@ -669,9 +817,17 @@ pub fn verify_evidence(
     {
         return Err(EvidenceError::EnrolmentEvent("registers another account"));
     }
-    if registered.signing_public_key != account.signing_public_key.0
-        || registered.signing_key_thumbprint.0 != sha256(&account.signing_public_key.0)
-    {
+    if registered.signing_key_thumbprint.0 != sha256(&registered.signing_public_key) {
+        return Err(EvidenceError::AccountKeyNotEnrolled);
+    }
+    let signing_key = rotated_key(
+        &account.key_rotations,
+        &account_stream,
+        registered.signing_public_key,
+        enrolment.position,
+        ev.signed_position,
+    )?;
+    if signing_key != account.signing_public_key.0 {
         return Err(EvidenceError::AccountKeyNotEnrolled);
     }
     let account_key = VerifyingKey::from_sec1_bytes(&account.signing_public_key.0)

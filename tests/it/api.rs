@@ -225,6 +225,31 @@ pub(crate) async fn call_at(
     if let Some(body) = body {
         request = request.json(&body);
     }
+    send(request).await
+}
+
+/// [`call_at`] on the login session of `nonce`, named as integrators should: in `X-Nonce`,
+/// with `path` the session's header-form path (`/v1/servers/{server}/session…`).
+pub(crate) async fn session_call_at(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    nonce: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token)
+        .header("X-Nonce", nonce);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    send(request).await
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request.send().await.unwrap();
     let status = response.status();
     let bytes = response.bytes().await.unwrap();

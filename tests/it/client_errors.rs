@@ -62,10 +62,11 @@ struct Answer {
 }
 
 async fn send(api: &Api, request: Request<Body>) -> Answer {
-    let response = countersign_api::router(api.running.state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
+    send_to(countersign_api::router(api.running.state.clone()), request).await
+}
+
+async fn send_to(router: axum::Router, request: Request<Body>) -> Answer {
+    let response = router.oneshot(request).await.unwrap();
     let status = response.status();
     let content_type = response
         .headers()
@@ -365,7 +366,41 @@ async fn two_authorization_headers_are_refused(db: &TestDb) {
     api.stop().await;
 }
 
+/// A request still unanswered at the request timeout (here: a body that never arrives)
+/// answers 408 problem+json, not an empty body, and writes nothing.
+async fn a_request_past_its_timeout_answers_problem_json(db: &TestDb) {
+    let api = Api::start(db).await;
+    let (server, token) = api.tenant("Bank").await;
+    let served = &api.running.state;
+    let mut config = served.config().clone();
+    config.request_timeout = std::time::Duration::from_millis(100);
+    let state = countersign_api::AppState::new(
+        served.commands().clone(),
+        served.reads().clone(),
+        served.store().clone(),
+        served.clock().clone(),
+        config,
+    );
+    let head = api.head().await;
+    let never = Body::from_stream(futures::stream::pending::<Result<Vec<u8>, std::io::Error>>());
+    let request = Request::put(format!("/v1/servers/{server}/users/slow"))
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "2")
+        .body(never)
+        .unwrap();
+    let answer = send_to(countersign_api::router(state), request).await;
+    assert_problem(
+        "a body that never arrives",
+        &answer,
+        StatusCode::REQUEST_TIMEOUT,
+    );
+    assert_eq!(api.head().await, head, "nothing written");
+    api.stop().await;
+}
+
 countersign_eventstore::on_both_backends!(
+    a_request_past_its_timeout_answers_problem_json,
     client_mistakes_answer_problem_json_and_never_log_errors,
     more_than_64_attributes_is_unprocessable,
     two_authorization_headers_are_refused,

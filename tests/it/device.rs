@@ -109,29 +109,44 @@ pub(crate) async fn open_session(
     n: u8,
     body: Value,
 ) -> String {
-    let (status, opened) = api
-        .call(
-            Method::PUT,
-            &format!("/v1/servers/{server}/sessions/{}", nonce(n)),
-            Some(token),
-            Some(body),
-        )
-        .await;
+    let (status, opened) = session_call(
+        api,
+        Method::PUT,
+        &format!("/v1/servers/{server}/session"),
+        token,
+        n,
+        Some(body),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
     opened["qr"]["deep_link"].as_str().unwrap().to_owned()
 }
 
 pub(crate) async fn session_view(api: &Api, server: &str, token: &str, n: u8) -> Value {
     let head = api.head().await.unwrap();
-    let (status, view) = api
-        .read(
-            &format!("/v1/servers/{server}/sessions/{}", nonce(n)),
-            Some(token),
-            head,
-        )
-        .await;
+    let (status, view) = session_call(
+        api,
+        Method::GET,
+        &format!("/v1/servers/{server}/session?min_position={head}"),
+        token,
+        n,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{view}");
     view
+}
+
+/// A call on the session of `nonce(n)`, its nonce in `X-Nonce` as integrators send it.
+async fn session_call(
+    api: &Api,
+    method: Method,
+    path: &str,
+    token: &str,
+    n: u8,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    crate::api::session_call_at(&api.http, &api.base, method, path, token, &nonce(n), body).await
 }
 
 async fn device_enrols_logs_in_and_the_api_logs_out(db: &TestDb) {
@@ -194,14 +209,15 @@ async fn device_enrols_logs_in_and_the_api_logs_out(db: &TestDb) {
     assert_eq!(view["attributes"]["name"], "alice at Bank");
 
     // The business system logs the user out: the phone hears it at once.
-    let (status, _) = api
-        .call(
-            Method::DELETE,
-            &format!("/v1/servers/{server}/sessions/{}", nonce(1)),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, _) = session_call(
+        &api,
+        Method::DELETE,
+        &format!("/v1/servers/{server}/session"),
+        &token,
+        1,
+        None,
+    )
+    .await;
     assert!(status.is_success());
     let done = tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Done))
         .await
@@ -227,9 +243,9 @@ async fn device_logout_reaches_the_business_sse(db: &TestDb) {
     let events = api
         .http
         .get(api.url(&format!(
-            "/v1/servers/{server}/sessions/{}/events?min_position={head}",
-            nonce(2)
+            "/v1/servers/{server}/session/events?min_position={head}"
         )))
+        .header("X-Nonce", nonce(2))
         .bearer_auth(&token)
         .send()
         .await
@@ -672,6 +688,79 @@ async fn the_channel_refuses_what_it_must(db: &TestDb) {
     api.stop().await;
 }
 
+/// Item 9 of issue 19: a deleted account is told as deleted only to its own channel key; any
+/// other key claiming its id hears exactly what an id that never existed hears.
+async fn a_deleted_account_is_told_only_to_its_own_key(db: &TestDb) {
+    let api = Api::start_with(db, None).await;
+    let (server, token) = tenant(&api, "Bank", "gina").await;
+    let phone = sdk();
+    let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "gina").await).await;
+    let account_id = Bytes(hex::decode(&account).unwrap().try_into().unwrap());
+    // Deleted by the business system while the phone is not connected (once its read model
+    // lists the account).
+    let accounts = format!("/v1/servers/{server}/users/gina/accounts");
+    let (_, listed) = api
+        .read(&accounts, Some(&token), api.head().await.unwrap())
+        .await;
+    assert_eq!(
+        listed["accounts"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let (status, _) = api
+        .call(
+            Method::DELETE,
+            &format!("{accounts}/{account}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let head = api.head().await;
+
+    let stranger = StaticKey::from_bytes(&[7; 32]).unwrap();
+    let mut welcomes = Vec::new();
+    for claimed in [account_id, Bytes([9; 16])] {
+        let (mut raw, welcome) = RawDevice::connect(
+            &api,
+            &server,
+            &stranger,
+            Intent::Account {
+                account_id: claimed,
+            },
+        )
+        .await;
+        assert!(raw.closed().await);
+        welcomes.push(device::encode(&welcome).unwrap());
+    }
+    assert_eq!(
+        welcomes[0],
+        device::encode(&Welcome::Refused {
+            reason: Refusal::UnknownAccount
+        })
+        .unwrap(),
+        "a stranger claiming a deleted account's id"
+    );
+    assert_eq!(
+        welcomes[0], welcomes[1],
+        "the same bytes for a deleted account claimed with another key and for no account"
+    );
+    assert_eq!(api.head().await, head, "refused handshakes wrote nothing");
+
+    // The phone that held it still hears `account_deleted` at its next handshake, and forgets
+    // it (an `unknown_account` would leave it in `failed`, kept).
+    let report = phone.refresh(&NoCallbacks).await.unwrap();
+    let forgotten: Vec<_> = report
+        .forgotten
+        .iter()
+        .map(|a| a.account_id.clone())
+        .collect();
+    assert_eq!(forgotten, vec![account], "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(phone.accounts().unwrap().is_empty());
+    api.stop().await;
+}
+
 /// A TCP relay that records every byte both ways, standing where a network observer would.
 async fn recording_relay(
     listener: tokio::net::TcpListener,
@@ -912,4 +1001,5 @@ countersign_eventstore::on_both_backends!(
     account_deletion_from_either_side,
     no_accounts_and_two_servers,
     the_channel_refuses_what_it_must,
+    a_deleted_account_is_told_only_to_its_own_key,
 );

@@ -83,11 +83,38 @@ impl Served {
         token: &str,
         body: Option<Value>,
     ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+        self.send(method, path, token, None, body)
+    }
+
+    /// A call on the login session of `nonce`, named as integrators should: in `X-Nonce`, with
+    /// `path` the session's header-form path (`/v1/servers/{server}/session…`).
+    fn session_request(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        nonce: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+        self.send(method, path, token, Some(nonce), body)
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        nonce: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
         self.runtime.block_on(async {
             let mut request = self
                 .http
                 .request(method, format!("{}{path}", self.base))
                 .bearer_auth(token);
+            if let Some(nonce) = nonce {
+                request = request.header("X-Nonce", nonce);
+            }
             if let Some(body) = body {
                 request = request.json(&body);
             }
@@ -105,6 +132,21 @@ impl Served {
         value
     }
 
+    /// [`Self::call`] on the login session of `nonce` ([`Self::session_request`]).
+    fn session_call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        nonce: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let (status, _, bytes) = self.session_request(method.clone(), path, token, nonce, body);
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert!(status.is_success(), "{method} {path}: {status} {value}");
+        value
+    }
+
     /// Fetches a PNG image and writes it into the test's folder.
     fn png(
         &self,
@@ -114,7 +156,16 @@ impl Served {
         body: Option<Value>,
         name: &str,
     ) -> PathBuf {
-        let (status, headers, bytes) = self.request(method, path, token, body);
+        self.save_png(path, self.request(method, path, token, body), name)
+    }
+
+    /// Writes the PNG image answered to `path` into the test's folder.
+    fn save_png(
+        &self,
+        path: &str,
+        (status, headers, bytes): (StatusCode, reqwest::header::HeaderMap, Vec<u8>),
+        name: &str,
+    ) -> PathBuf {
         assert!(status.is_success(), "{path}: {status}");
         assert_eq!(headers["content-type"], "image/png");
         let file = self.dir.path().join(name);
@@ -162,20 +213,17 @@ impl Served {
 
     /// Opens a login session and saves its QR code as a PNG file.
     fn session(&self, server: &str, token: &str, nonce: &str, ping_time_secs: u32) -> PathBuf {
-        let opened = self.call(
+        let opened = self.session_call(
             Method::PUT,
-            &format!("/v1/servers/{server}/sessions/{nonce}"),
+            &format!("/v1/servers/{server}/session"),
             token,
+            nonce,
             Some(json!({"ping_time_secs": ping_time_secs, "announce_info": "Log in to the bank"})),
         );
         let position = opened["position"].as_u64().unwrap();
-        self.png(
-            Method::GET,
-            &format!("/v1/servers/{server}/sessions/{nonce}/qr?format=png&min_position={position}"),
-            token,
-            None,
-            &format!("{nonce}.png"),
-        )
+        let qr = format!("/v1/servers/{server}/session/qr?format=png&min_position={position}");
+        let answer = self.session_request(Method::GET, &qr, token, nonce, None);
+        self.save_png(&qr, answer, &format!("{nonce}.png"))
     }
 
     /// Follows the session's event stream until `state`; answers its log position.
@@ -183,10 +231,8 @@ impl Served {
         self.runtime.block_on(async {
             let response = self
                 .http
-                .get(format!(
-                    "{}/v1/servers/{server}/sessions/{nonce}/events",
-                    self.base
-                ))
+                .get(format!("{}/v1/servers/{server}/session/events", self.base))
+                .header("X-Nonce", nonce)
                 .bearer_auth(token)
                 .send()
                 .await
@@ -326,13 +372,11 @@ fn the_virtual_phone_enrols_logs_in_and_deletes_its_account() {
         "{out}"
     );
     let position = served.wait_for_state(&server, &token, &nonce(1), "logged_in");
-    let view = served.call(
+    let view = served.session_call(
         Method::GET,
-        &format!(
-            "/v1/servers/{server}/sessions/{}?min_position={position}",
-            nonce(1)
-        ),
+        &format!("/v1/servers/{server}/session?min_position={position}"),
         &token,
+        &nonce(1),
         None,
     );
     assert_eq!(view["state"], "logged_in", "{view}");
@@ -365,10 +409,11 @@ fn the_virtual_phone_enrols_logs_in_and_deletes_its_account() {
     let (mut child, lines, seen) = continuous_login(home, &qr);
     assert!(seen.contains("state: active (logged in)"), "{seen}");
     served.wait_for_state(&server, &token, &nonce(4), "logged_in");
-    served.call(
+    served.session_call(
         Method::DELETE,
-        &format!("/v1/servers/{server}/sessions/{}", nonce(4)),
+        &format!("/v1/servers/{server}/session"),
         &token,
+        &nonce(4),
         None,
     );
     let tail = rest(lines);
@@ -429,10 +474,11 @@ fn the_virtual_phone_enrols_logs_in_and_deletes_its_account() {
     assert!(out.contains(&format!("deleted account {account}")), "{out}");
     assert!(device_ok(home, &["accounts"], "").contains("no accounts on this device"));
     // Any later write's position is past the deletion: read the accounts from there.
-    let (status, headers, _) = served.request(
+    let (status, headers, _) = served.session_request(
         Method::PUT,
-        &format!("/v1/servers/{server}/sessions/{}", nonce(7)),
+        &format!("/v1/servers/{server}/session"),
         &token,
+        &nonce(7),
         Some(json!({})),
     );
     assert_eq!(status, StatusCode::CREATED);
@@ -551,13 +597,11 @@ fn the_virtual_phone_gives_its_pin_when_the_server_asks_one() {
     assert!(stdout.contains("state: done (logged in once)"), "{stdout}");
     assert_no_pin(&out, &[PIN], &known);
     let position = served.wait_for_state(&server, &token, &nonce(1), "logged_in");
-    let view = served.call(
+    let view = served.session_call(
         Method::GET,
-        &format!(
-            "/v1/servers/{server}/sessions/{}?min_position={position}",
-            nonce(1)
-        ),
+        &format!("/v1/servers/{server}/session?min_position={position}"),
         &token,
+        &nonce(1),
         None,
     );
     assert_eq!(view["state"], "logged_in", "{view}");

@@ -158,6 +158,18 @@ impl Instance {
         crate::api::call_at(&self.http, &self.base, method, path, token, body).await
     }
 
+    /// A call on the login session of `nonce`, its nonce in `X-Nonce`.
+    async fn session_call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        nonce: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        crate::api::session_call_at(&self.http, &self.base, method, path, token, nonce, body).await
+    }
+
     /// A tenant whose logins need no second factor, with an API key: (server id, token).
     async fn tenant(&self, name: &str) -> (String, String) {
         let (status, created) = self
@@ -415,10 +427,11 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     // The business system opens a session on B and follows it there.
     let nonce = hex::encode([7u8; 16]);
     let (status, opened) = b
-        .call(
+        .session_call(
             Method::PUT,
-            &format!("/v1/servers/{server}/sessions/{nonce}"),
-            Some(&token),
+            &format!("/v1/servers/{server}/session"),
+            &token,
+            &nonce,
             None,
         )
         .await;
@@ -426,9 +439,10 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     let response = b
         .http
         .get(format!(
-            "{}/v1/servers/{server}/sessions/{nonce}/events?min_position={}",
+            "{}/v1/servers/{server}/session/events?min_position={}",
             b.base, opened["position"]
         ))
+        .header("X-Nonce", &nonce)
         .bearer_auth(&token)
         .send()
         .await
@@ -461,13 +475,14 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
     .await
     .expect("B never saw the login made on A");
     let (status, view) = b
-        .call(
+        .session_call(
             Method::GET,
             &format!(
-                "/v1/servers/{server}/sessions/{nonce}?min_position={}",
+                "/v1/servers/{server}/session?min_position={}",
                 logged_in["position"]
             ),
-            Some(&token),
+            &token,
+            &nonce,
             None,
         )
         .await;

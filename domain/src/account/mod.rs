@@ -3,7 +3,8 @@
 //!
 //! Lifecycle: `NotRegistered --RegisterAccount--> Active --DeleteAccount--> Deleted`
 //! (terminal). While active: `LinkUser` gives a headless account its user, `UpgradeAccount`
-//! adds a second factor, `RotateKey` replaces a key.
+//! adds a second factor, `RotateKey` replaces a key. A deleted account remembers the channel
+//! key it last had, so that the device gateway tells that key, and no other, that it is gone.
 //!
 //! Rules enforced by [`Account::decide`]:
 //! - public keys are valid P-256 SEC1 points, compressed or uncompressed; events store the
@@ -202,6 +203,9 @@ pub enum Account {
         account: AccountRef,
         /// The user it belonged to, if it had one.
         user: Option<UserDigest>,
+        /// The channel key it had when it was deleted (SEC1 uncompressed): only that key is
+        /// told the account was deleted; any other key claiming the id learns nothing.
+        channel_public_key: Vec<u8>,
     },
 }
 
@@ -363,6 +367,7 @@ impl Aggregate for Account {
                 *self = Self::Deleted {
                     account: a.account,
                     user: a.user,
+                    channel_public_key: std::mem::take(&mut a.channel_public_key),
                 };
             }
             // An event that cannot follow the current state changes nothing (see `server`).

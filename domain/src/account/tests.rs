@@ -260,6 +260,29 @@ fn delete_then_everything_is_gone() {
     }
 }
 
+/// The device gateway tells only the deleted account's own channel key that it is gone, so the
+/// deleted state must name the key it had last, a rotated one included.
+#[test]
+fn a_deleted_account_remembers_its_last_channel_key() {
+    let state = Account::from_events(&[registered(), deleted(DeletedBy::Server)]);
+    assert_eq!(
+        state,
+        Account::Deleted {
+            account: ACCOUNT,
+            user: Some(USER),
+            channel_public_key: point(CHANNEL, false),
+        }
+    );
+    let rotated = AccountEvent::KeyRotated(AccountKeyRotated {
+        role: KeyRole::Channel,
+        public_key: point(0x45, false),
+        key_thumbprint: thumbprint(0x45),
+    });
+    let state = Account::from_events(&[registered(), rotated, deleted(DeletedBy::App)]);
+    assert!(matches!(&state, Account::Deleted { channel_public_key, .. }
+        if *channel_public_key == point(0x45, false)));
+}
+
 #[test]
 fn commands_on_an_unknown_account_are_not_found() {
     let commands: Vec<AccountCommand> = vec![

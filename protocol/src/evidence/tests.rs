@@ -58,6 +58,53 @@ struct AccountRef {
     account_id: Bytes<16>,
 }
 
+/// `account.key_rotated` v1 as the domain crate writes it.
+#[derive(Serialize)]
+struct KeyRotated {
+    role: &'static str,
+    #[serde(with = "serde_bytes")]
+    public_key: Vec<u8>,
+    key_thumbprint: Bytes<32>,
+}
+
+/// One `account.key_rotated` the fixture writes into the log (and the bundle carries).
+#[derive(Clone)]
+struct Rotation {
+    position: u64,
+    role: &'static str,
+    key: SigningKey,
+    stream_account: [u8; 16],
+    event_type: &'static str,
+}
+
+impl Rotation {
+    /// A rotation of this account's signing key to `key`, at `position`.
+    fn signing(position: u64, key: SigningKey) -> Self {
+        Self {
+            position,
+            role: "signing",
+            key,
+            stream_account: ACCOUNT,
+            event_type: "account.key_rotated",
+        }
+    }
+
+    fn event(&self) -> Vec<u8> {
+        let public_key = uncompressed(&self.key);
+        canonical_event(
+            self.position,
+            &stream_name("account", &SERVER, &self.stream_account),
+            self.event_type,
+            &cbor::to_canonical_vec(&KeyRotated {
+                role: self.role,
+                public_key: public_key.to_vec(),
+                key_thumbprint: Bytes(sha256(&public_key)),
+            })
+            .unwrap(),
+        )
+    }
+}
+
 /// `transaction.signed` v1 as the domain crate writes it.
 #[derive(Serialize)]
 struct Signed {
@@ -105,6 +152,12 @@ struct Fixture {
     challenge_tx: [u8; 16],
     attestation_issued_at: i64,
     attested_app_instance: [u8; 16],
+    /// Signing-key rotations in the log (each is carried in the bundle unless `carried` says
+    /// otherwise).
+    rotations: Vec<Rotation>,
+    /// Which of `rotations` the bundle carries (all when `None`).
+    carried: Option<Vec<usize>>,
+    signed_position: u64,
 }
 
 impl Fixture {
@@ -131,7 +184,25 @@ impl Fixture {
             challenge_tx: TX,
             attestation_issued_at: T,
             attested_app_instance: [7; 16],
+            rotations: Vec::new(),
+            carried: None,
+            signed_position: SIGNED_POSITION,
         }
+    }
+
+    /// The fixture with the signing key rotated at `rotations` (position and new key, oldest
+    /// first; the signing event moves to position 9 to make room), signed by the last new key.
+    fn rotated(rotations: &[(u64, u8)]) -> Self {
+        let mut f = Self::new();
+        f.signed_position = 9;
+        f.rotations = rotations
+            .iter()
+            .map(|&(position, seed)| Rotation::signing(position, key(seed)))
+            .collect();
+        if let Some(last) = f.rotations.last() {
+            f.signer = last.key.clone();
+        }
+        f
     }
 
     /// Builds the bundle; hashes in `signed_tx` left all-zero are filled in correctly.
@@ -200,27 +271,27 @@ impl Fixture {
             signed_at: T + 2_000,
         };
         let signed_event = canonical_event(
-            SIGNED_POSITION,
+            self.signed_position,
             &stream_name("transaction", &SERVER, &self.signed_event_tx),
             "transaction.signed",
             &cbor::to_canonical_vec(&signed).unwrap(),
         );
 
+        let tree_size = TREE_SIZE.max(self.signed_position + 2);
         let mut tree = MemoryTree::new();
-        for i in 0..TREE_SIZE {
-            match i {
-                ENROLMENT_POSITION => tree.push_leaf(&enrolment_event),
-                SIGNED_POSITION => tree.push_leaf(&signed_event),
-                other => tree.push_leaf(&canonical_event(
-                    other,
-                    "server-x",
-                    "server.created",
-                    &[0xa0],
-                )),
+        for i in 0..tree_size {
+            if i == ENROLMENT_POSITION {
+                tree.push_leaf(&enrolment_event);
+            } else if i == self.signed_position {
+                tree.push_leaf(&signed_event);
+            } else if let Some(r) = self.rotations.iter().find(|r| r.position == i) {
+                tree.push_leaf(&r.event());
+            } else {
+                tree.push_leaf(&canonical_event(i, "server-x", "server.created", &[0xa0]));
             }
         }
         let proof = |i| {
-            tree.inclusion_proof(i, TREE_SIZE)
+            tree.inclusion_proof(i, tree_size)
                 .unwrap()
                 .into_iter()
                 .map(Bytes)
@@ -229,7 +300,7 @@ impl Fixture {
         let checkpoint = sign_checkpoint(
             &TreeHead {
                 origin: "countersign.example".to_owned(),
-                tree_size: TREE_SIZE,
+                tree_size,
                 root_hash: tree.root(),
                 timestamp_ms: T + 5_000,
             },
@@ -256,10 +327,21 @@ impl Fixture {
                 enrolment_event,
                 enrolment_position: ENROLMENT_POSITION,
                 enrolment_proof: proof(ENROLMENT_POSITION),
+                key_rotations: self
+                    .rotations
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| self.carried.as_ref().is_none_or(|c| c.contains(i)))
+                    .map(|(_, r)| KeyRotationProof {
+                        event: r.event(),
+                        position: r.position,
+                        proof: proof(r.position),
+                    })
+                    .collect(),
             },
             signed_event,
-            signed_position: SIGNED_POSITION,
-            inclusion_proof: proof(SIGNED_POSITION),
+            signed_position: self.signed_position,
+            inclusion_proof: proof(self.signed_position),
             checkpoint,
         }
     }
@@ -697,6 +779,204 @@ fn a_key_other_than_the_enrolled_one_is_refused() {
     assert_eq!(
         with(|e| e.account.signing_public_key = Bytes(uncompressed(&key(4)))),
         Err(EvidenceError::AccountKeyNotEnrolled)
+    );
+}
+
+/// Issue 19 item 12: an account whose signing key was rotated before it signed produces a
+/// bundle that verifies, through the chain of `account.key_rotated` events from the enrolled
+/// key; a never-rotated account's bundle has no `key_rotations` key and is unchanged.
+#[test]
+fn a_key_rotated_before_signing_verifies_through_its_chain() {
+    let ev = Fixture::rotated(&[(3, 10), (6, 11)]).build();
+    assert_eq!(ev.account.signing_public_key.0, uncompressed(&key(11)));
+    assert_eq!(ev.account.key_rotations.len(), 2);
+    let bytes = ev.to_cbor().unwrap();
+    let verified = verify_bytes(&bytes).unwrap();
+    assert_eq!(verified.account_id, ACCOUNT);
+    assert_eq!(verified.signed_position, 9);
+    assert_eq!(Evidence::from_cbor(&bytes).unwrap(), ev);
+    // One link is enough when the key was rotated once.
+    verify(&Fixture::rotated(&[(5, 10)]).build()).unwrap();
+    // The field sits in deterministic order (13 bytes: after `account_id`), and its links are
+    // the documented map.
+    let bundle = cbor::decode_value(&bytes).unwrap();
+    let account = field(&bundle, "account");
+    assert_eq!(
+        keys(account),
+        [
+            "account_id",
+            "key_rotations",
+            "enrolment_event",
+            "enrolment_proof",
+            "enrolment_position",
+            "signing_public_key",
+        ]
+    );
+    let Value::Array(links) = field(account, "key_rotations") else {
+        panic!("not an array");
+    };
+    assert_eq!(keys(&links[0]), ["event", "proof", "position"]);
+    // Without rotations the key is absent, not an empty list.
+    let plain = cbor::decode_value(&valid().to_cbor().unwrap()).unwrap();
+    assert!(!keys(field(&plain, "account")).contains(&"key_rotations".to_owned()));
+}
+
+#[test]
+fn a_missing_rotation_link_is_refused() {
+    let mut f = Fixture::rotated(&[(3, 10), (6, 11)]);
+    // Without any link the rotated key is not the enrolled one (the version 1 answer).
+    f.carried = Some(Vec::new());
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::AccountKeyNotEnrolled)
+    );
+    // Without the last link the chain ends at the intermediate key.
+    f.carried = Some(vec![0]);
+    assert_eq!(
+        verify(&f.build()),
+        Err(EvidenceError::AccountKeyNotEnrolled)
+    );
+    // What the chain cannot show: that no earlier link is missing. Without the first link the
+    // chain still proves the signing key was enrolled for this account before signing.
+    f.carried = Some(vec![1]);
+    assert!(verify(&f.build()).is_ok());
+}
+
+#[test]
+fn rotation_links_out_of_order_are_refused() {
+    let ev = Fixture::rotated(&[(3, 10), (6, 11)]).build();
+    let mut swapped = ev.clone();
+    swapped.account.key_rotations.swap(0, 1);
+    assert_eq!(
+        verify(&swapped),
+        Err(EvidenceError::KeyRotation {
+            link: 1,
+            reason: "not after the previous link or the enrolment"
+        })
+    );
+    let mut repeated = ev;
+    let last = repeated.account.key_rotations[1].clone();
+    repeated.account.key_rotations.push(last);
+    assert_eq!(
+        verify(&repeated),
+        Err(EvidenceError::KeyRotation {
+            link: 2,
+            reason: "not after the previous link or the enrolment"
+        })
+    );
+    // A rotation logged before the enrolment is not a link of this enrolment's chain.
+    assert_eq!(
+        verify(&Fixture::rotated(&[(1, 10)]).build()),
+        Err(EvidenceError::KeyRotation {
+            link: 0,
+            reason: "not after the previous link or the enrolment"
+        })
+    );
+}
+
+#[test]
+fn a_rotation_after_the_signing_event_is_refused() {
+    // The signing event is at 9; the second rotation at 10, after it.
+    assert_eq!(
+        verify(&Fixture::rotated(&[(3, 10), (10, 11)]).build()),
+        Err(EvidenceError::KeyRotation {
+            link: 1,
+            reason: "not before the signing event"
+        })
+    );
+}
+
+#[test]
+fn only_signing_key_rotations_of_this_account_are_links() {
+    let link = |change: fn(&mut Rotation)| {
+        let mut f = Fixture::rotated(&[(3, 10)]);
+        change(&mut f.rotations[0]);
+        verify(&f.build())
+    };
+    let refused = |reason| Err(EvidenceError::KeyRotation { link: 0, reason });
+    assert_eq!(
+        link(|r| r.role = "channel"),
+        refused("rotates another key than the signing key")
+    );
+    assert_eq!(
+        link(|r| r.stream_account = [9; 16]),
+        refused("not this account's stream")
+    );
+    assert_eq!(
+        link(|r| r.event_type = "account.upgraded"),
+        refused("not account.key_rotated v1")
+    );
+    // A link carried at another position than its leaf's.
+    let mut f = Fixture::rotated(&[(3, 10)]);
+    f.rotations.push(Rotation::signing(5, key(12)));
+    let mut ev = f.build();
+    ev.account.key_rotations.truncate(1);
+    let mut moved = ev.account.key_rotations[0].clone();
+    moved.position = 5;
+    moved.proof = ev.account.key_rotations[0].proof.clone();
+    ev.account.key_rotations[0] = moved;
+    assert!(matches!(
+        verify(&ev),
+        Err(EvidenceError::KeyRotationNotIncluded { link: 0, .. })
+    ));
+}
+
+#[test]
+fn a_rotation_link_must_be_included_under_the_checkpoint() {
+    let ev = Fixture::rotated(&[(3, 10), (6, 11)]).build();
+    let mut proof = ev.clone();
+    proof.account.key_rotations[1].proof[0].0[0] ^= 1;
+    assert_eq!(
+        verify(&proof),
+        Err(EvidenceError::KeyRotationNotIncluded {
+            link: 1,
+            error: ProofError::RootMismatch
+        })
+    );
+    let mut event = ev;
+    flip_last(&mut event.account.key_rotations[0].event);
+    assert_eq!(
+        verify(&event),
+        Err(EvidenceError::KeyRotationNotIncluded {
+            link: 0,
+            error: ProofError::RootMismatch
+        })
+    );
+}
+
+#[test]
+fn an_empty_or_overlong_rotation_list_is_refused() {
+    let bytes = valid().to_cbor().unwrap();
+    let with_rotations = |v: Value| {
+        let mut bundle = cbor::decode_value(&bytes).unwrap();
+        if let Value::Map(entries) = &mut bundle {
+            for (k, account) in entries.iter_mut() {
+                if let (Value::Text(t), Value::Map(fields)) = (k, account)
+                    && t == "account"
+                {
+                    fields.push((Value::Text("key_rotations".to_owned()), v.clone()));
+                }
+            }
+        }
+        Evidence::from_cbor(&cbor::encode_canonical(&bundle))
+    };
+    assert_eq!(
+        with_rotations(Value::Array(Vec::new())),
+        Err(EvidenceError::Malformed {
+            what: "evidence bundle",
+            reason: "account.key_rotations is empty (omit it instead)".to_owned(),
+        })
+    );
+    assert!(matches!(
+        with_rotations(Value::Null),
+        Err(EvidenceError::Malformed { .. })
+    ));
+    let mut long = Fixture::rotated(&[(3, 10)]).build();
+    let link = long.account.key_rotations[0].clone();
+    long.account.key_rotations = vec![link; MAX_KEY_ROTATIONS + 1];
+    assert_eq!(
+        long.to_cbor(),
+        Err(EvidenceError::Limit("account.key_rotations"))
     );
 }
 
