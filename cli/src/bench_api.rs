@@ -113,8 +113,9 @@ impl BenchServer {
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let admin_file = dir.path().join("admin.key");
-        let admin_key = random_hex(32)?;
-        std::fs::write(&admin_file, &admin_key)?;
+        // Made as `serve` would: a key file only its owner reads.
+        crate::config::create_secret_file(&admin_file)?;
+        let admin_key = std::fs::read_to_string(&admin_file)?.trim().to_owned();
         let mut serve_args = ServeArgs {
             listen: "127.0.0.1:0".parse()?,
             admin_key_file: Some(admin_file),

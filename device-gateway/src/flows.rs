@@ -364,6 +364,9 @@ pub(crate) async fn handle(
                 .map_err(refused)?;
             Ok(Answer::Done)
         }
+        // No `scanned` check, unlike `abort`: a device with no account at this server reports
+        // `no_accounts` on a fresh guest channel that never scanned (mobile-sdk `session.rs`,
+        // `no_accounts`). The hsid is the credential either way; any guest may scan first.
         RequestBody::Fail { hsid, reason } => {
             let session = conn.session(&hsid);
             let reason = match reason {
