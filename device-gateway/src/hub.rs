@@ -291,6 +291,7 @@ impl Hub {
         &self,
         store: SharedStore,
         next: &mut Option<u64>,
+        mut woken: tokio::sync::watch::Receiver<u64>,
     ) -> Result<(), StoreError> {
         let mut head = store.head();
         head.borrow_and_update();
@@ -302,8 +303,18 @@ impl Hub {
             head.borrow_and_update();
             let events = store.read_all(*next, BATCH).await?;
             if events.is_empty() {
-                if head.changed().await.is_err() {
-                    return Ok(());
+                // Woken by this process's commits, by the read models' progress (commits of
+                // other instances, announced through Redis in scaled mode), and every
+                // [`POLL`] for writers neither reaches.
+                woken.borrow_and_update();
+                tokio::select! {
+                    changed = head.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(()) = woken.changed() => {}
+                    () = tokio::time::sleep(POLL) => {}
                 }
                 continue;
             }
@@ -314,6 +325,9 @@ impl Hub {
         }
     }
 }
+
+/// How often the follower looks at the log when it heard of no commit.
+pub const POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `{prefix}{server hex}-{id hex}` → the two hex parts.
 fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {

@@ -137,7 +137,13 @@ impl Gateway {
     pub async fn follow(&self) {
         let mut next = None;
         loop {
-            match self.0.hub.follow(self.0.store.clone(), &mut next).await {
+            let woken = self.0.reads.processed();
+            match self
+                .0
+                .hub
+                .follow(self.0.store.clone(), &mut next, woken)
+                .await
+            {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(%error, "the device notice follower failed; restarting");

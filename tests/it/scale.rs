@@ -432,7 +432,7 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
             &format!("/v1/servers/{server}/session"),
             &token,
             &nonce,
-            None,
+            Some(json!({"ping_time_secs": 60})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
@@ -495,6 +495,26 @@ async fn scaled_instances_share_a_login(db: &TestDb) {
         "B followed Redis announcements: {}",
         b.log_text()
     );
+    // B logs the user out: the phone, connected to A's gateway, hears it (A's notice
+    // follower learns of B's commit from the read models' progress, not from a commit of
+    // its own).
+    let active = tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
+        .await
+        .expect("a continuous session");
+    assert_eq!(active.state, State::Active);
+    let (status, _) = b
+        .session_call(
+            Method::DELETE,
+            &format!("/v1/servers/{server}/session"),
+            &token,
+            &nonce,
+            None,
+        )
+        .await;
+    assert!(status.is_success());
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Done))
+        .await
+        .expect("the logout made on B reaches the phone on A");
     for instance in [a, b, projector] {
         instance.kill().await;
     }
