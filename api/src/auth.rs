@@ -99,10 +99,27 @@ impl std::fmt::Debug for Tenant {
 /// Whether the key `tenant` was checked with is still active and its server not deleted
 /// (streams ask before each batch). A database failure counts as valid: a blip must not cut
 /// every stream; the next check decides.
+///
+/// Streams of one key ask together, after each batch: when the remembered check has expired,
+/// one stream at a time reads the read model (the others then find it remembered), so a
+/// thousand streams cost one query per [`CREDENTIAL_TTL`], not a thousand. A key found
+/// invalid stays invalid (a revoked key or a deleted server never comes back).
 pub(crate) async fn still_valid(state: &AppState, tenant: &Tenant) -> bool {
-    match check_api_key(state, tenant.key_hash).await {
+    let hash = tenant.key_hash;
+    if let Some(now) = state.remembered_credential(&hash, CREDENTIAL_TTL) {
+        return now.key_id == tenant.key_id;
+    }
+    let streams = state.streams();
+    if streams.known_invalid(&hash) {
+        return false;
+    }
+    let _one_at_a_time = streams.checking().await;
+    match check_api_key(state, hash).await {
         Ok(now) => now.key_id == tenant.key_id,
-        Err(ApiError::Unauthorized) => false,
+        Err(ApiError::Unauthorized) => {
+            streams.invalid(hash);
+            false
+        }
         Err(_) => true,
     }
 }

@@ -19,12 +19,12 @@ use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::RecordedEvent;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::{Tenant, still_valid};
+use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Problem, Query};
 use crate::state::AppState;
+use crate::streams::Heard;
 
 /// Log positions one page scans at most.
 pub const SCAN: usize = 10_000;
@@ -202,26 +202,19 @@ pub async fn event_stream(
         ),
         None => None,
     };
-    let lease = state.streams().lease(tenant.key_id, tenant.server)?;
-    let fan_out = state
-        .streams()
-        .subscribe(state.store(), state.reads().processed());
+    let listener = crate::streams::Listener::open(&state, tenant)?;
     let after = resume.or(params.after);
     struct Follow {
         state: AppState,
-        tenant: Tenant,
         server: String,
         /// The next log position to look at.
         next: u64,
-        fan_out: tokio::sync::broadcast::Receiver<crate::streams::Batch>,
-        revocations: tokio::sync::watch::Receiver<u64>,
+        listener: crate::streams::Listener,
         /// The fan-out may not hold everything from `next` on: read the log.
         behind: bool,
         /// (position, the event's JSON) to send.
         queue: std::collections::VecDeque<(u64, std::sync::Arc<str>)>,
         greeted: bool,
-        ends: tokio::time::Instant,
-        _lease: crate::streams::Lease,
     }
     impl Follow {
         /// Queues the tenant's events of `batch` from `next` on.
@@ -239,17 +232,13 @@ pub async fn event_stream(
         }
     }
     let start = Follow {
-        revocations: state.streams().revocations(),
-        ends: tokio::time::Instant::now() + state.streams().limits().lifetime,
         state,
-        tenant,
         server: tenant.server.to_string(),
         next: after.map_or(0, |p| p.saturating_add(1)),
-        fan_out,
+        listener,
         behind: true,
         queue: std::collections::VecDeque::new(),
         greeted: false,
-        _lease: lease,
     };
     let stream = futures::stream::unfold(start, move |mut follow| async move {
         if !follow.greeted {
@@ -269,9 +258,7 @@ pub async fn event_stream(
                     .data(&*json);
                 return Some((Ok(sse), follow));
             }
-            if tokio::time::Instant::now() >= follow.ends
-                || !still_valid(&follow.state, &follow.tenant).await
-            {
+            if !follow.listener.may_go_on(&follow.state).await {
                 return None;
             }
             if follow.behind {
@@ -294,23 +281,13 @@ pub async fn event_stream(
                     }
                 }
             }
-            tokio::select! {
-                batch = follow.fan_out.recv() => match batch {
-                    Ok(batch) => match batch.first() {
-                        // A gap between what was read and the fan-out: read it from the log.
-                        Some(first) if first.event.position > follow.next => follow.behind = true,
-                        _ => follow.take(&batch),
-                    },
-                    Err(RecvError::Lagged(_)) => follow.behind = true,
-                    Err(RecvError::Closed) => return None,
+            match follow.listener.next(&follow.state).await? {
+                Heard::Batch(batch) => match batch.first() {
+                    // A gap between what was read and the fan-out: read it from the log.
+                    Some(first) if first.event.position > follow.next => follow.behind = true,
+                    _ => follow.take(&batch),
                 },
-                () = tokio::time::sleep_until(follow.ends) => return None,
-                changed = follow.revocations.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                () = tokio::time::sleep(crate::streams::RECHECK) => {}
+                Heard::Lagged => follow.behind = true,
             }
         }
     });

@@ -10,14 +10,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
-use tokio::sync::broadcast::error::RecvError;
-
-use crate::auth::{Tenant, still_valid};
+use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::streams::RECHECK;
+use crate::streams::{Heard, Listener};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
 
 /// What one row says, as a stream sends it.
 pub(crate) struct Step {
@@ -54,17 +52,11 @@ where
     F: Fn(AppState) -> Fut + Send + 'static,
     Fut: Future<Output = Option<R>> + Send,
 {
-    let lease = state.streams().lease(tenant.key_id, tenant.server)?;
-    let fan_out = state
-        .streams()
-        .subscribe(state.store(), state.reads().processed());
-    let ends = tokio::time::Instant::now() + state.streams().limits().lifetime;
+    let listener = Listener::open(&state, tenant)?;
     struct Follow<R, F> {
         state: AppState,
-        tenant: Tenant,
         stream: String,
-        fan_out: tokio::sync::broadcast::Receiver<crate::streams::Batch>,
-        revocations: tokio::sync::watch::Receiver<u64>,
+        listener: Listener,
         read: F,
         step: fn(&R) -> Step,
         pending: Option<R>,
@@ -75,23 +67,17 @@ where
         /// The state last sent.
         last: Option<String>,
         done: bool,
-        ends: tokio::time::Instant,
-        _lease: crate::streams::Lease,
     }
     let start = Follow {
-        revocations: state.streams().revocations(),
         state,
-        tenant,
         stream: row.stream,
-        fan_out,
+        listener,
         read: row.read,
         step: row.step,
         pending: Some(row.first),
         recheck: true,
         last: None,
         done: false,
-        ends,
-        _lease: lease,
     };
     let stream = futures::stream::unfold(start, move |mut follow| async move {
         if follow.done {
@@ -127,33 +113,16 @@ where
                 follow.pending = (follow.read)(follow.state.clone()).await;
                 continue;
             }
-            let changed_at = tokio::select! {
-                batch = follow.fan_out.recv() => match batch {
-                    Ok(batch) => match batch.iter().rev().find(|e| e.event.stream == follow.stream) {
+            let changed_at = match follow.listener.next(&follow.state).await? {
+                Heard::Batch(batch) => {
+                    match batch.iter().rev().find(|e| e.event.stream == follow.stream) {
                         Some(shared) => Some(shared.event.position),
                         None => continue,
-                    },
-                    // Fell behind the fan-out: whatever happened, the row says it now.
-                    Err(RecvError::Lagged(_)) => None,
-                    Err(RecvError::Closed) => return None,
-                },
-                () = tokio::time::sleep_until(follow.ends) => return None,
-                changed = follow.revocations.changed() => {
-                    if changed.is_err() || !still_valid(&follow.state, &follow.tenant).await {
-                        return None;
                     }
-                    continue;
                 }
-                () = tokio::time::sleep(RECHECK) => {
-                    if !still_valid(&follow.state, &follow.tenant).await {
-                        return None;
-                    }
-                    continue;
-                }
+                // Fell behind the fan-out: whatever happened, the row says it now.
+                Heard::Lagged => None,
             };
-            if !still_valid(&follow.state, &follow.tenant).await {
-                return None;
-            }
             if let Some(position) = changed_at {
                 // Bounded: a stalled projector shows as no change, not a stuck stream.
                 let wait = follow.state.config().max_wait;

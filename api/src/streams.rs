@@ -21,10 +21,13 @@ use std::time::Duration;
 
 use countersign_domain::{ApiKeyId, ServerId};
 use countersign_eventstore::{RecordedEvent, SharedStore};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
+use crate::auth::{Tenant, still_valid};
 use crate::error::ApiError;
 use crate::metrics::{ReaderLabels, StreamMetrics};
+use crate::state::AppState;
 
 /// How often the shared reader looks at the log when it heard of no commit.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -106,6 +109,10 @@ pub(crate) struct Streams {
     catch_up: Arc<Semaphore>,
     /// Bumped whenever this instance revokes a key or deletes a server.
     revoked: watch::Sender<u64>,
+    /// Held while a stream checks its key against the read model.
+    checking: tokio::sync::Mutex<()>,
+    /// Hashes of keys found revoked (or of a deleted server) by a stream's check.
+    invalid: Mutex<std::collections::HashSet<[u8; 32]>>,
     metrics: StreamMetrics,
 }
 
@@ -146,6 +153,8 @@ impl Streams {
             reading: Mutex::new(false),
             catch_up: Arc::new(Semaphore::new(CATCH_UP_READERS)),
             revoked: watch::channel(0).0,
+            checking: tokio::sync::Mutex::new(()),
+            invalid: Mutex::default(),
             metrics,
         })
     }
@@ -233,6 +242,26 @@ impl Streams {
         self.revoked.subscribe()
     }
 
+    /// One key check at a time (see [`crate::auth::still_valid`]).
+    pub(crate) async fn checking(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.checking.lock().await
+    }
+
+    /// Whether a stream's check already found this key invalid.
+    pub(crate) fn known_invalid(&self, hash: &[u8; 32]) -> bool {
+        self.invalid.lock().is_ok_and(|known| known.contains(hash))
+    }
+
+    /// Remembers that this key is invalid for good (bounded: past 10,000 it starts again).
+    pub(crate) fn invalid(&self, hash: [u8; 32]) {
+        if let Ok(mut known) = self.invalid.lock() {
+            if known.len() >= 10_000 {
+                known.clear();
+            }
+            known.insert(hash);
+        }
+    }
+
     pub(crate) fn revoked(&self) {
         self.revoked.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -291,6 +320,75 @@ async fn read_log(streams: Arc<Streams>, store: SharedStore, mut woken: watch::R
             Ok(()) = head.changed() => {}
             Ok(()) = woken.changed() => {}
             () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// What a stream hears next from the fan-out.
+#[derive(Debug)]
+pub(crate) enum Heard {
+    /// The next batch of the log (it may start past what the stream has seen).
+    Batch(Batch),
+    /// Batches were missed: the stream reads what it needs from the log or the read model.
+    Lagged,
+}
+
+/// One open stream's side of the fan-out, with what ends it: its lifetime, its key's
+/// revocation or its server's deletion. Holds the stream's place under the caps.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    tenant: Tenant,
+    fan_out: broadcast::Receiver<Batch>,
+    revocations: watch::Receiver<u64>,
+    ends: tokio::time::Instant,
+    _lease: Lease,
+}
+
+impl Listener {
+    /// A place under the caps for a stream of `tenant`'s key, listening from now on; or
+    /// `TooManyStreams`.
+    pub(crate) fn open(state: &AppState, tenant: Tenant) -> Result<Self, ApiError> {
+        let streams = state.streams();
+        let lease = streams.lease(tenant.key_id, tenant.server)?;
+        Ok(Self {
+            fan_out: streams.subscribe(state.store(), state.reads().processed()),
+            revocations: streams.revocations(),
+            ends: tokio::time::Instant::now() + streams.limits().lifetime,
+            tenant,
+            _lease: lease,
+        })
+    }
+
+    /// Whether the stream may go on: within its lifetime, its key still valid.
+    pub(crate) async fn may_go_on(&self, state: &AppState) -> bool {
+        tokio::time::Instant::now() < self.ends && still_valid(state, &self.tenant).await
+    }
+
+    /// The next batch (after checking the key again), or `None` once the stream must end.
+    /// Between batches the key is checked at every revocation through this instance and
+    /// every [`RECHECK`].
+    pub(crate) async fn next(&mut self, state: &AppState) -> Option<Heard> {
+        loop {
+            tokio::select! {
+                batch = self.fan_out.recv() => {
+                    return match batch {
+                        Ok(batch) => still_valid(state, &self.tenant).await.then_some(Heard::Batch(batch)),
+                        Err(RecvError::Lagged(_)) => Some(Heard::Lagged),
+                        Err(RecvError::Closed) => None,
+                    };
+                }
+                () = tokio::time::sleep_until(self.ends) => return None,
+                changed = self.revocations.changed() => {
+                    if changed.is_err() || !still_valid(state, &self.tenant).await {
+                        return None;
+                    }
+                }
+                () = tokio::time::sleep(RECHECK) => {
+                    if !still_valid(state, &self.tenant).await {
+                        return None;
+                    }
+                }
+            }
         }
     }
 }

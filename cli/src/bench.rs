@@ -17,7 +17,7 @@ use crate::Settings;
 
 /// The device benches (a module of this one so the crate root stays as it is).
 #[path = "bench_device.rs"]
-mod device;
+pub(crate) mod device;
 /// Scaled mode: the outbox relay and the Kafka-fed projector.
 #[path = "bench_scale.rs"]
 mod scale;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use countersign_commands::SystemClock;
 use countersign_domain::server::{ServerCreated, ServerEvent, ServerSettings};
 use countersign_domain::session::{
@@ -36,7 +36,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::Settings;
-use crate::serve::{Role, ServeArgs, start};
+use crate::serve::{ServeArgs, start};
 
 #[derive(Debug, clap::Args)]
 pub struct ApiArgs {
@@ -95,7 +95,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 }
 
 /// The real server (the code of `serve`) on the configured database, with one virtual server
-/// and an API key made over HTTP: what the API benches run against.
+/// (second factor `none`) and an API key made over HTTP: what the API benches run against.
 pub(crate) struct BenchServer {
     pub running: crate::serve::Running,
     pub base: String,
@@ -116,64 +116,21 @@ impl BenchServer {
         // Made as `serve` would: a key file only its owner reads.
         crate::config::create_secret_file(&admin_file)?;
         let admin_key = std::fs::read_to_string(&admin_file)?.trim().to_owned();
-        let mut serve_args = ServeArgs {
-            listen: "127.0.0.1:0".parse()?,
-            admin_key_file: Some(admin_file),
-            gateway_url: Some("wss://gateway.bench/v1/device".into()),
-            max_wait_ms: 5_000,
-            expiry_interval_ms: 1_000,
-            checkpoint_interval_ms: 1_000,
-            trust_sfs_keys: Vec::new(),
-            sfs_lockout: "5:60,8:3600,10:revoke".into(),
-            role: vec![Role::All],
-            kafka_brokers: None,
-            kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
-            kafka_group: "countersign-projector".into(),
-            redis_url: None,
-            redis_namespace: "countersign".into(),
-            limits: Default::default(),
-            streams: Default::default(),
-        };
+        let mut serve_args = ServeArgs::local(admin_file);
+        serve_args.gateway_url = Some("wss://gateway.bench/v1/device".into());
+        serve_args.checkpoint_interval_ms = 1_000;
         tune(&mut serve_args);
         let running = start(settings, &serve_args, Arc::new(SystemClock)).await?;
         let base = format!("http://{}", running.addr);
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(pool)
-            .build()?;
-        let created: serde_json::Value = http
-            .post(format!("{base}/v1/servers"))
-            .bearer_auth(&admin_key)
-            .json(&serde_json::json!({"name": "Bench"}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let server = created
-            .pointer("/server/server_id")
-            .and_then(|v| v.as_str())
-            .context("no server id")?
-            .to_owned();
-        let key: serde_json::Value = http
-            .post(format!("{base}/v1/servers/{server}/api-keys"))
-            .bearer_auth(&admin_key)
-            .json(&serde_json::json!({"label": "bench"}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let token: Arc<str> = key
-            .get("token")
-            .and_then(|v| v.as_str())
-            .context("no token")?
-            .into();
+        let business =
+            crate::bench::device::Business::create_with_policy(&base, &admin_key, pool, "none")
+                .await?;
         Ok(Self {
             running,
-            base,
-            http,
-            server,
-            token,
+            base: business.base,
+            http: business.http,
+            server: business.server,
+            token: business.token,
             _dir: dir,
         })
     }

@@ -127,6 +127,7 @@ pub async fn streams(settings: &Settings, args: StreamsArgs) -> anyhow::Result<(
         .await?
         .context("the log is empty")?;
     let received = Arc::new(AtomicU64::new(0));
+    let arrived = Arc::new(tokio::sync::Notify::new());
     let streamer = reqwest::Client::builder().build()?;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.streams {
@@ -139,13 +140,14 @@ pub async fn streams(settings: &Settings, args: StreamsArgs) -> anyhow::Result<(
             .send()
             .await?
             .error_for_status()?;
-        let received = received.clone();
+        let (received, arrived) = (received.clone(), arrived.clone());
         tasks.spawn(async move {
             let mut body = response.bytes_stream();
             while let Some(Ok(chunk)) = body.next().await {
                 let text = String::from_utf8_lossy(&chunk);
                 let n = text.matches("\"type\":\"user.registered\"").count();
                 received.fetch_add(n as u64, Ordering::Relaxed);
+                arrived.notify_one();
             }
         });
     }
@@ -153,10 +155,13 @@ pub async fn streams(settings: &Settings, args: StreamsArgs) -> anyhow::Result<(
     let catch_up = log_reads(&bench, "catch_up").await?;
     let loaded = write_users(&bench, "loaded-", args.writes).await?;
     let expected = args.writes * args.streams as u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Woken by each chunk a stream receives; at most a minute in all.
+    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+        while received.load(Ordering::Relaxed) < expected {
+            arrived.notified().await;
+        }
+    })
+    .await;
     let delivered = received.load(Ordering::Relaxed);
     let shared_reads = log_reads(&bench, "shared").await?.saturating_sub(shared);
     let catch_up_reads = log_reads(&bench, "catch_up")

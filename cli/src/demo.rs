@@ -16,7 +16,6 @@
 //! run any number of times on a machine with nothing but the binary.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +39,7 @@ use serde_json::{Value, json};
 
 use crate::Settings;
 use crate::device::States;
-use crate::serve::{Role, ServeArgs};
+use crate::serve::ServeArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -74,24 +73,8 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     let admin_key_file = tmp.path().join("admin.key");
     crate::config::create_secret_file(&admin_key_file)?;
-    let serve = ServeArgs {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_key_file: Some(admin_key_file),
-        gateway_url: None,
-        max_wait_ms: 5_000,
-        expiry_interval_ms: 1_000,
-        checkpoint_interval_ms: 1_000,
-        trust_sfs_keys: Vec::new(),
-        sfs_lockout: "5:60,8:3600,10:revoke".into(),
-        role: vec![Role::All],
-        kafka_brokers: None,
-        kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
-        kafka_group: "countersign-projector".into(),
-        redis_url: None,
-        redis_namespace: "countersign".into(),
-        limits: Default::default(),
-        streams: Default::default(),
-    };
+    let mut serve = ServeArgs::local(admin_key_file);
+    serve.checkpoint_interval_ms = 1_000;
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);
     writeln!(

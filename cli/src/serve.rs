@@ -110,6 +110,32 @@ pub struct ServeArgs {
     pub streams: StreamArgs,
 }
 
+impl ServeArgs {
+    /// `serve`'s defaults, on a free loopback port, with this admin key file: what the demo,
+    /// the benches and the tests start (a test checks these are the command line's defaults).
+    #[must_use]
+    pub fn local(admin_key_file: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_key_file: Some(admin_key_file),
+            gateway_url: None,
+            max_wait_ms: 5_000,
+            expiry_interval_ms: 1_000,
+            checkpoint_interval_ms: 500,
+            trust_sfs_keys: Vec::new(),
+            sfs_lockout: "5:60,8:3600,10:revoke".into(),
+            role: vec![Role::All],
+            kafka_brokers: None,
+            kafka_topic: countersign_scale::kafka::DEFAULT_TOPIC.into(),
+            kafka_group: "countersign-projector".into(),
+            redis_url: None,
+            redis_namespace: "countersign".into(),
+            limits: crate::listener::ConnectionLimits::default(),
+            streams: StreamArgs::default(),
+        }
+    }
+}
+
 /// Limits of long-lived answers: server-sent event streams and guest device channels.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamArgs {
@@ -606,5 +632,34 @@ async fn shutdown() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn local_is_the_command_lines_defaults() {
+        let parsed = Command::try_parse_from([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-key-file",
+            "admin.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            format!("{:?}", parsed.serve),
+            format!("{:?}", ServeArgs::local("admin.key".into()))
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use countersign::config::Settings;
-use countersign::serve::{Role, Running, ServeArgs, start};
+use countersign::serve::{Running, ServeArgs, start};
 use countersign_commands::Clock;
 use countersign_domain::account::RegisterAccount;
 use countersign_domain::{AccountId, AccountRef, AppInstanceId, ServerId, Timestamp};
@@ -110,24 +110,13 @@ impl Api {
             master_key_file: Some(master),
             log: None,
         };
-        let mut args = ServeArgs {
-            listen,
-            admin_key_file: Some(admin),
-            gateway_url: gateway_url.map(str::to_owned),
-            max_wait_ms: 2_000,
-            expiry_interval_ms: 50,
-            checkpoint_interval_ms: 100,
-            trust_sfs_keys,
-            sfs_lockout: "5:60,8:3600,10:revoke".into(),
-            role: vec![Role::All],
-            kafka_brokers: None,
-            kafka_topic: "countersign.events".into(),
-            kafka_group: "countersign-projector".into(),
-            redis_url: None,
-            redis_namespace: "countersign".into(),
-            limits: Default::default(),
-            streams: Default::default(),
-        };
+        let mut args = ServeArgs::local(admin);
+        args.listen = listen;
+        args.gateway_url = gateway_url.map(str::to_owned);
+        args.max_wait_ms = 2_000;
+        args.expiry_interval_ms = 50;
+        args.checkpoint_interval_ms = 100;
+        args.trust_sfs_keys = trust_sfs_keys;
         tune(&mut args);
         let clock = ManualClock(Arc::new(AtomicI64::new(START)));
         let running = start(&settings, &args, Arc::new(clock.clone()))
