@@ -95,7 +95,20 @@ pub enum ApiError {
         "this Idempotency-Key was already used for a different request; a new request needs a new key"
     )]
     IdempotencyKeyReused,
+    /// A push login cannot be sent: the session had no login, or no account of the user can
+    /// receive push (409, type [`NOT_PROVOKABLE`]); nothing was written.
+    #[error("{0}")]
+    NotProvokable(String),
+    /// The user has as many push logins outstanding as they may (429, type
+    /// [`PROVOKE_LIMITED`], retry after the window); nothing was written.
+    #[error("{0}")]
+    ProvokeLimited(String),
 }
+
+/// The problem type of [`ApiError::NotProvokable`].
+pub const NOT_PROVOKABLE: &str = "urn:countersign:problem:not-provokable";
+/// The problem type of [`ApiError::ProvokeLimited`].
+pub const PROVOKE_LIMITED: &str = "urn:countersign:problem:provoke-limited";
 
 /// The problem type of [`ApiError::IdempotencyKeyReused`].
 pub const IDEMPOTENCY_KEY_REUSED: &str = "urn:countersign:problem:idempotency-key-reused";
@@ -117,6 +130,8 @@ impl ApiError {
             Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotProvokable(_) => StatusCode::CONFLICT,
+            Self::ProvokeLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -166,6 +181,15 @@ impl IntoResponse for ApiError {
                 "Idempotency key reused",
                 self.to_string(),
             ),
+            Self::NotProvokable(_) => {
+                typed_problem(status, NOT_PROVOKABLE, "Not provokable", self.to_string())
+            }
+            Self::ProvokeLimited(_) => typed_problem(
+                status,
+                PROVOKE_LIMITED,
+                "Too many push logins",
+                self.to_string(),
+            ),
             _ => problem(status, self.to_string()),
         };
         let headers = response.headers_mut();
@@ -175,6 +199,9 @@ impl IntoResponse for ApiError {
             }
             Self::NotReady(_) | Self::Unavailable | Self::NotYet(_) | Self::TooManyStreams(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::ProvokeLimited(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             _ => {}
         }

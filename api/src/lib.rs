@@ -18,6 +18,7 @@ mod follow;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
+pub mod provoke;
 pub mod qr;
 pub mod servers;
 pub mod sessions;
@@ -102,6 +103,18 @@ pub fn router(state: AppState) -> Router {
             put(sessions::put_session_by_header)
                 .get(sessions::get_session_by_header)
                 .delete(sessions::delete_session_by_header),
+        )
+        .route(
+            "/servers/{server_id}/session/provoke",
+            axum::routing::post(provoke::provoke_session),
+        )
+        .route(
+            "/servers/{server_id}/users/{userid}/provoke",
+            axum::routing::post(provoke::provoke_user),
+        )
+        .route(
+            "/servers/{server_id}/users/{userid}/accounts/{account_id}/provoke",
+            axum::routing::post(provoke::provoke_account),
         )
         .route(
             "/servers/{server_id}/session/qr",

@@ -5,7 +5,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Json;
-use crate::{audit, error, feed, metrics, servers, sessions, state, transactions, users, views};
+use crate::{
+    audit, error, feed, metrics, provoke, servers, sessions, state, transactions, users, views,
+};
 
 struct BearerSchemes;
 
@@ -91,6 +93,7 @@ impl Modify for NonceInPathDeprecated {
         sessions::session_events_by_header,
         sessions::put_session, sessions::get_session, sessions::delete_session,
         sessions::session_qr, sessions::session_events,
+        provoke::provoke_session, provoke::provoke_user, provoke::provoke_account,
         transactions::create_transaction, transactions::get_transaction,
         transactions::transaction_qr, transactions::transaction_events,
         transactions::transaction_evidence,

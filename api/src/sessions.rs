@@ -144,7 +144,7 @@ fn login_qr(state: &AppState, tenant: &Tenant, session: SessionRef) -> QrPayload
 }
 
 /// An optional JSON body: empty means all defaults.
-fn optional_json<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn optional_json<T: serde::de::DeserializeOwned + Default>(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<T, ApiError> {
@@ -333,7 +333,7 @@ async fn session_view(state: &AppState, row: &SessionRow) -> Result<SessionView,
     };
     if let Some(digest) = row.user_digest.or(row.intended_user) {
         let accounts = state.reads().accounts(row.server_id, digest).await?;
-        view.can_provoke = !accounts.is_empty();
+        view.can_provoke = row.can_provoke() && !accounts.is_empty();
         if row.user_digest.is_some()
             && let Some(user) = state.reads().user(row.server_id, digest).await?
         {

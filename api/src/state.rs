@@ -34,6 +34,8 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Caps on server-sent event streams.
     pub streams: crate::streams::StreamLimits,
+    /// How often one user may be sent a push login.
+    pub provoke: crate::provoke::ProvokeLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -58,6 +60,7 @@ impl ApiConfig {
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(30),
             streams: crate::streams::StreamLimits::default(),
+            provoke: crate::provoke::ProvokeLimits::default(),
         }
     }
 }
@@ -76,6 +79,7 @@ struct Inner {
     config: ApiConfig,
     metrics: Metrics,
     streams: Arc<crate::streams::Streams>,
+    provokes: crate::provoke::Limiter,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -101,7 +105,9 @@ impl AppState {
         let audit = AuditTree::new(reads.database().clone());
         let metrics = Metrics::new();
         let streams = crate::streams::Streams::new(config.streams, metrics.streams().clone());
+        let provokes = crate::provoke::Limiter::new(config.provoke);
         Self(Arc::new(Inner {
+            provokes,
             streams,
             credentials: Credentials::default(),
             audit,
@@ -113,6 +119,11 @@ impl AppState {
             config,
             metrics,
         }))
+    }
+
+    /// The per-user push login limiter.
+    pub(crate) fn provokes(&self) -> &crate::provoke::Limiter {
+        &self.0.provokes
     }
 
     /// A key checked less than `ttl` ago.

@@ -343,7 +343,8 @@ pub struct SessionView {
     /// The logged-in user's attributes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attributes: Option<BTreeMap<String, String>>,
-    /// Whether a login can be pushed to the session's user (they have an account).
+    /// Whether `POST …/session/provoke` may ask for a login again: someone logged in on the
+    /// session and that login is over (logged out) or was one-shot.
     pub can_provoke: bool,
     /// `ping_time_secs > 0`.
     pub continuous: bool,

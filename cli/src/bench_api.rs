@@ -400,6 +400,7 @@ pub async fn synthetic_log(store: &SharedStore, target: u64) -> anyhow::Result<u
                 user: None,
                 announce_info: Some("Log in".into()),
                 session_info: None,
+                push_to: Vec::new(),
             }))?];
             if s < 2 {
                 events.push(event(&SessionEvent::Scanned(SessionScanned {

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod device;
 pub mod events;
 pub mod listener;
+pub mod push;
 pub mod replay;
 pub mod serve;
 pub mod verify;
@@ -51,6 +52,9 @@ pub enum Command {
     /// Check a transaction's evidence bundle offline: exit 0 and a summary when it proves the
     /// signature, exit 1 and the first failing check when not.
     Verify(verify::VerifyArgs),
+    /// A local stand-in for FCM or APNs (their documented HTTP APIs, error answers included),
+    /// for tests and development: writes its credentials, prints how to point `serve` at it.
+    PushStandin(push::StandinArgs),
     /// A virtual phone on the mobile SDK: enrol, log in (PIN or biometric when the server asks),
     /// accounts, history, delete-account, change-pin, register-biometric, upgrade.
     Device(device::DeviceArgs),
@@ -102,6 +106,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&settings, args).await,
         Command::Audit(args) => audit::run(&settings, args).await,
         Command::Device(args) => device::run(args).await,
+        Command::PushStandin(args) => push::run(args).await,
         Command::Verify(args) => verify::run(&args),
         Command::Keygen => {
             use std::io::Write as _;

@@ -68,9 +68,10 @@ pub struct ServeArgs {
         default_value = "5:60,8:3600,10:revoke"
     )]
     pub sfs_lockout: String,
-    /// What this instance runs (comma-separated): `all` (the default: api, gateway, sfs,
+    /// What this instance runs (comma-separated): `all` (the default: api, gateway, sfs, mc,
     /// projector, and relay when Kafka is configured), or any of `api` (business API and
-    /// audit reads, expiry sweeper), `gateway` (device channel), `sfs` (second factor),
+    /// audit reads, expiry sweeper, push dispatch), `gateway` (device channel), `sfs` (second
+    /// factor), `mc` (Message Center: push registration, mailboxes, FCM/APNs delivery),
     /// `relay` (outbox relay into Kafka), `projector` (read models and audit checkpoints).
     #[arg(
         long,
@@ -108,6 +109,8 @@ pub struct ServeArgs {
     pub limits: crate::listener::ConnectionLimits,
     #[command(flatten)]
     pub streams: StreamArgs,
+    #[command(flatten)]
+    pub push: crate::push::PushArgs,
 }
 
 impl ServeArgs {
@@ -132,6 +135,11 @@ impl ServeArgs {
             redis_namespace: "countersign".into(),
             limits: crate::listener::ConnectionLimits::default(),
             streams: StreamArgs::default(),
+            push: crate::push::PushArgs {
+                fcm_url: countersign_message_center::fcm::FCM_DEFAULT_BASE_URL.into(),
+                apns_url: countersign_message_center::apns::APNS_DEFAULT_BASE_URL.into(),
+                ..crate::push::PushArgs::default()
+            },
         }
     }
 }
@@ -184,6 +192,7 @@ pub enum Role {
     Api,
     Gateway,
     Sfs,
+    Mc,
     Relay,
     Projector,
 }
@@ -194,6 +203,7 @@ struct Roles {
     api: bool,
     gateway: bool,
     sfs: bool,
+    mc: bool,
     relay: bool,
     projector: bool,
 }
@@ -205,6 +215,7 @@ impl Roles {
             api: has(Role::Api),
             gateway: has(Role::Gateway),
             sfs: has(Role::Sfs),
+            mc: has(Role::Mc),
             relay: roles.contains(&Role::Relay) || (roles.contains(&Role::All) && kafka),
             projector: has(Role::Projector),
         }
@@ -311,6 +322,35 @@ pub async fn start(
     )
     .await
     .context("cannot start the second-factor server")?;
+    let roles = Roles::of(&args.role, args.kafka_brokers.is_some());
+    // The Message Center, when this instance runs it, and every MC the NS sends through.
+    let message_center = if roles.mc {
+        Some(
+            countersign_message_center::MessageCenter::new(
+                opened.events.clone(),
+                vault.clone(),
+                opened.database.clone(),
+                clock.clone(),
+                args.push.senders()?,
+                countersign_message_center::McLimits::default(),
+            )
+            .await
+            .context("cannot start the Message Center")?,
+        )
+    } else {
+        None
+    };
+    let mut message_centers = args.push.trusted()?;
+    if let Some(mc) = &message_center {
+        message_centers.push(countersign_device_gateway::TrustedMc {
+            key: mc.public_key(),
+            url: args
+                .push
+                .mc_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+        });
+    }
     let mut trusted_sfs_keys = vec![sfs.attestation_verifying_key()];
     for key in &args.trust_sfs_keys {
         let bytes = hex::decode(key.trim()).context("--trust-sfs-key must be hex")?;
@@ -330,6 +370,7 @@ pub async fn start(
             trusted_sfs_keys,
             guest_idle: Duration::from_millis(args.streams.guest_idle_ms.max(1)),
             guest_lifetime: Duration::from_millis(args.streams.guest_lifetime_ms.max(1)),
+            message_centers: message_centers.clone(),
             ..GatewayConfig::default()
         },
     );
@@ -352,7 +393,6 @@ pub async fn start(
         countersign_projections::audit::AuditTree::new(opened.database.clone()),
         *audit_key.verifying_key(),
     );
-    let roles = Roles::of(&args.role, args.kafka_brokers.is_some());
     tracing::info!(%addr, database = %settings.database_display(), ?roles, "serving");
     let kafka = args
         .kafka_brokers
@@ -382,6 +422,9 @@ pub async fn start(
     if roles.sfs {
         app = app.merge(sfs.router());
     }
+    if let Some(mc) = &message_center {
+        app = app.merge(mc.router());
+    }
     let mut background = tokio::task::JoinSet::new();
     // Tasks whose end stops the instance: the projector and the relay.
     let mut essential = tokio::task::JoinSet::new();
@@ -391,6 +434,27 @@ pub async fn start(
     }
     if roles.gateway {
         background.spawn(async move { gateway.follow().await });
+    }
+    if let Some(mc) = message_center {
+        let (_keep, stop) = tokio::sync::watch::channel(false);
+        background.spawn(async move {
+            let _keep = _keep;
+            if let Err(error) = mc.run(stop).await {
+                tracing::error!(%error, "the Message Center's delivery worker stopped");
+            }
+        });
+    }
+    if roles.api && !message_centers.is_empty() {
+        let pusher = countersign_device_gateway::Pusher::new(
+            Commands::new(opened.events.clone(), vault.clone(), clock.clone()),
+            reads.clone(),
+            opened.events.clone(),
+            vault.clone(),
+            opened.database.clone(),
+            clock.clone(),
+            message_centers,
+        );
+        background.spawn(async move { pusher.run().await });
     }
     if roles.projector {
         background.spawn(checkpoints(

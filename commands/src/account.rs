@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use countersign_domain::account::{
     Account, AccountCommand, AccountEvent, DeleteAccount, DeletedBy, RecordVerification,
-    RegisterAccount, UpgradeAccount,
+    RegisterAccount, RegisterPush, UpgradeAccount,
 };
 use countersign_domain::attestation::{AttestationEvent, AttestationUse, UseAttestation};
 use countersign_domain::{AccountRef, Clock, Context, ServerId};
@@ -89,6 +89,17 @@ impl AccountCommands {
         &self,
         account: AccountRef,
         command: RecordVerification,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        self.run(account, command.into(), metadata).await
+    }
+
+    /// Records where the account's push messages go (device gateway; the MC token is sealed
+    /// in the vault under `command.token_ref` first).
+    pub async fn register_push(
+        &self,
+        account: AccountRef,
+        command: RegisterPush,
         metadata: &Metadata,
     ) -> Result<Executed<AccountEvent>, CommandError> {
         self.run(account, command.into(), metadata).await

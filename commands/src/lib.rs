@@ -44,6 +44,8 @@ pub struct Commands {
     pub transactions: transaction::TransactionCommands,
     /// Binds idempotency keys to the requests that used them.
     pub idempotency: idempotency::IdempotencyKeys,
+    /// Per-server secrets and what is derived from them (the push sender key).
+    pub secrets: secrets::ServerSecrets,
 }
 
 impl Commands {
@@ -74,7 +76,8 @@ impl Commands {
             ),
             accounts: account::AccountCommands::new(store.clone(), clock.clone()),
             transactions: transaction::TransactionCommands::new(store, secrets.clone(), clock),
-            idempotency: idempotency::IdempotencyKeys::new(vault, secrets),
+            idempotency: idempotency::IdempotencyKeys::new(vault, secrets.clone()),
+            secrets,
         }
     }
 }
@@ -454,7 +457,7 @@ async fn backoff(attempt: usize) {
 }
 
 /// Fills `out` from the OS random generator.
-pub(crate) fn random_bytes(out: &mut [u8]) -> Result<(), CommandError> {
+pub fn random_bytes(out: &mut [u8]) -> Result<(), CommandError> {
     getrandom::fill(out)
         .map_err(|e| CommandError::Internal(format!("no randomness from the OS: {e}")))
 }

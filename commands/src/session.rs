@@ -12,8 +12,8 @@ use base64::Engine as _;
 use countersign_domain::server::Server;
 use countersign_domain::session::{
     Abort, AbortedBy, ConfirmSession, EndByServer, Expire, Fail, LogIn, LogOut, LogoutReason,
-    OpenSession, Ping, ScanSession, Session, SessionCommand, SessionEvent, SessionFailure,
-    VerifySecondFactor,
+    OpenPushSession, OpenSession, Ping, ProvokeSession, ScanSession, Session, SessionCommand,
+    SessionEvent, SessionFailure, VerifySecondFactor,
 };
 use countersign_domain::{
     AccountId, Clock, Context, ErrorKind, Hsid, ServerId, SessionRef, UserDigest,
@@ -151,14 +151,79 @@ impl SessionCommands {
         metadata: &Metadata,
         idempotency_key: Option<&str>,
     ) -> Result<Executed<SessionEvent>, CommandError> {
-        let settings = match self.secrets.cached_settings(session.server_id) {
+        let command = self.open_command(session, options).await?;
+        self.run(session, command.into(), metadata, idempotency_key)
+            .await
+    }
+
+    /// Opens the session as a push login to `push_to` (provoke on a user or an account), or
+    /// finds it open so already (a retried provoke: no new event).
+    pub async fn open_push(
+        &self,
+        session: SessionRef,
+        options: SessionOptions,
+        push_to: Vec<AccountId>,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let open = self.open_command(session, options).await?;
+        let command = OpenPushSession { open, push_to };
+        self.run(session, command.into(), metadata, idempotency_key)
+            .await
+    }
+
+    /// Asks the account that last logged in on the session to log in again (provokeLogin),
+    /// with the server's session timeout.
+    pub async fn provoke(
+        &self,
+        session: SessionRef,
+        announce_info: Option<String>,
+        session_info: Option<String>,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let settings = self.settings(session.server_id).await?;
+        let command = ProvokeSession {
+            timeout_secs: settings.session_timeout_secs,
+            announce_info,
+            session_info,
+        };
+        self.run(session, command.into(), metadata, idempotency_key)
+            .await
+    }
+
+    async fn open_command(
+        &self,
+        session: SessionRef,
+        options: SessionOptions,
+    ) -> Result<OpenSession, CommandError> {
+        let settings = self.settings(session.server_id).await?;
+        Ok(OpenSession {
+            session,
+            ping_time_secs: options
+                .ping_time_secs
+                .unwrap_or(settings.default_ping_time_secs),
+            timeout_secs: settings.session_timeout_secs,
+            app_login: false,
+            user: options.user,
+            announce_info: options.announce_info,
+            session_info: options.session_info,
+        })
+    }
+
+    /// The server's settings for opening sessions (cached for [`crate::secrets::SETTINGS_TTL`]).
+    async fn settings(
+        &self,
+        server: ServerId,
+    ) -> Result<countersign_domain::server::ServerSettings, CommandError> {
+        let settings = match self.secrets.cached_settings(server) {
             Some(settings) => settings,
             None => {
-                let server = load::<Server>(&self.store, &session.server_id.stream()).await?;
-                match server.state {
+                let loaded = load::<Server>(&self.store, &server.stream()).await?;
+                match loaded.state {
                     Server::Active(active) => {
                         self.secrets
-                            .remember_settings(session.server_id, active.settings.clone());
+                            .remember_settings(server, active.settings.clone());
                         active.settings
                     }
                     Server::NotCreated | Server::Deleted { .. } => {
@@ -170,19 +235,7 @@ impl SessionCommands {
                 }
             }
         };
-        let command = OpenSession {
-            session,
-            ping_time_secs: options
-                .ping_time_secs
-                .unwrap_or(settings.default_ping_time_secs),
-            timeout_secs: settings.session_timeout_secs,
-            app_login: false,
-            user: options.user,
-            announce_info: options.announce_info,
-            session_info: options.session_info,
-        };
-        self.run(session, command.into(), metadata, idempotency_key)
-            .await
+        Ok(settings)
     }
 
     /// The business system ends the session: logout when logged in, abort before.

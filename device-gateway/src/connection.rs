@@ -11,7 +11,7 @@ use countersign_domain::server::ServerSettings;
 use countersign_domain::{AccountId, AccountRef, ServerId};
 use countersign_protocol::channel::{Channel, Responder, StaticKey};
 use countersign_protocol::device::{
-    self, Bytes, DeviceError, ErrorCode, Hello, Intent, Notice, Outcome, Refusal, Request,
+    self, Blob, Bytes, DeviceError, ErrorCode, Hello, Intent, Notice, Outcome, Refusal, Request,
     ServerMessage, ServerParams, VERSION, Welcome,
 };
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -67,7 +67,7 @@ pub(crate) async fn serve_socket(
 }
 
 /// The device's view of the server's settings.
-fn params(server: ServerId, settings: &ServerSettings) -> ServerParams {
+fn params(server: ServerId, settings: &ServerSettings, push_key: Option<Vec<u8>>) -> ServerParams {
     let policy = &settings.second_factor;
     let second_factor = match (
         policy.require_for_login,
@@ -86,6 +86,7 @@ fn params(server: ServerId, settings: &ServerSettings) -> ServerParams {
         second_factor: second_factor.to_owned(),
         second_factor_cache_secs: policy.login_reuse_window_secs,
         default_ping_time_secs: settings.default_ping_time_secs,
+        push_key: push_key.map(Blob),
     }
 }
 
@@ -173,9 +174,17 @@ where
     {
         gateway.0.hub.watch_user(connection, server, user);
     }
+    let push_key = match gateway.push_key(server).await {
+        Ok(key) => key,
+        Err(error) => {
+            // Push is an addition: a device still gets its channel without the key.
+            tracing::error!(%error, "no push sender key for the welcome");
+            None
+        }
+    };
     let welcomed = async {
         let welcome = device::encode(&Welcome::Accepted {
-            server: params(server, &settings),
+            server: params(server, &settings, push_key),
         })?;
         let (channel, frame) = responder.accept(&welcome)?;
         send(&mut outgoing, frame).await?;

@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 mod tests;
+mod push;
 mod transaction;
 
 use std::collections::HashSet;
@@ -497,6 +498,11 @@ pub(crate) async fn handle(
             conn.close_after_reply = true;
             Ok(Answer::Done)
         }
+        RequestBody::RegisterPush {
+            mc_key,
+            mc_token,
+            push_public_key,
+        } => push::register(conn, &mc_key.0, mc_token, &push_public_key.0).await,
     }
 }
 

@@ -22,6 +22,7 @@
 mod connection;
 mod flows;
 pub mod hub;
+pub mod pusher;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -42,6 +43,7 @@ use countersign_protocol::channel::StaticKey;
 use serde::Serialize;
 
 pub use hub::Hub;
+pub use pusher::Pusher;
 
 /// Tunables.
 #[derive(Debug, Clone)]
@@ -59,6 +61,28 @@ pub struct GatewayConfig {
     pub guest_idle: Duration,
     /// Longest a guest channel may stay open at all.
     pub guest_lifetime: Duration,
+    /// Message Centers this deployment sends push messages through (its own, and those of
+    /// third-party apps it accepts): an account may register for push only with one of them.
+    pub message_centers: Vec<TrustedMc>,
+}
+
+/// A Message Center the deployment trusts: its channel key (what the app pins) and where the
+/// NS submits messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedMc {
+    /// SEC1 uncompressed P-256 channel key.
+    pub key: Vec<u8>,
+    /// Base URL, e.g. `http://127.0.0.1:8080` (the NS posts to `{url}/v1/mc/messages`).
+    pub url: String,
+}
+
+impl TrustedMc {
+    /// SHA-256 of the key: what `account.push_registered` names.
+    #[must_use]
+    pub fn key_id(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&self.key).into()
+    }
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +93,7 @@ impl Default for GatewayConfig {
             trusted_sfs_keys: Vec::new(),
             guest_idle: Duration::from_secs(30),
             guest_lifetime: Duration::from_secs(600),
+            message_centers: Vec::new(),
         }
     }
 }
@@ -80,6 +105,7 @@ struct Inner {
     vault: KeyVault,
     hub: Hub,
     keys: RwLock<HashMap<ServerId, StaticKey>>,
+    push_keys: RwLock<HashMap<ServerId, Vec<u8>>>,
     servers: RwLock<HashMap<ServerId, (std::time::Instant, ActiveServer)>>,
     clock: Arc<dyn Clock>,
     config: GatewayConfig,
@@ -113,6 +139,7 @@ impl Gateway {
             vault,
             hub: Hub::default(),
             keys: RwLock::default(),
+            push_keys: RwLock::default(),
             servers: RwLock::default(),
             clock,
             config,
@@ -125,6 +152,28 @@ impl Gateway {
             .route("/v1/device/servers/{server_id}", get(server_key))
             .route("/v1/device/servers/{server_id}/channel", get(channel))
             .with_state(self.clone())
+    }
+
+    /// The server's push sender public key (SEC1 uncompressed), when this deployment sends
+    /// push messages (it trusts a Message Center); derived from the server's secret.
+    pub(crate) async fn push_key(
+        &self,
+        server: ServerId,
+    ) -> Result<Option<Vec<u8>>, countersign_commands::CommandError> {
+        if self.0.config.message_centers.is_empty() {
+            return Ok(None);
+        }
+        if let Some(key) = self.0.push_keys.read().ok().and_then(|k| k.get(&server).cloned()) {
+            return Ok(Some(key));
+        }
+        let secret = self.0.commands.secrets.push_sender_key(server).await?;
+        let public = countersign_protocol::push::push_public_key(&secret).map_err(|e| {
+            countersign_commands::CommandError::Internal(format!("push sender key: {e}"))
+        })?;
+        if let Ok(mut keys) = self.0.push_keys.write() {
+            keys.insert(server, public.clone());
+        }
+        Ok(Some(public))
     }
 
     /// The connection registry (for tests and metrics).

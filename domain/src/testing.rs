@@ -206,6 +206,13 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             key_thumbprint: [12; 32],
         })
         .into(),
+        AccountEvent::PushRegistered(AccountPushRegistered {
+            mc_key_id: [16; 32],
+            push_public_key: vec![4; 65],
+            token_ref: "push/example".into(),
+            registered_at: t,
+        })
+        .into(),
         AccountEvent::Deleted(AccountDeleted {
             by: DeletedBy::App,
             deleted_at: t,
@@ -233,6 +240,7 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             user: Some(digest),
             announce_info: Some("Log in to Acme?\nFrom Berlin".into()),
             session_info: None,
+            push_to: Vec::new(),
         })
         .into(),
         SessionEvent::Scanned(SessionScanned { scanned_at: t }).into(),
@@ -270,6 +278,16 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
         SessionEvent::Failed(SessionFailed {
             reason: SessionFailure::BadAttestation,
             failed_at: t,
+        })
+        .into(),
+        SessionEvent::Provoked(SessionProvoked {
+            account_id,
+            user: digest,
+            timeout_secs: 120,
+            expires_at: t.plus_secs(120),
+            announce_info: Some("Log in again?".into()),
+            session_info: None,
+            provoked_at: t,
         })
         .into(),
         TransactionEvent::Created(TransactionCreated {

@@ -7,6 +7,7 @@
 //! type is `Clone` so a session snapshot can carry the reason it failed.
 
 use countersign_protocol::device::{DeviceError, Refusal};
+use countersign_protocol::mc::{McError, McRefusal};
 use countersign_protocol::qr::QrError;
 use countersign_protocol::sfs::{SfsError, SfsRefusal};
 
@@ -76,6 +77,48 @@ pub enum SdkError {
     /// The gateway did not answer in time.
     #[error("timed out")]
     Timeout,
+    /// The app's mistake: no Message Center is configured ([`crate::SdkConfig::mc`]), so
+    /// there is no push.
+    #[error("no message center is configured")]
+    PushUnavailable,
+    /// The app's mistake: push is not registered yet ([`crate::Sdk::register_push`]).
+    #[error("push is not registered")]
+    PushNotRegistered,
+    /// The Message Center refused its channel (it does not know the mailbox, is busy…).
+    #[error("the message center refused the channel: {0:?}")]
+    McRefused(McRefusal),
+    /// The Message Center refused a request.
+    #[error("the message center refused the request: {0}")]
+    Mc(McError),
+    /// A push message was refused; nothing was done.
+    #[error("push message refused: {0}")]
+    Push(PushRefusal),
+}
+
+/// Why [`crate::Sdk::process_push`] refused a message. Refusals say nothing of the content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushRefusal {
+    /// Not a countersign push message (or an envelope too large, of an unknown version).
+    #[error("not a countersign push message")]
+    Malformed,
+    /// Sealed to no push key of this device (the account is gone, or another device's).
+    #[error("sealed to no push key on this device")]
+    UnknownKey,
+    /// The account's server published no push sender key, so its messages cannot be
+    /// authenticated.
+    #[error("the server's push sender key is not known")]
+    NoSenderKey,
+    /// Does not decrypt with the account's key and its server's sender key, for that server
+    /// and account: forged, altered, or re-targeted at another account or server.
+    #[error("does not decrypt for this account")]
+    Undecryptable,
+    /// Its expiry passed by the device's clock.
+    #[error("expired")]
+    Expired,
+    /// This message id ran already (a replay, or the second copy of a pushed and pulled
+    /// message).
+    #[error("already processed")]
+    AlreadyProcessed,
 }
 
 impl From<TransitionError> for SdkError {

@@ -11,6 +11,9 @@
 //! - [`second_factor`]: the PIN and biometric factor: SFS configuration, [`Pin`], the
 //!   biometric prompt hook, and the flows that turn a factor into an SFS attestation.
 //! - `sfs_client` (private): the SFS channel (Noise IK with the SFS prologue).
+//! - [`push`]: the Message Center ([`McConfig`]), push registration, and the push messages
+//!   (`process_push`, `pull_messages` behind [`Sdk`]).
+//! - `mc_client` (private): the MC channel (Noise IK with the MC prologue).
 //! - `opaque` (private): the OPAQUE client (ristretto255, TripleDH, Argon2id).
 //! - [`storage`]: where the state blob lives ([`EncryptedFileStorage`], [`MemoryStorage`]).
 //! - [`persisted`] (private): the state inside the blob.
@@ -19,16 +22,19 @@
 //! - [`error`]: the one error type, [`SdkError`].
 //!
 //! The only workspace crate this depends on is `countersign-protocol`: the SDK speaks the
-//! device protocol (docs/device-protocol.md) and the SFS protocol (docs/second-factor.md),
-//! and knows nothing of the servers' insides.
+//! device protocol (docs/device-protocol.md), the SFS protocol (docs/second-factor.md) and
+//! the Message Center's channel and push format (docs/message-center.md), and knows nothing
+//! of the servers' insides.
 
 pub mod callbacks;
 mod client;
 pub mod error;
 pub mod machine;
+mod mc_client;
 pub mod model;
 mod opaque;
 mod persisted;
+pub mod push;
 mod random;
 pub mod sdk;
 pub mod second_factor;
@@ -38,12 +44,13 @@ pub mod storage;
 mod transaction;
 
 pub use callbacks::{Callbacks, ChannelCallbacks, Event, NoCallbacks};
-pub use error::SdkError;
+pub use error::{PushRefusal, SdkError};
 pub use machine::{HistoryStatus, Interaction, SecondFactorEvent, SessionKind, State};
 pub use model::{
     AccountInfo, HistoryEntry, PendingTransaction, SecondFactor, ServerInfo, SessionSnapshot,
     TransactionDetails, TransactionReceipt, TransactionTarget,
 };
+pub use push::{McConfig, Platform, PullReport, PushAction, PushRegistration};
 pub use sdk::{DeviceClock, ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
 pub use second_factor::{
     Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig, SimulatedBiometric,

@@ -9,8 +9,16 @@
 //! servers. Private keys are [`KeyBytes`]: wiped on drop, `Debug` prints nothing, and their
 //! JSON text is wiped too. The serialized blob is handed out as `Zeroizing` bytes.
 //!
+//! Push (docs/message-center.md): the Message Center registration ([`McRecord`]: the MC
+//! channel key, the mailbox, the MC token), each account's push key pair ([`PushKeyRecord`])
+//! and whether its server was given it, each server's push sender key (from its `Welcome`),
+//! and the ids of the push messages already processed ([`ProcessedMessage`]), so that a
+//! message runs once even after a restart.
+//!
 //! Rules: a server record exists only while an account refers to it ([`Persisted::forget_account`]
-//! drops orphans); the history keeps the newest [`MAX_HISTORY`] entries.
+//! drops orphans); the history keeps the newest [`MAX_HISTORY`] entries; the processed
+//! message ids the newest [`MAX_PROCESSED`] (expired ones go first: their expiry refuses
+//! them anyway). The MC token and the push secret keys are [`KeyBytes`] too.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,6 +35,8 @@ use crate::storage::StorageError;
 pub(crate) const FORMAT: u32 = 1;
 /// Entries kept in the history; older ones are dropped.
 pub(crate) const MAX_HISTORY: usize = 500;
+/// Processed push message ids kept; expired ones are dropped first, then the oldest.
+pub(crate) const MAX_PROCESSED: usize = 1024;
 
 /// A private key as stored: 32 bytes, wiped on drop, invisible to `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -35,6 +45,16 @@ pub(crate) struct KeyBytes(Zeroizing<[u8; 32]>);
 impl KeyBytes {
     pub(crate) fn from_key(key: &StaticKey) -> Self {
         Self(Zeroizing::new(*key.expose()))
+    }
+
+    /// Wraps 32 secret bytes (a push key, an MC token).
+    pub(crate) fn from_bytes(bytes: &[u8; 32]) -> Self {
+        Self(Zeroizing::new(*bytes))
+    }
+
+    /// The secret bytes.
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
     }
 
     pub(crate) fn to_key(&self) -> Result<StaticKey, StorageError> {
@@ -80,6 +100,10 @@ pub(crate) struct ServerRecord {
     pub gateway: String,
     /// SHA-256 of the public key, hex.
     pub fingerprint: String,
+    /// The server's push sender key (SEC1 uncompressed, hex), as its last `Welcome` said;
+    /// `None`: it sends no push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_key: Option<String>,
 }
 
 impl ServerRecord {
@@ -94,6 +118,7 @@ impl ServerRecord {
             public_key: hex::encode(public_key),
             gateway: gateway.to_owned(),
             fingerprint: hex::encode(countersign_protocol::channel::fingerprint(public_key)),
+            push_key: params.push_key.as_ref().map(|k| hex::encode(&k.0)),
         }
     }
 
@@ -104,6 +129,18 @@ impl ServerRecord {
         self.second_factor.clone_from(&params.second_factor);
         self.second_factor_cache_secs = params.second_factor_cache_secs;
         self.default_ping_time_secs = params.default_ping_time_secs;
+        self.push_key = params.push_key.as_ref().map(|k| hex::encode(&k.0));
+    }
+
+    /// The server's push sender key, if it published one.
+    pub(crate) fn push_key(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.push_key
+            .as_deref()
+            .map(|k| {
+                hex::decode(k)
+                    .map_err(|_| StorageError::Malformed("a server push key is not hex".into()))
+            })
+            .transpose()
     }
 
     pub(crate) fn public_key(&self) -> Result<Vec<u8>, StorageError> {
@@ -139,6 +176,56 @@ pub(crate) struct AccountRecord {
     /// A second factor was added to the account (`upgrade_account`): no longer headless.
     #[serde(default)]
     pub second_factor: bool,
+    /// The account's push key pair (made at enrolment, or at the first `register_push`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_key: Option<PushKeyRecord>,
+    /// The mailbox (hex) the account's server was given (`register_push`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_registered: Option<String>,
+}
+
+/// An account's push key pair: messages for the account are sealed to its public half.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PushKeyRecord {
+    /// The P-256 private scalar.
+    pub secret: KeyBytes,
+    /// SEC1 uncompressed, hex.
+    pub public: String,
+}
+
+impl PushKeyRecord {
+    pub(crate) fn public_key(&self) -> Result<Vec<u8>, StorageError> {
+        hex::decode(&self.public)
+            .map_err(|_| StorageError::Malformed("a push key is not hex".into()))
+    }
+}
+
+/// This app instance's Message Center registration (made by `register_push`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct McRecord {
+    /// The Noise static key of the MC channel, bound by the MC to the mailbox.
+    pub channel_key: KeyBytes,
+    /// The MC's channel key (SEC1, hex) the registration was made with: another MC in the
+    /// configuration means registering anew.
+    pub mc_key: String,
+    /// The mailbox id, 32 hex digits.
+    pub mailbox: String,
+    /// The MC token naming the mailbox (what the servers submit messages with).
+    pub mc_token: KeyBytes,
+    /// `fcm` or `apns`.
+    pub platform: String,
+    /// The Android package or APNs topic.
+    pub app_id: String,
+}
+
+/// A push message already processed (run, or refused as expired), kept so a replay or a
+/// second copy (pushed and pulled) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ProcessedMessage {
+    /// The message id, 32 hex digits.
+    pub id: String,
+    /// Its expiry, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
 }
 
 /// The app instance at its second-factor server.
@@ -183,6 +270,12 @@ pub(crate) struct Persisted {
     /// Made at the first use of the SFS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sfs: Option<SfsRecord>,
+    /// Made by `register_push`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mc: Option<McRecord>,
+    /// Push messages processed, oldest first (at most [`MAX_PROCESSED`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processed: Vec<ProcessedMessage>,
 }
 
 impl Persisted {
@@ -195,6 +288,8 @@ impl Persisted {
             accounts: BTreeMap::new(),
             history: Vec::new(),
             sfs: None,
+            mc: None,
+            processed: Vec::new(),
         }
     }
 
@@ -271,6 +366,28 @@ impl Persisted {
         Some(info)
     }
 
+    /// Records push message `id` as processed; answers false (and changes nothing) when it
+    /// already was. Keeps at most [`MAX_PROCESSED`] ids: those expired at `now_ms` go first,
+    /// then the oldest.
+    pub(crate) fn mark_processed(
+        &mut self,
+        id: &[u8; 16],
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) -> bool {
+        let id = hex::encode(id);
+        if self.processed.iter().any(|p| p.id == id) {
+            return false;
+        }
+        self.processed.push(ProcessedMessage { id, expires_at_ms });
+        if self.processed.len() > MAX_PROCESSED {
+            self.processed.retain(|p| p.expires_at_ms > now_ms);
+            let excess = self.processed.len().saturating_sub(MAX_PROCESSED);
+            self.processed.drain(..excess);
+        }
+        true
+    }
+
     /// Creates or updates the entry of `entry.session_id`, and keeps the history bounded.
     pub(crate) fn record(&mut self, entry: HistoryEntry) {
         if let Some(existing) = self
@@ -303,6 +420,8 @@ mod tests {
             signing_key: KeyBytes::from_key(&StaticKey::from_bytes(&[key + 1; 32]).unwrap()),
             created_at_ms: i64::from(id),
             second_factor: false,
+            push_key: None,
+            push_registered: None,
         }
     }
 
@@ -314,6 +433,7 @@ mod tests {
             second_factor: "none".into(),
             second_factor_cache_secs: 0,
             default_ping_time_secs: 0,
+            push_key: None,
         };
         ServerRecord::new(&params, &[4; 65], "ws://gw")
     }
@@ -441,5 +561,87 @@ mod tests {
             !format!("{state:?}").contains("3333"),
             "keys stay out of Debug"
         );
+    }
+
+    #[test]
+    fn processed_ids_refuse_a_second_run_and_stay_bounded_dropping_expired_first() {
+        let mut state = Persisted::new([7; 16]);
+        assert!(state.mark_processed(&[1; 16], 100, 0));
+        assert!(
+            !state.mark_processed(&[1; 16], 100, 0),
+            "a second run is refused"
+        );
+        assert_eq!(state.processed.len(), 1);
+        // Fill up with unexpired ids; one more drops the expired [1; 16] first.
+        for n in 0..MAX_PROCESSED - 1 {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(n as u64 + 10).to_be_bytes());
+            assert!(state.mark_processed(&id, 10_000, 50));
+        }
+        assert_eq!(state.processed.len(), MAX_PROCESSED);
+        assert!(state.mark_processed(&[2; 16], 10_000, 200));
+        assert_eq!(state.processed.len(), MAX_PROCESSED);
+        assert!(
+            !state.processed.iter().any(|p| p.id == hex::encode([1; 16])),
+            "the expired id went"
+        );
+        let second = state.processed[0].id.clone();
+        // Nothing expired: the oldest goes.
+        assert!(state.mark_processed(&[3; 16], 10_000, 200));
+        assert_eq!(state.processed.len(), MAX_PROCESSED);
+        assert_ne!(state.processed[0].id, second, "the oldest went");
+        assert!(!state.mark_processed(&[2; 16], 10_000, 200), "still known");
+    }
+
+    #[test]
+    fn push_state_round_trips_and_keeps_secrets_out_of_debug() {
+        let mut state = Persisted::new([7; 16]);
+        let mut params_server = server(2);
+        assert_eq!(params_server.push_key, None);
+        let params = ServerParams {
+            server_id: countersign_protocol::device::Bytes([2; 16]),
+            name: "renamed".into(),
+            logo_url: None,
+            second_factor: "none".into(),
+            second_factor_cache_secs: 0,
+            default_ping_time_secs: 0,
+            push_key: Some(countersign_protocol::device::Blob(vec![4; 65])),
+        };
+        params_server.refresh(&params);
+        assert_eq!(
+            params_server.push_key().unwrap(),
+            Some(vec![4; 65]),
+            "refreshed"
+        );
+        state.servers.insert(hex::encode([2; 16]), params_server);
+        let mut a = account(1, 2, 0x5a);
+        a.push_key = Some(PushKeyRecord {
+            secret: KeyBytes::from_bytes(&[0x6b; 32]),
+            public: hex::encode([4; 65]),
+        });
+        a.push_registered = Some(hex::encode([8; 16]));
+        state.accounts.insert(a.account_id.clone(), a);
+        state.mc = Some(McRecord {
+            channel_key: KeyBytes::from_bytes(&[0x7c; 32]),
+            mc_key: hex::encode([4; 65]),
+            mailbox: hex::encode([8; 16]),
+            mc_token: KeyBytes::from_bytes(&[0x8d; 32]),
+            platform: "fcm".into(),
+            app_id: "com.example".into(),
+        });
+        state.mark_processed(&[5; 16], 9, 0);
+        let bytes = state.encode().unwrap();
+        assert_eq!(Persisted::decode(&bytes).unwrap(), state);
+        let debug = format!("{state:?}");
+        for secret in ["6b6b", "7c7c", "8d8d"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        // A blob from before push opens, with nothing registered.
+        let mut old: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let object = old.as_object_mut().unwrap();
+        object.remove("mc");
+        object.remove("processed");
+        let back = Persisted::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!((back.mc, back.processed.len()), (None, 0));
     }
 }

@@ -14,7 +14,9 @@
 //!   was given to show (see `transaction`);
 //! - the SFS is the one of [`SdkConfig::sfs`], with its pinned keys; without it, no second
 //!   factor can be given ([`SdkError::SecondFactorUnavailable`]) and enrolments leave their
-//!   accounts headless.
+//!   accounts headless;
+//! - the Message Center is the one of [`SdkConfig::mc`], with its pinned key; push messages
+//!   are checked and run by [`crate::push`] (once each, even across restarts).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +35,7 @@ use crate::model::{
     TransactionReceipt, TransactionTarget,
 };
 use crate::persisted::Persisted;
+use crate::push::{McConfig, Platform, PullReport, PushAction, PushRegistration};
 use crate::second_factor::{
     self, Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig,
 };
@@ -56,6 +59,9 @@ pub struct SdkConfig {
     /// Argon2id parameters of the PIN's key stretching (default m = 19 MiB, t = 2, p = 1).
     /// A PIN registered with some parameters only verifies with the same ones.
     pub argon2_params: Argon2Params,
+    /// The Message Center this app is bound to, with its pinned key; `None`: no push
+    /// ([`Sdk::register_push`] answers [`SdkError::PushUnavailable`]).
+    pub mc: Option<McConfig>,
 }
 
 impl Default for SdkConfig {
@@ -66,6 +72,7 @@ impl Default for SdkConfig {
             request_timeout: Duration::from_secs(10),
             sfs: None,
             argon2_params: Argon2Params::default(),
+            mc: None,
         }
     }
 }
@@ -170,6 +177,8 @@ impl Sdk {
                 clock: Mutex::new(None),
                 channels: Mutex::new(std::collections::HashMap::new()),
                 sfs_channel: tokio::sync::Mutex::new(None),
+                sessions: session::Registry::default(),
+                mc_lock: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -549,6 +558,92 @@ impl Sdk {
     }
 }
 
+impl Sdk {
+    /// Registers this app instance for push at its Message Center ([`SdkConfig::mc`]), then
+    /// gives every account's server the mailbox's MC token and the account's push public key
+    /// (`register_push` over the gateway; a push key is made for an account that has none).
+    /// The mailbox is registered once: a later call only updates the push token (or
+    /// registers anew when `platform` or `app_id` changed, or the MC lost the mailbox), and
+    /// tells only the servers not told yet. Accounts enrolled afterwards are registered at
+    /// enrolment. `push_token` is the FCM registration token or the APNs device token (empty:
+    /// pull only); `app_id` the Android package or the APNs topic.
+    ///
+    /// # Errors
+    /// [`SdkError::PushUnavailable`] without an MC; [`SdkError::McRefused`] / [`SdkError::Mc`]
+    /// when the MC refuses; transport errors. Per-account failures are in the report (call
+    /// again to retry them).
+    pub async fn register_push(
+        &self,
+        platform: Platform,
+        push_token: &str,
+        app_id: &str,
+    ) -> Result<PushRegistration, SdkError> {
+        crate::push::register(&self.inner, platform, push_token, app_id).await
+    }
+
+    /// The platform rotated the push token: tells the MC.
+    ///
+    /// # Errors
+    /// [`SdkError::PushUnavailable`]; [`SdkError::PushNotRegistered`] before
+    /// [`register_push`](Self::register_push); MC refusals; transport errors.
+    pub async fn update_push_token(&self, push_token: &str) -> Result<(), SdkError> {
+        crate::push::update_push_token(&self.inner, push_token).await
+    }
+
+    /// Runs a push message: `payload` is the `cs` value of the FCM data message or the APNs
+    /// payload (base64url text), the whole data map / payload as JSON, or the raw envelope;
+    /// a wake-up (`cs_wake`, or its value) pulls the mailbox instead
+    /// ([`PushAction::Pulled`]). A `login` starts the same session a scanned login code
+    /// would, with the message's account as the only one to log in with (answered as
+    /// [`PushAction::Login`]; drive it like [`start_session`](Self::start_session)'s).
+    ///
+    /// # Errors
+    /// [`SdkError::Push`] when the message is refused (nothing was done): malformed, sealed
+    /// to no key here, no sender key, does not open for that account and server, expired,
+    /// already processed. Once a message opened and is new, its id is recorded before it is
+    /// acted upon; what the action may fail with is answered then (as `start_session`,
+    /// `refresh`, `pending_transactions` do), and the message will not run again.
+    pub async fn process_push(
+        &self,
+        payload: &[u8],
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<PushAction, SdkError> {
+        crate::push::process(&self.inner, payload, callbacks).await
+    }
+
+    /// Pulls the mailbox's outstanding messages from the MC (call it when the app shows its
+    /// main screen, and on a wake-up push), runs each as [`process_push`](Self::process_push)
+    /// would (duplicates and expired ones are counted and ignored), and acknowledges every
+    /// message pulled.
+    ///
+    /// # Errors
+    /// [`SdkError::PushUnavailable`]; [`SdkError::PushNotRegistered`]; MC refusals;
+    /// transport errors (messages acknowledged before stay acknowledged; those not
+    /// acknowledged come again and run once).
+    pub async fn pull_messages(
+        &self,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<PullReport, SdkError> {
+        crate::push::pull(&self.inner, callbacks).await
+    }
+
+    /// Whether push is registered with the configured MC: its mailbox id (32 hex digits).
+    ///
+    /// # Errors
+    /// [`SdkError::Storage`] if the state lock is poisoned.
+    pub fn push_mailbox(&self) -> Result<Option<String>, SdkError> {
+        let Some(config) = self.inner.config.mc.as_ref() else {
+            return Ok(None);
+        };
+        let mc_key = hex::encode(&config.channel_public_key);
+        self.inner.read(|s| {
+            s.mc.as_ref()
+                .filter(|r| r.mc_key == mc_key)
+                .map(|r| r.mailbox.clone())
+        })
+    }
+}
+
 async fn listen(
     inner: Arc<Inner>,
     account_id: String,
@@ -600,6 +695,10 @@ pub(crate) struct Inner {
     /// The SFS channel, kept open between second-factor proofs for the same reason; one proof
     /// at a time (a user enters one PIN at a time).
     pub(crate) sfs_channel: tokio::sync::Mutex<Option<crate::sfs_client::SfsConnection>>,
+    /// The sessions still held, so a push can end the login of an hsid.
+    pub(crate) sessions: session::Registry,
+    /// One Message Center registration or token update at a time.
+    pub(crate) mc_lock: tokio::sync::Mutex<()>,
 }
 
 /// A device clock: milliseconds since the Unix epoch.

@@ -22,6 +22,12 @@
 //! session otherwise); a refusal the user must hear of comes back from that step as
 //! [`SdkError::SecondFactor`] and becomes [`Input::SecondFactorRefused`].
 //!
+//! A login a push message asks for ([`start_pushed`]) is the same flow as a scanned login
+//! code, at the account's server (its pinned gateway and key) with that one account eligible;
+//! a second push for an hsid whose login still runs answers that session. The [`Registry`]
+//! holds every session weakly, so a push saying the server ended a login
+//! ([`ended_by_server`]) reaches its session as [`Input::ServerEnded`].
+//!
 //! The hsid and the enrolment token live in [`Secret`]s and never reach a log line.
 
 use std::collections::VecDeque;
@@ -257,6 +263,126 @@ pub(crate) async fn start(
             ));
         }
     };
+    let origin = Origin {
+        kind,
+        server_id: payload.server_id,
+        token: Secret::new(payload.token),
+        gateway: payload.gateway.clone(),
+        fingerprint: payload.server_key_fingerprint,
+        preselected: None,
+    };
+    begin(sdk, origin, callbacks).await
+}
+
+/// Runs the `Starting` phase of a login a push message asked for: the same flow as a
+/// scanned login code for `hsid` at the account's server (its pinned gateway and key), with
+/// `account_id` the one account to log in with. A login for the same hsid that is still
+/// running is answered instead of starting a second one.
+pub(crate) async fn start_pushed(
+    sdk: Arc<Inner>,
+    account_id: &str,
+    hsid: [u8; 32],
+    callbacks: Arc<dyn Callbacks>,
+) -> Result<SessionHandle, SdkError> {
+    if let Some(session) = sdk.sessions.running_login(&hsid)? {
+        tracing::info!(session_id = %session.id, "push login for a session already running");
+        return Ok(SessionHandle { session });
+    }
+    let server = sdk
+        .read(|s| {
+            s.accounts
+                .get(account_id)
+                .and_then(|a| s.servers.get(&a.server_id))
+                .cloned()
+        })?
+        .ok_or(SdkError::UnknownAccount)?;
+    let origin = Origin {
+        kind: SessionKind::Login,
+        server_id: crate::sdk::parse_id(&server.server_id)?,
+        token: Secret::new(hsid),
+        gateway: server.gateway.clone(),
+        fingerprint: crate::sdk::parse_id(&server.fingerprint)?,
+        preselected: Some(account_id.to_owned()),
+    };
+    begin(sdk, origin, callbacks).await
+}
+
+/// The server ended the login of `hsid` (a push said it was withdrawn or logged out): the
+/// running session, if any, ends as [`Input::ServerEnded`] makes it (Aborted before login,
+/// LoggedOut once Active). Answers its session id.
+pub(crate) async fn ended_by_server(
+    sdk: &Inner,
+    hsid: &[u8; 32],
+) -> Result<Option<String>, SdkError> {
+    let Some(session) = sdk.sessions.running_login(hsid)? else {
+        return Ok(None);
+    };
+    tracing::info!(session_id = %session.id, "a push ended the session");
+    if let Err(e) = session.drive(Input::ServerEnded, None).await {
+        // Another input ended it first (a notice, the user): it is over either way.
+        tracing::debug!(session_id = %session.id, error = %e, "session already ending");
+    }
+    Ok(Some(session.id.clone()))
+}
+
+/// Where a session comes from: a scanned code, or a push message.
+struct Origin {
+    kind: SessionKind,
+    server_id: [u8; 16],
+    token: Secret<32>,
+    gateway: String,
+    fingerprint: [u8; 32],
+    /// A pushed login: the one account that may log in.
+    preselected: Option<String>,
+}
+
+/// The sessions of this SDK still referenced somewhere, so a push can find the login of an
+/// hsid. Holds them weakly: a session nobody holds and no task drives is gone.
+#[derive(Default)]
+pub(crate) struct Registry {
+    sessions: Mutex<Vec<std::sync::Weak<Session>>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> Result<MutexGuard<'_, Vec<std::sync::Weak<Session>>>, SdkError> {
+        self.sessions
+            .lock()
+            .map_err(|_| SdkError::Storage(StorageError::Io("session registry poisoned".into())))
+    }
+
+    fn insert(&self, session: &Arc<Session>) -> Result<(), SdkError> {
+        let mut sessions = self.lock()?;
+        sessions.retain(|s| s.strong_count() > 0);
+        sessions.push(Arc::downgrade(session));
+        Ok(())
+    }
+
+    /// The login of `hsid` that is not over yet.
+    fn running_login(&self, hsid: &[u8; 32]) -> Result<Option<Arc<Session>>, SdkError> {
+        Ok(self
+            .lock()?
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|s| {
+                s.kind == SessionKind::Login
+                    && s.token.expose() == hsid
+                    && !s.watch.borrow().state.is_final()
+            }))
+    }
+}
+
+async fn begin(
+    sdk: Arc<Inner>,
+    origin: Origin,
+    callbacks: Arc<dyn Callbacks>,
+) -> Result<SessionHandle, SdkError> {
+    let kind = origin.kind;
     let id = hex::encode(crate::random::bytes::<16>()?);
     let machine = Machine::new(kind, sdk.config.skip_single_account_confirmation);
     let core = Core {
@@ -276,20 +402,22 @@ pub(crate) async fn start(
         pending_factor: None,
         account_channel: false,
     };
-    let (watch, _) = watch::channel(snapshot_of(&id, kind, &payload.server_id, &core));
+    let (watch, _) = watch::channel(snapshot_of(&id, kind, &origin.server_id, &core));
     let session = Arc::new(Session {
         sdk,
         callbacks,
         id,
         kind,
-        server_id: payload.server_id,
-        token: Secret::new(payload.token),
-        gateway: payload.gateway.clone(),
-        fingerprint: payload.server_key_fingerprint,
+        server_id: origin.server_id,
+        token: origin.token,
+        gateway: origin.gateway,
+        fingerprint: origin.fingerprint,
+        preselected: origin.preselected,
         core: Mutex::new(core),
         watch,
     });
-    tracing::info!(session_id = %session.id, server_id = %hex::encode(session.server_id), ?kind, "session starting");
+    session.sdk.sessions.insert(&session)?;
+    tracing::info!(session_id = %session.id, server_id = %hex::encode(session.server_id), ?kind, pushed = session.preselected.is_some(), "session starting");
     tokio::spawn(interaction_timeout(
         Arc::clone(&session),
         session.sdk.config.interaction_timeout,
@@ -350,6 +478,8 @@ struct Session {
     token: Secret<32>,
     gateway: String,
     fingerprint: [u8; 32],
+    /// A pushed login: the one account that may log in.
+    preselected: Option<String>,
     core: Mutex<Core>,
     watch: watch::Sender<SessionSnapshot>,
 }
@@ -420,12 +550,15 @@ impl Session {
 
     async fn start_login(self: &Arc<Self>) -> Result<(), SdkError> {
         let server_hex = self.server_hex();
-        let (accounts, server) = self.sdk.read(|s| {
+        let (mut accounts, server) = self.sdk.read(|s| {
             (
                 s.accounts_at(&server_hex),
                 s.servers.get(&server_hex).cloned(),
             )
         })?;
+        if let Some(preselected) = &self.preselected {
+            accounts.retain(|a| &a.account_id == preselected);
+        }
         let server = match server {
             Some(server) if !accounts.is_empty() => server,
             _ => return self.no_accounts().await,
@@ -904,6 +1037,8 @@ impl Session {
                     signing_key: KeyBytes::from_key(&enrolment.signing_key),
                     created_at_ms: now_ms(),
                     second_factor: false,
+                    push_key: Some(crate::push::new_push_key()?),
+                    push_registered: None,
                 },
             )
         };
@@ -915,6 +1050,11 @@ impl Session {
             s.accounts.insert(account.account_id.clone(), account);
         })?;
         tracing::info!(session_id = %self.id, account_id = %account_hex, "enrolled");
+        // Push is registered: the new account's server gets the mailbox and its push key
+        // now. A failure does not fail the enrolment (the next `register_push` retries).
+        if let Err(e) = crate::push::register_account_if_registered(&self.sdk, &account_hex).await {
+            tracing::warn!(session_id = %self.id, error = %e, "push not registered for the new account");
+        }
         self.core()?.account_id = Some(account_hex);
         // The server asks a second factor and the app has an SFS: give the account one now.
         if self.sdk.config.sfs.is_some() && params.second_factor != "none" {

@@ -152,6 +152,7 @@ impl Gateway {
                     },
                     second_factor_cache_secs: 0,
                     default_ping_time_secs: 0,
+                    push_key: None,
                 },
             },
         };

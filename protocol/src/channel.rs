@@ -113,6 +113,10 @@ pub fn fingerprint(public_key: &[u8]) -> [u8; 32] {
 /// an SFS serves app instances, not tenants.
 pub const SFS_PROLOGUE: &[u8] = b"countersign/sfs/v1\0";
 
+/// The prologue of the Message Center channel (`docs/message-center.md`): no server id, since
+/// a Message Center serves app installations, not tenants.
+pub const MC_PROLOGUE: &[u8] = b"countersign/mc/v1\0";
+
 /// The prologue of the device channel to the virtual server `server_id`.
 #[must_use]
 pub fn device_prologue(server_id: &[u8; 16]) -> Vec<u8> {
@@ -514,6 +518,18 @@ mod tests {
         let (_, first) =
             Initiator::start(&app, &sfs.public_key().unwrap(), &[0; 16], b"hi").unwrap();
         assert!(Responder::read_with_prologue(&sfs, SFS_PROLOGUE, &first).is_err());
+    }
+
+    #[test]
+    fn the_mc_prologue_separates_the_mc_channel_from_the_others() {
+        let (app, mc) = (key(1), key(2));
+        let (_, first) =
+            Initiator::start_with_prologue(&app, &mc.public_key().unwrap(), MC_PROLOGUE, b"hello")
+                .unwrap();
+        assert!(Responder::read(&mc, &[0; 16], &first).is_err());
+        assert!(Responder::read_with_prologue(&mc, SFS_PROLOGUE, &first).is_err());
+        let (_, hello) = Responder::read_with_prologue(&mc, MC_PROLOGUE, &first).unwrap();
+        assert_eq!(hello, b"hello");
     }
 
     #[test]

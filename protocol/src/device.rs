@@ -191,6 +191,11 @@ pub struct ServerParams {
     pub second_factor_cache_secs: u32,
     /// Ping interval of sessions opened without one, seconds.
     pub default_ping_time_secs: u32,
+    /// The server's push sender key (SEC1 uncompressed P-256, 65 bytes): push messages for
+    /// this server's accounts are HPKE-sealed in auth mode with it (`docs/message-center.md`).
+    /// Absent from servers that send no push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_key: Option<Blob>,
 }
 
 /// A device request; the gateway answers with a reply carrying the same `id`.
@@ -315,6 +320,18 @@ pub enum RequestBody {
         /// The SFS attestation.
         attestation: Blob,
     },
+    /// Account only: push messages for this account go through this Message Center mailbox,
+    /// sealed to this push key (`docs/message-center.md`). Registering again replaces the
+    /// earlier registration (a new MC token, a rotated push key).
+    RegisterPush {
+        /// The Message Center's Noise static key (SEC1 P-256): which MC, among those the
+        /// server trusts.
+        mc_key: Blob,
+        /// The MC token naming the app's mailbox (the server keeps it sealed).
+        mc_token: Secret<32>,
+        /// The account's push public key, SEC1 uncompressed P-256 (65 bytes).
+        push_public_key: Blob,
+    },
 }
 
 /// What a second-factor challenge is for.
@@ -357,6 +374,16 @@ impl Request {
                 ErrorCode::Invalid,
                 "signing_public_key must be a SEC1 P-256 point (33 or 65 bytes)",
             )),
+            RequestBody::RegisterPush {
+                mc_key,
+                push_public_key,
+                ..
+            } if !matches!(mc_key.0.len(), 33 | 65) || push_public_key.0.len() != 65 => {
+                Err(DeviceError::new(
+                    ErrorCode::Invalid,
+                    "mc_key must be a SEC1 P-256 point and push_public_key an uncompressed one (65 bytes)",
+                ))
+            }
             RequestBody::VerifySecondFactor { attestation, .. }
             | RequestBody::UpgradeAccount { attestation }
             | RequestBody::SignTransaction { attestation, .. }
@@ -677,6 +704,7 @@ mod tests {
                 second_factor: "none".into(),
                 second_factor_cache_secs: 0,
                 default_ping_time_secs: 0,
+                push_key: None,
             },
         });
         for body in [

@@ -11,6 +11,10 @@
 //! - [`channel`]: the Noise `IK` channel those messages travel in, and its framing.
 //! - [`sfs`]: the messages between an app and its second-factor server (same channel, its own
 //!   prologue).
+//! - [`mc`]: the messages between an app and the Message Center (same channel, its own
+//!   prologue): registering a mailbox, updating the push token, pulling and acknowledging.
+//! - [`push`]: the push envelope, HPKE-sealed (RFC 9180, auth mode) by the server to an
+//!   account's push key, that the Message Center, FCM and APNs carry unread.
 //! - [`attestation`]: the second-factor server's signed statement that a factor was verified,
 //!   and the checks a verifier runs on it.
 //! - [`evidence`]: the non-repudiation evidence bundle of a signed transaction, the device's
@@ -23,7 +27,9 @@ pub mod checkpoint;
 pub mod cose;
 pub mod device;
 pub mod evidence;
+pub mod mc;
 pub mod merkle;
+pub mod push;
 pub mod qr;
 pub mod sfs;
 

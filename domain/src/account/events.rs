@@ -104,6 +104,23 @@ pub struct AccountSecondFactorVerified {
     pub verified_at: Timestamp,
 }
 
+/// `account.push_registered` v1: push messages for the account go through a Message Center
+/// mailbox, sealed to this push key (docs/message-center.md). The MC token that names the
+/// mailbox is a bearer secret: it is sealed in the key vault under `token_ref`, never here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountPushRegistered {
+    /// SHA-256 of the Message Center's channel key (SEC1 uncompressed): which MC.
+    #[serde(with = "serde_bytes")]
+    pub mc_key_id: [u8; 32],
+    /// The account's push public key, SEC1 uncompressed P-256.
+    #[serde(with = "serde_bytes")]
+    pub push_public_key: Vec<u8>,
+    /// Where the vault keeps the MC token.
+    pub token_ref: String,
+    /// When.
+    pub registered_at: Timestamp,
+}
+
 crate::domain_events! {
     /// Everything that happens to an account.
     pub enum AccountEvent {
@@ -113,5 +130,6 @@ crate::domain_events! {
         KeyRotated(AccountKeyRotated) = ("account.key_rotated", 1),
         Deleted(AccountDeleted) = ("account.deleted", 1),
         SecondFactorVerified(AccountSecondFactorVerified) = ("account.second_factor_verified", 1),
+        PushRegistered(AccountPushRegistered) = ("account.push_registered", 1),
     }
 }

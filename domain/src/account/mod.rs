@@ -16,6 +16,8 @@
 //! - an account has at most one second factor: upgrading with the factor it has emits nothing,
 //!   with another one is [`AccountError::AlreadyUpgraded`];
 //! - rotating a key to the key it already has emits nothing;
+//! - a push registration needs an uncompressed P-256 push key; registering what is
+//!   registered already emits nothing, anything else replaces it;
 //! - deleting a deleted account emits nothing (a repeated DELETE); every other command on it is
 //!   [`AccountError::Deleted`]; any command but register on an unknown account is
 //!   [`AccountError::NotFound`].
@@ -85,6 +87,29 @@ pub struct RecordVerification {
     pub verified_at: Timestamp,
 }
 
+/// Send the account's push messages through a Message Center mailbox (device gateway; the
+/// edge sealed the MC token in the vault under `token_ref`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterPush {
+    /// SHA-256 of the MC's channel key.
+    pub mc_key_id: [u8; 32],
+    /// SEC1 uncompressed P-256 push key.
+    pub push_public_key: Vec<u8>,
+    /// The vault reference of the sealed MC token.
+    pub token_ref: String,
+}
+
+/// An account's push registration, as the write model keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRegistration {
+    /// SHA-256 of the MC's channel key.
+    pub mc_key_id: [u8; 32],
+    /// SEC1 uncompressed P-256 push key.
+    pub push_public_key: Vec<u8>,
+    /// The vault reference of the sealed MC token.
+    pub token_ref: String,
+}
+
 /// Delete the account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeleteAccount {
@@ -107,6 +132,8 @@ pub enum AccountCommand {
     Delete(DeleteAccount),
     /// See [`RecordVerification`].
     RecordVerification(RecordVerification),
+    /// See [`RegisterPush`].
+    RegisterPush(RegisterPush),
 }
 
 into_command!(AccountCommand {
@@ -116,6 +143,7 @@ into_command!(AccountCommand {
     RotateKey(RotateKey),
     Delete(DeleteAccount),
     RecordVerification(RecordVerification),
+    RegisterPush(RegisterPush),
 });
 
 /// Why an account command was refused.
@@ -174,6 +202,8 @@ pub struct ActiveAccount {
     /// The last second factor proven for a login: (factor, attestation hash, when the SFS
     /// verified it).
     pub last_verification: Option<(SecondFactorKind, [u8; 32], Timestamp)>,
+    /// Where its push messages go, once the app registered for push.
+    pub push: Option<PushRegistration>,
 }
 
 impl ActiveAccount {
@@ -324,6 +354,32 @@ impl Aggregate for Account {
                     },
                 )])
             }
+            AccountCommand::RegisterPush(cmd) => {
+                let account = self.live()?;
+                let uncompressed = cmd.push_public_key.len() == 65
+                    && validate::p256_public_key(&cmd.push_public_key)
+                        .is_some_and(|(key, _)| key == cmd.push_public_key);
+                if !uncompressed {
+                    return Err(ValidationError::InvalidKey {
+                        field: "push_public_key",
+                    }
+                    .into());
+                }
+                let same = account.push.as_ref().is_some_and(|p| {
+                    p.mc_key_id == cmd.mc_key_id
+                        && p.push_public_key == cmd.push_public_key
+                        && p.token_ref == cmd.token_ref
+                });
+                if same {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![AccountEvent::PushRegistered(AccountPushRegistered {
+                    mc_key_id: cmd.mc_key_id,
+                    push_public_key: cmd.push_public_key,
+                    token_ref: cmd.token_ref,
+                    registered_at: ctx.now,
+                })])
+            }
             AccountCommand::Delete(cmd) => match self {
                 Self::NotRegistered => Err(AccountError::NotFound),
                 Self::Active(_) => Ok(vec![AccountEvent::Deleted(AccountDeleted {
@@ -347,6 +403,7 @@ impl Aggregate for Account {
                     signing_key_thumbprint: e.signing_key_thumbprint,
                     second_factor: e.second_factor,
                     last_verification: None,
+                    push: None,
                 });
             }
             (AccountEvent::SecondFactorVerified(e), Self::Active(a)) => {
@@ -363,6 +420,13 @@ impl Aggregate for Account {
                     a.signing_key_thumbprint = e.key_thumbprint;
                 }
             },
+            (AccountEvent::PushRegistered(e), Self::Active(a)) => {
+                a.push = Some(PushRegistration {
+                    mc_key_id: e.mc_key_id,
+                    push_public_key: e.push_public_key.clone(),
+                    token_ref: e.token_ref.clone(),
+                });
+            }
             (AccountEvent::Deleted(_), Self::Active(a)) => {
                 *self = Self::Deleted {
                     account: a.account,

@@ -421,3 +421,44 @@ fn a_recorded_verification_counts_within_the_window_only() {
         "not from the future"
     );
 }
+
+#[test]
+fn push_registration_needs_an_uncompressed_key_and_replaces_the_earlier_one() {
+    let key = point(7, false);
+    let register = |token_ref: &str| RegisterPush {
+        mc_key_id: [9; 32],
+        push_public_key: key.clone(),
+        token_ref: token_ref.into(),
+    };
+    let events = given::<Account>([registered()]).when(register("push/1")).events();
+    let [AccountEvent::PushRegistered(e)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(e.push_public_key, key);
+    let state = given::<Account>([registered(), events[0].clone()])
+        .when(register("push/1"))
+        .then_nothing();
+    let Account::Active(active) = &state else {
+        panic!("{state:?}")
+    };
+    assert_eq!(active.push.as_ref().map(|p| p.token_ref.as_str()), Some("push/1"));
+    assert_eq!(
+        given::<Account>([registered(), events[0].clone()])
+            .when(register("push/2"))
+            .events()
+            .len(),
+        1
+    );
+    let compressed = point(7, true);
+    given::<Account>([registered()])
+        .when(RegisterPush {
+            push_public_key: compressed,
+            ..register("push/1")
+        })
+        .then_error(AccountError::Invalid(ValidationError::InvalidKey {
+            field: "push_public_key",
+        }));
+    given_nothing::<Account>()
+        .when(register("push/1"))
+        .then_error(AccountError::NotFound);
+}

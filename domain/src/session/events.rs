@@ -3,7 +3,9 @@
 //! A session is known only by its derived id (`hsid`): the caller's nonce is a bearer secret
 //! and never appears in an event. Flow, as the SDK sees it:
 //! `opened → scanned? → confirmed → second_factor_verified? → logged_in → pinged* →
-//! logged_out`, or `aborted | expired | failed` before login. Events carry the deadlines
+//! logged_out`, or `aborted | expired | failed` before login; `provoked` (a push login asked
+//! of the account that last logged in) takes a logged-out or one-shot session back to waiting
+//! for a login. Events carry the deadlines
 //! (expiry, next ping) computed when they were decided, so readers never recompute timeouts.
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,10 @@ pub struct SessionOpened {
     pub announce_info: Option<String>,
     /// Shown to the user once logged in; same rules as `announce_info`.
     pub session_info: Option<String>,
+    /// Opened by a push login (provoke on a user or an account): the accounts asked, the only
+    /// ones that may log in. Empty (and absent from the payload) for every other session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_to: Vec<AccountId>,
 }
 
 /// `session.scanned` v1: a device picked up the session (read the QR code or opened the link).
@@ -130,6 +136,27 @@ pub struct SessionLoggedOut {
     pub logged_out_at: Timestamp,
 }
 
+/// `session.provoked` v1: the business system asked the account that last logged in on this
+/// session to log in again, by push (provokeLogin). The session waits for a login again,
+/// with these options; only that account may log in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionProvoked {
+    /// The account asked: the one that last logged in.
+    pub account_id: AccountId,
+    /// Its user.
+    pub user: UserDigest,
+    /// Seconds the new login may take.
+    pub timeout_secs: u32,
+    /// `provoked at + timeout`.
+    pub expires_at: Timestamp,
+    /// Shown to the user while confirming (same rules as at opening).
+    pub announce_info: Option<String>,
+    /// Shown to the user once logged in.
+    pub session_info: Option<String>,
+    /// When.
+    pub provoked_at: Timestamp,
+}
+
 /// `session.aborted` v1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionAborted {
@@ -168,5 +195,6 @@ crate::domain_events! {
         Aborted(SessionAborted) = ("session.aborted", 1),
         Expired(SessionExpired) = ("session.expired", 1),
         Failed(SessionFailed) = ("session.failed", 1),
+        Provoked(SessionProvoked) = ("session.provoked", 1),
     }
 }

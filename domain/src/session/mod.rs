@@ -9,9 +9,11 @@
 //! Pending | Scanned | Confirmed | SecondFactorVerified --LogIn--> LoggedIn --Ping--> LoggedIn
 //! LoggedIn --LogOut | EndByServer | Expire (ping missed)--> LoggedOut
 //! before login: --Abort | EndByServer--> Aborted, --Expire--> Expired, --Fail--> Failed
+//! LoggedOut | LoggedIn (one-shot) --ProvokeSession--> Pending (a push login, same account)
+//! NotOpened --OpenPushSession--> Pending (a push login to the named accounts)
 //! ```
 //!
-//! `LoggedOut`, `Aborted`, `Expired` and `Failed` are terminal.
+//! `Aborted`, `Expired` and `Failed` are terminal; `LoggedOut` is, but for a provoke.
 //!
 //! Rules enforced by [`Session::decide`]:
 //! - opening: timeout 30..=86400 s; ping time 0..=3600 s (0: a one-shot login, otherwise the
@@ -34,6 +36,13 @@
 //!   in) emits nothing, so a device may retry; ending an ended session emits nothing (a
 //!   repeated DELETE); every other command on an ended session is [`SessionError::Ended`].
 //! - any command but [`OpenSession`] on a session never opened is [`SessionError::NotFound`].
+//! - push logins: a session opened by [`OpenPushSession`] names the accounts asked (1..=16,
+//!   the user's), and only they may confirm or log in ([`SessionError::AccountMismatch`]).
+//!   [`ProvokeSession`] asks the account that last logged in to log in again: only a session
+//!   whose login is over or was one-shot (`LoggedOut`, one-shot `LoggedIn`) may be provoked;
+//!   one that never logged in is [`SessionError::NotProvokable`], a continuous login still on
+//!   or a login in progress [`SessionError::WrongState`], and an aborted (declined), expired or
+//!   failed one [`SessionError::Ended`] — a declined push is not asked again.
 
 mod events;
 #[cfg(test)]
@@ -70,6 +79,29 @@ pub struct OpenSession {
     pub app_login: bool,
     /// The intended user, when the caller named one.
     pub user: Option<UserDigest>,
+    /// Shown to the user while confirming.
+    pub announce_info: Option<String>,
+    /// Shown to the user once logged in.
+    pub session_info: Option<String>,
+}
+
+/// Most accounts one push login may ask.
+pub const MAX_PUSH_ACCOUNTS: usize = 16;
+
+/// Open a session as a push login to these accounts (provoke on a user or an account).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenPushSession {
+    /// The options, as for any session (`user` is the accounts' user).
+    pub open: OpenSession,
+    /// The accounts asked (1..=[`MAX_PUSH_ACCOUNTS`]); only they may log in.
+    pub push_to: Vec<AccountId>,
+}
+
+/// Ask the account that last logged in on this session to log in again, by push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvokeSession {
+    /// Seconds the new login may take.
+    pub timeout_secs: u32,
     /// Shown to the user while confirming.
     pub announce_info: Option<String>,
     /// Shown to the user once logged in.
@@ -149,6 +181,10 @@ pub struct Fail {
 pub enum SessionCommand {
     /// See [`OpenSession`].
     Open(OpenSession),
+    /// See [`OpenPushSession`].
+    OpenPush(OpenPushSession),
+    /// See [`ProvokeSession`].
+    Provoke(ProvokeSession),
     /// See [`ScanSession`].
     Scan(ScanSession),
     /// See [`ConfirmSession`].
@@ -173,6 +209,8 @@ pub enum SessionCommand {
 
 into_command!(SessionCommand {
     Open(OpenSession),
+    OpenPush(OpenPushSession),
+    Provoke(ProvokeSession),
     Scan(ScanSession),
     Confirm(ConfirmSession),
     VerifySecondFactor(VerifySecondFactor),
@@ -220,9 +258,13 @@ pub enum SessionError {
     /// The login is by another user than the one the session was opened for. HTTP 409.
     #[error("session is meant for another user")]
     UserMismatch,
-    /// The login or confirmation names another account than the one confirmed. HTTP 409.
+    /// The login or confirmation names another account than the one confirmed, or one the
+    /// push login did not ask. HTTP 409.
     #[error("another account was confirmed for this session")]
     AccountMismatch,
+    /// A provoke on a session nobody logged in to: there is no account to ask. HTTP 409.
+    #[error("nobody has logged in on this session; there is no account to ask")]
+    NotProvokable,
 }
 
 impl Classify for SessionError {
@@ -233,7 +275,8 @@ impl Classify for SessionError {
             | Self::WrongState { .. }
             | Self::NotContinuous
             | Self::UserMismatch
-            | Self::AccountMismatch => ErrorKind::Conflict,
+            | Self::AccountMismatch
+            | Self::NotProvokable => ErrorKind::Conflict,
             Self::NotFound => ErrorKind::NotFound,
             Self::Ended { .. } | Self::Expired => ErrorKind::Gone,
         }
@@ -343,12 +386,16 @@ pub enum Session {
         /// For a continuous login, when the next ping is due; `None` for a one-shot login.
         ping_deadline: Option<Timestamp>,
     },
-    /// Logged out: terminal.
+    /// Logged out: terminal, but for a provoke.
     LoggedOut {
         /// What it was opened with.
         opened: SessionOpened,
         /// Why.
         reason: LogoutReason,
+        /// The account that was logged in.
+        account_id: AccountId,
+        /// Its user.
+        user: UserDigest,
     },
     /// Cancelled before login: terminal.
     Aborted {
@@ -480,6 +527,7 @@ impl Session {
     fn decide_open(
         &self,
         cmd: OpenSession,
+        push_to: Vec<AccountId>,
         now: Timestamp,
     ) -> Result<Vec<SessionEvent>, SessionError> {
         validate::in_range(
@@ -505,6 +553,7 @@ impl Session {
                 user: cmd.user,
                 announce_info: cmd.announce_info,
                 session_info: cmd.session_info,
+                push_to,
             })]);
         };
         let status = self.status();
@@ -521,7 +570,8 @@ impl Session {
             && opened.app_login == cmd.app_login
             && opened.user == cmd.user
             && opened.announce_info == cmd.announce_info
-            && opened.session_info == cmd.session_info;
+            && opened.session_info == cmd.session_info
+            && opened.push_to == push_to;
         if same {
             Ok(Vec::new())
         } else {
@@ -529,10 +579,84 @@ impl Session {
         }
     }
 
+    fn decide_open_push(
+        &self,
+        cmd: OpenPushSession,
+        now: Timestamp,
+    ) -> Result<Vec<SessionEvent>, SessionError> {
+        let count = u32::try_from(cmd.push_to.len()).unwrap_or(u32::MAX);
+        validate::in_range("push_to", count, 1, MAX_PUSH_ACCOUNTS as u32)?;
+        if cmd.open.user.is_none() {
+            return Err(ValidationError::Empty { field: "user" }.into());
+        }
+        let mut push_to = cmd.push_to;
+        push_to.sort_unstable();
+        push_to.dedup();
+        self.decide_open(cmd.open, push_to, now)
+    }
+
+    fn decide_provoke(
+        &self,
+        cmd: ProvokeSession,
+        now: Timestamp,
+    ) -> Result<Vec<SessionEvent>, SessionError> {
+        validate::in_range(
+            "timeout_secs",
+            cmd.timeout_secs,
+            MIN_TIMEOUT_SECS,
+            MAX_TIMEOUT_SECS,
+        )?;
+        if let Some(info) = &cmd.announce_info {
+            validate::multiline_text("announce_info", info, INFO_MAX_CHARS)?;
+        }
+        if let Some(info) = &cmd.session_info {
+            validate::multiline_text("session_info", info, INFO_MAX_CHARS)?;
+        }
+        let (account_id, user) = match self {
+            Self::NotOpened => return Err(SessionError::NotFound),
+            Self::LoggedOut {
+                account_id, user, ..
+            }
+            | Self::LoggedIn {
+                account_id,
+                user,
+                ping_deadline: None,
+                ..
+            } => (*account_id, *user),
+            Self::LoggedIn { .. } => return Err(self.wrong_state("provoke")),
+            Self::Aborted { .. } | Self::Expired { .. } | Self::Failed { .. } => {
+                return Err(SessionError::Ended {
+                    status: self.status(),
+                });
+            }
+            Self::Pending { opened } if opened.push_to.is_empty() => {
+                return Err(SessionError::NotProvokable);
+            }
+            Self::Pending { .. }
+            | Self::Scanned { .. }
+            | Self::Confirmed { .. }
+            | Self::SecondFactorVerified { .. } => {
+                return Err(self.wrong_state("provoke"));
+            }
+        };
+        Ok(vec![SessionEvent::Provoked(SessionProvoked {
+            account_id,
+            user,
+            timeout_secs: cmd.timeout_secs,
+            expires_at: now.plus_secs(cmd.timeout_secs),
+            announce_info: cmd.announce_info,
+            session_info: cmd.session_info,
+            provoked_at: now,
+        })])
+    }
+
     fn decide_log_in(&self, cmd: LogIn, now: Timestamp) -> Result<Vec<SessionEvent>, SessionError> {
         let opened = self.live(now)?;
         if opened.user.is_some_and(|intended| intended != cmd.user) {
             return Err(SessionError::UserMismatch);
+        }
+        if !opened.push_to.is_empty() && !opened.push_to.contains(&cmd.account_id) {
+            return Err(SessionError::AccountMismatch);
         }
         match self {
             Self::Confirmed { account_id, .. } | Self::SecondFactorVerified { account_id, .. }
@@ -571,7 +695,9 @@ impl Aggregate for Session {
     ) -> Result<Vec<SessionEvent>, SessionError> {
         let now = ctx.now;
         match command {
-            SessionCommand::Open(cmd) => self.decide_open(cmd, now),
+            SessionCommand::Open(cmd) => self.decide_open(cmd, Vec::new(), now),
+            SessionCommand::OpenPush(cmd) => self.decide_open_push(cmd, now),
+            SessionCommand::Provoke(cmd) => self.decide_provoke(cmd, now),
             SessionCommand::Scan(ScanSession) => {
                 self.live(now)?;
                 match self {
@@ -585,7 +711,10 @@ impl Aggregate for Session {
                 }
             }
             SessionCommand::Confirm(cmd) => {
-                self.live(now)?;
+                let opened = self.live(now)?;
+                if !opened.push_to.is_empty() && !opened.push_to.contains(&cmd.account_id) {
+                    return Err(SessionError::AccountMismatch);
+                }
                 match self {
                     Self::Pending { .. } | Self::Scanned { .. } => {
                         Ok(vec![SessionEvent::Confirmed(SessionConfirmed {
@@ -747,10 +876,35 @@ impl Aggregate for Session {
                 user,
                 ping_deadline: Some(e.ping_deadline),
             },
-            (Self::LoggedIn { opened, .. }, E::LoggedOut(e)) => Self::LoggedOut {
+            (
+                Self::LoggedIn {
+                    opened,
+                    account_id,
+                    user,
+                    ..
+                },
+                E::LoggedOut(e),
+            ) => Self::LoggedOut {
                 opened,
                 reason: e.reason,
+                account_id,
+                user,
             },
+            (Self::LoggedIn { opened, .. } | Self::LoggedOut { opened, .. }, E::Provoked(e)) => {
+                Self::Pending {
+                    opened: SessionOpened {
+                        session: opened.session,
+                        ping_time_secs: opened.ping_time_secs,
+                        timeout_secs: e.timeout_secs,
+                        expires_at: e.expires_at,
+                        app_login: false,
+                        user: Some(e.user),
+                        announce_info: e.announce_info.clone(),
+                        session_info: e.session_info.clone(),
+                        push_to: vec![e.account_id],
+                    },
+                }
+            }
             (
                 Self::Pending { opened }
                 | Self::Scanned { opened, .. }

@@ -48,6 +48,7 @@ fn opened_by(cmd: OpenSession) -> SessionEvent {
         user: cmd.user,
         announce_info: cmd.announce_info,
         session_info: cmd.session_info,
+        push_to: Vec::new(),
     })
 }
 
@@ -909,4 +910,189 @@ fn lifecycle_snapshot() {
     insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
         insta::assert_yaml_snapshot!(NAME, rendered);
     });
+}
+
+fn open_push(accounts: Vec<AccountId>) -> OpenPushSession {
+    OpenPushSession {
+        open: OpenSession {
+            user: Some(USER),
+            ..open()
+        },
+        push_to: accounts,
+    }
+}
+
+fn provoke() -> ProvokeSession {
+    ProvokeSession {
+        timeout_secs: 120,
+        announce_info: Some("Log in again?".into()),
+        session_info: None,
+    }
+}
+
+fn provoked(at: Timestamp) -> SessionEvent {
+    SessionEvent::Provoked(SessionProvoked {
+        account_id: ACCOUNT,
+        user: USER,
+        timeout_secs: 120,
+        expires_at: at.plus_secs(120),
+        announce_info: Some("Log in again?".into()),
+        session_info: None,
+        provoked_at: at,
+    })
+}
+
+#[test]
+fn a_push_session_lets_only_the_accounts_it_asked_log_in() {
+    let events = given_nothing::<Session>()
+        .when(open_push(vec![OTHER_ACCOUNT, ACCOUNT, ACCOUNT]))
+        .events();
+    let [SessionEvent::Opened(e)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    // Sorted and without duplicates: a retried provoke compares equal.
+    assert_eq!(e.push_to, vec![ACCOUNT, OTHER_ACCOUNT]);
+    let opened = events[0].clone();
+    given::<Session>([opened.clone()])
+        .when(open_push(vec![ACCOUNT, OTHER_ACCOUNT]))
+        .then_nothing();
+    given::<Session>([opened.clone()])
+        .when(open_push(vec![ACCOUNT]))
+        .then_error(SessionError::AlreadyExists);
+    let stranger = AccountId::from_bytes([0x99; 16]);
+    given::<Session>([opened.clone()])
+        .when(LogIn {
+            account_id: stranger,
+            user: USER,
+        })
+        .then_error(SessionError::AccountMismatch);
+    given::<Session>([opened.clone()])
+        .when(ConfirmSession {
+            account_id: stranger,
+        })
+        .then_error(SessionError::AccountMismatch);
+    given::<Session>([opened])
+        .when(LogIn {
+            account_id: OTHER_ACCOUNT,
+            user: USER,
+        })
+        .then(vec![SessionEvent::LoggedIn(SessionLoggedIn {
+            account_id: OTHER_ACCOUNT,
+            user: USER,
+            continuous: false,
+            ping_deadline: None,
+        })]);
+}
+
+#[test]
+fn a_push_session_names_its_user_and_one_to_sixteen_accounts() {
+    given_nothing::<Session>()
+        .when(open_push(Vec::new()))
+        .then_error(invalid(ValidationError::OutOfRange {
+            field: "push_to",
+            min: 1,
+            max: 16,
+            actual: 0,
+        }));
+    let many = (0..17u8).map(|i| AccountId::from_bytes([i; 16])).collect();
+    given_nothing::<Session>()
+        .when(open_push(many))
+        .then_error(invalid(ValidationError::OutOfRange {
+            field: "push_to",
+            min: 1,
+            max: 16,
+            actual: 17,
+        }));
+    given_nothing::<Session>()
+        .when(OpenPushSession {
+            open: open(),
+            push_to: vec![ACCOUNT],
+        })
+        .then_error(invalid(ValidationError::Empty { field: "user" }));
+}
+
+#[test]
+fn provoke_asks_the_last_account_again_after_a_logout_or_a_one_shot_login() {
+    let out = vec![
+        opened_continuous(),
+        logged_in_continuous(t(10)),
+        logged_out(LogoutReason::PingMissed, t(70)),
+    ];
+    let state = given::<Session>(out.clone())
+        .at(t(100))
+        .when(provoke())
+        .then(vec![provoked(t(100))]);
+    assert_eq!(state.status(), SessionStatus::Pending);
+    assert_eq!(state.expires_at(), Some(t(220)));
+    let reopened = state.opened().unwrap();
+    assert_eq!(reopened.push_to, vec![ACCOUNT]);
+    assert_eq!(reopened.user, Some(USER));
+    assert_eq!(reopened.ping_time_secs, 60, "the session stays continuous");
+    // Only that account may log in; it does, and the session is continuous again.
+    let mut history = out;
+    history.push(provoked(t(100)));
+    given::<Session>(history.clone())
+        .at(t(110))
+        .when(LogIn {
+            account_id: OTHER_ACCOUNT,
+            user: USER,
+        })
+        .then_error(SessionError::AccountMismatch);
+    given::<Session>(history.clone())
+        .at(t(110))
+        .when(log_in())
+        .then(vec![logged_in_continuous(t(110))]);
+    // A provoke that is not answered expires, and an expired one is not asked again.
+    history.push(expired(t(220)));
+    given::<Session>(history)
+        .at(t(230))
+        .when(provoke())
+        .then_error(SessionError::Ended {
+            status: SessionStatus::Expired,
+        });
+    // One-shot logins may be provoked while logged in (they never log out).
+    given::<Session>([opened(), logged_in()])
+        .at(t(100))
+        .when(provoke())
+        .then(vec![provoked(t(100))]);
+}
+
+#[test]
+fn provoke_is_refused_without_a_login_while_one_is_on_and_after_a_decline() {
+    given_nothing::<Session>()
+        .when(provoke())
+        .then_error(SessionError::NotFound);
+    given::<Session>([opened()])
+        .when(provoke())
+        .then_error(SessionError::NotProvokable);
+    given::<Session>([opened(), scanned()])
+        .when(provoke())
+        .then_error(wrong("provoke", SessionStatus::Scanned));
+    given::<Session>([opened_continuous(), logged_in_continuous(t(10))])
+        .at(t(20))
+        .when(provoke())
+        .then_error(wrong("provoke", SessionStatus::LoggedIn));
+    // Declined: the user said no to the push; it is not asked again.
+    given::<Session>([
+        opened(),
+        logged_in(),
+        provoked(t(100)),
+        aborted(AbortedBy::User, t(110)),
+    ])
+    .at(t(120))
+    .when(provoke())
+    .then_error(SessionError::Ended {
+        status: SessionStatus::Aborted,
+    });
+    given::<Session>([opened(), logged_in()])
+        .when(ProvokeSession {
+            timeout_secs: 5,
+            ..provoke()
+        })
+        .then_error(invalid(ValidationError::OutOfRange {
+            field: "timeout_secs",
+            min: MIN_TIMEOUT_SECS,
+            max: MAX_TIMEOUT_SECS,
+            actual: 5,
+        }));
 }

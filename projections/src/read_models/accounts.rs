@@ -106,7 +106,9 @@ impl Fold {
                 ..Patch::default()
             },
             // The read model shows which factor an account has, not when it last used it.
-            AccountEvent::SecondFactorVerified(_) => Patch::default(),
+            AccountEvent::SecondFactorVerified(_) | AccountEvent::PushRegistered(_) => {
+                Patch::default()
+            }
         };
         let patch = Patch {
             last_position: at.position,

@@ -3,7 +3,9 @@
 //!
 //! States: `session.opened` → pending; `scanned`, `confirmed`, `second_factor_verified` →
 //! scanned; `logged_in` → logged_in; `pinged` moves the ping deadline only; `logged_out`,
-//! `aborted`, `expired`, `failed` → their state. A history entry is written only when the state
+//! `aborted`, `expired`, `failed` → their state; `provoked` (a push login asked again of the
+//! account that last logged in) → pending, with the provoke's expiry, user and infos, the
+//! last login's account kept. A history entry is written only when the state
 //! changes. Times are the event's own where it carries one, else the envelope's
 //! `recorded_at`.
 //!
@@ -108,6 +110,17 @@ pub struct SessionRow {
     pub history: Vec<HistoryRow>,
 }
 
+impl SessionRow {
+    /// Whether a provoke may ask for a login again (provokeLogin): someone logged in on the
+    /// session, and that login is over (logged out) or was one-shot. The aggregate decides;
+    /// this is what the session read shows.
+    pub fn can_provoke(&self) -> bool {
+        self.account_id.is_some()
+            && (self.state == SessionState::LoggedOut.as_str()
+                || (self.state == SessionState::LoggedIn.as_str() && self.ping_time_secs == 0))
+    }
+}
+
 /// One state change of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryRow {
@@ -149,6 +162,16 @@ struct Delta {
     account_id: Option<AccountId>,
     user_digest: Option<UserDigest>,
     ping_deadline: Option<Option<Timestamp>>,
+    reopen: Option<Reopen>,
+}
+
+/// What a provoke sets anew.
+#[derive(Debug, Clone)]
+struct Reopen {
+    expires_at: Timestamp,
+    intended_user: Option<UserDigest>,
+    announce_info: Option<String>,
+    session_info: Option<String>,
 }
 
 /// The fields a batch sets on a session opened before it.
@@ -158,6 +181,7 @@ struct Patch {
     account_id: Option<AccountId>,
     user_digest: Option<UserDigest>,
     ping_deadline: Option<Option<Timestamp>>,
+    reopen: Option<Reopen>,
     updated_at: Timestamp,
     last_position: u64,
     /// State changes to append; the first is kept only if the stored state differs from it.
@@ -233,6 +257,19 @@ impl Fold {
             SessionEvent::Aborted(e) => (state(SessionState::Aborted), e.aborted_at),
             SessionEvent::Expired(e) => (state(SessionState::Expired), e.expired_at),
             SessionEvent::Failed(e) => (state(SessionState::Failed), e.failed_at),
+            SessionEvent::Provoked(e) => (
+                Delta {
+                    ping_deadline: Some(None),
+                    reopen: Some(Reopen {
+                        expires_at: e.expires_at,
+                        intended_user: Some(e.user),
+                        announce_info: e.announce_info,
+                        session_info: e.session_info,
+                    }),
+                    ..state(SessionState::Pending)
+                },
+                e.provoked_at,
+            ),
         };
         let change = delta.state.map(|state| History {
             position: at.position,
@@ -253,6 +290,12 @@ impl Fold {
                     if let Some(deadline) = delta.ping_deadline {
                         row.ping_deadline = deadline;
                     }
+                    if let Some(reopen) = &delta.reopen {
+                        row.expires_at = reopen.expires_at;
+                        row.intended_user = reopen.intended_user;
+                        row.announce_info.clone_from(&reopen.announce_info);
+                        row.session_info.clone_from(&reopen.session_info);
+                    }
                     row.updated_at = time;
                     row.last_position = at.position;
                 }
@@ -264,6 +307,7 @@ impl Fold {
                     account_id: None,
                     user_digest: None,
                     ping_deadline: None,
+                    reopen: None,
                     updated_at: time,
                     last_position: at.position,
                     history: Vec::new(),
@@ -297,6 +341,9 @@ impl Patch {
         self.user_digest = delta.user_digest.or(self.user_digest);
         if delta.ping_deadline.is_some() {
             self.ping_deadline = delta.ping_deadline;
+        }
+        if delta.reopen.is_some() {
+            self.reopen.clone_from(&delta.reopen);
         }
         self.updated_at = time;
         self.last_position = position;
@@ -368,6 +415,11 @@ struct PatchColumns {
     user_digest: Vec<Option<Vec<u8>>>,
     set_ping: Vec<bool>,
     ping_deadline: Vec<Option<i64>>,
+    reopen: Vec<bool>,
+    expires_at: Vec<Option<i64>>,
+    intended_user: Vec<Option<Vec<u8>>>,
+    announce_info: Vec<Option<String>>,
+    session_info: Vec<Option<String>>,
     updated_at: Vec<i64>,
     last_position: Vec<i64>,
     /// The first change's state (`None`: the batch changed no state).
@@ -460,6 +512,22 @@ impl Fold {
                     patches
                         .ping_deadline
                         .push(p.ping_deadline.flatten().map(Timestamp::as_millis));
+                    patches.reopen.push(p.reopen.is_some());
+                    patches
+                        .expires_at
+                        .push(p.reopen.as_ref().map(|r| r.expires_at.as_millis()));
+                    patches.intended_user.push(bytes(
+                        p.reopen
+                            .as_ref()
+                            .and_then(|r| r.intended_user.as_ref())
+                            .map(UserDigest::as_bytes),
+                    ));
+                    patches
+                        .announce_info
+                        .push(p.reopen.as_ref().and_then(|r| r.announce_info.clone()));
+                    patches
+                        .session_info
+                        .push(p.reopen.as_ref().and_then(|r| r.session_info.clone()));
                     patches.updated_at.push(p.updated_at.as_millis());
                     patches.last_position.push(db_position(p.last_position)?);
                     patches.first_state.push(history.first_state);
@@ -509,12 +577,18 @@ impl Fold {
                    account_id = COALESCE(u.account_id, s.account_id), \
                    user_digest = COALESCE(u.user_digest, s.user_digest), \
                    ping_deadline = CASE WHEN u.set_ping THEN u.ping_deadline ELSE s.ping_deadline END, \
+                   expires_at = CASE WHEN u.reopen THEN u.expires_at ELSE s.expires_at END, \
+                   intended_user = CASE WHEN u.reopen THEN u.intended_user ELSE s.intended_user END, \
+                   announce_info = CASE WHEN u.reopen THEN u.announce_info ELSE s.announce_info END, \
+                   session_info = CASE WHEN u.reopen THEN u.session_info ELSE s.session_info END, \
                    updated_at = u.updated_at, last_position = u.last_position, \
                    history = s.history || CASE WHEN s.state = u.first_state THEN u.rest ELSE u.all_changes END \
                  FROM UNNEST($1::bytea[], $2::bytea[], $3::text[], $4::bytea[], $5::bytea[], \
                    $6::boolean[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], \
-                   $12::text[]) AS u(server_id, hsid, state, account_id, user_digest, set_ping, \
-                   ping_deadline, updated_at, last_position, first_state, all_changes, rest) \
+                   $12::text[], $13::boolean[], $14::bigint[], $15::bytea[], $16::text[], $17::text[]) \
+                   AS u(server_id, hsid, state, account_id, user_digest, set_ping, \
+                   ping_deadline, updated_at, last_position, first_state, all_changes, rest, \
+                   reopen, expires_at, intended_user, announce_info, session_info) \
                  WHERE s.server_id = u.server_id AND s.hsid = u.hsid",
             )
             .bind(&patches.server_id)
@@ -529,6 +603,11 @@ impl Fold {
             .bind(&patches.first_state)
             .bind(&patches.all)
             .bind(&patches.rest)
+            .bind(&patches.reopen)
+            .bind(&patches.expires_at)
+            .bind(&patches.intended_user)
+            .bind(&patches.announce_info)
+            .bind(&patches.session_info)
             .execute(&mut *tx)
             .await?;
         }
@@ -567,6 +646,10 @@ impl Fold {
                         "UPDATE rm_sessions SET state = COALESCE($3, state), \
                            account_id = COALESCE($4, account_id), user_digest = COALESCE($5, user_digest), \
                            ping_deadline = CASE WHEN $6 THEN $7 ELSE ping_deadline END, \
+                           expires_at = CASE WHEN $13 THEN $14 ELSE expires_at END, \
+                           intended_user = CASE WHEN $13 THEN $15 ELSE intended_user END, \
+                           announce_info = CASE WHEN $13 THEN $16 ELSE announce_info END, \
+                           session_info = CASE WHEN $13 THEN $17 ELSE session_info END, \
                            updated_at = $8, last_position = $9, \
                            history = history || CASE WHEN state = $10 THEN $12 ELSE $11 END \
                          WHERE server_id = $1 AND hsid = $2",
@@ -583,6 +666,16 @@ impl Fold {
                     .bind(history.first_state)
                     .bind(history.all)
                     .bind(history.rest)
+                    .bind(p.reopen.is_some())
+                    .bind(p.reopen.as_ref().map(|r| r.expires_at.as_millis()))
+                    .bind(
+                        p.reopen
+                            .as_ref()
+                            .and_then(|r| r.intended_user.as_ref())
+                            .map(|d| d.as_bytes().to_vec()),
+                    )
+                    .bind(p.reopen.as_ref().and_then(|r| r.announce_info.clone()))
+                    .bind(p.reopen.as_ref().and_then(|r| r.session_info.clone()))
                 }
             };
             query.execute(&mut *tx).await?;

@@ -244,6 +244,7 @@ fn opened(
         user,
         announce_info: Some("Log in to Acme?".into()),
         session_info: None,
+        push_to: Vec::new(),
     })
 }
 

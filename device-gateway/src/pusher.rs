@@ -1,0 +1,501 @@
+//! The NS side of push: tails the event log and, for every event an app must hear of while
+//! it is closed, seals a push message to each account concerned and submits it to that
+//! account's Message Center (`docs/message-center.md`).
+//!
+//! What is pushed, and to whom:
+//! - `session.opened` of a push login (provoke on a user or an account) → `login` to each
+//!   account asked; `session.provoked` (provoke on a session) → `login` to the account that
+//!   last logged in; both expire with the session's login deadline;
+//! - `session.logged_in` of a push login that asked several accounts → `withdrawn` to the
+//!   others (one of the user's phones took it);
+//! - `session.logged_out` by the business system → `logged_out` to the account;
+//! - `account.deleted` by the business system → `account_deleted` to the account;
+//! - `transaction.created` by the business API → `transaction` to the user's accounts (the
+//!   named one only, when the creator named one), expiring with the transaction.
+//!
+//! Rules: an account without a push registration gets nothing (its app hears on its next
+//! connection); the message id is derived from the event id and the account (SHA-256, first
+//! 16 bytes), so a restart that pushes an event again submits the same id, which the MC takes
+//! once and the SDK runs once; the position reached is kept in `ns_push_checkpoint` only after
+//! every message of the events before it was taken by its MC, so nothing is lost on a crash.
+//! An MC that cannot be reached (or answers 5xx/429) is retried with backoff, holding the
+//! follower there; an MC that refuses a message for good (unknown token, bad input) is logged
+//! and counted, and the follower moves on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use countersign_commands::{Clock, Commands};
+use countersign_domain::account::{AccountEvent, DeletedBy};
+use countersign_domain::session::{LogoutReason, Session, SessionEvent};
+use countersign_domain::transaction::{TransactionEvent, TransactionOrigin};
+use countersign_domain::{AccountId, AccountRef, Hsid, ServerId, SessionRef};
+use countersign_eventstore::vault::KeyVault;
+use countersign_eventstore::{Database, Direction, RecordedEvent, SharedStore, with_pool};
+use countersign_projections::read_models::ReadModels;
+use countersign_protocol::device::Bytes;
+use countersign_protocol::push::{self, PushBody, PushMessage, PushTarget};
+use sha2::{Digest as _, Sha256};
+
+use crate::TrustedMc;
+
+/// Events read from the log per round.
+const BATCH: usize = 500;
+/// Submissions in flight at once.
+const IN_FLIGHT: usize = 64;
+/// How long a logout or deletion notice stays worth delivering.
+const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
+/// The checkpoint row's name.
+const CHECKPOINT: &str = "push";
+
+/// Why the pusher stopped a round (it restarts after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Store(#[from] countersign_eventstore::StoreError),
+    #[error(transparent)]
+    Command(#[from] countersign_commands::CommandError),
+    #[error(transparent)]
+    Projection(#[from] countersign_projections::ProjectionError),
+    #[error("ns_push_checkpoint: {0}")]
+    Checkpoint(#[from] sqlx::Error),
+}
+
+/// One message to seal and submit.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    account: AccountRef,
+    message_id: [u8; 16],
+    expires_at_ms: i64,
+    body: PushBody,
+}
+
+/// An account's push registration, as its stream says.
+#[derive(Debug, Clone)]
+struct Registration {
+    mc_key_id: [u8; 32],
+    push_public_key: Vec<u8>,
+    token_ref: String,
+}
+
+/// How a submission ended.
+enum Submitted {
+    /// The MC took it (or had it already).
+    Taken,
+    /// The MC refused it for good.
+    Refused,
+    /// Try again later.
+    Again,
+}
+
+/// The log follower that sends push messages. Cheap to clone.
+#[derive(Clone)]
+pub struct Pusher(Arc<Inner>);
+
+struct Inner {
+    commands: Commands,
+    reads: ReadModels,
+    store: SharedStore,
+    vault: KeyVault,
+    database: Database,
+    clock: Arc<dyn Clock>,
+    centers: Vec<TrustedMc>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Pusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pusher")
+            .field("centers", &self.0.centers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pusher {
+    pub fn new(
+        commands: Commands,
+        reads: ReadModels,
+        store: SharedStore,
+        vault: KeyVault,
+        database: Database,
+        clock: Arc<dyn Clock>,
+        centers: Vec<TrustedMc>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(IN_FLIGHT)
+            .build()
+            .unwrap_or_default();
+        Self(Arc::new(Inner {
+            commands,
+            reads,
+            store,
+            vault,
+            database,
+            clock,
+            centers,
+            http,
+        }))
+    }
+
+    /// Follows the log from the checkpoint (from the log's end on the very first start: there
+    /// is nothing to push for what happened before push was configured), forever; restarts
+    /// after a failure.
+    pub async fn run(&self) {
+        loop {
+            if let Err(error) = self.follow().await {
+                tracing::error!(%error, "push follower failed; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn follow(&self) -> Result<(), PushError> {
+        let store = &self.0.store;
+        let mut next = match self.checkpoint().await? {
+            Some(next) => next,
+            None => {
+                let next = store.last_position().await?.map_or(0, |p| p + 1);
+                self.save_checkpoint(next).await?;
+                next
+            }
+        };
+        let mut head = store.head();
+        let mut woken = self.0.reads.processed();
+        loop {
+            head.borrow_and_update();
+            let events = store.read_all(next, BATCH).await?;
+            let Some(last) = events.last() else {
+                woken.borrow_and_update();
+                tokio::select! {
+                    changed = head.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(()) = woken.changed() => {}
+                    () = tokio::time::sleep(crate::hub::POLL) => {}
+                }
+                continue;
+            };
+            let reached = last.position + 1;
+            let mut outgoing = Vec::new();
+            for event in &events {
+                outgoing.extend(self.messages_for(event).await?);
+            }
+            self.deliver(outgoing).await;
+            self.save_checkpoint(reached).await?;
+            next = reached;
+        }
+    }
+
+    /// Submits every message, retrying those whose MC was unavailable until it takes them.
+    async fn deliver(&self, outgoing: Vec<Outgoing>) {
+        use futures::StreamExt as _;
+        let mut pending = outgoing;
+        let mut backoff = Duration::from_millis(200);
+        while !pending.is_empty() {
+            let results: Vec<(Outgoing, Submitted)> = futures::stream::iter(pending)
+                .map(|message| async move {
+                    let outcome = self.submit(&message).await;
+                    (message, outcome)
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await;
+            pending = results
+                .into_iter()
+                .filter_map(|(message, outcome)| match outcome {
+                    Submitted::Again
+                        if message.expires_at_ms > self.0.clock.now().as_millis() =>
+                    {
+                        Some(message)
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !pending.is_empty() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+
+    /// The messages one event calls for.
+    async fn messages_for(&self, event: &RecordedEvent) -> Result<Vec<Outgoing>, PushError> {
+        let now = self.0.clock.now().as_millis();
+        let id = |account: AccountId| message_id(event, account);
+        if let Some((server, hsid)) = scoped(&event.stream, "session-")
+            .and_then(|(s, h)| Some((ServerId::parse_hex(s).ok()?, Hsid::parse_hex(h).ok()?)))
+        {
+            let session = SessionRef::new(server, hsid);
+            let hsid_bytes = Bytes(*hsid.as_bytes());
+            let to = |accounts: &[AccountId], body: PushBody, expires_at_ms: i64| {
+                accounts
+                    .iter()
+                    .map(|account| Outgoing {
+                        account: AccountRef::new(server, *account),
+                        message_id: id(*account),
+                        expires_at_ms,
+                        body: body.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let interesting = matches!(
+                event.event_type.as_str(),
+                "session.opened" | "session.provoked" | "session.logged_in" | "session.logged_out"
+            );
+            if !interesting {
+                return Ok(Vec::new());
+            }
+            let decoded = event.decode::<SessionEvent>()?;
+            return Ok(match decoded {
+                SessionEvent::Opened(opened) if !opened.push_to.is_empty() => to(
+                    &opened.push_to,
+                    PushBody::Login { hsid: hsid_bytes },
+                    opened.expires_at.as_millis(),
+                ),
+                SessionEvent::Provoked(provoked) => to(
+                    &[provoked.account_id],
+                    PushBody::Login { hsid: hsid_bytes },
+                    provoked.expires_at.as_millis(),
+                ),
+                SessionEvent::LoggedIn(logged_in) => {
+                    let loaded = self.0.commands.sessions.load(session).await?;
+                    let others: Vec<AccountId> = loaded
+                        .state
+                        .opened()
+                        .map(|o| o.push_to.clone())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|a| *a != logged_in.account_id)
+                        .collect();
+                    to(&others, PushBody::Withdrawn { hsid: hsid_bytes }, now + NOTICE_TTL_MS)
+                }
+                SessionEvent::LoggedOut(out) if out.reason == LogoutReason::Server => {
+                    let loaded = self.0.commands.sessions.load(session).await?;
+                    match loaded.state {
+                        Session::LoggedOut { account_id, .. } => to(
+                            &[account_id],
+                            PushBody::LoggedOut { hsid: hsid_bytes },
+                            now + NOTICE_TTL_MS,
+                        ),
+                        _ => Vec::new(),
+                    }
+                }
+                _ => Vec::new(),
+            });
+        }
+        if event.event_type == "account.deleted"
+            && let Some((server, account)) = scoped(&event.stream, "account-").and_then(|(s, a)| {
+                Some((ServerId::parse_hex(s).ok()?, AccountId::parse_hex(a).ok()?))
+            })
+        {
+            if let AccountEvent::Deleted(deleted) = event.decode::<AccountEvent>()?
+                && deleted.by == DeletedBy::Server
+            {
+                return Ok(vec![Outgoing {
+                    account: AccountRef::new(server, account),
+                    message_id: id(account),
+                    expires_at_ms: now + NOTICE_TTL_MS,
+                    body: PushBody::AccountDeleted,
+                }]);
+            }
+            return Ok(Vec::new());
+        }
+        if event.event_type == "transaction.created"
+            && let TransactionEvent::Created(created) = event.decode::<TransactionEvent>()?
+            && created.origin == TransactionOrigin::Api
+        {
+            let server = created.transaction.server_id;
+            let accounts: Vec<AccountId> = match created.account_id {
+                Some(named) => vec![named],
+                None => self
+                    .0
+                    .reads
+                    .accounts(server, created.user)
+                    .await?
+                    .into_iter()
+                    .map(|a| a.account_id)
+                    .collect(),
+            };
+            let body = PushBody::Transaction {
+                transaction_id: Bytes(*created.transaction.transaction_id.as_bytes()),
+            };
+            return Ok(accounts
+                .into_iter()
+                .map(|account| Outgoing {
+                    account: AccountRef::new(server, account),
+                    message_id: id(account),
+                    expires_at_ms: created.expires_at.as_millis(),
+                    body: body.clone(),
+                })
+                .collect());
+        }
+        Ok(Vec::new())
+    }
+
+    /// The account's current push registration, read from its stream (a deleted account's
+    /// last one: its app is told of the deletion).
+    async fn registration(&self, account: AccountRef) -> Result<Option<Registration>, PushError> {
+        let mut found = None;
+        let mut from = 0;
+        loop {
+            let page = self
+                .0
+                .store
+                .read_stream(&account.stream(), Some(from), Direction::Forwards, 1_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            from = last.version + 1;
+            for recorded in &page {
+                if recorded.event_type == "account.push_registered"
+                    && let AccountEvent::PushRegistered(e) = recorded.decode::<AccountEvent>()?
+                {
+                    found = Some(Registration {
+                        mc_key_id: e.mc_key_id,
+                        push_public_key: e.push_public_key,
+                        token_ref: e.token_ref,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Seals one message and submits it to the account's MC.
+    async fn submit(&self, message: &Outgoing) -> Submitted {
+        match self.try_submit(message).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(%error, "push not submitted; trying again");
+                Submitted::Again
+            }
+        }
+    }
+
+    async fn try_submit(&self, message: &Outgoing) -> Result<Submitted, PushError> {
+        let Some(registration) = self.registration(message.account).await? else {
+            return Ok(Submitted::Refused);
+        };
+        let Some(center) = self
+            .0
+            .centers
+            .iter()
+            .find(|mc| mc.key_id() == registration.mc_key_id)
+        else {
+            tracing::warn!("an account's Message Center is no longer trusted; push dropped");
+            return Ok(Submitted::Refused);
+        };
+        let Some(token) = self.0.vault.get(&registration.token_ref).await? else {
+            return Ok(Submitted::Refused);
+        };
+        let server = message.account.server_id;
+        let sender = self.0.commands.secrets.push_sender_key(server).await?;
+        let mut random = [0u8; 32];
+        countersign_commands::random_bytes(&mut random)?;
+        let expires_at_ms = u64::try_from(message.expires_at_ms).unwrap_or_default();
+        let target = PushTarget {
+            server_id: *server.as_bytes(),
+            account_id: *message.account.account_id.as_bytes(),
+        };
+        let plaintext = PushMessage {
+            body: message.body.clone(),
+            sent_at_ms: u64::try_from(self.0.clock.now().as_millis()).unwrap_or_default(),
+        };
+        let envelope = match push::seal(
+            &sender,
+            &registration.push_public_key,
+            &target,
+            message.message_id,
+            expires_at_ms,
+            &plaintext,
+            random,
+        ) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::warn!(%error, "push not sealed");
+                return Ok(Submitted::Refused);
+            }
+        };
+        let high = matches!(
+            message.body,
+            PushBody::Login { .. } | PushBody::Transaction { .. }
+        );
+        let body = serde_json::json!({
+            "message_id": hex::encode(message.message_id),
+            "expires_at_ms": expires_at_ms,
+            "priority": if high { "high" } else { "normal" },
+            "collapse_id": serde_json::Value::Null,
+            "envelope": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&envelope),
+        });
+        let bearer = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.as_slice());
+        let answer = self
+            .0
+            .http
+            .post(format!("{}/v1/mc/messages", center.url.trim_end_matches('/')))
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
+            .await;
+        let status = match answer {
+            Ok(answer) => answer.status(),
+            Err(error) => {
+                tracing::warn!(error = %error.without_url(), "Message Center unreachable");
+                return Ok(Submitted::Again);
+            }
+        };
+        Ok(if status.is_success() {
+            Submitted::Taken
+        } else if status.is_server_error() || status.as_u16() == 429 {
+            Submitted::Again
+        } else {
+            tracing::warn!(%status, "the Message Center refused a push message");
+            Submitted::Refused
+        })
+    }
+
+    async fn checkpoint(&self) -> Result<Option<u64>, PushError> {
+        let row: Option<(i64,)> = with_pool!(&self.0.database, pool => {
+            sqlx::query_as("SELECT position FROM ns_push_checkpoint WHERE name = $1")
+                .bind(CHECKPOINT)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.and_then(|(p,)| u64::try_from(p).ok()))
+    }
+
+    async fn save_checkpoint(&self, next: u64) -> Result<(), PushError> {
+        let next = i64::try_from(next).unwrap_or(i64::MAX);
+        with_pool!(&self.0.database, pool => {
+            sqlx::query(
+                "INSERT INTO ns_push_checkpoint (name, position) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position",
+            )
+            .bind(CHECKPOINT)
+            .bind(next)
+            .execute(pool)
+            .await
+            .map(|_| ())?
+        });
+        Ok(())
+    }
+}
+
+/// `SHA-256("countersign-push-id" ‖ event id ‖ account id)`, first 16 bytes.
+fn message_id(event: &RecordedEvent, account: AccountId) -> [u8; 16] {
+    let mut hash = Sha256::new();
+    hash.update(b"countersign-push-id");
+    hash.update(event.event_id.as_bytes());
+    hash.update(account.as_bytes());
+    let digest = hash.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
+    id
+}
+
+/// `{prefix}{server hex}-{id hex}` → the two hex parts.
+fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    stream.strip_prefix(prefix)?.split_once('-')
+}
