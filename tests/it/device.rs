@@ -26,7 +26,7 @@ use crate::api::{Api, next_state};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn nonce(byte: u8) -> String {
+pub(crate) fn nonce(byte: u8) -> String {
     hex::encode([byte; 16])
 }
 
@@ -35,7 +35,7 @@ fn sdk() -> Sdk {
 }
 
 /// A server whose logins need no second factor, one API key, and `userid` with attributes.
-async fn tenant(api: &Api, name: &str, userid: &str) -> (String, String) {
+pub(crate) async fn tenant(api: &Api, name: &str, userid: &str) -> (String, String) {
     let (server, token) = api.tenant(name).await;
     let (status, body) = api
         .admin(
@@ -72,7 +72,7 @@ pub(crate) async fn enrolment_qr(api: &Api, server: &str, token: &str, userid: &
 }
 
 /// Enrols the SDK through a QR code; answers the new account id.
-async fn enrol(sdk: &Sdk, qr: &str) -> String {
+pub(crate) async fn enrol(sdk: &Sdk, qr: &str) -> String {
     let (callbacks, _events) = ChannelCallbacks::new();
     let session = sdk.start_session(qr.as_bytes(), callbacks).await.unwrap();
     assert!(session.is_enrolment());

@@ -21,6 +21,7 @@ mod evidence;
 mod feed;
 mod idempotency;
 mod limits;
+mod push;
 mod scale;
 mod second_factor;
 mod session_nonce;
