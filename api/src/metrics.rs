@@ -57,6 +57,9 @@ fn latency_histogram() -> Histogram {
 
 struct Inner {
     registry: Registry,
+    /// Metrics of components served beside the API (the Message Center), registered after
+    /// start-up, without the prefix (their names carry it).
+    extra: std::sync::Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     lag_positions: Gauge,
@@ -123,6 +126,7 @@ impl Metrics {
         Self(Arc::new(Inner {
             streams,
             registry,
+            extra: std::sync::Mutex::new(Registry::default()),
             requests,
             latency,
             lag_positions,
@@ -132,6 +136,13 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Adds a component's metrics to what `GET /metrics` answers.
+    pub fn register(&self, register: impl FnOnce(&mut Registry)) {
+        if let Ok(mut extra) = self.0.extra.lock() {
+            register(&mut extra);
+        }
+    }
+
     pub(crate) fn streams(&self) -> &StreamMetrics {
         &self.0.streams
     }
@@ -186,8 +197,13 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
     }
     metrics.lag_seconds.set(lag_seconds);
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &metrics.registry)
+    prometheus_client::encoding::text::encode_registry(&mut text, &metrics.registry)
         .map_err(ApiError::internal)?;
+    if let Ok(extra) = metrics.extra.lock() {
+        prometheus_client::encoding::text::encode_registry(&mut text, &extra)
+            .map_err(ApiError::internal)?;
+    }
+    prometheus_client::encoding::text::encode_eof(&mut text).map_err(ApiError::internal)?;
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -61,6 +61,9 @@ pub enum BenchWhat {
     /// append-to-projection lag through relay, broker and Kafka-fed projector at a steady
     /// rate. Needs a scratch PostgreSQL database with an empty log, and a broker.
     Scale(scale::ScaleArgs),
+    /// The Message Center: messages/s to an FCM stand-in (with its bare HTTP rate as the
+    /// ceiling), and the drain of a backlog queued during a stand-in outage, none lost.
+    Push(crate::bench_push::PushBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,6 +141,7 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Sfs(args) => sfs(&args),
         BenchWhat::Scale(args) => scale::scale(settings, args).await,
         BenchWhat::Streams(args) => crate::bench_streams::streams(settings, args).await,
+        BenchWhat::Push(args) => crate::bench_push::push(settings, args).await,
     }
 }
 

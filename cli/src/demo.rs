@@ -10,7 +10,8 @@
 //! the session out and the phone hears it. Last, every event the story wrote, what a reader of
 //! the log learns from each, and the signed audit trail over them.
 //!
-//! The demo types the PIN for the user and says so; the PIN itself is never printed.
+//! The demo types the PIN for the user and says so; the PIN itself is never printed, nor are
+//! the push token, the MC token or a session nonce.
 //!
 //! Without `--database-url` it uses a fresh SQLite file in a temporary folder, so it can be
 //! run any number of times on a machine with nothing but the binary.
@@ -30,9 +31,12 @@ use countersign_domain::user::UserEvent;
 use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Metadata, RecordedEvent};
+use countersign_message_center::events::McEvent;
+use countersign_message_center::standin::FcmStandin;
 use countersign_mobile_sdk::{
-    ChannelCallbacks, EncryptedFileStorage, HistoryStatus, Interaction, Sdk, SdkConfig, SdkError,
-    SecondFactor, SecondFactorEvent, SessionHandle, SfsConfig, State,
+    ChannelCallbacks, EncryptedFileStorage, HistoryStatus, Interaction, McConfig, NoCallbacks,
+    Platform, PushAction, Sdk, SdkConfig, SdkError, SecondFactor, SecondFactorEvent, SessionHandle,
+    SfsConfig, State,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -55,6 +59,10 @@ const STEP: Duration = Duration::from_secs(30);
 const PIN: &str = "4096";
 const MISTYPED_PIN: &str = "4069";
 
+/// The phone's FCM registration token at the stand-in, and the app's package. Never printed.
+const PUSH_TOKEN: &str = "demo-phone-token";
+const APP_ID: &str = "example.bank.app";
+
 /// The phone's second factor is asked.
 const WAITS_FOR_FACTOR: State = State::UserInteraction(Interaction::WaitForSecondFactor);
 
@@ -75,13 +83,26 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     crate::config::create_secret_file(&admin_key_file)?;
     let mut serve = ServeArgs::local(admin_key_file);
     serve.checkpoint_interval_ms = 1_000;
+    // Google's push service, stood in for in this process; the Message Center gets the
+    // stand-in's service-account file as it would a real Firebase project's.
+    let fcm = FcmStandin::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("cannot start the FCM stand-in")?;
+    let fcm_account = tmp.path().join("fcm-service-account.json");
+    std::fs::write(&fcm_account, fcm.service_account_json())
+        .with_context(|| format!("cannot write {}", fcm_account.display()))?;
+    serve.push.fcm_service_account = Some(fcm_account);
+    serve.push.fcm_url = fcm.url();
     let running = crate::serve::start(&settings, &serve, Arc::new(SystemClock)).await?;
     let base = format!("http://{}", running.addr);
     writeln!(
         out,
         " 1. started countersign serve in this process on {base}: the business API, the device \
-         gateway at ws://{addr}/v1/device and the second-factor server at ws://{addr}/v1/sfs",
-        addr = running.addr
+         gateway at ws://{addr}/v1/device, the second-factor server at ws://{addr}/v1/sfs and \
+         the Message Center at ws://{addr}/v1/mc, which pushes to Android phones through an FCM \
+         stand-in on {fcm_url} (Google's HTTP v1 API, in this process)",
+        addr = running.addr,
+        fcm_url = fcm.url()
     )?;
 
     // The operator's part, through the command services (what the admin API calls).
@@ -174,14 +195,19 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     )?;
 
     // The phone: the mobile SDK, its encrypted state in a temporary folder, bound to the
-    // second-factor server served alongside (its keys read once: trust on first use).
+    // second-factor server and the Message Center served alongside (their keys read once:
+    // trust on first use; an app ships with them).
     let sfs = SfsConfig::fetch(&format!("{base}/v1/sfs"))
         .await
         .context("cannot read the second-factor server's keys")?;
+    let mc = McConfig::fetch(&format!("{base}/v1/mc"))
+        .await
+        .context("cannot read the Message Center's key")?;
     let phone = Sdk::open(
         Arc::new(EncryptedFileStorage::in_dir(tmp.path().join("phone"))?),
         SdkConfig {
             sfs: Some(sfs),
+            mc: Some(mc),
             ..SdkConfig::default()
         },
     )?;
@@ -335,13 +361,15 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let (state, _) = heard.next_state().await?;
     writeln!(out, "    business system hears: {state}")?;
 
+    push_login(&mut out, &business, &phone, &fcm, &account, alice).await?;
+
     payment(&mut out, &base, &business, &phone, &account, alice).await?;
 
     commands
         .servers
         .revoke_api_key(server, key_id, &meta)
         .await?;
-    writeln!(out, "14. revoked the business system's API key")?;
+    writeln!(out, "16. revoked the business system's API key")?;
     drop((login, enrolment, phone));
     running.stop().await?;
 
@@ -403,7 +431,171 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Steps 11–13: the business system asks for a payment, the phone shows it and approves it
+/// Steps 11–12: the phone registers for push; the business system asks the user's phone to
+/// log in (a provoke on the user, no QR code); the push goes NS → Message Center → FCM
+/// stand-in → phone, which opens it and logs in with the PIN.
+async fn push_login(
+    out: &mut impl std::io::Write,
+    business: &Business,
+    phone: &Sdk,
+    fcm: &FcmStandin,
+    account: &str,
+    userid: &str,
+) -> anyhow::Result<()> {
+    let registered = phone
+        .register_push(Platform::Fcm, PUSH_TOKEN, APP_ID)
+        .await
+        .context("the phone could not register for push")?;
+    if !registered.registered.iter().any(|a| a == account) {
+        bail!(
+            "the phone's account was not registered for push: {:?}",
+            registered.failed
+        );
+    }
+    writeln!(
+        out,
+        "11. phone: registered for push at the Message Center with its FCM token (mailbox {}); \
+         it gave Demo Bank, over the device gateway, the mailbox's MC token (the NS seals it in \
+         its key vault) and a new push public key for account {account}",
+        registered.mailbox
+    )?;
+
+    let nonce = random_nonce()?;
+    let announce = "Log in to Demo Bank on your computer?";
+    let path = format!("/users/{userid}/provoke");
+    let response = business
+        .send(
+            Method::POST,
+            &path,
+            Some(json!({
+                "nonce": nonce,
+                "ping_time_secs": 0,
+                "announce_info": announce,
+                "session_info": "Signed in by push",
+            })),
+        )
+        .await?;
+    let status = response.status();
+    let provoked: Value = serde_json::from_slice(&response.bytes().await?).unwrap_or(Value::Null);
+    let position = provoked
+        .get("position")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let asked = provoked
+        .get("accounts")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let session = business.session(&nonce);
+    let mut heard = session
+        .follow(&format!("/session/events?min_position={position}"))
+        .await?;
+    writeln!(
+        out,
+        "12. business system: {userid} signs in on the website, no QR code to scan: POST \
+         …{path} with a fresh session nonce → {} {}, {asked} account(s) asked",
+        status.as_u16(),
+        text(&provoked, "state")
+    )?;
+
+    let push = tokio::time::timeout(STEP, fcm.next_push(PUSH_TOKEN))
+        .await
+        .context("no push reached the FCM stand-in in time")?;
+    let payload = serde_json::to_vec(&push.payload_json)?;
+    writeln!(
+        out,
+        "    the NS sealed a login request to the account's push key (HPKE, RFC 9180) and \
+         handed it to the Message Center, which pushed it through FCM: {} bytes of FCM data",
+        payload.len()
+    )?;
+    let recorded = fcm.recording().bytes();
+    let leaks = [userid, account, announce, "Alice Martin"]
+        .iter()
+        .any(|clear| contains(&recorded, clear.as_bytes()));
+    if leaks {
+        bail!("the FCM stand-in received something in clear");
+    }
+    writeln!(
+        out,
+        "    FCM stand-in: {} request(s) received; none holds the userid, the account id, the \
+         user's name or the announce text: ciphertext only",
+        fcm.recording().len()
+    )?;
+
+    let (callbacks, events) = ChannelCallbacks::new();
+    let mut states = States::new(events, "    phone: ");
+    let action = phone
+        .process_push(&payload, callbacks)
+        .await
+        .context("the phone refused the push")?;
+    let PushAction::Login(login) = action else {
+        bail!("the push was no login request: {action:?}");
+    };
+    states.print(out)?;
+    writeln!(
+        out,
+        "    phone: the push opens with account {account}'s push key (and only for this server \
+         and account): a login request showing {:?}; the user confirms",
+        login.announce_info().unwrap_or_default()
+    )?;
+    login.set_account(Some(account)).await?;
+    states.print(out)?;
+    if login.state() == WAITS_FOR_FACTOR {
+        writeln!(out, "    phone: asks for the PIN\n    phone: PIN entered")?;
+        login
+            .set_pin_biometric(SecondFactor::pin(PIN))
+            .await
+            .context("the phone's PIN was refused")?;
+    }
+    let ended = finished(&login).await?;
+    states.print(out)?;
+    if ended.history_status != Some(HistoryStatus::LoggedInOneShot) {
+        bail!("the pushed login did not complete: {ended:?}");
+    }
+    let position = loop {
+        let (state, position) = heard.next_state().await?;
+        writeln!(out, "    business system hears: {state}")?;
+        if state == "logged_in" {
+            break position;
+        }
+    };
+    let view = session
+        .json(
+            Method::GET,
+            &format!("/session?min_position={position}"),
+            None,
+        )
+        .await?;
+    writeln!(
+        out,
+        "    business system: the session is {} for {} (can_provoke: {})",
+        text(&view, "state"),
+        text(&view, "userid"),
+        view.get("can_provoke")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    )?;
+    // What an app does when it shows its main screen: pull the mailbox. The message pushed
+    // is there too (a push may be lost); it ran already, so it is ignored.
+    let pulled = phone
+        .pull_messages(Arc::new(NoCallbacks))
+        .await
+        .context("the phone could not pull its mailbox")?;
+    writeln!(
+        out,
+        "    phone: pulled its mailbox (as on showing its main screen): {} message(s), {} of \
+         them run already and ignored",
+        pulled.processed + pulled.duplicates + pulled.expired + pulled.failed.len(),
+        pulled.duplicates
+    )?;
+    Ok(())
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Steps 13–15: the business system asks for a payment, the phone shows it and approves it
 /// with a fresh PIN, the business system fetches the evidence and verifies it offline.
 async fn payment(
     out: &mut impl std::io::Write,
@@ -438,7 +630,7 @@ async fn payment(
         .await?;
     writeln!(
         out,
-        "11. business system: asked {userid} to approve a payment (transaction {id}, {} bytes of \
+        "13. business system: asked {userid} to approve a payment (transaction {id}, {} bytes of \
          application/json)",
         data.len()
     )?;
@@ -502,7 +694,7 @@ async fn payment(
     };
     writeln!(
         out,
-        "12. business system: fetched the evidence bundle ({} bytes of CBOR) once the audit \
+        "14. business system: fetched the evidence bundle ({} bytes of CBOR) once the audit \
          trail's signed checkpoint covered the signature",
         bundle.len()
     )?;
@@ -532,7 +724,7 @@ async fn payment(
     .map_err(|e| anyhow::anyhow!("the evidence does not verify: {e}"))?;
     writeln!(
         out,
-        "13. verified it offline (countersign verify): VALID — account {} approved exactly these \
+        "15. verified it offline (countersign verify): VALID — account {} approved exactly these \
          bytes and this text with a {} attested by the SFS; the signature is event {} of the \
          audit tree of {} leaves signed at checkpoint {}",
         hex::encode(verified.account_id),
@@ -730,6 +922,12 @@ async fn describe(
     users: &countersign_commands::user::UserCommands,
     event: &RecordedEvent,
 ) -> String {
+    if event.event_type.starts_with("mc.") {
+        return match McEvent::decode(event) {
+            Ok(mc_event) => describe_mc(&mc_event),
+            Err(error) => format!("undecodable: {error}"),
+        };
+    }
     let decoded = match AnyEvent::decode(&event.event_type, event.schema_version, &event.payload) {
         Ok(decoded) => decoded,
         Err(error) => return format!("undecodable: {error}"),
@@ -749,6 +947,11 @@ async fn describe(
                 "second factor {}, proven by an SFS attestation (its digest only)",
                 kind(e.second_factor)
             );
+        }
+        AnyEvent::Account(AccountEvent::PushRegistered(_)) => {
+            return "push: which Message Center (a digest of its key), the account's push public \
+                    key; the MC token only as a key-vault reference"
+                .to_owned();
         }
         AnyEvent::SecondFactor(factor_event) => return describe_factor(factor_event),
         AnyEvent::Attestation(_) => {
@@ -792,10 +995,16 @@ fn describe_transaction(event: &TransactionEvent) -> String {
 
 fn describe_session(event: &SessionEvent) -> String {
     match event {
+        SessionEvent::Opened(e) if !e.push_to.is_empty() => format!(
+            "a push login asking {} account(s); expires {} s after opening",
+            e.push_to.len(),
+            e.timeout_secs
+        ),
         SessionEvent::Opened(e) => format!(
             "ping {} s, expires {} s after opening",
             e.ping_time_secs, e.timeout_secs
         ),
+        SessionEvent::Provoked(e) => format!("account {} asked again by push", e.account_id),
         SessionEvent::SecondFactorVerified(e) => format!(
             "{} verified by the SFS (its attestation's digest only)",
             kind(e.factor)
@@ -810,6 +1019,39 @@ fn describe_session(event: &SessionEvent) -> String {
             LogoutReason::PingMissed => "the device stopped pinging".to_owned(),
         },
         _ => String::new(),
+    }
+}
+
+/// The Message Center's events: digests, sizes and times; never a token or an envelope.
+fn describe_mc(event: &McEvent) -> String {
+    match event {
+        McEvent::MailboxRegistered { platform, .. } => {
+            format!(
+                "a mailbox for {} push; the MC token it issued as a digest only",
+                platform.to_uppercase()
+            )
+        }
+        McEvent::PushTokenUpdated { .. } => "a new push token, as a digest".to_owned(),
+        McEvent::MessageQueued { size, .. } => {
+            format!("{size} bytes of ciphertext queued (a digest of them only)")
+        }
+        McEvent::DeliveryAttempted {
+            outcome, reason, ..
+        } => format!("push not delivered ({}): {reason}", outcome.label()),
+        McEvent::MessageDelivered { latency_ms, .. } => {
+            format!("pushed through FCM {latency_ms} ms after it was queued")
+        }
+        McEvent::PushTokenDropped { reason } => format!("push token dropped: {reason}"),
+        McEvent::MessageExpired { .. } => "expired before the phone took it".to_owned(),
+        McEvent::MessagePulled { message_ids } => {
+            format!("{} message(s) pulled by the phone", message_ids.len())
+        }
+        McEvent::MessageAcknowledged { message_ids } => {
+            format!(
+                "{} message(s) acknowledged: gone from the mailbox",
+                message_ids.len()
+            )
+        }
     }
 }
 

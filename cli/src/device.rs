@@ -19,7 +19,12 @@
 //! - the second-factor server (SFS) is the one the phone first enrolled with (trust on first
 //!   use: its keys are fetched from `{gateway http base}/v1/sfs/key` and stored in
 //!   `{home}/sfs.json`), or the one `--sfs` names; later runs pin the stored keys;
-//! - a QR image is untrusted input: it is decoded with size limits and checked indexing.
+//! - the Message Center (MC) is pinned the same way: `--mc-url`, else the one stored in
+//!   `{home}/mc.json`, else (for `register-push` and `listen`) the one served next to the
+//!   gateway of this device's first server (`…/v1/device` → `…/v1/mc`, trust on first use);
+//! - a QR image is untrusted input: it is decoded with size limits and checked indexing; a
+//!   push (from a stand-in's control API) is untrusted too: the SDK opens and checks it, this
+//!   module only hands it over and prints what the SDK did with it.
 //!
 //! Everything printed goes through the writer passed in (stdout for the binary); errors go
 //! up as `anyhow` errors and the binary prints them on stderr.
@@ -32,9 +37,10 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
 use countersign_mobile_sdk::{
-    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, Pin, Sdk, SdkConfig,
-    SdkError, SecondFactor, SecondFactorEvent, SessionHandle, SessionKind, SessionSnapshot,
-    SfsConfig, SimulatedBiometric, State, TransactionDetails, decode_input,
+    ChannelCallbacks, EncryptedFileStorage, Event, HistoryStatus, Interaction, McConfig, Pin,
+    Platform, PullReport, PushAction, Sdk, SdkConfig, SdkError, SecondFactor, SecondFactorEvent,
+    SessionHandle, SessionKind, SessionSnapshot, SfsConfig, SimulatedBiometric, State,
+    TransactionDetails, decode_input,
 };
 use countersign_protocol::device::ErrorCode;
 use countersign_protocol::qr::{DEEP_LINK_PREFIX, QrKind};
@@ -68,6 +74,16 @@ pub struct DeviceArgs {
         value_name = "URL"
     )]
     pub sfs: Option<String>,
+    /// The Message Center, e.g. `http://127.0.0.1:8080/v1/mc` (default: the one stored in
+    /// `--home`, else the one served next to the gateway of this device's first server). Its
+    /// key is fetched when it is not the stored one, and stored.
+    #[arg(
+        long = "mc-url",
+        env = "COUNTERSIGN_DEVICE_MC_URL",
+        global = true,
+        value_name = "URL"
+    )]
+    pub mc_url: Option<String>,
     #[command(subcommand)]
     pub command: DeviceCommand,
 }
@@ -111,6 +127,65 @@ pub enum DeviceCommand {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Register this device for push at its Message Center, and give every account's server
+    /// the mailbox (again with a new token: updates it).
+    RegisterPush(RegisterPushArgs),
+    /// Stay connected and handle what the servers send: every account's notices over the
+    /// gateway, the mailbox pulled at start, and (with `--push-control` and `--push-token`)
+    /// the pushes a stand-in receives for this device. A pushed login is answered as `login`
+    /// answers a scanned one. Runs until Ctrl-C / SIGTERM (which log out first).
+    #[command(after_help = EXIT_STATUS)]
+    Listen(ListenArgs),
+}
+
+/// The push services a device registers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PushPlatform {
+    /// Firebase Cloud Messaging (Android).
+    Fcm,
+    /// Apple Push Notification service (iOS).
+    Apns,
+}
+
+impl From<PushPlatform> for Platform {
+    fn from(platform: PushPlatform) -> Self {
+        match platform {
+            PushPlatform::Fcm => Self::Fcm,
+            PushPlatform::Apns => Self::Apns,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegisterPushArgs {
+    /// The push service of the token.
+    #[arg(long, value_enum)]
+    pub platform: PushPlatform,
+    /// The FCM registration token or the APNs device token (hex); empty: pull only.
+    #[arg(long)]
+    pub token: String,
+    /// The Android package or the APNs topic (bundle id).
+    #[arg(long, default_value = DEFAULT_APP_ID)]
+    pub app_id: String,
+}
+
+/// The app id `register-push` gives when none is named.
+pub const DEFAULT_APP_ID: &str = "com.example.countersign";
+
+#[derive(Debug, clap::Args)]
+pub struct ListenArgs {
+    /// A push stand-in's control API (the FCM stand-in's base URL, the APNs stand-in's
+    /// control URL), long-polled for the pushes sent to `--push-token`.
+    #[arg(long, value_name = "URL", requires = "push_token")]
+    pub push_control: Option<String>,
+    /// The push token this device registered (`register-push --token`).
+    #[arg(long, value_name = "TOKEN", requires = "push_control")]
+    pub push_token: Option<String>,
+    /// Confirm pushed logins without asking, with the account the push names.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub factor: FactorArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,6 +300,10 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.sfs {
         sfs = Some(set_sfs(home, sfs, url, &mut out).await?);
     }
+    let mut mc = load_mc(home)?;
+    if let Some(url) = &args.mc_url {
+        mc = Some(set_mc(home, mc, url, &mut out).await?);
+    }
     match args.command {
         DeviceCommand::Enrol(enrol) => {
             let input = read_input(&enrol.input)?;
@@ -236,7 +315,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                 }
             }
             let has_sfs = sfs.is_some();
-            let sdk = open_sdk(home, sfs, &enrol.factor)?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &enrol.factor)?;
             let choice = Choice {
                 yes: enrol.yes,
                 account: None,
@@ -256,7 +335,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
         DeviceCommand::Login(login) => {
             let input = read_input(&login.input)?;
             let has_sfs = sfs.is_some();
-            let sdk = open_sdk(home, sfs, &login.factor)?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &login.factor)?;
             let choice = Choice {
                 yes: login.yes,
                 account: login.account,
@@ -274,14 +353,15 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             .await
         }
         DeviceCommand::Accounts => {
-            let sdk = open_sdk(home, sfs.clone(), &FactorArgs::none())?;
+            let sdk = open_sdk(home, sfs.clone(), mc.clone(), &FactorArgs::none())?;
             print_accounts(&sdk, sfs.as_ref(), &mut out)
         }
-        DeviceCommand::History => {
-            print_history(&open_sdk(home, sfs, &FactorArgs::none())?, &mut out)
-        }
+        DeviceCommand::History => print_history(
+            &open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?,
+            &mut out,
+        ),
         DeviceCommand::DeleteAccount { account_id } => {
-            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?;
             let info = match sdk.delete_account(&account_id).await {
                 Err(SdkError::UnknownAccount) => bail!("no account {account_id} on this device"),
                 other => other.context("cannot delete the account")?,
@@ -294,7 +374,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             Ok(())
         }
         DeviceCommand::Upgrade(upgrade) => {
-            let mut sdk = open_sdk(home, sfs.clone(), &upgrade.factor)?;
+            let mut sdk = open_sdk(home, sfs.clone(), mc.clone(), &upgrade.factor)?;
             let Some(account) = sdk
                 .accounts()?
                 .into_iter()
@@ -317,7 +397,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                     bail!("{NO_SFS}");
                 }
                 drop(sdk);
-                sdk = open_sdk(home, found, &upgrade.factor)?;
+                sdk = open_sdk(home, found, mc.clone(), &upgrade.factor)?;
             }
             let source = FactorSource::of(&upgrade.factor);
             let (sdk_ref, id) = (&sdk, account.account_id.as_str());
@@ -336,7 +416,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             if sfs.is_none() {
                 bail!("{NO_SFS}");
             }
-            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?;
             let old = match change.pin {
                 Some(pin) => pin,
                 None => answers.require_pin("old PIN: ", &mut out).await?,
@@ -353,7 +433,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             if sfs.is_none() {
                 bail!("{NO_SFS}");
             }
-            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?;
             let source = register.pin.map_or(FactorSource::Prompt, FactorSource::Pin);
             let sdk_ref = &sdk;
             give_factor(&source, &mut answers, &mut out, move |factor| async move {
@@ -374,12 +454,35 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             if sfs.is_none() {
                 bail!("{NO_SFS}");
             }
-            let sdk = open_sdk(home, sfs, &sign.factor)?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &sign.factor)?;
             approve_transaction(&sdk, &input, &sign, &mut answers, &mut out).await
         }
         DeviceCommand::Transactions { account } => {
-            let sdk = open_sdk(home, sfs, &FactorArgs::none())?;
+            let sdk = open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?;
             print_transactions(&sdk, account.as_deref(), &mut out).await
+        }
+        DeviceCommand::RegisterPush(register) => {
+            let mc = match mc {
+                Some(mc) => mc,
+                None => mc_first_use(home, sfs.clone(), &mut out).await?,
+            };
+            let sdk = open_sdk(home, sfs, Some(mc), &FactorArgs::none())?;
+            register_push(&sdk, &register, &mut out).await
+        }
+        DeviceCommand::Listen(args) => {
+            if mc.is_none() && args.push_control.is_some() {
+                bail!(
+                    "this device is not registered for push: `countersign device register-push` first"
+                );
+            }
+            let choice = Choice {
+                yes: args.yes,
+                account: None,
+                factor: FactorSource::of(&args.factor),
+                has_sfs: sfs.is_some(),
+            };
+            let sdk = open_sdk(home, sfs, mc, &args.factor)?;
+            listen(&sdk, &args, &choice, &mut answers, &mut out).await
         }
     }
 }
@@ -549,13 +652,19 @@ async fn print_transactions(
 const NO_SFS: &str = "this device has no second-factor server: enrol at a server first, or \
                       pass --sfs URL (a server's http://HOST:PORT/v1/sfs)";
 
-/// Opens the SDK over the encrypted state in `home`, bound to `sfs`, with the simulated
+/// Opens the SDK over the encrypted state in `home`, bound to `sfs` and `mc`, with the simulated
 /// biometric check `factor` asks for.
-fn open_sdk(home: &Path, sfs: Option<SfsConfig>, factor: &FactorArgs) -> anyhow::Result<Sdk> {
+fn open_sdk(
+    home: &Path,
+    sfs: Option<SfsConfig>,
+    mc: Option<McConfig>,
+    factor: &FactorArgs,
+) -> anyhow::Result<Sdk> {
     let storage = EncryptedFileStorage::in_dir(home)
         .with_context(|| format!("cannot open the device home {}", home.display()))?;
     let config = SdkConfig {
         sfs,
+        mc,
         ..SdkConfig::default()
     };
     let sdk = Sdk::open(Arc::new(storage), config)
@@ -746,8 +855,14 @@ async fn set_sfs(
 /// The SFS `countersign serve` serves next to its device gateway: `…/v1/device` →
 /// `…/v1/sfs`; `None` for a gateway URL of another shape.
 fn sfs_next_to(gateway: &str) -> Option<String> {
+    service_next_to(gateway, "sfs")
+}
+
+/// The service `countersign serve` serves next to its device gateway: `…/v1/device` →
+/// `…/v1/{service}`; `None` for a gateway URL of another shape.
+fn service_next_to(gateway: &str, service: &str) -> Option<String> {
     let base = gateway.trim_end_matches('/').strip_suffix("/v1/device")?;
-    Some(format!("{base}/v1/sfs"))
+    Some(format!("{base}/v1/{service}"))
 }
 
 /// Trust on first use: the SFS served next to `gateway` (`…/v1/device` → `…/v1/sfs`),
@@ -779,6 +894,546 @@ async fn first_use(home: &Path, gateway: &str, out: &mut dyn Write) -> Option<Sf
         fetched.url
     );
     Some(fetched)
+}
+
+/// The MC as stored in `{home}/mc.json` (its channel key, hex SEC1).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredMc {
+    url: String,
+    channel_public_key: String,
+}
+
+const MC_FILE: &str = "mc.json";
+
+fn load_mc(home: &Path) -> anyhow::Result<Option<McConfig>> {
+    let path = home.join(MC_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let stored: StoredMc = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a Message Center record", path.display()))?;
+    Ok(Some(McConfig {
+        channel_public_key: hex::decode(&stored.channel_public_key)
+            .with_context(|| format!("{} holds a key that is not hex", path.display()))?,
+        url: stored.url,
+    }))
+}
+
+fn save_mc(home: &Path, mc: &McConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home)
+        .with_context(|| format!("cannot create the device home {}", home.display()))?;
+    let stored = StoredMc {
+        url: mc.url.clone(),
+        channel_public_key: hex::encode(&mc.channel_public_key),
+    };
+    let path = home.join(MC_FILE);
+    let tmp = home.join(format!("{MC_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&stored)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Fetches the MC key at `url` and stores it.
+async fn fetch_mc(
+    home: &Path,
+    url: &str,
+    out: &mut dyn Write,
+    how: &str,
+) -> anyhow::Result<McConfig> {
+    let fetched = McConfig::fetch(url)
+        .await
+        .with_context(|| format!("cannot read the Message Center's key at {url}"))?;
+    save_mc(home, &fetched)?;
+    writeln!(
+        out,
+        "message center: {} ({how}its key is now pinned)",
+        fetched.url
+    )?;
+    Ok(fetched)
+}
+
+/// `--mc-url URL`: the stored MC if it is that one (its key stays pinned), else fetches the
+/// key at `url` and stores it.
+async fn set_mc(
+    home: &Path,
+    stored: Option<McConfig>,
+    url: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<McConfig> {
+    if let Some(stored) = stored.filter(|m| ws_form(&m.url) == ws_form(url)) {
+        return Ok(stored);
+    }
+    fetch_mc(home, url, out, "").await
+}
+
+/// Trust on first use: the MC served next to the gateway of this device's first server
+/// (`…/v1/device` → `…/v1/mc`), stored for later runs.
+async fn mc_first_use(
+    home: &Path,
+    sfs: Option<SfsConfig>,
+    out: &mut dyn Write,
+) -> anyhow::Result<McConfig> {
+    let sdk = open_sdk(home, sfs, None, &FactorArgs::none())?;
+    let gateway = sdk
+        .servers()?
+        .into_iter()
+        .next()
+        .map(|s| s.gateway)
+        .context("this device has no server yet: enrol first, or pass --mc-url URL")?;
+    let url = service_next_to(&gateway, "mc").with_context(|| {
+        format!("cannot tell the Message Center of gateway {gateway}: pass --mc-url URL")
+    })?;
+    fetch_mc(home, &url, out, "trusted on first use; ").await
+}
+
+/// `device register-push`.
+async fn register_push(
+    sdk: &Sdk,
+    args: &RegisterPushArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let report = sdk
+        .register_push(args.platform.into(), &args.token, &args.app_id)
+        .await
+        .context("cannot register at the Message Center")?;
+    writeln!(
+        out,
+        "push registered: mailbox {} ({})",
+        report.mailbox,
+        if report.new_mailbox {
+            "new"
+        } else {
+            "known; its push token updated"
+        }
+    )?;
+    for account in &report.registered {
+        writeln!(
+            out,
+            "  {}: registered at its server",
+            account_label(sdk, Some(account))
+        )?;
+    }
+    for account in &report.already {
+        writeln!(
+            out,
+            "  {}: registered already",
+            account_label(sdk, Some(account))
+        )?;
+    }
+    for (account, error) in &report.failed {
+        writeln!(
+            out,
+            "  {}: not registered: {error}",
+            account_label(sdk, Some(account))
+        )?;
+    }
+    if report.registered.is_empty() && report.already.is_empty() && report.failed.is_empty() {
+        writeln!(
+            out,
+            "  no accounts yet: accounts enrolled from now on get push at enrolment"
+        )?;
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "{} account(s) could not be registered: run `register-push` again",
+            report.failed.len()
+        );
+    }
+    Ok(())
+}
+
+/// How long one long poll of a stand-in's pushes may wait (the stand-in caps it at 30 s).
+const PUSH_POLL_WAIT_MS: u64 = 25_000;
+
+/// One push as a stand-in's control API lists it.
+#[derive(Debug, Deserialize)]
+struct StandinPush {
+    seq: u64,
+    payload: serde_json::Value,
+}
+
+/// Long-polls `{control}/standin/devices/{token}/pushes` and sends each push on, in order,
+/// until `pushes` is dropped. A failed poll is told on stderr and tried again a second later.
+async fn poll_pushes(control: String, token: String, pushes: mpsc::Sender<StandinPush>) {
+    let http = reqwest::Client::new();
+    let base = control.trim_end_matches('/').to_owned();
+    let mut after = 0u64;
+    loop {
+        let url = format!(
+            "{base}/standin/devices/{token}/pushes?after={after}&wait_ms={PUSH_POLL_WAIT_MS}"
+        );
+        let answer = http
+            .get(&url)
+            .timeout(std::time::Duration::from_millis(PUSH_POLL_WAIT_MS + 10_000))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status);
+        let listed = match answer {
+            Ok(response) => response.json::<Vec<StandinPush>>().await,
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(listed) => {
+                for push in listed {
+                    after = after.max(push.seq);
+                    if pushes.send(push).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("warning: cannot read the pushes at {base}: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// `device listen`: every account's gateway connection (notices: a transaction waiting, the
+/// account deleted), the mailbox pulled at start, and the stand-in's pushes, until Ctrl-C.
+async fn listen(
+    sdk: &Sdk,
+    args: &ListenArgs,
+    choice: &Choice,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use futures::stream::FuturesUnordered;
+
+    let mut interrupt = Interrupt::new()?;
+    let (callbacks, events) = ChannelCallbacks::new();
+    let mut notices = States::new(events, "");
+    let mut connections = FuturesUnordered::new();
+    for account in sdk.accounts()? {
+        let id = account.account_id.clone();
+        match sdk.listen(&id, callbacks.clone()).await {
+            Ok(listener) => {
+                writeln!(out, "listening for {}", account_label(sdk, Some(&id)))?;
+                connections.push(async move { (id, listener.ended().await) });
+            }
+            Err(e) => writeln!(out, "cannot listen for account {id}: {e}")?,
+        }
+    }
+    notices.print(out)?;
+    let mut phone = Phone {
+        sdk,
+        choice,
+        open: Vec::new(),
+    };
+    if sdk.push_mailbox()?.is_some() {
+        let (pull_callbacks, events) = ChannelCallbacks::new();
+        let mut states = States::new(events, "  ");
+        match sdk.pull_messages(pull_callbacks).await {
+            Ok(report) => {
+                phone
+                    .pulled("pulled at start", report, &mut states, answers, out)
+                    .await?
+            }
+            Err(e) => writeln!(out, "cannot pull the mailbox: {e}")?,
+        }
+    } else {
+        writeln!(
+            out,
+            "not registered for push: `countersign device register-push` first"
+        )?;
+    }
+    let (push_tx, mut pushes) = mpsc::channel(16);
+    let poller = match (&args.push_control, &args.push_token) {
+        (Some(control), Some(token)) => {
+            writeln!(out, "receiving pushes from {control}")?;
+            Some(tokio::spawn(poll_pushes(
+                control.clone(),
+                token.clone(),
+                push_tx,
+            )))
+        }
+        _ => {
+            drop(push_tx);
+            None
+        }
+    };
+    out.flush()?;
+    let result = loop {
+        let ended = phone.ended();
+        tokio::select! {
+            Some(push) = pushes.recv() => {
+                if let Err(e) = phone.push(push, answers, out).await {
+                    break Err(e);
+                }
+            }
+            Some((id, end)) = connections.next() => {
+                notices.print(out)?;
+                if end == countersign_mobile_sdk::ListenEnd::Closed {
+                    writeln!(out, "the gateway connection for account {id} closed")?;
+                }
+            }
+            Some(event) = notices.events.recv() => notices.show(&event, out)?,
+            Some(n) = ended => phone.close(n, out)?,
+            () = interrupt.recv() => {
+                writeln!(out, "interrupted")?;
+                break Ok(());
+            }
+        }
+        out.flush()?;
+    };
+    if let Some(poller) = poller {
+        poller.abort();
+    }
+    phone.log_out_all(out).await?;
+    result
+}
+
+/// The pushed logins `device listen` keeps open, and how it answers pushes.
+struct Phone<'a> {
+    sdk: &'a Sdk,
+    choice: &'a Choice,
+    /// Continuous sessions logged in by push, with their state printers.
+    open: Vec<(SessionHandle, States)>,
+}
+
+impl Phone<'_> {
+    /// Resolves with the index of an open session that ended (never, with none open).
+    fn ended(&self) -> impl Future<Output = Option<usize>> + use<> {
+        let waits: Vec<_> = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(n, (session, _))| {
+                let session = session.clone();
+                Box::pin(async move {
+                    session.wait_for(|s| s.state.is_final()).await;
+                    n
+                })
+            })
+            .collect();
+        async move {
+            if waits.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            Some(futures::future::select_all(waits).await.0)
+        }
+    }
+
+    /// An open session ended: prints how, forgets it.
+    fn close(&mut self, n: usize, out: &mut dyn Write) -> anyhow::Result<()> {
+        if n >= self.open.len() {
+            return Ok(());
+        }
+        let (session, mut states) = self.open.remove(n);
+        states.print(out)?;
+        let last = session.snapshot();
+        if last.history_status == Some(HistoryStatus::LoggedOut) {
+            writeln!(out, "  logged out by the server")?;
+        }
+        if let Err(e) = finish(self.sdk, &last, out) {
+            writeln!(out, "  {e:#}")?;
+        }
+        Ok(())
+    }
+
+    /// Ctrl-C: logs the open sessions out.
+    async fn log_out_all(&mut self, out: &mut dyn Write) -> anyhow::Result<()> {
+        for (session, mut states) in std::mem::take(&mut self.open) {
+            if !session.state().is_final() {
+                writeln!(out, "logging out of {}", session_label(self.sdk, &session))?;
+                session.stop_session().await.context("cannot log out")?;
+            }
+            states.print(out)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// One push from the stand-in: handed to the SDK, one line on what it was.
+    async fn push(
+        &mut self,
+        push: StandinPush,
+        answers: &mut Answers,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        let label = format!("push {}", push.seq);
+        let bytes = serde_json::to_vec(&push.payload)?;
+        let (callbacks, events) = ChannelCallbacks::new();
+        let mut states = States::new(events, "  ");
+        match self.sdk.process_push(&bytes, callbacks).await {
+            Ok(PushAction::Pulled(report)) => {
+                self.pulled(
+                    &format!("{label}: a wake-up"),
+                    report,
+                    &mut states,
+                    answers,
+                    out,
+                )
+                .await
+            }
+            Ok(action) => self.act(&label, action, states, answers, out).await,
+            Err(e) => {
+                writeln!(out, "{label}: refused: {e}")?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A pull's report: a line for it, then each message as a push.
+    async fn pulled(
+        &mut self,
+        label: &str,
+        report: PullReport,
+        states: &mut States,
+        answers: &mut Answers,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        writeln!(
+            out,
+            "{label}: {} message(s) pulled from the mailbox ({} ran before, {} expired)",
+            report.processed + report.duplicates + report.expired + report.failed.len(),
+            report.duplicates,
+            report.expired
+        )?;
+        for (id, error) in &report.failed {
+            writeln!(out, "  message {id}: {error}")?;
+        }
+        for action in report.actions {
+            // The pulled sessions share the pull's callbacks: one printer for them all.
+            let (callbacks, events) = ChannelCallbacks::new();
+            drop(callbacks);
+            let shared = std::mem::replace(states, States::new(events, "  "));
+            self.act("  pulled", action, shared, answers, out).await?;
+        }
+        Ok(())
+    }
+
+    /// Does what a push (or a pulled message) asked and the SDK started.
+    async fn act(
+        &mut self,
+        label: &str,
+        action: PushAction,
+        mut states: States,
+        answers: &mut Answers,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        match action {
+            PushAction::Login(session) => {
+                writeln!(
+                    out,
+                    "{label}: a login request for {}",
+                    session_label(self.sdk, &session)
+                )?;
+                let now = session.state();
+                if now.is_final() || now == State::Active || self.is_open(&session) {
+                    writeln!(out, "  already answered")?;
+                    return Ok(());
+                }
+                let answered = answer_session(
+                    self.sdk,
+                    &session,
+                    SessionKind::Login,
+                    self.choice,
+                    &mut states,
+                    answers,
+                    out,
+                )
+                .await;
+                states.print(out)?;
+                match answered {
+                    Ok(last) if last.state == State::Active => {
+                        writeln!(
+                            out,
+                            "  logged in as {}; the session stays open until the server logs \
+                             it out or Ctrl-C",
+                            account_label(self.sdk, last.account_id.as_deref())
+                        )?;
+                        self.open.push((session, states));
+                    }
+                    Ok(last) => {
+                        if let Err(e) = finish(self.sdk, &last, out) {
+                            writeln!(out, "  {e:#}")?;
+                        }
+                    }
+                    Err(e) => writeln!(out, "  {e:#}")?,
+                }
+            }
+            PushAction::SessionEnded {
+                session_id,
+                logged_out,
+            } => {
+                let what = if logged_out {
+                    "the server logged a session out"
+                } else {
+                    "a login request was withdrawn (answered elsewhere, or ended)"
+                };
+                let here = if session_id.is_some() {
+                    "; it ended here too"
+                } else {
+                    ""
+                };
+                writeln!(out, "{label}: {what}{here}")?;
+                states.print(out)?;
+            }
+            PushAction::AccountDeleted { account } => match account {
+                Some(a) => writeln!(
+                    out,
+                    "{label}: the server deleted account {} ({} at {}); forgotten",
+                    a.account_id, a.userid, a.server_name
+                )?,
+                None => writeln!(
+                    out,
+                    "{label}: an account deletion the gateway does not confirm; kept"
+                )?,
+            },
+            PushAction::Transaction {
+                account_id,
+                transaction_id,
+                pending,
+            } => match pending {
+                Some(_) => writeln!(
+                    out,
+                    "{label}: transaction {transaction_id} waits for {}: `countersign device \
+                     transactions`, then `sign`",
+                    account_label(self.sdk, Some(&account_id))
+                )?,
+                None => writeln!(
+                    out,
+                    "{label}: transaction {transaction_id} is no longer waiting"
+                )?,
+            },
+            PushAction::Pulled(report) => writeln!(
+                out,
+                "{label}: a wake-up: {} message(s) pulled",
+                report.processed
+            )?,
+        }
+        Ok(())
+    }
+
+    fn is_open(&self, session: &SessionHandle) -> bool {
+        let id = session.snapshot().session_id;
+        self.open.iter().any(|(s, _)| s.snapshot().session_id == id)
+    }
+}
+
+/// `userid at server (account id)` of the account a pushed login is for, else the server.
+fn session_label(sdk: &Sdk, session: &SessionHandle) -> String {
+    let snapshot = session.snapshot();
+    if let Some(account) = snapshot.account_id.as_deref() {
+        return account_label(sdk, Some(account));
+    }
+    match session
+        .eligible_accounts()
+        .ok()
+        .and_then(|a| a.into_iter().next())
+    {
+        Some(a) => format!(
+            "{} at {} (account {})",
+            a.userid, a.server_name, a.account_id
+        ),
+        None => snapshot
+            .server_name
+            .unwrap_or_else(|| snapshot.server_id.clone()),
+    }
 }
 
 /// What the command line already decided for the user.
@@ -956,6 +1611,43 @@ async fn run_session(
         Err(SdkError::NoAccounts) => bail!("no account for this server on this device"),
         Err(error) => return Err(error).context("the session could not start"),
     };
+    let mut last =
+        answer_session(sdk, &session, expected, choice, &mut states, answers, out).await?;
+    if last.state == State::Active {
+        let mut interrupt = Interrupt::new()?;
+        if let Some(info) = &last.session_info {
+            writeln!(out, "session info: {info}")?;
+        }
+        writeln!(
+            out,
+            "logged in as {}; the session stays open (pinging every {} s) until the server \
+             logs it out or Ctrl-C",
+            account_label(sdk, last.account_id.as_deref()),
+            last.ping_time_secs.unwrap_or(0)
+        )?;
+        out.flush()?;
+        last = stay_logged_in(&session, &mut states, &mut interrupt, out).await?;
+    }
+    states.print(out)?;
+    finish(sdk, &last, out)
+}
+
+/// Answers a started enrolment or login (scanned or pushed) up to its end or, for a
+/// continuous login, Active: prints the server and the announce info, confirms (asking
+/// unless `choice` says), gives the second factor if it is asked. Answers the last snapshot.
+///
+/// # Errors
+/// The user declined (the session is stopped first), the second factor was not accepted
+/// (the session is cancelled first).
+async fn answer_session(
+    sdk: &Sdk,
+    session: &SessionHandle,
+    expected: SessionKind,
+    choice: &Choice,
+    states: &mut States,
+    answers: &mut Answers,
+    out: &mut dyn Write,
+) -> anyhow::Result<SessionSnapshot> {
     let snapshot = session.snapshot();
     writeln!(
         out,
@@ -967,8 +1659,8 @@ async fn run_session(
         writeln!(out, "announce: {announce}")?;
     }
     let confirmed = match expected {
-        SessionKind::Enrolment => confirm_enrolment(&session, choice, answers, out).await,
-        SessionKind::Login => confirm_login(&session, choice, answers, out).await,
+        SessionKind::Enrolment => confirm_enrolment(session, choice, answers, out).await,
+        SessionKind::Login => confirm_login(session, choice, answers, out).await,
     };
     states.print(out)?;
     if let Err(error) = confirmed {
@@ -982,7 +1674,7 @@ async fn run_session(
     let mut last = session.snapshot();
     if last.state == State::UserInteraction(Interaction::WaitForSecondFactor) {
         let given = if choice.has_sfs {
-            let handle = &session;
+            let handle = session;
             give_factor(&choice.factor, answers, out, move |factor| {
                 handle.set_pin_biometric(factor)
             })
@@ -1011,23 +1703,7 @@ async fn run_session(
         }
         last = session.snapshot();
     }
-    if last.state == State::Active {
-        let mut interrupt = Interrupt::new()?;
-        if let Some(info) = &last.session_info {
-            writeln!(out, "session info: {info}")?;
-        }
-        writeln!(
-            out,
-            "logged in as {}; the session stays open (pinging every {} s) until the server \
-             logs it out or Ctrl-C",
-            account_label(sdk, last.account_id.as_deref()),
-            last.ping_time_secs.unwrap_or(0)
-        )?;
-        out.flush()?;
-        last = stay_logged_in(&session, &mut states, &mut interrupt, out).await?;
-    }
-    states.print(out)?;
-    finish(sdk, &last, out)
+    Ok(last)
 }
 
 async fn confirm_enrolment(
@@ -1228,6 +1904,20 @@ impl States {
                 out,
                 "{}the server deleted account {} ({}); forgotten",
                 self.prefix, account.account_id, account.userid
+            )?,
+            Event::TransactionPending(account, pending) => writeln!(
+                out,
+                "{}transaction {} waits for {} at {} (account {}){}",
+                self.prefix,
+                pending.transaction_id,
+                account.userid,
+                account.server_name,
+                account.account_id,
+                pending
+                    .announce_info
+                    .as_deref()
+                    .map(|info| format!(": {info}"))
+                    .unwrap_or_default()
             )?,
             _ => {}
         }

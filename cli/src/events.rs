@@ -1,9 +1,11 @@
-//! `countersign events`: the log as JSON lines, for people and for `jq`.
+//! `countersign events`: the log as JSON lines, for people and for `jq` (the domain's events
+//! and the Message Center's `mc.*` ones).
 
 use std::io::Write as _;
 
 use countersign_domain::{AnyEvent, DomainEvent as _};
 use countersign_eventstore::{Direction, RecordedEvent, Subscription};
+use countersign_message_center::events::McEvent;
 use serde_json::{Value, json};
 
 use crate::Settings;
@@ -26,11 +28,18 @@ pub struct EventsArgs {
 
 /// The JSON rendering of one stored event, its payload decoded when the type is known.
 pub fn to_json(event: &RecordedEvent) -> Value {
-    let payload = match AnyEvent::decode(&event.event_type, event.schema_version, &event.payload) {
-        Ok(decoded) => decoded.to_json(),
-        Err(error) => {
-            json!({ "undecodable": error.to_string(), "cbor_hex": hex::encode(&event.payload) })
-        }
+    let decoded = if event.event_type.starts_with("mc.") {
+        McEvent::decode(event)
+            .map(|e| mc_json(&e))
+            .map_err(|e| e.to_string())
+    } else {
+        AnyEvent::decode(&event.event_type, event.schema_version, &event.payload)
+            .map(|e| e.to_json())
+            .map_err(|e| e.to_string())
+    };
+    let payload = match decoded {
+        Ok(payload) => payload,
+        Err(error) => json!({ "undecodable": error, "cbor_hex": hex::encode(&event.payload) }),
     };
     json!({
         "position": event.position,
@@ -43,6 +52,66 @@ pub fn to_json(event: &RecordedEvent) -> Value {
         "metadata": event.metadata,
         "payload": payload,
     })
+}
+
+/// A Message Center event's payload (`mc.*`, written by the message-center crate): ids and
+/// digests in hex.
+fn mc_json(event: &McEvent) -> Value {
+    let ids = |ids: &[[u8; 16]]| ids.iter().map(hex::encode).collect::<Vec<_>>();
+    match event {
+        McEvent::MailboxRegistered {
+            platform,
+            app_id,
+            token_digest,
+            channel_key_digest,
+            push,
+        } => json!({
+            "platform": platform,
+            "app_id": app_id,
+            "token_digest": hex::encode(token_digest),
+            "channel_key_digest": hex::encode(channel_key_digest),
+            "push": push,
+        }),
+        McEvent::PushTokenUpdated { push_token_digest } => {
+            json!({ "push_token_digest": hex::encode(push_token_digest) })
+        }
+        McEvent::MessageQueued {
+            message_id,
+            envelope_digest,
+            size,
+            expires_at_ms,
+            priority,
+        } => json!({
+            "message_id": hex::encode(message_id),
+            "envelope_digest": hex::encode(envelope_digest),
+            "size": size,
+            "expires_at_ms": expires_at_ms,
+            "priority": priority,
+        }),
+        McEvent::DeliveryAttempted {
+            message_id,
+            attempt,
+            outcome,
+            reason,
+            next_attempt_at_ms,
+        } => json!({
+            "message_id": hex::encode(message_id),
+            "attempt": attempt,
+            "outcome": outcome.label(),
+            "reason": reason,
+            "next_attempt_at_ms": next_attempt_at_ms,
+        }),
+        McEvent::MessageDelivered {
+            message_id,
+            latency_ms,
+        } => json!({ "message_id": hex::encode(message_id), "latency_ms": latency_ms }),
+        McEvent::PushTokenDropped { reason } => json!({ "reason": reason }),
+        McEvent::MessageExpired { message_id } => json!({ "message_id": hex::encode(message_id) }),
+        McEvent::MessagePulled { message_ids } => json!({ "message_ids": ids(message_ids) }),
+        McEvent::MessageAcknowledged { message_ids } => {
+            json!({ "message_ids": ids(message_ids) })
+        }
+    }
 }
 
 pub async fn run(settings: &Settings, args: EventsArgs) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use countersign_eventstore::{Opened, open};
 pub mod audit;
 pub mod bench;
 pub mod bench_api;
+pub mod bench_push;
 pub mod bench_streams;
 pub mod config;
 pub mod demo;

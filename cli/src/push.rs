@@ -53,7 +53,11 @@ pub struct PushArgs {
     /// Other Message Centers this NS sends push through (third-party apps', or the MC
     /// instances of a scaled deployment): `KEY=URL`, the MC's channel key in hex (from its
     /// `GET /v1/mc/key`) and its base URL.
-    #[arg(long = "trust-mc", env = "COUNTERSIGN_TRUST_MCS", value_delimiter = ',')]
+    #[arg(
+        long = "trust-mc",
+        env = "COUNTERSIGN_TRUST_MCS",
+        value_delimiter = ','
+    )]
     pub trust_mc: Vec<String>,
 }
 
@@ -104,9 +108,7 @@ impl PushArgs {
             .iter()
             .filter(|entry| !entry.trim().is_empty())
             .map(|entry| {
-                let (key, url) = entry
-                    .split_once('=')
-                    .context("--trust-mc takes KEY=URL")?;
+                let (key, url) = entry.split_once('=').context("--trust-mc takes KEY=URL")?;
                 let key = hex::decode(key.trim()).context("--trust-mc: the key must be hex")?;
                 let key = p256::PublicKey::from_sec1_bytes(&key)
                     .map_err(|_| anyhow::anyhow!("--trust-mc: the key is not a P-256 point"))?;

@@ -424,6 +424,9 @@ pub async fn start(
     }
     if let Some(mc) = &message_center {
         app = app.merge(mc.router());
+        state
+            .metrics()
+            .register(|registry| mc.register_metrics(registry));
     }
     let mut background = tokio::task::JoinSet::new();
     // Tasks whose end stops the instance: the projector and the relay.

@@ -702,6 +702,193 @@ async fn provoke_refusals_write_nothing(db: &TestDb) {
     rig.stop().await;
 }
 
+/// `countersign serve` as a child process on `db`, its MC delivering through `fcm`.
+struct Served {
+    child: tokio::process::Child,
+    base: String,
+}
+
+async fn serve_child(db: &TestDb, dir: &std::path::Path, fcm: &FcmStandin, listen: &str) -> Served {
+    use tokio::io::AsyncBufReadExt as _;
+    let account = dir.join("fcm.json");
+    std::fs::write(&account, fcm.service_account_json()).unwrap();
+    let master = dir.join("master.key");
+    std::fs::write(&master, "22".repeat(32)).unwrap();
+    let admin = dir.join("admin.key");
+    std::fs::write(&admin, crate::api::ADMIN_KEY).unwrap();
+    let mut child = tokio::process::Command::new(crate::binary::binary())
+        .args(["serve", "--listen", listen, "--database-url", db.url()])
+        .arg("--master-key-file")
+        .arg(&master)
+        .arg("--admin-key-file")
+        .arg(&admin)
+        .arg("--fcm-service-account")
+        .arg(&account)
+        .args(["--fcm-url", &fcm.url()])
+        .env_remove("COUNTERSIGN_CONFIG")
+        .env_remove("COUNTERSIGN_ADMIN_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("countersign serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Served { child, base }
+}
+
+/// The message id inside a stand-in's push (the envelope's, base64url in `cs`).
+fn message_id_of(push: &ReceivedPush) -> [u8; 16] {
+    use base64::Engine as _;
+    let cs = push.payload_json["cs"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cs.trim_end_matches('='))
+        .unwrap();
+    countersign_protocol::push::decode_envelope(&bytes)
+        .unwrap()
+        .message_id
+}
+
+async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
+    const PER_PHONE: usize = 500;
+    let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // The push service is down: everything queues, retried every second.
+    fcm.faults().inject(
+        None,
+        Fault::Unavailable {
+            retry_after_secs: Some(1),
+        },
+        200_000,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve_child(db, dir.path(), &fcm, "127.0.0.1:0").await;
+    let http = reqwest::Client::new();
+    let call = |method: Method, path: String, key: String, body: Value| {
+        let http = http.clone();
+        let base = served.base.clone();
+        async move {
+            let answer = http
+                .request(method, format!("{base}{path}"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status();
+            (status, answer.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let admin = crate::api::ADMIN_KEY.to_owned();
+    let (_, created) = call(Method::POST, "/v1/servers".into(), admin.clone(), json!({"name": "Bank"})).await;
+    let server = created["server"]["server_id"].as_str().unwrap().to_owned();
+    call(Method::PATCH, format!("/v1/servers/{server}"), admin.clone(), json!({"second_factor": "none"})).await;
+    let (_, key) = call(Method::POST, format!("/v1/servers/{server}/api-keys"), admin, json!({"label": "b"})).await;
+    let token = key["token"].as_str().unwrap().to_owned();
+    let mc = McConfig::fetch(&format!("{}/v1/mc", served.base)).await.unwrap();
+    let mut phones = Vec::new();
+    for (userid, push_token) in [("ida", "token-ida"), ("jon", "token-jon")] {
+        let (status, _) = call(Method::PUT, format!("/v1/servers/{server}/users/{userid}"), token.clone(), json!({})).await;
+        assert!(status.is_success());
+        let (_, enrolment) = call(Method::POST, format!("/v1/servers/{server}/enrolments"), token.clone(), json!({"userid": userid})).await;
+        let phone = Sdk::open(
+            Arc::new(MemoryStorage::new()),
+            SdkConfig {
+                mc: Some(mc.clone()),
+                ..SdkConfig::default()
+            },
+        )
+        .unwrap();
+        enrol(&phone, enrolment["qr"]["base64url"].as_str().unwrap()).await;
+        let registered = phone.register_push(Platform::Fcm, push_token, APP_ID).await.unwrap();
+        assert!(registered.failed.is_empty(), "{:?}", registered.failed);
+        phones.push((userid, push_token, phone));
+    }
+    // 1,000 transactions waiting to be signed, each pushed to its user's phone.
+    use futures::StreamExt as _;
+    let created: Vec<StatusCode> = futures::stream::iter(0..2 * PER_PHONE)
+        .map(|n| {
+            let userid = phones[n % 2].0;
+            call(
+                Method::POST,
+                format!("/v1/servers/{server}/transactions"),
+                token.clone(),
+                json!({"userid": userid, "data": "AAEC", "content_type": "application/octet-stream",
+                       "text": format!("Payment {n}"), "timeout_secs": 3600}),
+            )
+        })
+        .buffer_unordered(16)
+        .map(|(status, _)| status)
+        .collect()
+        .await;
+    assert!(created.iter().all(|s| *s == StatusCode::CREATED));
+    let store = db.second_instance().await;
+    let queued = || async {
+        store
+            .read_all(0, 1_000_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type == "mc.message_queued")
+            .count()
+    };
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while queued().await < 2 * PER_PHONE {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the MC never queued every message");
+    assert_eq!(fcm.received_count(), 0, "nothing was delivered before the kill");
+    // SIGKILL with everything queued, then the push service recovers and the server restarts.
+    let port = served.base.rsplit(':').next().unwrap().to_owned();
+    let mut child = served.child;
+    child.kill().await.unwrap();
+    fcm.faults().clear();
+    let restarted = serve_child(db, dir.path(), &fcm, &format!("127.0.0.1:{port}")).await;
+    let mut seen = std::collections::HashMap::<&str, std::collections::HashSet<[u8; 16]>>::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let mut done = true;
+            for (_, push_token, _) in &phones {
+                let ids: std::collections::HashSet<[u8; 16]> =
+                    fcm.pushes(push_token).iter().map(message_id_of).collect();
+                done &= ids.len() >= PER_PHONE;
+                seen.insert(push_token, ids);
+            }
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not every message was delivered: {:?}", seen.values().map(|s| s.len()).collect::<Vec<_>>()));
+    // Each phone runs each message once, however often it was pushed.
+    for (_, push_token, phone) in &phones {
+        let pushes = fcm.pushes(push_token);
+        let mut ran = 0;
+        for push in &pushes {
+            let bytes = serde_json::to_vec(&push.payload_json).unwrap();
+            if phone.process_push(&bytes, Arc::new(NoCallbacks)).await.is_ok() {
+                ran += 1;
+            }
+        }
+        assert_eq!(ran, PER_PHONE, "{push_token}: {} pushes", pushes.len());
+    }
+    drop(restarted);
+}
+
 countersign_eventstore::on_both_backends!(
     provoke_on_a_user_asks_both_phones_and_withdraws_the_other,
     provoke_on_an_account_logs_in_through_apns,
@@ -710,4 +897,5 @@ countersign_eventstore::on_both_backends!(
     unregistered_drops_the_token_and_unavailable_is_retried,
     the_push_services_see_nothing_readable,
     provoke_refusals_write_nothing,
+    a_killed_message_center_loses_and_repeats_nothing,
 );
