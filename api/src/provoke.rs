@@ -10,6 +10,10 @@
 //!   first to log in takes the session, the others are told it was withdrawn.
 //! - `POST …/users/{userid}/accounts/{account_id}/provoke`: that account only.
 //!
+//! Every provoke takes `min_position`, like a read: it decides on the read models (the
+//! session's last login, the user's accounts), so a caller that just enrolled an account
+//! passes the position that answer carried.
+//!
 //! The last two open the session named by the body's nonce. Retrying with the same nonce and
 //! options changes nothing (200). Refusals write nothing: no login to ask again or no account
 //! that can receive push (409 `not-provokable`), an unknown user or another tenant's
@@ -34,7 +38,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Tenant;
-use crate::error::{ApiError, Path, Problem};
+use crate::error::{ApiError, Path, Problem, Query};
+use crate::views::ReadParams;
 use crate::idempotency::{IdempotencyKey, canonical_json};
 use crate::servers::written;
 use crate::sessions::{NonceHeader, optional_json};
@@ -154,7 +159,7 @@ async fn can_receive_push(state: &AppState, account: AccountRef) -> Result<bool,
 /// Asks the account that last logged in on the session named by `X-Nonce` to log in again.
 #[utoipa::path(post, path = "/v1/servers/{server_id}/session/provoke", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("X-Nonce" = String, Header, description = "The session's secret nonce"),
+           ("X-Nonce" = String, Header, description = "The session's secret nonce"), ReadParams,
            ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
     request_body(content = Option<ProvokeSessionRequest>, description = "May be empty"),
     responses(
@@ -172,11 +177,13 @@ pub async fn provoke_session(
     State(state): State<AppState>,
     tenant: Tenant,
     NonceHeader(nonce): NonceHeader,
+    Query(read): Query<ReadParams>,
     key: IdempotencyKey,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: ProvokeSessionRequest = optional_json(&headers, &body)?;
+    state.wait_for(read.min_position).await?;
     let session = state
         .commands()
         .sessions
@@ -243,7 +250,7 @@ pub async fn provoke_session(
 /// Pushes a login to every account of the user that can receive push.
 #[utoipa::path(post, path = "/v1/servers/{server_id}/users/{userid}/provoke", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
-           ("userid" = String, Path, description = "URL-encoded"),
+           ("userid" = String, Path, description = "URL-encoded"), ReadParams,
            ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
     request_body = ProvokeUserRequest,
     responses(
@@ -261,11 +268,13 @@ pub async fn provoke_user(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(path): Path<(String, String)>,
+    Query(read): Query<ReadParams>,
     key: IdempotencyKey,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (_, userid) = path;
+    state.wait_for(read.min_position).await?;
     provoke_accounts(&state, &tenant, &userid, None, &key, &headers, &body).await
 }
 
@@ -273,7 +282,7 @@ pub async fn provoke_user(
 #[utoipa::path(post, path = "/v1/servers/{server_id}/users/{userid}/accounts/{account_id}/provoke", tag = "sessions",
     params(("server_id" = String, Path, description = "32 hex digits"),
            ("userid" = String, Path, description = "URL-encoded"),
-           ("account_id" = String, Path, description = "32 hex digits"),
+           ("account_id" = String, Path, description = "32 hex digits"), ReadParams,
            ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe; another request under the key is 422")),
     request_body = ProvokeUserRequest,
     responses(
@@ -291,11 +300,13 @@ pub async fn provoke_account(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(path): Path<(String, String, String)>,
+    Query(read): Query<ReadParams>,
     key: IdempotencyKey,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (_, userid, account_id) = path;
+    state.wait_for(read.min_position).await?;
     let account_id: AccountId = account_id
         .parse()
         .map_err(|_| ApiError::NotFound("no such account".into()))?;

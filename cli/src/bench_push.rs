@@ -588,23 +588,41 @@ impl Bench {
     async fn outage(&mut self, args: &PushBenchArgs) -> anyhow::Result<Outage> {
         let count = args.outage_messages;
         let before = self.standin.received_count();
-        // Every send answers 503 + Retry-After: 1 until cleared.
-        self.standin.faults().inject(
-            None,
-            Fault::Unavailable {
-                retry_after_secs: Some(1),
-            },
-            usize::MAX / 4,
-        );
-        let faults_before = self.standin.faults().pending();
+        // Every send answers 503 + Retry-After: 1 until cleared: the stand-in's fault queue
+        // holds one entry per answer, so it is topped up every 20 ms while the outage lasts.
+        let unavailable = Fault::Unavailable {
+            retry_after_secs: Some(1),
+        };
+        const STOCK: usize = 100_000;
+        self.standin.faults().inject(None, unavailable, STOCK);
+        let mut injected = STOCK as u64;
         let outage_start = Instant::now();
         let t0 = outage_start;
-        let (stamps, submit_errors, submit_time) = self.submit(2, count, args.clients, t0).await?;
         let outage = Duration::from_secs(args.outage_secs);
+        let faults = self.standin.faults().clone();
+        let (done, mut done_rx) = watch::channel(false);
+        let topping = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let short = STOCK.saturating_sub(faults.pending());
+                        faults.inject(None, unavailable, short);
+                        injected += short as u64;
+                    }
+                    _ = done_rx.changed() => break,
+                }
+            }
+            injected
+        });
+        let (stamps, submit_errors, submit_time) =
+            self.submit(2, count, args.clients, t0).await?;
         if let Some(left) = outage.checked_sub(outage_start.elapsed()) {
             tokio::time::sleep(left).await;
         }
-        let refused = faults_before.saturating_sub(self.standin.faults().pending()) as u64;
+        let _ = done.send(true);
+        let injected = topping.await?;
+        let refused = injected.saturating_sub(self.standin.faults().pending() as u64);
         let delivered_during = self.standin.received_count().saturating_sub(before);
         self.standin.faults().clear();
         let drain_start = Instant::now();

@@ -3,7 +3,11 @@
 //! and tested end to end without a phone: enrol from a QR image, log in, approve or decline a
 //! transaction, list the accounts, the transactions waiting and the history, delete an
 //! account, and the second factor (the app PIN, checked by the
-//! second-factor server with OPAQUE, or a simulated biometric check).
+//! second-factor server with OPAQUE, or a simulated biometric check). With push: register at
+//! the Message Center (`register-push`), and `listen`: every account's gateway notices, the
+//! mailbox pulled at start, and the pushes a local FCM/APNs stand-in received for this device
+//! (its control API long-polled), each handed to the SDK; a pushed login is answered with the
+//! same code as a scanned one.
 //!
 //! Rules kept here:
 //! - the SDK decides; this module only reads input, prints what the SDK reports and answers
@@ -2217,6 +2221,34 @@ mod tests {
             Some("wss://gw.example.com/v1/sfs")
         );
         assert_eq!(sfs_next_to("wss://gw.example.com/device"), None);
+    }
+
+    #[test]
+    fn the_mc_is_found_next_to_the_gateway_and_pinned_in_the_home() {
+        assert_eq!(
+            service_next_to("ws://127.0.0.1:8080/v1/device", "mc").as_deref(),
+            Some("ws://127.0.0.1:8080/v1/mc")
+        );
+        assert_eq!(service_next_to("wss://gw.example.com/ws", "mc"), None);
+        let home = tempfile::tempdir().unwrap();
+        assert_eq!(load_mc(home.path()).unwrap(), None);
+        let mc = McConfig {
+            url: "ws://127.0.0.1:8080/v1/mc".to_owned(),
+            channel_public_key: vec![4, 9, 9],
+        };
+        save_mc(home.path(), &mc).unwrap();
+        assert_eq!(load_mc(home.path()).unwrap(), Some(mc));
+    }
+
+    #[test]
+    fn a_stand_in_push_list_reads_as_the_control_api_answers_it() {
+        let listed: Vec<StandinPush> =
+            serde_json::from_str(r#"[{"seq":3,"payload":{"cs":"oWF2AQ"}}]"#).unwrap();
+        assert_eq!(listed[0].seq, 3);
+        assert_eq!(
+            serde_json::to_vec(&listed[0].payload).unwrap(),
+            br#"{"cs":"oWF2AQ"}"#.to_vec()
+        );
     }
 
     #[test]

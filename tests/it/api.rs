@@ -828,8 +828,8 @@ async fn session_login_flow(db: &TestDb) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(session["state"], "pending");
     assert_eq!(
-        session["can_provoke"], true,
-        "alice has an account to push to"
+        session["can_provoke"], false,
+        "nobody has logged in on it yet: there is no account to push to"
     );
 
     let events = api

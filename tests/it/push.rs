@@ -137,9 +137,17 @@ impl PushRig {
             .expect("no push reached the stand-in")
     }
 
+    /// A provoke that sees every write before it (`min_position`).
     async fn provoke(&self, path: &str, api_token: &str, body: Value) -> (StatusCode, Value) {
+        let head = self.api.head().await.unwrap_or(0);
+        let joiner = if path.contains('?') { '&' } else { '?' };
         self.api
-            .call(Method::POST, path, Some(api_token), Some(body))
+            .call(
+                Method::POST,
+                &format!("{path}{joiner}min_position={head}"),
+                Some(api_token),
+                Some(body),
+            )
             .await
     }
 
@@ -763,11 +771,11 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
     let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    // The push service is down: everything queues, retried every second.
+    // The push service is down: everything queues, retried every few seconds.
     fcm.faults().inject(
         None,
         Fault::Unavailable {
-            retry_after_secs: Some(1),
+            retry_after_secs: Some(3),
         },
         200_000,
     );
@@ -842,7 +850,7 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
             .filter(|e| e.event_type == "mc.message_queued")
             .count()
     };
-    tokio::time::timeout(Duration::from_secs(120), async {
+    tokio::time::timeout(Duration::from_secs(300), async {
         while queued().await < 2 * PER_PHONE {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
