@@ -39,12 +39,12 @@ use utoipa::ToSchema;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Path, Problem, Query};
-use crate::views::ReadParams;
 use crate::idempotency::{IdempotencyKey, canonical_json};
 use crate::servers::written;
 use crate::sessions::{NonceHeader, optional_json};
 use crate::state::AppState;
 use crate::users::{bind_tenant_key, tenant_metadata, user_ref};
+use crate::views::ReadParams;
 
 /// How many push logins one user may be sent within a window.
 #[derive(Debug, Clone, Copy)]
@@ -310,7 +310,16 @@ pub async fn provoke_account(
     let account_id: AccountId = account_id
         .parse()
         .map_err(|_| ApiError::NotFound("no such account".into()))?;
-    provoke_accounts(&state, &tenant, &userid, Some(account_id), &key, &headers, &body).await
+    provoke_accounts(
+        &state,
+        &tenant,
+        &userid,
+        Some(account_id),
+        &key,
+        &headers,
+        &body,
+    )
+    .await
 }
 
 async fn provoke_accounts(
@@ -322,17 +331,27 @@ async fn provoke_accounts(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let request: ProvokeUserRequest = match optional_json::<Option<ProvokeUserRequest>>(headers, body)? {
-        Some(request) => request,
-        None => return Err(ApiError::Invalid("the body names the new session's nonce".into())),
-    };
+    let request: ProvokeUserRequest =
+        match optional_json::<Option<ProvokeUserRequest>>(headers, body)? {
+            Some(request) => request,
+            None => {
+                return Err(ApiError::Invalid(
+                    "the body names the new session's nonce".into(),
+                ));
+            }
+        };
     let session: SessionRef = state
         .commands()
         .sessions
         .session_ref(tenant.server, &request.nonce)
         .await?;
     let user = user_ref(state, tenant, userid).await?;
-    if state.reads().user(tenant.server, user.digest).await?.is_none() {
+    if state
+        .reads()
+        .user(tenant.server, user.digest)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound("no such user".into()));
     }
     let accounts = state.reads().accounts(tenant.server, user.digest).await?;
@@ -380,7 +399,13 @@ async fn provoke_accounts(
     let done = state
         .commands()
         .sessions
-        .open_push(session, options, push_to.clone(), &tenant_metadata(tenant), key)
+        .open_push(
+            session,
+            options,
+            push_to.clone(),
+            &tenant_metadata(tenant),
+            key,
+        )
         .await?;
     let opened = done.events.iter().find_map(|e| match e {
         SessionEvent::Opened(o) => Some(o.expires_at.as_millis()),

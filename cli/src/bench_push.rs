@@ -615,8 +615,7 @@ impl Bench {
             }
             injected
         });
-        let (stamps, submit_errors, submit_time) =
-            self.submit(2, count, args.clients, t0).await?;
+        let (stamps, submit_errors, submit_time) = self.submit(2, count, args.clients, t0).await?;
         if let Some(left) = outage.checked_sub(outage_start.elapsed()) {
             tokio::time::sleep(left).await;
         }

@@ -156,6 +156,8 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
         StandinChoice::Fcm => StandinKind::Fcm,
         StandinChoice::Apns => StandinKind::Apns,
     };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = args.out.clone();
     let mut written = Ok(());
     run_standin(

@@ -166,14 +166,19 @@ impl ServerSecrets {
     /// (HPKE auth mode, docs/message-center.md), derived under the label `push-sender` with a
     /// one-byte counter, the first that is a valid scalar (the first, but for a chance of
     /// about 2^-32). It lives and dies with the server's secret.
-    pub async fn push_sender_key(&self, server: ServerId) -> Result<Zeroizing<[u8; 32]>, CommandError> {
+    pub async fn push_sender_key(
+        &self,
+        server: ServerId,
+    ) -> Result<Zeroizing<[u8; 32]>, CommandError> {
         for counter in 0u8..=255 {
             let candidate = Zeroizing::new(self.derive(server, "push-sender", &[counter]).await?);
             if p256::SecretKey::from_slice(candidate.as_ref()).is_ok() {
                 return Ok(candidate);
             }
         }
-        Err(CommandError::Internal("no push sender key could be derived".into()))
+        Err(CommandError::Internal(
+            "no push sender key could be derived".into(),
+        ))
     }
 
     /// `HMAC-SHA256(secret, label ‖ 0x00 ‖ input)`.

@@ -14,9 +14,9 @@
 //! - errors of the domain keep their meaning: not found, expired, ended, conflict; anything
 //!   on our side is `internal` with no detail (the cause is logged).
 
+mod push;
 #[cfg(test)]
 mod tests;
-mod push;
 mod transaction;
 
 use std::collections::HashSet;

@@ -163,7 +163,13 @@ impl Gateway {
         if self.0.config.message_centers.is_empty() {
             return Ok(None);
         }
-        if let Some(key) = self.0.push_keys.read().ok().and_then(|k| k.get(&server).cloned()) {
+        if let Some(key) = self
+            .0
+            .push_keys
+            .read()
+            .ok()
+            .and_then(|k| k.get(&server).cloned())
+        {
             return Ok(Some(key));
         }
         let secret = self.0.commands.secrets.push_sender_key(server).await?;

@@ -207,9 +207,7 @@ impl Pusher {
             pending = results
                 .into_iter()
                 .filter_map(|(message, outcome)| match outcome {
-                    Submitted::Again
-                        if message.expires_at_ms > self.0.clock.now().as_millis() =>
-                    {
+                    Submitted::Again if message.expires_at_ms > self.0.clock.now().as_millis() => {
                         Some(message)
                     }
                     _ => None,
@@ -271,7 +269,11 @@ impl Pusher {
                         .into_iter()
                         .filter(|a| *a != logged_in.account_id)
                         .collect();
-                    to(&others, PushBody::Withdrawn { hsid: hsid_bytes }, now + NOTICE_TTL_MS)
+                    to(
+                        &others,
+                        PushBody::Withdrawn { hsid: hsid_bytes },
+                        now + NOTICE_TTL_MS,
+                    )
                 }
                 SessionEvent::LoggedOut(out) if out.reason == LogoutReason::Server => {
                     let loaded = self.0.commands.sessions.load(session).await?;
@@ -434,7 +436,10 @@ impl Pusher {
         let answer = self
             .0
             .http
-            .post(format!("{}/v1/mc/messages", center.url.trim_end_matches('/')))
+            .post(format!(
+                "{}/v1/mc/messages",
+                center.url.trim_end_matches('/')
+            ))
             .bearer_auth(bearer)
             .json(&body)
             .send()

@@ -75,6 +75,7 @@ impl PushRig {
         .await;
         // The MC, the push services and the phone judge expiry by the wall clock: run the
         // server's clock from now.
+        #[allow(clippy::disallowed_methods)] // The wall clock the push services run on.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -157,7 +158,7 @@ impl PushRig {
 }
 
 fn is_hex(token: &str) -> bool {
-    token.len() % 2 == 0 && token.bytes().all(|b| b.is_ascii_hexdigit())
+    token.len().is_multiple_of(2) && token.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Hands a stand-in's push to the phone; answers the login it starts.
@@ -231,7 +232,13 @@ async fn provoke_on_a_user_asks_both_phones_and_withdraws_the_other(db: &TestDb)
     let withdrawn = rig.next_push("token-second").await;
     let action = process(&second, &withdrawn).await;
     assert!(
-        matches!(action, PushAction::SessionEnded { logged_out: false, .. }),
+        matches!(
+            action,
+            PushAction::SessionEnded {
+                logged_out: false,
+                ..
+            }
+        ),
         "{action:?}"
     );
     let ended = tokio::time::timeout(
@@ -240,7 +247,11 @@ async fn provoke_on_a_user_asks_both_phones_and_withdraws_the_other(db: &TestDb)
     )
     .await
     .unwrap();
-    assert_eq!(ended.history_status, Some(HistoryStatus::Aborted), "{ended:?}");
+    assert_eq!(
+        ended.history_status,
+        Some(HistoryStatus::Aborted),
+        "{ended:?}"
+    );
     rig.stop().await;
 }
 
@@ -261,7 +272,11 @@ async fn provoke_on_an_account_logs_in_through_apns(db: &TestDb) {
     assert_eq!(status, StatusCode::CREATED, "{answer}");
     assert_eq!(answer["accounts"], json!([account]));
     let push = rig.next_push(apns_token).await;
-    assert!(push.payload_json["aps"].is_object(), "{}", push.payload_json);
+    assert!(
+        push.payload_json["aps"].is_object(),
+        "{}",
+        push.payload_json
+    );
     let PushAction::Login(login) = process(&phone, &push).await else {
         panic!("not a login")
     };
@@ -298,12 +313,19 @@ async fn provoke_on_a_session_asks_the_last_account_again(db: &TestDb) {
     };
     // A session nobody logged in to cannot be provoked: nothing is written.
     let link = open_session(&rig.api, &server, &token, 3, json!({"ping_time_secs": 0})).await;
-    assert_eq!(session_view(&rig.api, &server, &token, 3).await["can_provoke"], false);
+    assert_eq!(
+        session_view(&rig.api, &server, &token, 3).await["can_provoke"],
+        false
+    );
     let head = rig.api.head().await;
     let (status, problem) = provoke(3).await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
     assert_eq!(problem["type"], "urn:countersign:problem:not-provokable");
-    assert_eq!(rig.api.head().await, head, "a refused provoke writes nothing");
+    assert_eq!(
+        rig.api.head().await,
+        head,
+        "a refused provoke writes nothing"
+    );
     // After a one-shot login by QR, the session can be provoked: the same account is asked.
     let login = phone
         .start_session(link.as_bytes(), Arc::new(NoCallbacks))
@@ -335,9 +357,7 @@ async fn a_dropped_push_is_pulled_and_runs_once(db: &TestDb) {
         .enrolled_phone(&server, &token, "dave", Platform::Fcm, "token-dave")
         .await;
     // The stand-in answers success but never hands the push to the phone.
-    rig.fcm
-        .faults()
-        .inject(Some("token-dave"), Fault::Drop, 1);
+    rig.fcm.faults().inject(Some("token-dave"), Fault::Drop, 1);
     let (status, _) = rig
         .provoke(
             &format!("/v1/servers/{server}/users/dave/provoke"),
@@ -444,7 +464,10 @@ async fn unregistered_drops_the_token_and_unavailable_is_retried(db: &TestDb) {
     tokio::time::timeout(WAIT, async {
         loop {
             let events = store.read_all(0, 100_000).await.unwrap();
-            if events.iter().any(|e| e.event_type == "mc.push_token_dropped") {
+            if events
+                .iter()
+                .any(|e| e.event_type == "mc.push_token_dropped")
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -535,7 +558,14 @@ async fn the_push_services_see_nothing_readable(db: &TestDb) {
     let view = session_view(&rig.api, &server, &token, 9).await;
     assert_eq!(view["state"], "logged_in");
     // The session's hsid, from its stream's name.
-    let events = rig.api.running.state.store().read_all(0, 100_000).await.unwrap();
+    let events = rig
+        .api
+        .running
+        .state
+        .store()
+        .read_all(0, 100_000)
+        .await
+        .unwrap();
     let prefix = format!("session-{server}-");
     let hsids: Vec<String> = events
         .iter()
@@ -609,7 +639,11 @@ async fn provoke_refusals_write_nothing(db: &TestDb) {
     // Reads below see every write so far.
     let (status, _) = rig
         .api
-        .read(&format!("/v1/servers/{server}/users/hank/accounts"), Some(&token), head.unwrap())
+        .read(
+            &format!("/v1/servers/{server}/users/hank/accounts"),
+            Some(&token),
+            head.unwrap(),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let cases = [
@@ -798,17 +832,49 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
         }
     };
     let admin = crate::api::ADMIN_KEY.to_owned();
-    let (_, created) = call(Method::POST, "/v1/servers".into(), admin.clone(), json!({"name": "Bank"})).await;
+    let (_, created) = call(
+        Method::POST,
+        "/v1/servers".into(),
+        admin.clone(),
+        json!({"name": "Bank"}),
+    )
+    .await;
     let server = created["server"]["server_id"].as_str().unwrap().to_owned();
-    call(Method::PATCH, format!("/v1/servers/{server}"), admin.clone(), json!({"second_factor": "none"})).await;
-    let (_, key) = call(Method::POST, format!("/v1/servers/{server}/api-keys"), admin, json!({"label": "b"})).await;
+    call(
+        Method::PATCH,
+        format!("/v1/servers/{server}"),
+        admin.clone(),
+        json!({"second_factor": "none"}),
+    )
+    .await;
+    let (_, key) = call(
+        Method::POST,
+        format!("/v1/servers/{server}/api-keys"),
+        admin,
+        json!({"label": "b"}),
+    )
+    .await;
     let token = key["token"].as_str().unwrap().to_owned();
-    let mc = McConfig::fetch(&format!("{}/v1/mc", served.base)).await.unwrap();
+    let mc = McConfig::fetch(&format!("{}/v1/mc", served.base))
+        .await
+        .unwrap();
     let mut phones = Vec::new();
     for (userid, push_token) in [("ida", "token-ida"), ("jon", "token-jon")] {
-        let (status, _) = call(Method::PUT, format!("/v1/servers/{server}/users/{userid}"), token.clone(), json!({})).await;
+        let (status, _) = call(
+            Method::PUT,
+            format!("/v1/servers/{server}/users/{userid}"),
+            token.clone(),
+            json!({}),
+        )
+        .await;
         assert!(status.is_success());
-        let (_, enrolment) = call(Method::POST, format!("/v1/servers/{server}/enrolments"), token.clone(), json!({"userid": userid})).await;
+        let (_, enrolment) = call(
+            Method::POST,
+            format!("/v1/servers/{server}/enrolments"),
+            token.clone(),
+            json!({"userid": userid}),
+        )
+        .await;
         let phone = Sdk::open(
             Arc::new(MemoryStorage::new()),
             SdkConfig {
@@ -818,7 +884,10 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
         )
         .unwrap();
         enrol(&phone, enrolment["qr"]["base64url"].as_str().unwrap()).await;
-        let registered = phone.register_push(Platform::Fcm, push_token, APP_ID).await.unwrap();
+        let registered = phone
+            .register_push(Platform::Fcm, push_token, APP_ID)
+            .await
+            .unwrap();
         assert!(registered.failed.is_empty(), "{:?}", registered.failed);
         phones.push((userid, push_token, phone));
     }
@@ -857,7 +926,11 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
     })
     .await
     .expect("the MC never queued every message");
-    assert_eq!(fcm.received_count(), 0, "nothing was delivered before the kill");
+    assert_eq!(
+        fcm.received_count(),
+        0,
+        "nothing was delivered before the kill"
+    );
     // SIGKILL with everything queued, then the push service recovers and the server restarts.
     let port = served.base.rsplit(':').next().unwrap().to_owned();
     let mut child = served.child;
@@ -881,14 +954,23 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("not every message was delivered: {:?}", seen.values().map(|s| s.len()).collect::<Vec<_>>()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "not every message was delivered: {:?}",
+            seen.values().map(|s| s.len()).collect::<Vec<_>>()
+        )
+    });
     // Each phone runs each message once, however often it was pushed.
     for (_, push_token, phone) in &phones {
         let pushes = fcm.pushes(push_token);
         let mut ran = 0;
         for push in &pushes {
             let bytes = serde_json::to_vec(&push.payload_json).unwrap();
-            if phone.process_push(&bytes, Arc::new(NoCallbacks)).await.is_ok() {
+            if phone
+                .process_push(&bytes, Arc::new(NoCallbacks))
+                .await
+                .is_ok()
+            {
                 ran += 1;
             }
         }

@@ -220,6 +220,8 @@ impl ActiveAccount {
 }
 
 /// The account aggregate's state.
+// Loaded once per command and dropped: the live variant's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Account {
     /// Nothing in the stream yet.

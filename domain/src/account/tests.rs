@@ -430,7 +430,9 @@ fn push_registration_needs_an_uncompressed_key_and_replaces_the_earlier_one() {
         push_public_key: key.clone(),
         token_ref: token_ref.into(),
     };
-    let events = given::<Account>([registered()]).when(register("push/1")).events();
+    let events = given::<Account>([registered()])
+        .when(register("push/1"))
+        .events();
     let [AccountEvent::PushRegistered(e)] = events.as_slice() else {
         panic!("{events:?}")
     };
@@ -441,7 +443,10 @@ fn push_registration_needs_an_uncompressed_key_and_replaces_the_earlier_one() {
     let Account::Active(active) = &state else {
         panic!("{state:?}")
     };
-    assert_eq!(active.push.as_ref().map(|p| p.token_ref.as_str()), Some("push/1"));
+    assert_eq!(
+        active.push.as_ref().map(|p| p.token_ref.as_str()),
+        Some("push/1")
+    );
     assert_eq!(
         given::<Account>([registered(), events[0].clone()])
             .when(register("push/2"))
