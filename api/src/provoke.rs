@@ -170,7 +170,10 @@ async fn can_receive_push(state: &AppState, account: AccountRef) -> Result<bool,
         (status = 409, description = "Nobody logged in on it, the login is still on or in progress, or the account cannot receive push (type urn:countersign:problem:not-provokable)", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "Declined, expired or failed: not asked again", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Weak nonce or invalid infos", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many push logins for the user (type urn:countersign:problem:provoke-limited)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn provoke_session(
@@ -261,7 +264,10 @@ pub async fn provoke_session(
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No account of the user can receive push (type urn:countersign:problem:not-provokable), or the nonce names another session", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Weak nonce or invalid options", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many push logins for the user (type urn:countersign:problem:provoke-limited)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn provoke_user(
@@ -293,7 +299,10 @@ pub async fn provoke_user(
         (status = 404, description = "No such user, or not the user's account", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The account cannot receive push (type urn:countersign:problem:not-provokable), or the nonce names another session", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Weak nonce or invalid options", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many push logins for the user (type urn:countersign:problem:provoke-limited)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind min_position", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn provoke_account(
