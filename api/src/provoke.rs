@@ -33,17 +33,17 @@ use axum::response::Response;
 use countersign_commands::session::SessionOptions;
 use countersign_domain::account::Account;
 use countersign_domain::session::SessionEvent;
-use countersign_domain::{AccountId, AccountRef, ServerId, SessionRef, UserDigest};
+use countersign_domain::{AccountId, AccountRef, ServerId, UserDigest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Path, Problem, Query};
-use crate::idempotency::{IdempotencyKey, canonical_json};
+use crate::idempotency::IdempotencyKey;
 use crate::servers::written;
-use crate::sessions::{NonceHeader, optional_json};
+use crate::sessions::{NonceHeader, bind_session_key, opened_until, optional_json, session_ref};
 use crate::state::AppState;
-use crate::users::{bind_tenant_key, tenant_metadata, user_ref};
+use crate::users::{tenant_metadata, user_ref};
 use crate::views::ReadParams;
 
 /// How many push logins one user may be sent within a window.
@@ -187,11 +187,7 @@ pub async fn provoke_session(
 ) -> Result<Response, ApiError> {
     let request: ProvokeSessionRequest = optional_json(&headers, &body)?;
     state.wait_for(read.min_position).await?;
-    let session = state
-        .commands()
-        .sessions
-        .session_ref(tenant.server, &nonce)
-        .await?;
+    let session = session_ref(&state, &tenant, &nonce).await?;
     let row = state
         .reads()
         .session_state(session.server_id, session.hsid)
@@ -207,14 +203,7 @@ pub async fn provoke_session(
             "the account that logged in on this session cannot receive push".into(),
         ));
     }
-    let key = bind_tenant_key(
-        &state,
-        &tenant,
-        &key,
-        session.hsid.as_bytes(),
-        &canonical_json(&body),
-    )
-    .await?;
+    let key = bind_session_key(&state, &tenant, &key, session, &body).await?;
     if row.can_provoke() {
         // A provoke the aggregate will take: count it (refusals are not counted).
         state.provokes().take(tenant.server, user)?;
@@ -349,11 +338,7 @@ async fn provoke_accounts(
                 ));
             }
         };
-    let session: SessionRef = state
-        .commands()
-        .sessions
-        .session_ref(tenant.server, &request.nonce)
-        .await?;
+    let session = session_ref(state, tenant, &request.nonce).await?;
     let user = user_ref(state, tenant, userid).await?;
     if state
         .reads()
@@ -386,14 +371,7 @@ async fn provoke_accounts(
         }));
     }
     push_to.truncate(countersign_domain::session::MAX_PUSH_ACCOUNTS);
-    let key = bind_tenant_key(
-        state,
-        tenant,
-        key,
-        session.hsid.as_bytes(),
-        &canonical_json(body),
-    )
-    .await?;
+    let key = bind_session_key(state, tenant, key, session, body).await?;
     // A retry of a push login already sent is not counted again.
     let existing = state.commands().sessions.load(session).await?;
     if existing.version.is_none() {
@@ -416,10 +394,7 @@ async fn provoke_accounts(
             key,
         )
         .await?;
-    let opened = done.events.iter().find_map(|e| match e {
-        SessionEvent::Opened(o) => Some(o.expires_at.as_millis()),
-        _ => None,
-    });
+    let opened = opened_until(&done.events).map(|at| at.as_millis());
     let (status, expires_at) = match opened {
         Some(at) => (StatusCode::CREATED, at),
         None => (

@@ -19,8 +19,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use countersign_commands::session::SessionOptions;
-use countersign_domain::SessionRef;
 use countersign_domain::session::SessionEvent;
+use countersign_domain::{SessionRef, Timestamp};
 use countersign_projections::SessionRow;
 use countersign_protocol::qr::{QrKind, QrPayload};
 use futures::Stream;
@@ -121,7 +121,8 @@ impl<S: Send + Sync> FromRequestParts<S> for NonceHeader {
     }
 }
 
-async fn session_ref(
+/// The session a nonce names on the tenant's server.
+pub(crate) async fn session_ref(
     state: &AppState,
     tenant: &Tenant,
     nonce: &str,
@@ -131,6 +132,32 @@ async fn session_ref(
         .sessions
         .session_ref(tenant.server, nonce)
         .await?)
+}
+
+/// Binds the `Idempotency-Key` to `session` and the request's canonical body.
+pub(crate) async fn bind_session_key<'k>(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &'k IdempotencyKey,
+    session: SessionRef,
+    body: &[u8],
+) -> Result<Option<&'k str>, ApiError> {
+    bind_tenant_key(
+        state,
+        tenant,
+        key,
+        session.hsid.as_bytes(),
+        &canonical_json(body),
+    )
+    .await
+}
+
+/// When the session a command opened expires, if it opened one.
+pub(crate) fn opened_until(events: &[SessionEvent]) -> Option<Timestamp> {
+    events.iter().find_map(|e| match e {
+        SessionEvent::Opened(o) => Some(o.expires_at),
+        _ => None,
+    })
 }
 
 fn login_qr(state: &AppState, tenant: &Tenant, session: SessionRef) -> QrPayload {
@@ -249,14 +276,7 @@ async fn open_session(
         Some(userid) => Some(user_ref(state, tenant, userid).await?.digest),
         None => None,
     };
-    let key = bind_tenant_key(
-        state,
-        tenant,
-        key,
-        session.hsid.as_bytes(),
-        &canonical_json(body),
-    )
-    .await?;
+    let key = bind_session_key(state, tenant, key, session, body).await?;
     let options = SessionOptions {
         ping_time_secs: request.ping_time_secs,
         announce_info: request.announce_info,
@@ -268,10 +288,7 @@ async fn open_session(
         .sessions
         .open(session, options, &tenant_metadata(tenant), key)
         .await?;
-    let opened = done.events.iter().find_map(|e| match e {
-        SessionEvent::Opened(o) => Some(o.expires_at),
-        _ => None,
-    });
+    let opened = opened_until(&done.events);
     let status = if opened.is_some() {
         StatusCode::CREATED
     } else {

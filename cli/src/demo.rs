@@ -325,20 +325,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     if login.state() != State::Active {
         bail!("the phone did not log in: {:?}", login.snapshot().error);
     }
-    let position = loop {
-        let (state, position) = heard.next_state().await?;
-        writeln!(out, "    business system hears: {state}")?;
-        if state == "logged_in" {
-            break position;
-        }
-    };
-    let view = session
-        .json(
-            Method::GET,
-            &format!("/session?min_position={position}"),
-            None,
-        )
-        .await?;
+    let view = session.logged_in(&mut heard, &mut out).await?;
     writeln!(
         out,
         " 9. business system: the session is {} for {}, with attributes:",
@@ -551,20 +538,7 @@ async fn push_login(
     if ended.history_status != Some(HistoryStatus::LoggedInOneShot) {
         bail!("the pushed login did not complete: {ended:?}");
     }
-    let position = loop {
-        let (state, position) = heard.next_state().await?;
-        writeln!(out, "    business system hears: {state}")?;
-        if state == "logged_in" {
-            break position;
-        }
-    };
-    let view = session
-        .json(
-            Method::GET,
-            &format!("/session?min_position={position}"),
-            None,
-        )
-        .await?;
+    let view = session.logged_in(&mut heard, out).await?;
     writeln!(
         out,
         "    business system: the session is {} for {} (can_provoke: {})",
@@ -871,6 +845,28 @@ impl LoginSession<'_> {
             .send_as(method, path, Some(self.nonce), body)
             .await?;
         Ok(response.bytes().await?.to_vec())
+    }
+
+    /// Waits on `heard` until the session is `logged_in`, telling `out` every state heard,
+    /// then reads the session as of that position.
+    async fn logged_in(
+        &self,
+        heard: &mut StateStream,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<Value> {
+        let position = loop {
+            let (state, position) = heard.next_state().await?;
+            writeln!(out, "    business system hears: {state}")?;
+            if state == "logged_in" {
+                break position;
+            }
+        };
+        self.json(
+            Method::GET,
+            &format!("/session?min_position={position}"),
+            None,
+        )
+        .await
     }
 
     /// Opens the session's server-sent event stream.

@@ -21,7 +21,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,9 +30,9 @@ use hyper::{Request, header};
 use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer as _;
 use serde::Deserialize;
-use tokio::sync::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
+use crate::credential::{self, CachedCredential, Fresh, Verdict};
 use crate::push::{
     self, HttpClient, OutgoingPush, Platform, Priority, PushConfigError, PushSender, SendOutcome,
     SystemWallClock, WallClock,
@@ -101,13 +100,6 @@ impl fmt::Debug for ApnsConfig {
     }
 }
 
-struct ProviderToken {
-    jwt: Zeroizing<String>,
-    issued_at: u64,
-    /// Which token this is (1, 2, …): a refusal names the generation it refused.
-    generation: u64,
-}
-
 /// Sends through APNs; share it (`Arc`): one HTTP/2 connection pool.
 pub struct ApnsSender {
     http: HttpClient,
@@ -118,9 +110,7 @@ pub struct ApnsSender {
     default_topic: String,
     timeout: Duration,
     clock: Arc<dyn WallClock>,
-    token: RwLock<Option<ProviderToken>>,
-    refresh: Mutex<()>,
-    generations: AtomicU64,
+    token: CachedCredential,
 }
 
 impl fmt::Debug for ApnsSender {
@@ -169,16 +159,14 @@ impl ApnsSender {
             default_topic: config.default_topic,
             timeout: config.request_timeout,
             clock,
-            token: RwLock::new(None),
-            refresh: Mutex::new(()),
-            generations: AtomicU64::new(0),
+            token: CachedCredential::default(),
         })
     }
 
     /// How many provider tokens were made so far (tests, metrics).
     #[must_use]
     pub fn provider_tokens_made(&self) -> u64 {
-        self.generations.load(Ordering::Relaxed)
+        self.token.made()
     }
 
     /// The current provider token, or a new one when it is older than the lifetime or is the
@@ -187,34 +175,17 @@ impl ApnsSender {
         &self,
         refused: Option<u64>,
     ) -> Result<(Zeroizing<String>, u64), SigningFailed> {
-        if let Some(jwt) = self.usable(refused).await {
-            return Ok(jwt);
-        }
-        let _single_flight = self.refresh.lock().await;
-        if let Some(jwt) = self.usable(refused).await {
-            return Ok(jwt);
-        }
-        let now = self.clock.now_unix_secs();
-        let jwt = self.sign(now)?;
-        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.token.write().await = Some(ProviderToken {
-            jwt: jwt.clone(),
-            issued_at: now,
-            generation,
-        });
-        Ok((jwt, generation))
-    }
-
-    async fn usable(&self, refused: Option<u64>) -> Option<(Zeroizing<String>, u64)> {
-        let now = self.clock.now_unix_secs();
-        let token = self.token.read().await;
-        token
-            .as_ref()
-            .filter(|t| {
-                now < t.issued_at + PROVIDER_TOKEN_LIFETIME.as_secs()
-                    && refused != Some(t.generation)
+        self.token
+            .get(self.clock.as_ref(), refused, || async {
+                let now = self.clock.now_unix_secs();
+                let jwt = self.sign(now)?;
+                Ok(Fresh {
+                    secret: jwt,
+                    use_until: now + PROVIDER_TOKEN_LIFETIME.as_secs(),
+                    generation: self.token.next_generation(),
+                })
             })
-            .map(|t| (t.jwt.clone(), t.generation))
+            .await
     }
 
     fn sign(&self, now: u64) -> Result<Zeroizing<String>, SigningFailed> {
@@ -271,7 +242,11 @@ impl ApnsSender {
 
 /// The message id in the canonical UUID form APNs wants for `apns-id`.
 fn apns_id(id: &[u8; 16]) -> String {
-    let hex = hex::encode(id);
+    uuid_form(&hex::encode(id))
+}
+
+/// 32 hex digits grouped 8-4-4-4-12, as a UUID is written (the stand-in checks this form).
+pub(crate) fn uuid_form(hex: &str) -> String {
     format!(
         "{}-{}-{}-{}-{}",
         hex.get(0..8).unwrap_or_default(),
@@ -299,12 +274,6 @@ fn body(push: &OutgoingPush) -> serde_json::Value {
 struct ErrorBody {
     #[serde(default)]
     reason: String,
-}
-
-enum Verdict {
-    Outcome(SendOutcome),
-    /// 403: the provider token was refused.
-    Auth(String),
 }
 
 fn verdict(answer: &push::Answer) -> Verdict {
@@ -338,10 +307,8 @@ fn verdict(answer: &push::Answer) -> Verdict {
 impl PushSender for ApnsSender {
     #[tracing::instrument(skip_all, fields(message_id = %hex::encode(push.message_id)))]
     async fn send(&self, push: &OutgoingPush) -> SendOutcome {
-        if push.platform != Platform::Apns {
-            return SendOutcome::Failed {
-                reason: "not an APNs token".to_owned(),
-            };
+        if let Some(refused) = credential::other_platform(push, Platform::Apns, "APNs") {
+            return refused;
         }
         // A device token is hex; anything else must not reach the request path.
         if push.push_token.is_empty()
@@ -352,44 +319,27 @@ impl PushSender for ApnsSender {
                 reason: "BadDeviceToken".to_owned(),
             };
         }
-        if push.expires_at_ms <= self.clock.now_unix_secs().saturating_mul(1000) {
-            return SendOutcome::Failed {
-                reason: "expired".to_owned(),
-            };
+        if let Some(expired) = credential::expired(push, self.clock.as_ref()) {
+            return expired;
         }
         let body = Bytes::from(body(push).to_string());
-        let mut refused: Option<u64> = None;
-        loop {
-            let Ok((jwt, generation)) = self.provider_token(refused).await else {
-                return SendOutcome::AuthFailed {
+        let provider_token = |refused| async move {
+            self.provider_token(refused)
+                .await
+                .map_err(|SigningFailed| SendOutcome::AuthFailed {
                     reason: "signing the provider token failed".to_owned(),
-                };
-            };
-            let request = match self.request(push, &body, &jwt) {
-                Ok(request) => request,
-                Err(reason) => return SendOutcome::Failed { reason },
-            };
-            let answer = match push::exchange(&self.http, request, self.timeout).await {
-                Ok(answer) => answer,
-                Err(reason) => {
-                    return SendOutcome::Retry {
-                        after: None,
-                        reason,
-                    };
-                }
-            };
-            match verdict(&answer) {
-                Verdict::Outcome(outcome) => return outcome,
-                Verdict::Auth(reason) if refused.is_some() => {
-                    tracing::warn!(%reason, "APNs refused a fresh provider token");
-                    return SendOutcome::AuthFailed { reason };
-                }
-                Verdict::Auth(reason) => {
-                    tracing::info!(%reason, "APNs refused the provider token; making a new one");
-                    refused = Some(generation);
-                }
+                })
+        };
+        let attempt = |jwt: Zeroizing<String>| {
+            let request = self.request(push, &body, &jwt);
+            async move {
+                let request = request.map_err(|reason| SendOutcome::Failed { reason })?;
+                push::exchange(&self.http, request, self.timeout)
+                    .await
+                    .map_err(credential::transport_failure)
             }
-        }
+        };
+        credential::send_with_one_refresh("APNs", provider_token, attempt, verdict).await
     }
 }
 

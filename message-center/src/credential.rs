@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
-use crate::push::{Answer, SendOutcome, WallClock};
+use crate::push::{Answer, OutgoingPush, Platform, SendOutcome, WallClock};
 
 /// A credential just made, for [`CachedCredential::get`] to keep.
 pub(crate) struct Fresh {
@@ -142,4 +142,24 @@ pub(crate) fn transport_failure(reason: String) -> SendOutcome {
         after: None,
         reason,
     }
+}
+
+/// [`SendOutcome::Failed`] when `push` is for another platform than the sender's (`name`).
+pub(crate) fn other_platform(
+    push: &OutgoingPush,
+    platform: Platform,
+    name: &str,
+) -> Option<SendOutcome> {
+    (push.platform != platform).then(|| SendOutcome::Failed {
+        reason: format!("not an {name} token"),
+    })
+}
+
+/// [`SendOutcome::Failed`] (`expired`) when `push` expired by `clock`: it is never sent.
+pub(crate) fn expired(push: &OutgoingPush, clock: &dyn WallClock) -> Option<SendOutcome> {
+    (push.expires_at_ms <= clock.now_unix_secs().saturating_mul(1000)).then(|| {
+        SendOutcome::Failed {
+            reason: "expired".to_owned(),
+        }
+    })
 }

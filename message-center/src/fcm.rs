@@ -18,7 +18,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,9 +25,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode, header};
 use serde::Deserialize;
-use tokio::sync::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
+use crate::credential::{self, CachedCredential, Fresh, Verdict};
 use crate::push::{
     self, HttpClient, OutgoingPush, Platform, Priority, PushConfigError, PushSender, SendOutcome,
     SystemWallClock, WallClock,
@@ -140,15 +139,6 @@ impl FcmConfig {
     }
 }
 
-/// A cached access token.
-struct AccessToken {
-    token: Zeroizing<String>,
-    /// Unix seconds after which it is no longer used.
-    refresh_at: u64,
-    /// Which token this is (1, 2, …): a refusal names the generation it refused.
-    generation: u64,
-}
-
 /// What getting an access token came to, when it did not give one.
 enum TokenFailure {
     /// Google refused the assertion (400/401/403 at the token endpoint).
@@ -168,9 +158,7 @@ pub struct FcmSender {
     send_url: String,
     timeout: Duration,
     clock: Arc<dyn WallClock>,
-    cached: RwLock<Option<AccessToken>>,
-    refresh: Mutex<()>,
-    token_fetches: AtomicU64,
+    cached: CachedCredential,
 }
 
 impl fmt::Debug for FcmSender {
@@ -224,16 +212,14 @@ impl FcmSender {
             send_url,
             timeout: config.request_timeout,
             clock,
-            cached: RwLock::new(None),
-            refresh: Mutex::new(()),
-            token_fetches: AtomicU64::new(0),
+            cached: CachedCredential::default(),
         })
     }
 
     /// How many times an access token was fetched from the token endpoint (tests, metrics).
     #[must_use]
     pub fn token_fetches(&self) -> u64 {
-        self.token_fetches.load(Ordering::Relaxed)
+        self.cached.made()
     }
 
     /// The cached access token, or a new one. `refused` names a token the API just refused:
@@ -242,26 +228,9 @@ impl FcmSender {
         &self,
         refused: Option<u64>,
     ) -> Result<(Zeroizing<String>, u64), TokenFailure> {
-        if let Some(token) = self.usable(refused).await {
-            return Ok(token);
-        }
-        let _single_flight = self.refresh.lock().await;
-        if let Some(token) = self.usable(refused).await {
-            return Ok(token);
-        }
-        let fetched = self.fetch_token().await?;
-        let found = (fetched.token.clone(), fetched.generation);
-        *self.cached.write().await = Some(fetched);
-        Ok(found)
-    }
-
-    async fn usable(&self, refused: Option<u64>) -> Option<(Zeroizing<String>, u64)> {
-        let now = self.clock.now_unix_secs();
-        let cached = self.cached.read().await;
-        cached
-            .as_ref()
-            .filter(|t| now < t.refresh_at && refused != Some(t.generation))
-            .map(|t| (t.token.clone(), t.generation))
+        self.cached
+            .get(self.clock.as_ref(), refused, || self.fetch_token())
+            .await
     }
 
     fn assertion(&self, now: u64) -> Result<String, TokenFailure> {
@@ -296,7 +265,7 @@ impl FcmSender {
         Ok(format!("{signing_input}.{}", push::b64url(&signature)))
     }
 
-    async fn fetch_token(&self) -> Result<AccessToken, TokenFailure> {
+    async fn fetch_token(&self) -> Result<Fresh, TokenFailure> {
         #[derive(Deserialize)]
         struct Grant {
             #[serde(deserialize_with = "secret_string")]
@@ -316,7 +285,7 @@ impl FcmSender {
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(form)))
             .map_err(|_| TokenFailure::Refused("token request".to_owned()))?;
-        let generation = self.token_fetches.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self.cached.next_generation();
         let answer = push::exchange(&self.http, request, self.timeout)
             .await
             .map_err(|reason| {
@@ -329,9 +298,9 @@ impl FcmSender {
             let lifetime = grant
                 .expires_in
                 .saturating_sub(TOKEN_REFRESH_MARGIN.as_secs());
-            return Ok(AccessToken {
-                token: grant.access_token,
-                refresh_at: now + lifetime,
+            return Ok(Fresh {
+                secret: grant.access_token,
+                use_until: now + lifetime,
                 generation,
             });
         }
@@ -400,13 +369,6 @@ struct ErrorDetail {
     error_code: Option<String>,
 }
 
-/// What an answer of `messages:send` means.
-enum Verdict {
-    Outcome(SendOutcome),
-    /// 401/403: the credential was refused.
-    Auth(String),
-}
-
 fn verdict(answer: &push::Answer) -> Verdict {
     let status = answer.status;
     if status.is_success() {
@@ -458,44 +420,24 @@ fn token_failure(failure: TokenFailure) -> SendOutcome {
 impl PushSender for FcmSender {
     #[tracing::instrument(skip_all, fields(message_id = %hex::encode(push.message_id)))]
     async fn send(&self, push: &OutgoingPush) -> SendOutcome {
-        if push.platform != Platform::Fcm {
-            return SendOutcome::Failed {
-                reason: "not an FCM token".to_owned(),
-            };
+        if let Some(refused) = credential::other_platform(push, Platform::Fcm, "FCM") {
+            return refused;
         }
-        if push.expires_at_ms <= self.clock.now_unix_secs().saturating_mul(1000) {
-            return SendOutcome::Failed {
-                reason: "expired".to_owned(),
-            };
+        if let Some(expired) = credential::expired(push, self.clock.as_ref()) {
+            return expired;
         }
         let body = Bytes::from(self.body(push).to_string());
-        let mut refused: Option<u64> = None;
-        loop {
-            let (token, generation) = match self.access_token(refused).await {
-                Ok(found) => found,
-                Err(failure) => return token_failure(failure),
-            };
-            let answer = match self.attempt(&body, &token).await {
-                Ok(answer) => answer,
-                Err(reason) => {
-                    return SendOutcome::Retry {
-                        after: None,
-                        reason,
-                    };
-                }
-            };
-            match verdict(&answer) {
-                Verdict::Outcome(outcome) => return outcome,
-                Verdict::Auth(reason) if refused.is_some() => {
-                    tracing::warn!(%reason, "FCM refused a fresh access token");
-                    return SendOutcome::AuthFailed { reason };
-                }
-                Verdict::Auth(reason) => {
-                    tracing::info!(%reason, "FCM refused the access token; refreshing it once");
-                    refused = Some(generation);
-                }
+        let access_token =
+            |refused| async move { self.access_token(refused).await.map_err(token_failure) };
+        let attempt = |token: Zeroizing<String>| {
+            let body = &body;
+            async move {
+                self.attempt(body, &token)
+                    .await
+                    .map_err(credential::transport_failure)
             }
-        }
+        };
+        credential::send_with_one_refresh("FCM", access_token, attempt, verdict).await
     }
 }
 

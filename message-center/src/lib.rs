@@ -39,6 +39,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 pub mod apns;
 pub mod connection;
+mod credential;
 pub mod events;
 pub mod fcm;
 pub mod keys;

@@ -21,26 +21,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-/// The push service a mailbox's app instance listens on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Platform {
-    /// Firebase Cloud Messaging (Android), HTTP v1 API.
-    Fcm,
-    /// Apple Push Notification service (iOS), HTTP/2 provider API.
-    Apns,
-}
-
-impl Platform {
-    /// The stable lower-case name (`fcm`, `apns`), as used in metrics labels and the protocol.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Fcm => "fcm",
-            Self::Apns => "apns",
-        }
-    }
-}
+/// The push service a mailbox's app instance listens on: the protocol's own (FCM over the
+/// HTTP v1 API, APNs over the HTTP/2 provider API); [`Platform::as_str`] is the stable
+/// lower-case name used in metrics labels, the tables and the protocol.
+pub use countersign_protocol::mc::Platform;
 
 /// How urgently the push service should wake the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

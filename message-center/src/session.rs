@@ -27,7 +27,7 @@ use countersign_protocol::device::{Blob, Bytes, Secret};
 
 use crate::events::McEvent;
 use crate::store::{self, AWAITING, Mailbox};
-use crate::{Error, MessageCenter, push, random, record};
+use crate::{Error, MessageCenter, random, record};
 use countersign_protocol::mc::{
     McAnswer, McError, McErrorCode, McMessage, McRequestBody, Platform,
 };
@@ -48,6 +48,11 @@ pub struct Session {
     mailbox: Option<Mailbox>,
     /// The hello named the mailbox (such a channel may not `register`).
     opened_with_mailbox: bool,
+}
+
+/// The refusal of a second mailbox for one static key.
+fn has_a_mailbox() -> McError {
+    McError::new(McErrorCode::Conflict, "this key has a mailbox already")
 }
 
 fn invalid(message: &str) -> McError {
@@ -115,10 +120,7 @@ impl Session {
             )));
         }
         if self.mailbox.is_some() {
-            return Ok(Err(McError::new(
-                McErrorCode::Conflict,
-                "this key has a mailbox already",
-            )));
+            return Ok(Err(has_a_mailbox()));
         }
         if push_token.len() > MAX_PUSH_TOKEN_BYTES {
             return Ok(Err(invalid("push_token is longer than 4096 bytes")));
@@ -126,26 +128,25 @@ impl Session {
         if app_id.is_empty() || app_id.len() > MAX_APP_ID_BYTES {
             return Ok(Err(invalid("app_id must be 1 to 255 bytes")));
         }
-        let platform = match platform {
-            Platform::Fcm => push::Platform::Fcm,
-            Platform::Apns => push::Platform::Apns,
-        };
         let id: [u8; 16] = random()?;
         let token = zeroize::Zeroizing::new(random::<32>()?);
         let token_hash: [u8; 32] = Sha256::digest(token.as_slice()).into();
         let db = &self.mc.0.database;
         let now = self.mc.now_ms();
-        let mut inserted = store::insert_mailbox(
-            db,
-            &id,
-            &token_hash,
-            &self.key_digest,
-            platform,
-            app_id,
-            push_token,
-            now,
-        )
-        .await?;
+        let key_digest = self.key_digest;
+        let insert = || {
+            store::insert_mailbox(
+                db,
+                &id,
+                &token_hash,
+                &key_digest,
+                platform,
+                app_id,
+                push_token,
+                now,
+            )
+        };
+        let mut inserted = insert().await?;
         if !inserted && let Some(existing) = store::mailbox_by_key(db, &self.key_digest).await? {
             // A row no event names is a registration a crash cut short: its token never
             // reached the app, so it may go.
@@ -161,29 +162,13 @@ impl Session {
                 )
                 .await?;
             if !named.is_empty() {
-                return Ok(Err(McError::new(
-                    McErrorCode::Conflict,
-                    "this key has a mailbox already",
-                )));
+                return Ok(Err(has_a_mailbox()));
             }
             store::delete_mailbox(db, &existing.id).await?;
-            inserted = store::insert_mailbox(
-                db,
-                &id,
-                &token_hash,
-                &self.key_digest,
-                platform,
-                app_id,
-                push_token,
-                now,
-            )
-            .await?;
+            inserted = insert().await?;
         }
         if !inserted {
-            return Ok(Err(McError::new(
-                McErrorCode::Conflict,
-                "this key has a mailbox already",
-            )));
+            return Ok(Err(has_a_mailbox()));
         }
         let event = McEvent::MailboxRegistered {
             platform: store::platform_name(platform).to_owned(),

@@ -36,10 +36,7 @@ pub(crate) const PUSHED: i16 = 1;
 pub(crate) const MAILBOX_ONLY: i16 = 2;
 
 pub(crate) fn platform_name(platform: Platform) -> &'static str {
-    match platform {
-        Platform::Fcm => "fcm",
-        Platform::Apns => "apns",
-    }
+    platform.as_str()
 }
 
 fn parse_platform(name: &str) -> Result<Platform, sqlx::Error> {
@@ -117,6 +114,33 @@ fn mailbox_of(row: MailboxRow) -> Result<Mailbox, sqlx::Error> {
 
 const MAILBOX_COLUMNS: &str = "SELECT mailbox_id, platform, app_id, push_token, push_dropped, channel_key_digest FROM mc_mailboxes ";
 
+/// The mailbox whose `column` (a unique column of `mc_mailboxes`) is `value`, if any.
+async fn mailbox_where(
+    db: &Database,
+    column: &'static str,
+    value: &[u8],
+) -> Result<Option<Mailbox>, sqlx::Error> {
+    let row: Option<MailboxRow> = with_pool!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(
+        format!("{MAILBOX_COLUMNS}WHERE {column} = $1")))
+        .bind(value)
+        .fetch_optional(pool)
+        .await?);
+    row.map(mailbox_of).transpose()
+}
+
+/// Appends `(…)` with one bind per id: the list of an `IN` (`ids` is not empty).
+fn push_id_list<DB: sqlx::Database>(q: &mut sqlx::QueryBuilder<DB>, ids: &[[u8; 16]])
+where
+    for<'t> Vec<u8>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    q.push("(");
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(id.to_vec());
+    }
+    q.push(")");
+}
+
 /// A new mailbox row. `false`: a mailbox is already bound to this key (or, improbably, the
 /// id or token hash exists): nothing written.
 #[allow(clippy::too_many_arguments)]
@@ -154,12 +178,7 @@ pub(crate) async fn mailbox_by_key(
     db: &Database,
     key_digest: &[u8; 32],
 ) -> Result<Option<Mailbox>, sqlx::Error> {
-    let row: Option<MailboxRow> = with_pool!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(
-        format!("{MAILBOX_COLUMNS}WHERE channel_key_digest = $1")))
-        .bind(key_digest.as_slice())
-        .fetch_optional(pool)
-        .await?);
-    row.map(mailbox_of).transpose()
+    mailbox_where(db, "channel_key_digest", key_digest).await
 }
 
 /// The mailbox an MC token hash names, if any.
@@ -167,12 +186,7 @@ pub(crate) async fn mailbox_by_token(
     db: &Database,
     token_hash: &[u8; 32],
 ) -> Result<Option<Mailbox>, sqlx::Error> {
-    let row: Option<MailboxRow> = with_pool!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(
-        format!("{MAILBOX_COLUMNS}WHERE token_hash = $1")))
-        .bind(token_hash.as_slice())
-        .fetch_optional(pool)
-        .await?);
-    row.map(mailbox_of).transpose()
+    mailbox_where(db, "token_hash", token_hash).await
 }
 
 /// The mailbox of an id, if any.
@@ -180,12 +194,7 @@ pub(crate) async fn mailbox_by_id(
     db: &Database,
     id: &[u8; 16],
 ) -> Result<Option<Mailbox>, sqlx::Error> {
-    let row: Option<MailboxRow> = with_pool!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(
-        format!("{MAILBOX_COLUMNS}WHERE mailbox_id = $1")))
-        .bind(id.as_slice())
-        .fetch_optional(pool)
-        .await?);
-    row.map(mailbox_of).transpose()
+    mailbox_where(db, "mailbox_id", id).await
 }
 
 /// Several mailboxes by id.
@@ -198,12 +207,8 @@ pub(crate) async fn mailboxes(
     }
     let rows: Vec<MailboxRow> = with_pool!(db, pool => {
         let mut q = sqlx::QueryBuilder::new(MAILBOX_COLUMNS);
-        q.push("WHERE mailbox_id IN (");
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(id.to_vec());
-        }
-        q.push(")");
+        q.push("WHERE mailbox_id IN ");
+        push_id_list(&mut q, ids);
         q.build_query_as().fetch_all(pool).await?
     });
     rows.into_iter().map(mailbox_of).collect()
@@ -378,12 +383,8 @@ pub(crate) async fn set_state_many(
         q.push_bind(state);
         q.push(" WHERE push_state = ");
         q.push_bind(AWAITING);
-        q.push(" AND message_id IN (");
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(id.to_vec());
-        }
-        q.push(")");
+        q.push(" AND message_id IN ");
+        push_id_list(&mut q, ids);
         q.build().execute(pool).await?.rows_affected()
     }))
 }
@@ -520,14 +521,15 @@ pub(crate) async fn owned(
         let mut q = sqlx::QueryBuilder::new(
             "SELECT message_id, push_state FROM mc_messages WHERE mailbox_id = ");
         q.push_bind(mailbox.to_vec());
-        q.push(" AND message_id IN (");
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(id.to_vec());
-        }
-        q.push(")");
+        q.push(" AND message_id IN ");
+        push_id_list(&mut q, ids);
         q.build_query_as().fetch_all(pool).await?
     });
+    with_states(rows)
+}
+
+/// Message ids with their push state, from their rows.
+fn with_states(rows: Vec<(Vec<u8>, i16)>) -> Result<Vec<([u8; 16], i16)>, sqlx::Error> {
     rows.into_iter()
         .map(|(id, state)| Ok((fixed(&id, "message_id")?, state)))
         .collect()
@@ -543,17 +545,12 @@ pub(crate) async fn delete_messages(
         return Ok(Vec::new());
     }
     let rows: Vec<(Vec<u8>, i16)> = with_pool!(db, pool => {
-        let mut q = sqlx::QueryBuilder::new("DELETE FROM mc_messages WHERE message_id IN (");
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(id.to_vec());
-        }
-        q.push(") RETURNING message_id, push_state");
+        let mut q = sqlx::QueryBuilder::new("DELETE FROM mc_messages WHERE message_id IN ");
+        push_id_list(&mut q, ids);
+        q.push(" RETURNING message_id, push_state");
         q.build_query_as().fetch_all(pool).await?
     });
-    rows.into_iter()
-        .map(|(id, state)| Ok((fixed(&id, "message_id")?, state)))
-        .collect()
+    with_states(rows)
 }
 
 /// Up to `limit` messages that expired (`expires_at_ms ≤ now_ms`): (message, mailbox).

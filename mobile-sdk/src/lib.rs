@@ -32,6 +32,7 @@ pub mod error;
 pub mod machine;
 mod mc_client;
 pub mod model;
+mod noise_link;
 mod opaque;
 mod persisted;
 pub mod push;

@@ -17,24 +17,25 @@
 use std::fmt;
 use std::time::Duration;
 
-use countersign_protocol::channel::{Channel, Initiator, MC_PROLOGUE, StaticKey};
+use countersign_protocol::channel::{MC_PROLOGUE, StaticKey};
 use countersign_protocol::device::{Bytes, Secret};
 use countersign_protocol::mc::{
     self, McAnswer, McHello, McMessage, McOutcome, McRequest, McRequestBody, McServerMessage,
     McWelcome, Platform,
 };
-use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::client::{get_json, http_form, transport};
 use crate::error::SdkError;
+use crate::noise_link::{self, Handshake, NoiseLink, Peer};
 use crate::push::McConfig;
 use crate::sfs_client::ws_base;
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// How errors name the Message Center.
+const MC: Peer = Peer {
+    tag: "mc",
+    name: "MC",
+};
 
 #[derive(Deserialize)]
 struct KeyDocument {
@@ -50,18 +51,12 @@ pub(crate) async fn fetch_key(
 ) -> Result<Vec<u8>, SdkError> {
     let url = format!("{}/key", http_form(&ws_base(base)?)?);
     let document: KeyDocument = get_json(http, &url, "MC key", timeout).await?;
-    let bytes =
-        hex::decode(&document.channel_public_key).map_err(|_| transport("MC key: not hex"))?;
-    p256::PublicKey::from_sec1_bytes(&bytes).map_err(|_| transport("MC key: not a P-256 key"))?;
-    Ok(bytes)
+    noise_link::p256_key(&document.channel_public_key, "MC key")
 }
 
 /// An open MC channel.
 pub(crate) struct McConnection {
-    socket: Socket,
-    channel: Channel,
-    next_id: u32,
-    timeout: Duration,
+    link: NoiseLink,
 }
 
 impl fmt::Debug for McConnection {
@@ -81,63 +76,37 @@ pub(crate) async fn connect(
     mailbox: Option<[u8; 16]>,
     timeout: Duration,
 ) -> Result<McConnection, SdkError> {
-    let (socket, channel) = tokio::time::timeout(timeout, handshake(config, key, mailbox))
+    let link = tokio::time::timeout(timeout, handshake(config, key, mailbox, timeout))
         .await
         .map_err(|_| SdkError::Timeout)??;
     tracing::debug!(registered = mailbox.is_some(), "mc channel open");
-    Ok(McConnection {
-        socket,
-        channel,
-        next_id: 1,
-        timeout,
-    })
+    Ok(McConnection { link })
 }
 
 async fn handshake(
     config: &McConfig,
     key: &StaticKey,
     mailbox: Option<[u8; 16]>,
-) -> Result<(Socket, Channel), SdkError> {
-    let url = format!("{}/channel", ws_base(&config.url)?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .map_err(|e| transport(format!("mc websocket: {e}")))?;
+    timeout: Duration,
+) -> Result<NoiseLink, SdkError> {
     let hello = mc::encode(&McHello {
         version: mc::VERSION,
         mailbox: mailbox.map(Bytes),
     })
     .map_err(transport)?;
-    let (initiator, first) =
-        Initiator::start_with_prologue(key, &config.channel_public_key, MC_PROLOGUE, &hello)
-            .map_err(|e| transport(format!("mc handshake: {e}")))?;
-    socket
-        .send(Message::binary(first))
-        .await
-        .map_err(|e| transport(format!("mc websocket: {e}")))?;
-    let second = next_binary(&mut socket).await?;
-    let (channel, payload) = initiator
-        .finish(&second)
-        .map_err(|e| transport(format!("mc handshake: {e}")))?;
+    let handshake = Handshake {
+        base: &config.url,
+        responder: &config.channel_public_key,
+        prologue: MC_PROLOGUE,
+        hello: &hello,
+    };
+    let (link, payload) = NoiseLink::open(MC, key, handshake, timeout).await?;
     match mc::decode::<McWelcome>(&payload).map_err(transport)? {
         McWelcome::Refused { reason } => {
             tracing::info!(?reason, "the MC refused the channel");
             Err(SdkError::McRefused(reason))
         }
-        McWelcome::Accepted {} => Ok((socket, channel)),
-    }
-}
-
-async fn next_binary(socket: &mut Socket) -> Result<Vec<u8>, SdkError> {
-    loop {
-        match socket.next().await {
-            Some(Ok(Message::Binary(frame))) => return Ok(frame.to_vec()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-            Some(Ok(Message::Text(_))) => return Err(transport("text message on the MC channel")),
-            Some(Err(e)) => return Err(transport(format!("mc websocket: {e}"))),
-            Some(Ok(Message::Close(_))) | None => {
-                return Err(transport("the MC closed the connection"));
-            }
-        }
+        McWelcome::Accepted {} => Ok(link),
     }
 }
 
@@ -151,9 +120,8 @@ impl McConnection {
     /// # Errors
     /// [`SdkError::Mc`] for a refusal, [`SdkError::Timeout`], [`SdkError::Transport`].
     async fn request(&mut self, body: McRequestBody) -> Result<McAnswer, SdkError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let timeout = self.timeout;
+        let id = self.link.next_id();
+        let timeout = self.link.timeout;
         let reply = tokio::time::timeout(timeout, self.exchange(id, body))
             .await
             .map_err(|_| SdkError::Timeout)??;
@@ -165,18 +133,7 @@ impl McConnection {
 
     async fn exchange(&mut self, id: u32, body: McRequestBody) -> Result<McOutcome, SdkError> {
         let bytes = mc::encode(&McRequest { id, body }).map_err(transport)?;
-        for frame in self.channel.seal(&bytes).map_err(transport)? {
-            self.socket
-                .send(Message::binary(frame))
-                .await
-                .map_err(|e| transport(format!("mc websocket: {e}")))?;
-        }
-        let message = loop {
-            let frame = next_binary(&mut self.socket).await?;
-            if let Some(message) = self.channel.open(&frame).map_err(transport)? {
-                break message;
-            }
-        };
+        let message = self.link.round_trip(&bytes).await?;
         let reply: McServerMessage = mc::decode(&message).map_err(transport)?;
         reply.validate().map_err(transport)?;
         let McServerMessage::Reply {
@@ -247,7 +204,7 @@ impl McConnection {
     }
 
     /// Closes the channel (best effort).
-    pub(crate) async fn close(mut self) {
-        let _ = self.socket.close(None).await;
+    pub(crate) async fn close(self) {
+        self.link.close().await;
     }
 }

@@ -18,25 +18,25 @@
 use std::fmt;
 use std::time::Duration;
 
-use countersign_protocol::channel::{Channel, Initiator, SFS_PROLOGUE, StaticKey};
+use countersign_protocol::channel::{SFS_PROLOGUE, StaticKey};
 use countersign_protocol::device::Bytes;
 use countersign_protocol::sfs::{
     self, FactorState, SfsAnswer, SfsBody, SfsCode, SfsError, SfsHello, SfsOutcome, SfsReply,
     SfsRequest, SfsWelcome, VERSION,
 };
-use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-use crate::error::SdkError;
-use crate::machine::SecondFactorEvent;
-use crate::second_factor::SfsConfig;
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 use crate::client::{get_json, http_form, transport};
+use crate::error::SdkError;
+use crate::machine::SecondFactorEvent;
+use crate::noise_link::{self, Handshake, NoiseLink, Peer};
+use crate::second_factor::SfsConfig;
+
+/// How errors name the second-factor server.
+const SFS: Peer = Peer {
+    tag: "sfs",
+    name: "SFS",
+};
 
 /// The SFS base as a WebSocket URL (`ws://…` or `wss://…`), no trailing slash; `http` and
 /// `https` bases are turned into their WebSocket forms.
@@ -79,15 +79,9 @@ pub(crate) async fn fetch_keys(
 ) -> Result<(Vec<u8>, Vec<u8>), SdkError> {
     let url = key_url(base)?;
     let document: KeyDocument = get_json(http, &url, "SFS keys", timeout).await?;
-    let key = |hex_text: &str| {
-        let bytes = hex::decode(hex_text).map_err(|_| transport("SFS keys: not hex"))?;
-        p256::PublicKey::from_sec1_bytes(&bytes)
-            .map_err(|_| transport("SFS keys: not a P-256 key"))?;
-        Ok::<_, SdkError>(bytes)
-    };
     Ok((
-        key(&document.channel_public_key)?,
-        key(&document.attestation_public_key)?,
+        noise_link::p256_key(&document.channel_public_key, "SFS keys")?,
+        noise_link::p256_key(&document.attestation_public_key, "SFS keys")?,
     ))
 }
 
@@ -101,10 +95,7 @@ pub(crate) struct Welcomed {
 
 /// An open SFS channel.
 pub(crate) struct SfsConnection {
-    socket: Socket,
-    channel: Channel,
-    next_id: u32,
-    timeout: Duration,
+    link: NoiseLink,
     pub(crate) welcome: Welcomed,
 }
 
@@ -128,45 +119,32 @@ pub(crate) async fn connect(
     app_instance: [u8; 16],
     timeout: Duration,
 ) -> Result<SfsConnection, SdkError> {
-    let (socket, channel, welcome) =
-        tokio::time::timeout(timeout, handshake(config, key, app_instance))
+    let (link, welcome) =
+        tokio::time::timeout(timeout, handshake(config, key, app_instance, timeout))
             .await
             .map_err(|_| SdkError::Timeout)??;
     tracing::debug!("sfs channel open");
-    Ok(SfsConnection {
-        socket,
-        channel,
-        next_id: 1,
-        timeout,
-        welcome,
-    })
+    Ok(SfsConnection { link, welcome })
 }
 
 async fn handshake(
     config: &SfsConfig,
     key: &StaticKey,
     app_instance: [u8; 16],
-) -> Result<(Socket, Channel, Welcomed), SdkError> {
-    let url = format!("{}/channel", ws_base(&config.url)?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .map_err(|e| transport(format!("sfs websocket: {e}")))?;
+    timeout: Duration,
+) -> Result<(NoiseLink, Welcomed), SdkError> {
     let hello = sfs::encode(&SfsHello {
         version: VERSION,
         app_instance: Bytes(app_instance),
     })
     .map_err(transport)?;
-    let (initiator, first) =
-        Initiator::start_with_prologue(key, &config.channel_public_key, SFS_PROLOGUE, &hello)
-            .map_err(|e| transport(format!("sfs handshake: {e}")))?;
-    socket
-        .send(Message::binary(first))
-        .await
-        .map_err(|e| transport(format!("sfs websocket: {e}")))?;
-    let second = next_binary(&mut socket).await?;
-    let (channel, payload) = initiator
-        .finish(&second)
-        .map_err(|e| transport(format!("sfs handshake: {e}")))?;
+    let handshake = Handshake {
+        base: &config.url,
+        responder: &config.channel_public_key,
+        prologue: SFS_PROLOGUE,
+        hello: &hello,
+    };
+    let (link, payload) = NoiseLink::open(SFS, key, handshake, timeout).await?;
     match sfs::decode::<SfsWelcome>(&payload).map_err(transport)? {
         SfsWelcome::Refused { reason } => {
             tracing::info!(?reason, "the SFS refused the channel");
@@ -177,28 +155,13 @@ async fn handshake(
             biometric_registered,
             state,
         } => Ok((
-            socket,
-            channel,
+            link,
             Welcomed {
                 pin_registered,
                 biometric_registered,
                 state,
             },
         )),
-    }
-}
-
-async fn next_binary(socket: &mut Socket) -> Result<Vec<u8>, SdkError> {
-    loop {
-        match socket.next().await {
-            Some(Ok(Message::Binary(frame))) => return Ok(frame.to_vec()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-            Some(Ok(Message::Text(_))) => return Err(transport("text message on the SFS channel")),
-            Some(Err(e)) => return Err(transport(format!("sfs websocket: {e}"))),
-            Some(Ok(Message::Close(_))) | None => {
-                return Err(transport("the SFS closed the connection"));
-            }
-        }
     }
 }
 
@@ -209,9 +172,8 @@ impl SfsConnection {
     /// [`SdkError::SecondFactor`] for a refusal the user must hear of, [`SdkError::Sfs`] for
     /// another refusal, [`SdkError::Timeout`], [`SdkError::Transport`].
     pub(crate) async fn request(&mut self, body: SfsBody) -> Result<SfsAnswer, SdkError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let timeout = self.timeout;
+        let id = self.link.next_id();
+        let timeout = self.link.timeout;
         let reply = tokio::time::timeout(timeout, self.exchange(id, body))
             .await
             .map_err(|_| SdkError::Timeout)??;
@@ -223,18 +185,7 @@ impl SfsConnection {
 
     async fn exchange(&mut self, id: u32, body: SfsBody) -> Result<SfsReply, SdkError> {
         let bytes = sfs::encode(&SfsRequest { id, body }).map_err(transport)?;
-        for frame in self.channel.seal(&bytes).map_err(transport)? {
-            self.socket
-                .send(Message::binary(frame))
-                .await
-                .map_err(|e| transport(format!("sfs websocket: {e}")))?;
-        }
-        let message = loop {
-            let frame = next_binary(&mut self.socket).await?;
-            if let Some(message) = self.channel.open(&frame).map_err(transport)? {
-                break message;
-            }
-        };
+        let message = self.link.round_trip(&bytes).await?;
         let reply: SfsReply = sfs::decode(&message).map_err(transport)?;
         if reply.id != id {
             return Err(transport("the SFS answered another request"));
@@ -243,8 +194,8 @@ impl SfsConnection {
     }
 
     /// Closes the channel (best effort).
-    pub(crate) async fn close(mut self) {
-        let _ = self.socket.close(None).await;
+    pub(crate) async fn close(self) {
+        self.link.close().await;
     }
 }
 

@@ -35,9 +35,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::fcm::url_for;
-use super::{
-    Fault, Faults, ReceivedPush, Recording, Shared, StandinError, StandinInfo, StandinKind,
-};
+use super::{Fault, Shared, StandinError, StandinInfo, StandinKind};
 use crate::apns::ApnsConfig;
 use crate::push::{SystemWallClock, WallClock};
 
@@ -314,33 +312,9 @@ impl ApnsStandin {
         config
     }
 
-    /// The faults the next sends answer.
-    #[must_use]
-    pub fn faults(&self) -> &Faults {
-        &self.state.shared.faults
-    }
-
-    /// Every request received on `/3/device/…`.
-    #[must_use]
-    pub fn recording(&self) -> &Recording {
-        &self.state.shared.recording
-    }
-
-    /// The next push for `token` not yet returned by this method; waits for one.
-    pub async fn next_push(&self, token: &str) -> ReceivedPush {
-        self.state.shared.inbox.next(token).await
-    }
-
-    /// Every push handed to `token` so far.
-    #[must_use]
-    pub fn pushes(&self, token: &str) -> Vec<ReceivedPush> {
-        self.state.shared.inbox.all(token)
-    }
-
-    /// How many notifications were answered `200` (dropped ones included).
-    #[must_use]
-    pub fn received_count(&self) -> u64 {
-        self.state.shared.accepted()
+    shared_accessors! {
+        recorded: "Every request received on `/3/device/…`.",
+        accepted: "How many notifications were answered `200` (dropped ones included).",
     }
 
     /// What a developer needs to use it.
@@ -385,10 +359,7 @@ fn check_provider_token(state: &ApnsState, headers: &HeaderMap) -> Result<(), &'
                 .or_else(|| v.strip_prefix("Bearer "))
         })
         .ok_or("MissingProviderToken")?;
-    let mut parts = jwt.split('.');
-    let (Some(header), Some(claims), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some((header, claims, signature)) = super::jwt_parts(jwt) else {
         return Err("InvalidProviderToken");
     };
     let header: Value =
@@ -478,15 +449,7 @@ fn apns_id(headers: &HeaderMap) -> Result<HeaderValue, ()> {
 }
 
 fn uuid_like(hex: &str) -> String {
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex.get(0..8).unwrap_or_default(),
-        hex.get(8..12).unwrap_or_default(),
-        hex.get(12..16).unwrap_or_default(),
-        hex.get(16..20).unwrap_or_default(),
-        hex.get(20..32).unwrap_or_default()
-    )
-    .to_uppercase()
+    crate::apns::uuid_form(hex).to_uppercase()
 }
 
 async fn device(

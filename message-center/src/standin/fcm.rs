@@ -30,9 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use super::{
-    Fault, Faults, ReceivedPush, Recording, Shared, StandinError, StandinInfo, StandinKind,
-};
+use super::{Fault, Shared, StandinError, StandinInfo, StandinKind};
 use crate::fcm::{ASSERTION_LIFETIME, FCM_SCOPE, JWT_BEARER_GRANT, ServiceAccount};
 use crate::push::{SystemWallClock, WallClock};
 
@@ -199,33 +197,9 @@ impl FcmStandin {
         config
     }
 
-    /// The faults the next sends answer.
-    #[must_use]
-    pub fn faults(&self) -> &Faults {
-        &self.state.shared.faults
-    }
-
-    /// Every request received on the API routes.
-    #[must_use]
-    pub fn recording(&self) -> &Recording {
-        &self.state.shared.recording
-    }
-
-    /// The next push for `token` not yet returned by this method; waits for one.
-    pub async fn next_push(&self, token: &str) -> ReceivedPush {
-        self.state.shared.inbox.next(token).await
-    }
-
-    /// Every push handed to `token` so far.
-    #[must_use]
-    pub fn pushes(&self, token: &str) -> Vec<ReceivedPush> {
-        self.state.shared.inbox.all(token)
-    }
-
-    /// How many messages were answered as a success (dropped ones included).
-    #[must_use]
-    pub fn received_count(&self) -> u64 {
-        self.state.shared.accepted()
+    shared_accessors! {
+        recorded: "Every request received on the API routes.",
+        accepted: "How many messages were answered as a success (dropped ones included).",
     }
 
     /// How many times the token endpoint was asked for an access token.
@@ -305,10 +279,7 @@ fn verify_rs256(jwt: &str, public_key_der: &[u8]) -> Result<Value, &'static str>
             .decode(part)
             .map_err(|_| "Invalid JWT: not base64url")
     };
-    let mut parts = jwt.split('.');
-    let (Some(header), Some(claims), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some((header, claims, signature)) = super::jwt_parts(jwt) else {
         return Err("Invalid JWT: not three parts");
     };
     let header: Value =

@@ -23,6 +23,42 @@
 //! in `standin_rsa_key.pem`, since RSA key generation is slow and ring cannot do it); nothing
 //! here is a real credential; waiting is on a notification, never a sleep.
 
+/// The accessors both stand-ins have on what they share (`self.state.shared`, a [`Shared`]):
+/// faults, the recording, the phones' inboxes and the success count. Expands inside an `impl`;
+/// `recorded` and `accepted` say what the stand-in records and counts.
+macro_rules! shared_accessors {
+    (recorded: $recorded:literal, accepted: $accepted:literal $(,)?) => {
+        /// The faults the next sends answer.
+        #[must_use]
+        pub fn faults(&self) -> &$crate::standin::Faults {
+            &self.state.shared.faults
+        }
+
+        #[doc = $recorded]
+        #[must_use]
+        pub fn recording(&self) -> &$crate::standin::Recording {
+            &self.state.shared.recording
+        }
+
+        /// The next push for `token` not yet returned by this method; waits for one.
+        pub async fn next_push(&self, token: &str) -> $crate::standin::ReceivedPush {
+            self.state.shared.inbox.next(token).await
+        }
+
+        /// Every push handed to `token` so far.
+        #[must_use]
+        pub fn pushes(&self, token: &str) -> Vec<$crate::standin::ReceivedPush> {
+            self.state.shared.inbox.all(token)
+        }
+
+        #[doc = $accepted]
+        #[must_use]
+        pub fn received_count(&self) -> u64 {
+            self.state.shared.accepted()
+        }
+    };
+}
+
 pub mod apns;
 pub mod fcm;
 
@@ -455,6 +491,16 @@ pub(crate) fn control_router(shared: Arc<Shared>) -> Router {
         .route("/standin/recording", get(recording))
         .route("/standin/echo", get(echo).post(echo))
         .with_state(shared)
+}
+
+/// A compact JWS's three dot-separated parts (header, claims, signature), if it has exactly
+/// three.
+pub(crate) fn jwt_parts(jwt: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = jwt.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(claims), Some(signature), None) => Some((header, claims, signature)),
+        _ => None,
+    }
 }
 
 /// Random bytes for ids and tokens the stand-ins issue.
