@@ -43,6 +43,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::Settings;
 
+/// Mailboxes whose inboxes are read as pushes arrive, for the latency (the first ones).
+const SAMPLED_MAILBOXES: usize = 8;
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 #[derive(Debug, clap::Args)]
@@ -107,6 +110,8 @@ struct Throughput {
 #[derive(Debug, Serialize)]
 struct Outage {
     outage_secs: u64,
+    /// The outage lasts at least `outage_secs` and until every message was submitted.
+    outage_lasted_secs: f64,
     messages: u64,
     submitted_in_secs: f64,
     submit_errors: u64,
@@ -154,6 +159,8 @@ struct Bench {
     base: String,
     /// MC tokens (base64url), by mailbox index.
     tokens: Vec<Arc<str>>,
+    /// Push tokens, by mailbox index.
+    push_tokens: Vec<String>,
     /// Every distinct arrival goes here, from one inbox reader per mailbox.
     arrivals: mpsc::UnboundedReceiver<Arrival>,
     /// Message ids: a run prefix (7 bytes), the phase (1), the index (8).
@@ -249,6 +256,20 @@ async fn register(mc: &MessageCenter, push_token: &str) -> anyhow::Result<[u8; 3
     }
 }
 
+/// The (phase, index) of a pushed message of this run, from its `cs` payload.
+fn push_index(payload: &serde_json::Value, prefix: [u8; 7]) -> Option<(u8, u64)> {
+    let cs = payload.get("cs")?.as_str()?;
+    let bytes = B64.decode(cs).ok()?;
+    let id = countersign_protocol::push::decode_envelope(&bytes)
+        .ok()?
+        .message_id;
+    if id.get(..7)? != prefix {
+        return None;
+    }
+    let index: [u8; 8] = id.get(8..)?.try_into().ok()?;
+    Some((*id.get(7)?, u64::from_be_bytes(index)))
+}
+
 /// Reads one mailbox's phone inbox forever, sending each message's (phase, index) on.
 async fn read_inbox(
     standin: Arc<FcmStandin>,
@@ -259,23 +280,10 @@ async fn read_inbox(
     loop {
         let push = standin.next_push(&token).await;
         let at = Instant::now();
-        let Some(cs) = push.payload_json.get("cs").and_then(|v| v.as_str()) else {
+        let Some((phase, index)) = push_index(&push.payload_json, prefix) else {
             continue;
         };
-        let Ok(bytes) = B64.decode(cs) else { continue };
-        let Ok(envelope) = countersign_protocol::push::decode_envelope(&bytes) else {
-            continue;
-        };
-        let id = envelope.message_id;
-        if id[..7] != prefix {
-            continue;
-        }
-        let mut index = [0u8; 8];
-        index.copy_from_slice(&id[8..]);
-        if arrivals
-            .send((id[7], u64::from_be_bytes(index), at))
-            .is_err()
-        {
+        if arrivals.send((phase, index, at)).is_err() {
             return;
         }
     }
@@ -346,16 +354,21 @@ impl Bench {
         let prefix: [u8; 7] = random()?;
         let (arrived, arrivals) = mpsc::unbounded_channel();
         let mut tokens = Vec::with_capacity(args.mailboxes);
+        let mut push_tokens = Vec::with_capacity(args.mailboxes);
         for i in 0..args.mailboxes {
             let push_token = format!("bench-push-{i}");
             let token = register(&mc, &push_token).await?;
             tokens.push(Arc::from(B64.encode(token)));
-            tasks.spawn(read_inbox(
-                standin.clone(),
-                push_token,
-                prefix,
-                arrived.clone(),
-            ));
+            // Latency is sampled on a few mailboxes: every push wakes every inbox reader.
+            if i < SAMPLED_MAILBOXES {
+                tasks.spawn(read_inbox(
+                    standin.clone(),
+                    push_token.clone(),
+                    prefix,
+                    arrived.clone(),
+                ));
+            }
+            push_tokens.push(push_token);
         }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(args.clients.max(1))
@@ -365,6 +378,7 @@ impl Bench {
             standin,
             base,
             tokens,
+            push_tokens,
             arrivals,
             prefix,
             stop,
@@ -447,55 +461,73 @@ impl Bench {
         Ok((stamps, errors.load(Ordering::Relaxed), started.elapsed()))
     }
 
-    /// Takes arrivals until `count` distinct messages of `phase` arrived or `wait` passed;
-    /// answers (distinct, duplicates, the last arrival, latencies from the stamps).
+    /// Which messages of `phase` the phone inboxes hold: (distinct, duplicates).
+    fn inboxes(&self, phase: u8, count: u64) -> anyhow::Result<(u64, u64)> {
+        let mut seen = vec![false; usize::try_from(count)?];
+        let (mut distinct, mut duplicates) = (0u64, 0u64);
+        for token in &self.push_tokens {
+            for push in self.standin.pushes(token) {
+                let Some((p, index)) = push_index(&push.payload_json, self.prefix) else {
+                    continue;
+                };
+                let Some(mark) = usize::try_from(index).ok().and_then(|i| seen.get_mut(i)) else {
+                    continue;
+                };
+                if p != phase {
+                    continue;
+                }
+                if *mark {
+                    duplicates += 1;
+                } else {
+                    *mark = true;
+                    distinct += 1;
+                }
+            }
+        }
+        Ok((distinct, duplicates))
+    }
+
+    /// Waits until the stand-in accepted `count` sends more than `before` and its inboxes
+    /// hold `count` distinct messages of `phase`, or `wait` passed (polling every 2 ms: a
+    /// bench may). Answers (distinct, duplicates, when the count was reached, latencies of
+    /// the sampled mailboxes' messages from the stamps).
     async fn collect(
         &mut self,
         phase: u8,
         count: u64,
+        before: u64,
         stamps: &[AtomicU64],
         t0: Instant,
         wait: Duration,
     ) -> anyhow::Result<(u64, u64, Option<Instant>, Histogram<u64>)> {
-        let mut seen = vec![false; usize::try_from(count)?];
-        let (mut distinct, mut duplicates, mut last) = (0u64, 0u64, None);
+        let deadline = Instant::now() + wait;
+        let mut reached = None;
+        let (mut distinct, mut duplicates) = (0, 0);
+        while Instant::now() < deadline {
+            if self.standin.received_count() >= before + count {
+                let at = Instant::now();
+                (distinct, duplicates) = self.inboxes(phase, count)?;
+                if distinct >= count {
+                    reached = Some(at);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        if reached.is_none() {
+            (distinct, duplicates) = self.inboxes(phase, count)?;
+        }
         let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-        let deadline = tokio::time::Instant::now() + wait;
-        while distinct < count {
-            let Ok(Some((p, index, at))) =
-                tokio::time::timeout_at(deadline, self.arrivals.recv()).await
-            else {
-                break;
-            };
-            let Ok(slot) = usize::try_from(index) else {
-                continue;
-            };
-            let (Some(mark), Some(stamp)) = (seen.get_mut(slot), stamps.get(slot)) else {
-                continue;
-            };
-            if p != phase {
-                continue;
-            }
-            if *mark {
-                duplicates += 1;
-                continue;
-            }
-            *mark = true;
-            distinct += 1;
-            last = Some(at);
-            let sent = stamp.load(Ordering::Relaxed);
-            let arrived = micros(at.duration_since(t0));
-            latency.record(arrived.saturating_sub(sent).max(1))?;
-        }
-        // Late duplicates already waiting.
-        while let Ok((p, index, _)) = self.arrivals.try_recv() {
-            if p == phase
-                && usize::try_from(index).is_ok_and(|i| seen.get(i).copied().unwrap_or(false))
-            {
-                duplicates += 1;
+        while let Ok((p, index, at)) = self.arrivals.try_recv() {
+            let stamp = usize::try_from(index).ok().and_then(|i| stamps.get(i));
+            if let (true, Some(stamp)) = (p == phase, stamp) {
+                let sent = stamp.load(Ordering::Relaxed);
+                latency.record(micros(at.duration_since(t0)).saturating_sub(sent).max(1))?;
             }
         }
-        Ok((distinct, duplicates, last, latency))
+        Ok((distinct, duplicates, reached, latency))
     }
 
     /// The ceiling: `count` bare `POST /standin/echo` with a body of an FCM send's size, from
@@ -543,20 +575,30 @@ impl Bench {
     async fn throughput(&mut self, args: &PushBenchArgs) -> anyhow::Result<Throughput> {
         // Warm-up: connections and the FCM access token (not timed).
         let t0 = Instant::now();
+        let before = self.standin.received_count();
         let (stamps, _, _) = self.submit(0, 200, args.clients.min(16), t0).await?;
-        self.collect(0, 200, &stamps, t0, Duration::from_secs(args.wait_secs))
-            .await?;
+        self.collect(
+            0,
+            200,
+            before,
+            &stamps,
+            t0,
+            Duration::from_secs(args.wait_secs),
+        )
+        .await?;
 
         let echo_requests = args.messages.clamp(1, 50_000);
         let ceiling = self.echo(echo_requests, args.clients).await?;
 
         let t0 = Instant::now();
+        let before = self.standin.received_count();
         let (stamps, submit_errors, submit_time) =
             self.submit(1, args.messages, args.clients, t0).await?;
         let (distinct, duplicates, last, latency) = self
             .collect(
                 1,
                 args.messages,
+                before,
                 &stamps,
                 t0,
                 Duration::from_secs(args.wait_secs),
@@ -624,17 +666,26 @@ impl Bench {
         let refused = injected.saturating_sub(self.standin.faults().pending() as u64);
         let delivered_during = self.standin.received_count().saturating_sub(before);
         self.standin.faults().clear();
+        let outage_lasted = outage_start.elapsed();
         let drain_start = Instant::now();
         // The backlog waits for its retry time (1 s) and the scan; wake the scan at once too.
         self.mc.wake();
         let (distinct, duplicates, last, _) = self
-            .collect(2, count, &stamps, t0, Duration::from_secs(args.wait_secs))
+            .collect(
+                2,
+                count,
+                before,
+                &stamps,
+                t0,
+                Duration::from_secs(args.wait_secs),
+            )
             .await?;
         let drain = last.map_or(0.0, |at| {
             at.saturating_duration_since(drain_start).as_secs_f64()
         });
         Ok(Outage {
             outage_secs: args.outage_secs,
+            outage_lasted_secs: outage_lasted.as_secs_f64(),
             messages: count,
             submitted_in_secs: submit_time.as_secs_f64(),
             submit_errors,
@@ -669,6 +720,12 @@ pub async fn push(settings: &Settings, args: PushBenchArgs) -> anyhow::Result<()
             "{per_mailbox} messages per mailbox would pass the MC's limit of {}; raise --mailboxes",
             McLimits::default().max_outstanding
         );
+    }
+    if phones(&args) > 0
+        && settings.master_key_file.is_none()
+        && crate::config::sqlite_path(&settings.database_url).is_none()
+    {
+        bail!("the push-login phase runs `serve`, which needs --master-key-file on PostgreSQL");
     }
     let mut bench = Bench::start(settings, &args).await?;
     let backend = if settings.database_url_is_default {
@@ -740,11 +797,11 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     if let Some(o) = &report.outage {
         writeln!(
             out,
-            "  outage: {} messages submitted in {:.2} s during a {} s outage (503, Retry-After 1; \
+            "  outage: {} messages submitted in {:.2} s during a {:.1} s outage (503, Retry-After 1; \
              {} sends refused, {} delivered, {} submit errors)",
             o.messages,
             o.submitted_in_secs,
-            o.outage_secs,
+            o.outage_lasted_secs,
             o.refused_sends_during_outage,
             o.delivered_during_outage,
             o.submit_errors
