@@ -1019,8 +1019,7 @@ async fn bad_input_is_refused_without_writing(db: &TestDb) {
     let cases = vec![
         (
             "malformed JSON",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .header("content-type", "application/json")
                 .body("{\"attributes\": "),
@@ -1028,40 +1027,35 @@ async fn bad_input_is_refused_without_writing(db: &TestDb) {
         ),
         (
             "unknown field",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .json(&json!({"attributes": {}, "admin": true})),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             "wrong type",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .json(&json!({"attributes": [1]})),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             "bad attribute name",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .json(&json!({"attributes": {"Bad Name": "x"}})),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             "oversize body",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .json(&json!({"attributes": {"a": "x".repeat(100_000)}})),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
         (
             "not JSON",
-            http
-                .put(&user)
+            http.put(&user)
                 .bearer_auth(&token)
                 .header("content-type", "text/plain")
                 .body("{}"),
@@ -1079,22 +1073,18 @@ async fn bad_input_is_refused_without_writing(db: &TestDb) {
         ),
         (
             "bad server id",
-            http
-                .get(api.url("/v1/servers/zz/users"))
+            http.get(api.url("/v1/servers/zz/users"))
                 .bearer_auth(&token),
             StatusCode::NOT_FOUND,
         ),
         (
             "bad admin path id",
-            http
-                .get(api.url("/v1/servers/xyz"))
-                .bearer_auth(ADMIN_KEY),
+            http.get(api.url("/v1/servers/xyz")).bearer_auth(ADMIN_KEY),
             StatusCode::NOT_FOUND,
         ),
         (
             "bad query",
-            http
-                .get(api.url(&format!("/v1/servers/{server}/users?limit=lots")))
+            http.get(api.url(&format!("/v1/servers/{server}/users?limit=lots")))
                 .bearer_auth(&token),
             StatusCode::BAD_REQUEST,
         ),
@@ -1110,16 +1100,14 @@ async fn bad_input_is_refused_without_writing(db: &TestDb) {
         ),
         (
             "userid too long",
-            http
-                .put(api.url(&format!("/v1/servers/{server}/users/{}", "a".repeat(300))))
+            http.put(api.url(&format!("/v1/servers/{server}/users/{}", "a".repeat(300))))
                 .bearer_auth(&token)
                 .json(&json!({})),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             "enrol an unknown user",
-            http
-                .post(api.url(&format!("/v1/servers/{server}/enrolments")))
+            http.post(api.url(&format!("/v1/servers/{server}/enrolments")))
                 .bearer_auth(&token)
                 .json(&json!({"userid": "nobody"})),
             StatusCode::NOT_FOUND,
