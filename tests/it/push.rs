@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use countersign_eventstore::SharedStore;
 use countersign_eventstore::testing::TestDb;
 use countersign_message_center::standin::{ApnsStandin, Fault, FcmStandin, ReceivedPush};
 use countersign_mobile_sdk::{
@@ -155,6 +156,37 @@ impl PushRig {
     async fn stop(self) {
         self.api.stop().await;
     }
+}
+
+/// How many events of `event_type` the log holds.
+async fn count_events(store: &SharedStore, event_type: &str) -> usize {
+    store
+        .read_all(0, 1_000_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == event_type)
+        .count()
+}
+
+/// Waits until the log holds at least `count` events of `event_type`, looking again after
+/// every commit the store hears of: this process's, and on PostgreSQL other processes' too
+/// (their notifications). Another process's SQLite commits wake nobody, so for those it also
+/// looks every `CROSS_PROCESS_LOOK` (the one case where a test cannot wait on the position).
+async fn wait_for_events(store: &SharedStore, event_type: &str, count: usize, within: Duration) {
+    const CROSS_PROCESS_LOOK: Duration = Duration::from_millis(100);
+    let mut head = store.head();
+    tokio::time::timeout(within, async {
+        loop {
+            head.borrow_and_update();
+            if count_events(store, event_type).await >= count {
+                return;
+            }
+            let _ = tokio::time::timeout(CROSS_PROCESS_LOOK, head.changed()).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("fewer than {count} {event_type} events"));
 }
 
 fn is_hex(token: &str) -> bool {
@@ -358,6 +390,8 @@ async fn a_dropped_push_is_pulled_and_runs_once(db: &TestDb) {
         .await;
     // The stand-in answers success but never hands the push to the phone.
     rig.fcm.faults().inject(Some("token-dave"), Fault::Drop, 1);
+    let store = rig.api.running.state.store().clone();
+    let queued = count_events(&store, "mc.message_queued").await;
     let (status, _) = rig
         .provoke(
             &format!("/v1/servers/{server}/users/dave/provoke"),
@@ -366,18 +400,9 @@ async fn a_dropped_push_is_pulled_and_runs_once(db: &TestDb) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    // The phone opens its main screen and pulls.
-    let report = tokio::time::timeout(WAIT, async {
-        loop {
-            let report = phone.pull_messages(Arc::new(NoCallbacks)).await.unwrap();
-            if report.processed > 0 {
-                return report;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap();
+    // Once the MC has the message, the phone opens its main screen and pulls.
+    wait_for_events(&store, "mc.message_queued", queued + 1, WAIT).await;
+    let report = phone.pull_messages(Arc::new(NoCallbacks)).await.unwrap();
     assert_eq!(report.processed, 1);
     let Some(PushAction::Login(login)) = report.actions.into_iter().next() else {
         panic!("the pulled message was not a login")
@@ -461,20 +486,8 @@ async fn unregistered_drops_the_token_and_unavailable_is_retried(db: &TestDb) {
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let store = rig.api.running.state.store().clone();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let events = store.read_all(0, 100_000).await.unwrap();
-            if events
-                .iter()
-                .any(|e| e.event_type == "mc.push_token_dropped")
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("no mc.push_token_dropped event");
+    wait_for_events(&store, "mc.push_token_dropped", 1, WAIT).await;
+    let queued = count_events(&store, "mc.message_queued").await;
     let (status, _) = rig
         .provoke(
             &format!("/v1/servers/{server}/users/erin/provoke"),
@@ -483,22 +496,12 @@ async fn unregistered_drops_the_token_and_unavailable_is_retried(db: &TestDb) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    let pulled = tokio::time::timeout(WAIT, async {
-        let mut processed = 0;
-        loop {
-            processed += phone
-                .pull_messages(Arc::new(NoCallbacks))
-                .await
-                .unwrap()
-                .processed;
-            if processed >= 2 {
-                return processed;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap();
+    wait_for_events(&store, "mc.message_queued", queued + 1, WAIT).await;
+    let pulled = phone
+        .pull_messages(Arc::new(NoCallbacks))
+        .await
+        .unwrap()
+        .processed;
     assert_eq!(pulled, 2, "both messages after the drop are pulled");
     assert_eq!(
         rig.fcm.received_count(),
@@ -910,22 +913,13 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
         .await;
     assert!(created.iter().all(|s| *s == StatusCode::CREATED));
     let store = db.second_instance().await;
-    let queued = || async {
-        store
-            .read_all(0, 1_000_000)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.event_type == "mc.message_queued")
-            .count()
-    };
-    tokio::time::timeout(Duration::from_secs(300), async {
-        while queued().await < 2 * PER_PHONE {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the MC never queued every message");
+    wait_for_events(
+        &store,
+        "mc.message_queued",
+        2 * PER_PHONE,
+        Duration::from_secs(300),
+    )
+    .await;
     assert_eq!(
         fcm.received_count(),
         0,
@@ -937,20 +931,14 @@ async fn a_killed_message_center_loses_and_repeats_nothing(db: &TestDb) {
     child.kill().await.unwrap();
     fcm.faults().clear();
     let restarted = serve_child(db, dir.path(), &fcm, &format!("127.0.0.1:{port}")).await;
+    // Every push as it reaches each phone's inbox, until each phone has every message.
     let mut seen = std::collections::HashMap::<&str, std::collections::HashSet<[u8; 16]>>::new();
     tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let mut done = true;
-            for (_, push_token, _) in &phones {
-                let ids: std::collections::HashSet<[u8; 16]> =
-                    fcm.pushes(push_token).iter().map(message_id_of).collect();
-                done &= ids.len() >= PER_PHONE;
-                seen.insert(push_token, ids);
+        for (_, push_token, _) in &phones {
+            let ids = seen.entry(push_token).or_default();
+            while ids.len() < PER_PHONE {
+                ids.insert(message_id_of(&fcm.next_push(push_token).await));
             }
-            if done {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await
