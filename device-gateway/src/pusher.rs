@@ -18,6 +18,10 @@
 //! 16 bytes), so a restart that pushes an event again submits the same id, which the MC takes
 //! once and the SDK runs once; the position reached is kept in `ns_push_checkpoint` only after
 //! every message of the events before it was taken by its MC, so nothing is lost on a crash.
+//! Each account's registration and MC token are read once (its stream, the vault) and kept
+//! in memory; the follower drops the entry when it reads the account's next
+//! `account.push_registered`, so a message is never sealed to a replaced key.
+//!
 //! An MC that cannot be reached (or answers 5xx/429) is retried with backoff, holding the
 //! follower there; an MC that refuses a message for good (unknown token, bad input) is logged
 //! and counted, and the follower moves on.
@@ -79,6 +83,15 @@ struct Registration {
     token_ref: String,
 }
 
+/// An account's registration and its MC token, as the pusher keeps them between messages.
+struct Cached {
+    registration: Registration,
+    token: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// Accounts whose registration is kept; beyond, the cache starts again empty.
+const CACHED_ACCOUNTS: usize = 100_000;
+
 /// How a submission ended.
 enum Submitted {
     /// The MC took it (or had it already).
@@ -102,6 +115,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     centers: Vec<TrustedMc>,
     http: reqwest::Client,
+    registrations: std::sync::Mutex<std::collections::HashMap<AccountRef, Arc<Cached>>>,
 }
 
 impl std::fmt::Debug for Pusher {
@@ -136,6 +150,7 @@ impl Pusher {
             clock,
             centers,
             http,
+            registrations: std::sync::Mutex::default(),
         }))
     }
 
@@ -182,6 +197,9 @@ impl Pusher {
             let reached = last.position + 1;
             let mut outgoing = Vec::new();
             for event in &events {
+                if event.event_type == "account.push_registered" {
+                    self.forget_registration(event);
+                }
                 outgoing.extend(self.messages_for(event).await?);
             }
             self.deliver(outgoing).await;
@@ -338,6 +356,46 @@ impl Pusher {
         Ok(Vec::new())
     }
 
+    /// Drops the kept registration of the account a `account.push_registered` event is of.
+    fn forget_registration(&self, event: &RecordedEvent) {
+        if let Some((server, account)) = scoped(&event.stream, "account-")
+            .and_then(|(s, a)| Some((ServerId::parse_hex(s).ok()?, AccountId::parse_hex(a).ok()?)))
+            && let Ok(mut kept) = self.0.registrations.lock()
+        {
+            kept.remove(&AccountRef::new(server, account));
+        }
+    }
+
+    /// The account's registration and MC token: kept, or read and kept.
+    async fn cached(&self, account: AccountRef) -> Result<Option<Arc<Cached>>, PushError> {
+        if let Some(kept) = self
+            .0
+            .registrations
+            .lock()
+            .ok()
+            .and_then(|kept| kept.get(&account).cloned())
+        {
+            return Ok(Some(kept));
+        }
+        let Some(registration) = self.registration(account).await? else {
+            return Ok(None);
+        };
+        let Some(token) = self.0.vault.get(&registration.token_ref).await? else {
+            return Ok(None);
+        };
+        let cached = Arc::new(Cached {
+            registration,
+            token,
+        });
+        if let Ok(mut kept) = self.0.registrations.lock() {
+            if kept.len() >= CACHED_ACCOUNTS {
+                kept.clear();
+            }
+            kept.insert(account, Arc::clone(&cached));
+        }
+        Ok(Some(cached))
+    }
+
     /// The account's current push registration, read from its stream (a deleted account's
     /// last one: its app is told of the deletion).
     async fn registration(&self, account: AccountRef) -> Result<Option<Registration>, PushError> {
@@ -378,9 +436,10 @@ impl Pusher {
     }
 
     async fn try_submit(&self, message: &Outgoing) -> Result<Submitted, PushError> {
-        let Some(registration) = self.registration(message.account).await? else {
+        let Some(cached) = self.cached(message.account).await? else {
             return Ok(Submitted::Refused);
         };
+        let (registration, token) = (&cached.registration, &cached.token);
         let Some(center) = self
             .0
             .centers
@@ -388,9 +447,6 @@ impl Pusher {
             .find(|mc| mc.key_id() == registration.mc_key_id)
         else {
             tracing::warn!("an account's Message Center is no longer trusted; push dropped");
-            return Ok(Submitted::Refused);
-        };
-        let Some(token) = self.0.vault.get(&registration.token_ref).await? else {
             return Ok(Submitted::Refused);
         };
         let server = message.account.server_id;
