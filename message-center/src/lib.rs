@@ -201,7 +201,12 @@ impl MessageCenter {
     ) -> Result<Self, Error> {
         let keys = keys::Keys::load_or_create(&vault).await?;
         let (jobs, jobs_rx) = mpsc::channel(JOB_QUEUE);
-        let inserts = submit::spawn_inserter(database.clone(), limits.max_outstanding);
+        let inserts = submit::spawn_inserter(submit::InserterConfig {
+            database: database.clone(),
+            capacity: limits.max_outstanding,
+            senders: senders.clone(),
+            lease: limits.lease,
+        });
         Ok(Self(Arc::new(Inner {
             store,
             database,

@@ -129,7 +129,10 @@ async fn mailbox_where(
 }
 
 /// Appends `(…)` with one bind per id: the list of an `IN` (`ids` is not empty).
-fn push_id_list<DB: sqlx::Database>(q: &mut sqlx::QueryBuilder<DB>, ids: &[[u8; 16]])
+fn push_id_list<DB: sqlx::Database, const N: usize>(
+    q: &mut sqlx::QueryBuilder<DB>,
+    ids: &[[u8; N]],
+)
 where
     for<'t> Vec<u8>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
@@ -181,14 +184,6 @@ pub(crate) async fn mailbox_by_key(
     mailbox_where(db, "channel_key_digest", key_digest).await
 }
 
-/// The mailbox an MC token hash names, if any.
-pub(crate) async fn mailbox_by_token(
-    db: &Database,
-    token_hash: &[u8; 32],
-) -> Result<Option<Mailbox>, sqlx::Error> {
-    mailbox_where(db, "token_hash", token_hash).await
-}
-
 /// The mailbox of an id, if any.
 pub(crate) async fn mailbox_by_id(
     db: &Database,
@@ -212,6 +207,34 @@ pub(crate) async fn mailboxes(
         q.build_query_as().fetch_all(pool).await?
     });
     rows.into_iter().map(mailbox_of).collect()
+}
+
+/// The mailboxes several token hashes name, with the hash each answers to (unknown hashes
+/// are absent).
+pub(crate) async fn mailboxes_by_tokens(
+    db: &Database,
+    token_hashes: &[[u8; 32]],
+) -> Result<Vec<([u8; 32], Mailbox)>, sqlx::Error> {
+    if token_hashes.is_empty() {
+        return Ok(Vec::new());
+    }
+    type Row = (Vec<u8>, Vec<u8>, String, String, String, bool, Vec<u8>);
+    let rows: Vec<Row> = with_pool!(db, pool => {
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT token_hash, mailbox_id, platform, app_id, push_token, push_dropped, \
+             channel_key_digest FROM mc_mailboxes WHERE token_hash IN ",
+        );
+        push_id_list(&mut q, token_hashes);
+        q.build_query_as().fetch_all(pool).await?
+    });
+    rows.into_iter()
+        .map(|(hash, id, platform, app_id, push_token, dropped, key)| {
+            Ok((
+                fixed(&hash, "token_hash")?,
+                mailbox_of((id, platform, app_id, push_token, dropped, key))?,
+            ))
+        })
+        .collect()
 }
 
 /// Removes a mailbox row no event names (a registration a crash cut short).

@@ -277,11 +277,7 @@ pub(crate) async fn submit(
     let now_ms = mc.now_ms();
     let max_ttl_ms = i64::try_from(mc.0.limits.max_ttl.as_millis()).unwrap_or(i64::MAX);
     let checked = check(&body, now_ms, max_ttl_ms)?;
-    let mailbox = store::mailbox_by_token(&mc.0.database, &token_hash)
-        .await
-        .map_err(|e| internal(&e.into()))?
-        .ok_or(SubmitError::Unauthorized)?;
-    let queued = accept(&mc, &mailbox, checked, now_ms).await?;
+    let queued = accept(&mc, token_hash, checked, now_ms).await?;
     let status = if queued {
         StatusCode::ACCEPTED
     } else {
@@ -290,25 +286,51 @@ pub(crate) async fn submit(
     Ok((status, axum::Json(SubmitAnswer { queued })))
 }
 
-/// A message for the inserter, and where to say whether it was inserted.
-pub(crate) type Insert = (NewMessage, oneshot::Sender<Result<bool, ()>>);
+/// A checked submit for the inserter: the MC token's hash and the message.
+pub(crate) struct Pending {
+    token_hash: [u8; 32],
+    message: Checked,
+    now_ms: i64,
+}
 
-/// The inserter: concurrent submits share one insert statement (as concurrent appends share
-/// one transaction in the store), so a burst of submits costs a few commits, not one each.
-pub(crate) fn spawn_inserter(database: Database, capacity: u32) -> mpsc::Sender<Insert> {
+/// What the inserter did with a submit.
+pub(crate) enum Stored {
+    /// No mailbox has this MC token.
+    UnknownToken,
+    /// Newly stored, for this mailbox, awaiting a push or not.
+    Inserted(store::Mailbox, NewMessage),
+    /// Not stored: its id is known already, or the mailbox is full.
+    NotInserted(store::Mailbox),
+}
+
+/// A submit for the inserter, and where to say what became of it.
+pub(crate) type Insert = (Pending, oneshot::Sender<Result<Stored, ()>>);
+
+/// What the inserter needs to know of the MC.
+pub(crate) struct InserterConfig {
+    pub(crate) database: Database,
+    pub(crate) capacity: u32,
+    pub(crate) senders: crate::Senders,
+    pub(crate) lease: std::time::Duration,
+}
+
+/// The inserter: concurrent submits share one mailbox lookup (by token hash) and one insert
+/// statement (as concurrent appends share one transaction in the store), so a burst of
+/// submits costs two statements, not two each.
+pub(crate) fn spawn_inserter(config: InserterConfig) -> mpsc::Sender<Insert> {
     let (sender, mut receiver) = mpsc::channel::<Insert>(4 * store::INSERT_BATCH);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(store::INSERT_BATCH);
         while receiver.recv_many(&mut batch, store::INSERT_BATCH).await > 0 {
-            let rows: Vec<NewMessage> = batch.iter().map(|(row, _)| row.clone()).collect();
-            match store::insert_messages(&database, &rows, i64::from(capacity)).await {
-                Ok(inserted) => {
-                    for (row, reply) in batch.drain(..) {
-                        let _ = reply.send(Ok(inserted.contains(&row.message_id)));
+            let answers = store_batch(&config, batch.iter().map(|(pending, _)| pending)).await;
+            match answers {
+                Ok(answers) => {
+                    for ((_, reply), answer) in batch.drain(..).zip(answers) {
+                        let _ = reply.send(Ok(answer));
                     }
                 }
                 Err(error) => {
-                    tracing::error!(%error, "mc: inserting messages failed");
+                    tracing::error!(%error, "mc: storing messages failed");
                     for (_, reply) in batch.drain(..) {
                         let _ = reply.send(Err(()));
                     }
@@ -319,88 +341,124 @@ pub(crate) fn spawn_inserter(database: Database, capacity: u32) -> mpsc::Sender<
     sender
 }
 
-/// Inserts one message through the inserter. `false`: not inserted (known id, or full).
-async fn insert(mc: &MessageCenter, row: NewMessage) -> Result<bool, SubmitError> {
-    let (reply, answer) = oneshot::channel();
-    if mc.0.inserts.send((row, reply)).await.is_err() {
-        tracing::error!("mc: the inserter is gone");
-        return Err(SubmitError::Internal);
-    }
-    match answer.await {
-        Ok(Ok(inserted)) => Ok(inserted),
-        _ => Err(SubmitError::Internal),
-    }
+/// Looks the batch's mailboxes up and inserts its messages; answers each submit's fate, in
+/// order.
+async fn store_batch<'a>(
+    config: &InserterConfig,
+    batch: impl Iterator<Item = &'a Pending> + Clone,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let mut hashes: Vec<[u8; 32]> = batch.clone().map(|p| p.token_hash).collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    let mailboxes: std::collections::HashMap<[u8; 32], store::Mailbox> =
+        store::mailboxes_by_tokens(&config.database, &hashes)
+            .await?
+            .into_iter()
+            .collect();
+    let lease_ms = i64::try_from(config.lease.as_millis()).unwrap_or(i64::MAX);
+    let rows: Vec<Option<NewMessage>> = batch
+        .clone()
+        .map(|pending| {
+            let mailbox = mailboxes.get(&pending.token_hash)?;
+            let m = &pending.message;
+            let push = mailbox.pushable() && config.senders.for_platform(mailbox.platform).is_some();
+            Some(NewMessage {
+                message_id: m.message_id,
+                mailbox_id: mailbox.id,
+                envelope: m.envelope.clone(),
+                envelope_digest: Sha256::digest(&m.envelope).into(),
+                expires_at_ms: m.expires_at_ms,
+                priority: m.priority,
+                collapse_id: m.collapse_id.clone(),
+                queued_at_ms: pending.now_ms,
+                push_state: if push { AWAITING } else { MAILBOX_ONLY },
+                // The fast path holds the lease; the scan takes over if it is not recorded in
+                // time.
+                next_attempt_at_ms: pending.now_ms.saturating_add(lease_ms),
+            })
+        })
+        .collect();
+    let insertable: Vec<NewMessage> = rows.iter().flatten().cloned().collect();
+    let inserted =
+        store::insert_messages(&config.database, &insertable, i64::from(config.capacity)).await?;
+    Ok(batch
+        .zip(rows)
+        .map(|(pending, row)| match (mailboxes.get(&pending.token_hash), row) {
+            (Some(mailbox), Some(row)) if inserted.contains(&row.message_id) => {
+                Stored::Inserted(mailbox.clone(), row)
+            }
+            (Some(mailbox), _) => Stored::NotInserted(mailbox.clone()),
+            (None, _) => Stored::UnknownToken,
+        })
+        .collect())
 }
 
 /// Stores, records and hands over one checked message. `false`: it was queued before.
 async fn accept(
     mc: &MessageCenter,
-    mailbox: &store::Mailbox,
+    token_hash: [u8; 32],
     m: Checked,
     now_ms: i64,
 ) -> Result<bool, SubmitError> {
     let digest: [u8; 32] = Sha256::digest(&m.envelope).into();
-    let push = mailbox.pushable() && mc.0.senders.for_platform(mailbox.platform).is_some();
-    let lease_ms = i64::try_from(mc.0.limits.lease.as_millis()).unwrap_or(i64::MAX);
-    let row = NewMessage {
-        message_id: m.message_id,
-        mailbox_id: mailbox.id,
-        envelope: m.envelope.clone(),
-        envelope_digest: digest,
-        expires_at_ms: m.expires_at_ms,
-        priority: m.priority,
-        collapse_id: m.collapse_id.clone(),
-        queued_at_ms: now_ms,
-        push_state: if push { AWAITING } else { MAILBOX_ONLY },
-        // The fast path holds the lease; the scan takes over if it is not recorded in time.
-        next_attempt_at_ms: now_ms.saturating_add(lease_ms),
+    let (message_id, size, priority) = (m.message_id, m.envelope.len(), m.priority);
+    let (reply, answer) = oneshot::channel();
+    let pending = Pending {
+        token_hash,
+        message: m,
+        now_ms,
+    };
+    if mc.0.inserts.send((pending, reply)).await.is_err() {
+        tracing::error!("mc: the inserter is gone");
+        return Err(SubmitError::Internal);
+    }
+    let stored = match answer.await {
+        Ok(Ok(stored)) => stored,
+        _ => return Err(SubmitError::Internal),
     };
     let db = &mc.0.database;
-    let inserted = insert(mc, row).await?;
-    if !inserted {
-        return match store::message_digest(db, &m.message_id)
-            .await
-            .map_err(|e| internal(&e.into()))?
-        {
-            Some((owner, stored, expires)) if owner == mailbox.id && stored == digest => {
-                // A retry: make sure the first attempt's event is there (it may not be, if
-                // that attempt failed after the insert); its id makes this a no-op otherwise.
-                let event =
-                    queued_event(m.message_id, digest, m.envelope.len(), expires, m.priority);
-                record(mc, &mailbox.id, &event)
-                    .await
-                    .map_err(|e| internal(&e))?;
-                Ok(false)
-            }
-            Some(_) => Err(SubmitError::Conflict),
-            None => Err(SubmitError::MailboxFull),
-        };
-    }
-    let event = queued_event(
-        m.message_id,
-        digest,
-        m.envelope.len(),
-        m.expires_at_ms,
-        m.priority,
-    );
+    let (mailbox, row) = match stored {
+        Stored::UnknownToken => return Err(SubmitError::Unauthorized),
+        Stored::Inserted(mailbox, row) => (mailbox, row),
+        Stored::NotInserted(mailbox) => {
+            return match store::message_digest(db, &message_id)
+                .await
+                .map_err(|e| internal(&e.into()))?
+            {
+                Some((owner, stored, expires)) if owner == mailbox.id && stored == digest => {
+                    // A retry: make sure the first attempt's event is there (it may not be, if
+                    // that attempt failed after the insert); its id makes this a no-op
+                    // otherwise.
+                    let event = queued_event(message_id, digest, size, expires, priority);
+                    record(mc, &mailbox.id, &event)
+                        .await
+                        .map_err(|e| internal(&e))?;
+                    Ok(false)
+                }
+                Some(_) => Err(SubmitError::Conflict),
+                None => Err(SubmitError::MailboxFull),
+            };
+        }
+    };
+    let event = queued_event(message_id, digest, size, row.expires_at_ms, priority);
     record(mc, &mailbox.id, &event)
         .await
         .map_err(|e| internal(&e))?;
-    if push {
+    if row.push_state == AWAITING {
         mc.0.metrics.queue_depth.inc();
         let job = Job {
             due: store::Due {
-                message_id: m.message_id,
+                message_id,
                 mailbox_id: mailbox.id,
-                envelope: m.envelope,
+                envelope: row.envelope,
                 envelope_digest: digest,
-                expires_at_ms: m.expires_at_ms,
-                priority: m.priority,
-                collapse_id: m.collapse_id,
+                expires_at_ms: row.expires_at_ms,
+                priority,
+                collapse_id: row.collapse_id,
                 queued_at_ms: now_ms,
                 attempts: 0,
             },
-            mailbox: Some(mailbox.clone()),
+            mailbox: Some(mailbox),
             recovered: false,
         };
         // A full hand-over queue only delays the push: the scan finds it after the lease.
