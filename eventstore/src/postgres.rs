@@ -210,12 +210,19 @@ impl BatchWriter for PgWriter {
             metadata.push(codec::encode_metadata(&row.event.metadata)?);
             server_ids.push(row.event.metadata.server_id.as_deref());
         }
+        let new_head = plan.new_head.map(codec::to_i64).transpose()?.unwrap_or(-1);
+        // One statement writes the rows, moves the head and notifies other processes (a
+        // data-modifying WITH runs to completion whether or not its output is read): the
+        // writer's transaction is on the append path of every caller, so each round trip
+        // saved here is saved for all of them.
         sqlx::query(
-            "INSERT INTO es_events (position, stream, version, event_id, event_type, \
-             schema_version, payload, metadata, server_id, recorded_at) \
+            "WITH written AS (INSERT INTO es_events (position, stream, version, event_id, \
+             event_type, schema_version, payload, metadata, server_id, recorded_at) \
              SELECT p, s, v, i, t, sv, pl, m, sid, $10 FROM unnest($1::bigint[], $2::text[], \
              $3::bigint[], $4::uuid[], $5::text[], $6::int[], $7::bytea[], $8::bytea[], \
-             $9::text[]) AS x(p, s, v, i, t, sv, pl, m, sid)",
+             $9::text[]) AS x(p, s, v, i, t, sv, pl, m, sid)), \
+             moved AS (UPDATE es_head SET last_position = $11 WHERE id = 1) \
+             SELECT pg_notify($12, $13)",
         )
         .bind(&positions)
         .bind(&stream_names)
@@ -227,19 +234,11 @@ impl BatchWriter for PgWriter {
         .bind(&metadata)
         .bind(&server_ids)
         .bind(recorded_at)
+        .bind(new_head)
+        .bind(NOTIFY_CHANNEL)
+        .bind(new_head.to_string())
         .execute(&mut *tx)
         .await?;
-
-        let new_head = plan.new_head.map(codec::to_i64).transpose()?.unwrap_or(-1);
-        sqlx::query("UPDATE es_head SET last_position = $1 WHERE id = 1")
-            .bind(new_head)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NOTIFY_CHANNEL)
-            .bind(new_head.to_string())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok((plan.outcomes, plan.new_head))
     }
