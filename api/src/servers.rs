@@ -236,6 +236,8 @@ pub async fn update_server(
         second_factor,
         session_timeout_secs: request.session_timeout_secs,
         default_ping_time_secs: request.default_ping_time_secs,
+        data_service: request.data_service.map(|ds| ds.map(Into::into)),
+        headless_enrolment: request.headless_enrolment,
     };
     let done = state
         .commands()

@@ -340,6 +340,7 @@ fn is_final(row: &SessionRow) -> bool {
 async fn session_view(state: &AppState, row: &SessionRow) -> Result<SessionView, ApiError> {
     let mut view = SessionView {
         state: row.state.clone(),
+        kind: if row.app_login { "app_login" } else { "login" }.to_owned(),
         userid: None,
         account_id: row.account_id.map(|a| a.to_string()),
         attributes: None,
@@ -369,11 +370,27 @@ async fn current_row(
     tenant: &Tenant,
     session: SessionRef,
 ) -> Result<SessionRow, ApiError> {
-    let row = state
+    let row = match state
         .reads()
         .session_state(session.server_id, session.hsid)
         .await?
-        .ok_or_else(|| ApiError::NotFound("no such session".into()))?;
+    {
+        Some(row) => row,
+        None => {
+            // Not in the read model: it may be a session the caller has not written itself (an
+            // AppLogin's web nonce, handed over by the app before the projection saw it).
+            // Read again once the read model holds everything committed before this request;
+            // a session that is still absent does not exist.
+            if let Some(head) = state.store().last_position().await? {
+                state.wait_for(Some(head)).await?;
+            }
+            state
+                .reads()
+                .session_state(session.server_id, session.hsid)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("no such session".into()))?
+        }
+    };
     let now = state.clock().now();
     let due = (is_waiting(&row) && row.expires_at <= now)
         || (row.state == "logged_in" && row.ping_deadline.is_some_and(|d| d <= now));

@@ -283,6 +283,15 @@ fn account_view(row: &countersign_projections::AccountRow) -> AccountView {
         second_factor: row.second_factor.clone(),
         signing_key_fingerprint: hex::encode(row.signing_key_thumbprint),
         registered_at: row.registered_at.as_millis(),
+        device_data: row
+            .device_data
+            .as_ref()
+            .map(|(data, at)| crate::views::DeviceDataView {
+                model: data.model.clone(),
+                os: data.os.clone(),
+                app_version: data.app_version.clone(),
+                changed_at: at.as_millis(),
+            }),
     }
 }
 

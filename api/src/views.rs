@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use countersign_domain::server::{SecondFactorPolicy, ServerSettings};
+use countersign_domain::server::{DataServiceSettings, SecondFactorPolicy, ServerSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -84,6 +84,48 @@ pub struct UpdateServerRequest {
     /// Default ping interval (0..=3600, below the timeout); 0 = one-shot sessions.
     #[schema(minimum = 0, maximum = 3600)]
     pub default_ping_time_secs: Option<u32>,
+    /// Where the secure channel delivers app data (docs/data-service.md); `null` removes it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<DataServiceView>)]
+    pub data_service: Option<Option<DataServiceView>>,
+    /// Whether an app with no account here may create a headless account on its first
+    /// secure-channel message (default `false`).
+    pub headless_enrolment: Option<bool>,
+}
+
+/// A server's Data Service: the URL the NS POSTs signed app data to, and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataServiceView {
+    /// Absolute `http` or `https` URL, at most 2048 bytes, no credentials or fragment.
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// Milliseconds (100..=30000) the NS waits for the DS's answer; default 5000.
+    #[serde(default = "default_ds_timeout")]
+    #[schema(minimum = 100, maximum = 30000, default = 5000)]
+    pub timeout_ms: u32,
+}
+
+fn default_ds_timeout() -> u32 {
+    DataServiceSettings::DEFAULT_TIMEOUT_MS
+}
+
+impl From<DataServiceView> for DataServiceSettings {
+    fn from(v: DataServiceView) -> Self {
+        Self {
+            url: v.url,
+            timeout_ms: v.timeout_ms,
+        }
+    }
+}
+
+impl From<&DataServiceSettings> for DataServiceView {
+    fn from(s: &DataServiceSettings) -> Self {
+        Self {
+            url: s.url.clone(),
+            timeout_ms: s.timeout_ms,
+        }
+    }
 }
 
 fn double_option<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
@@ -104,6 +146,12 @@ pub struct ServerView {
     pub second_factor_cache_secs: u32,
     pub session_timeout_secs: u32,
     pub default_ping_time_secs: u32,
+    /// The secure channel's Data Service; absent when none is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_service: Option<DataServiceView>,
+    /// Whether apps may create headless accounts through the secure channel.
+    #[serde(default)]
+    pub headless_enrolment: bool,
     /// SEC1 uncompressed P-256 public key, hex.
     pub public_key: String,
     /// SHA-256 of the public key, hex: what apps pin.
@@ -131,6 +179,8 @@ impl ServerView {
             second_factor_cache_secs: settings.second_factor.login_reuse_window_secs,
             session_timeout_secs: settings.session_timeout_secs,
             default_ping_time_secs: settings.default_ping_time_secs,
+            data_service: settings.data_service.as_ref().map(DataServiceView::from),
+            headless_enrolment: settings.headless_enrolment,
             public_key: hex::encode(public_key),
             key_fingerprint: hex::encode(fingerprint),
             created_at,
@@ -263,6 +313,19 @@ pub struct AccountView {
     /// SHA-256 of the account's signing key, hex.
     pub signing_key_fingerprint: String,
     pub registered_at: i64,
+    /// What the app last said about its device (self-reported); absent until it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_data: Option<DeviceDataView>,
+}
+
+/// Device data an app reported over its secure channel (`account.device_data_changed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeviceDataView {
+    pub model: String,
+    pub os: String,
+    pub app_version: String,
+    /// When it last changed, ms since the epoch.
+    pub changed_at: i64,
 }
 
 /// A user's accounts.
@@ -334,6 +397,11 @@ pub struct PutSessionRequest {
 pub struct SessionView {
     /// `pending`, `scanned`, `logged_in`, `logged_out`, `aborted`, `expired` or `failed`.
     pub state: String,
+    /// `login` (opened by `PUT`, logged in from a QR code, link or push) or `app_login` (the
+    /// app logged in to itself and handed its backend the web nonce this read was made with;
+    /// docs/app-login.md).
+    #[schema(example = "login")]
+    pub kind: String,
     /// The logged-in user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userid: Option<String>,

@@ -24,6 +24,9 @@ mod scale;
 /// Signed transactions end to end (uses the device benches' business side).
 #[path = "bench_tx.rs"]
 mod transactions;
+/// AppLogin and the secure channel end to end (uses the transactions bench's phones).
+#[path = "bench_app.rs"]
+mod app;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -51,6 +54,12 @@ pub enum BenchWhat {
     /// Signed transactions end to end against a running server (PIN at the SFS, device
     /// signature, business read), virtual phones in this process.
     Transactions(transactions::TransactionsArgs),
+    /// AppLogins with a PIN against QR logins with a PIN in the same run, against a running
+    /// server, virtual phones in this process.
+    AppLogins(app::AppLoginsArgs),
+    /// Secure-channel round trips through the NS to an echo Data Service in this process,
+    /// against the same DS hit directly (the ceiling), against a running server.
+    Data(app::DataArgs),
     /// The second-factor server's hot paths: server-side OPAQUE logins, attestation sign +
     /// verify (one thread and every core) against bare ES256. Needs no database.
     Sfs(SfsArgs),
@@ -138,6 +147,8 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Logins(args) => device::logins(args).await,
         BenchWhat::Connections(args) => device::connections(args).await,
         BenchWhat::Transactions(args) => transactions::transactions(args).await,
+        BenchWhat::AppLogins(args) => app::app_logins(args).await,
+        BenchWhat::Data(args) => app::data(args).await,
         BenchWhat::Sfs(args) => sfs(&args),
         BenchWhat::Scale(args) => scale::scale(settings, args).await,
         BenchWhat::Streams(args) => crate::bench_streams::streams(settings, args).await,

@@ -260,7 +260,7 @@ impl Business {
     }
 
     /// Opens a one-shot login session; answers its QR code and the log position.
-    async fn open_session(&self, nonce: &str) -> anyhow::Result<(QrPayload, u64)> {
+    pub(crate) async fn open_session(&self, nonce: &str) -> anyhow::Result<(QrPayload, u64)> {
         let response = self
             .http
             .put(self.url("/session"))
@@ -281,7 +281,7 @@ impl Business {
     }
 
     /// Reads the session until it shows `logged_in`; answers how many reads that took.
-    async fn await_logged_in(&self, nonce: &str, position: u64) -> anyhow::Result<u64> {
+    pub(crate) async fn await_logged_in(&self, nonce: &str, position: u64) -> anyhow::Result<u64> {
         self.await_field_as(
             "/session",
             Some(nonce),

@@ -36,7 +36,7 @@ use serde::Serialize;
 use super::device::{Business, CpuMark, CpuShare, STEP_TIMEOUT, admin_key, histogram, ms, random};
 
 /// The PIN every virtual phone registers (never printed).
-const PIN: &str = "602918";
+pub(crate) const PIN: &str = "602918";
 
 #[derive(Debug, clap::Args)]
 pub struct TransactionsArgs {
@@ -61,10 +61,10 @@ pub struct TransactionsArgs {
 }
 
 /// One phone and its account.
-struct Phone {
-    sdk: Sdk,
-    account: String,
-    userid: String,
+pub(crate) struct Phone {
+    pub(crate) sdk: Sdk,
+    pub(crate) account: String,
+    pub(crate) userid: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -191,6 +191,8 @@ impl Business {
 fn sdk_config(sfs: SfsConfig) -> SdkConfig {
     SdkConfig {
         sfs: Some(sfs),
+        // One account: a login does not wait for the user to pick it.
+        skip_single_account_confirmation: true,
         argon2_params: Argon2Params {
             m_kib: 1024,
             t: 1,
@@ -202,7 +204,7 @@ fn sdk_config(sfs: SfsConfig) -> SdkConfig {
 }
 
 /// Enrols one phone for `userid` with the PIN registered at the SFS.
-async fn enrol(business: &Business, sfs: SfsConfig, userid: &str) -> anyhow::Result<Phone> {
+pub(crate) async fn enrol(business: &Business, sfs: SfsConfig, userid: &str) -> anyhow::Result<Phone> {
     let qr = business.enrolment(userid).await?;
     let sdk = Sdk::open(Arc::new(MemoryStorage::new()), sdk_config(sfs))?;
     let session = sdk

@@ -52,6 +52,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
+#[path = "device_app_login.rs"]
+pub mod app_login;
+#[path = "device_data.rs"]
+pub mod data;
+
 const EXIT_STATUS: &str = "\
 Exit status: 0 when the command completed (a continuous login: once the session ended, by the \
 server or by Ctrl-C / SIGTERM, which log out first); 1 on any error, with the reason on \
@@ -102,6 +107,15 @@ pub enum DeviceCommand {
     /// logs it out or Ctrl-C.
     #[command(after_help = EXIT_STATUS)]
     Login(LoginArgs),
+    /// Log in to the app itself (AppLogin) with the second factor, and print (or write) the
+    /// web nonce the app's backend reads the session with; stays logged in until the server
+    /// logs it out, the inactivity timeout or Ctrl-C.
+    #[command(after_help = EXIT_STATUS)]
+    AppLogin(app_login::AppLoginArgs),
+    /// Send app data over the secure channel to the server's Data Service and write its
+    /// answer (the first use at a server enrols a headless account, if the server allows it).
+    #[command(after_help = EXIT_STATUS)]
+    SendData(data::SendDataArgs),
     /// List the accounts on this device, headless or with a second factor.
     Accounts,
     /// List the sessions this device took part in, oldest first.
@@ -355,6 +369,13 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
                 &mut out,
             )
             .await
+        }
+        DeviceCommand::AppLogin(args) => {
+            app_login::run(home, sfs, mc, &args, &mut answers, &mut out).await
+        }
+        DeviceCommand::SendData(args) => {
+            let sdk = open_sdk(home, sfs, mc.clone(), &FactorArgs::none())?;
+            data::run(&sdk, &args, &mut out).await
         }
         DeviceCommand::Accounts => {
             let sdk = open_sdk(home, sfs.clone(), mc.clone(), &FactorArgs::none())?;
@@ -1665,6 +1686,8 @@ async fn answer_session(
     let confirmed = match expected {
         SessionKind::Enrolment => confirm_enrolment(session, choice, answers, out).await,
         SessionKind::Login => confirm_login(session, choice, answers, out).await,
+        // No confirmation: `device app-login` drives its own sessions.
+        SessionKind::AppLogin => Ok(()),
     };
     states.print(out)?;
     if let Err(error) = confirmed {
@@ -2055,6 +2078,7 @@ fn print_history(sdk: &Sdk, out: &mut dyn Write) -> anyhow::Result<()> {
         let kind = match entry.kind {
             SessionKind::Login => "login",
             SessionKind::Enrolment => "enrolment",
+            SessionKind::AppLogin => "app login",
         };
         writeln!(
             out,

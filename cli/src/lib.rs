@@ -13,6 +13,7 @@ pub mod bench_streams;
 pub mod config;
 pub mod demo;
 pub mod device;
+pub mod ds_echo;
 pub mod events;
 pub mod listener;
 pub mod push;
@@ -59,6 +60,9 @@ pub enum Command {
     /// A virtual phone on the mobile SDK: enrol, log in (PIN or biometric when the server asks),
     /// accounts, history, delete-account, change-pin, register-biometric, upgrade.
     Device(device::DeviceArgs),
+    /// A tiny Data Service: verifies each request's signature against the server's published
+    /// key, refuses replays, echoes the body (`docs/data-service.md`).
+    DsEcho(ds_echo::DsEchoArgs),
 }
 
 impl Cli {
@@ -108,6 +112,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(&settings, args).await,
         Command::Device(args) => device::run(args).await,
         Command::PushStandin(args) => push::run(args).await,
+        Command::DsEcho(args) => ds_echo::run(args).await,
         Command::Verify(args) => verify::run(&args),
         Command::Keygen => {
             use std::io::Write as _;

@@ -170,6 +170,17 @@ pub struct StreamArgs {
     /// Longest a guest device channel may stay open, milliseconds.
     #[arg(long, env = "COUNTERSIGN_GUEST_LIFETIME_MS", default_value_t = 600_000)]
     pub guest_lifetime_ms: u64,
+    /// Secure channel: messages (`send_data`, `set_device_data`) one account may send at once
+    /// before its rate applies.
+    #[arg(long, env = "COUNTERSIGN_SECURE_CHANNEL_BURST", default_value_t = 200)]
+    pub secure_channel_burst: u32,
+    /// Secure channel: messages per second one account may send, sustained.
+    #[arg(
+        long,
+        env = "COUNTERSIGN_SECURE_CHANNEL_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub secure_channel_per_second: u32,
 }
 
 impl Default for StreamArgs {
@@ -181,6 +192,8 @@ impl Default for StreamArgs {
             max_stream_secs: 3_600,
             guest_idle_ms: 30_000,
             guest_lifetime_ms: 600_000,
+            secure_channel_burst: 200,
+            secure_channel_per_second: 100,
         }
     }
 }
@@ -371,6 +384,13 @@ pub async fn start(
             guest_idle: Duration::from_millis(args.streams.guest_idle_ms.max(1)),
             guest_lifetime: Duration::from_millis(args.streams.guest_lifetime_ms.max(1)),
             message_centers: message_centers.clone(),
+            secure_channel: countersign_device_gateway::SecureChannelLimits {
+                per_account: countersign_device_gateway::Rate {
+                    burst: args.streams.secure_channel_burst,
+                    per_second: args.streams.secure_channel_per_second,
+                },
+                ..countersign_device_gateway::SecureChannelLimits::default()
+            },
             ..GatewayConfig::default()
         },
     );
@@ -418,6 +438,9 @@ pub async fn start(
     }
     if roles.gateway {
         app = app.merge(gateway.router());
+        state
+            .metrics()
+            .register(|registry| gateway.register_metrics(registry));
     }
     if roles.sfs {
         app = app.merge(sfs.router());

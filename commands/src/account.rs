@@ -94,6 +94,17 @@ impl AccountCommands {
         self.run(account, command.into(), metadata).await
     }
 
+    /// Records what the app says about its device (device gateway, secure channel); the same
+    /// data again writes nothing.
+    pub async fn set_device_data(
+        &self,
+        account: AccountRef,
+        command: countersign_domain::account::SetDeviceData,
+        metadata: &Metadata,
+    ) -> Result<Executed<AccountEvent>, CommandError> {
+        self.run(account, command.into(), metadata).await
+    }
+
     /// Records where the account's push messages go (device gateway; the MC token is sealed
     /// in the vault under `command.token_ref` first).
     pub async fn register_push(

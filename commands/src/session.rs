@@ -156,6 +156,28 @@ impl SessionCommands {
             .await
     }
 
+    /// Opens an AppLogin session (the app logging in to itself; device gateway): continuous,
+    /// pinged every `ping_time_secs`, meant for `user`, with the server's session timeout.
+    pub async fn open_app_login(
+        &self,
+        session: SessionRef,
+        ping_time_secs: u32,
+        user: UserDigest,
+        metadata: &Metadata,
+    ) -> Result<Executed<SessionEvent>, CommandError> {
+        let settings = self.settings(session.server_id).await?;
+        let command = OpenSession {
+            session,
+            ping_time_secs,
+            timeout_secs: settings.session_timeout_secs,
+            app_login: true,
+            user: Some(user),
+            announce_info: None,
+            session_info: None,
+        };
+        self.run(session, command.into(), metadata, None).await
+    }
+
     /// Opens the session as a push login to `push_to` (provoke on a user or an account), or
     /// finds it open so already (a retried provoke: no new event).
     pub async fn open_push(

@@ -10,10 +10,14 @@
 //!   account's user, if the business system named one; a server whose policy asks a second
 //!   factor for logins answers `second_factor_required` (the SFS flow plugs in here).
 //! - `ping` / `log_out`: only by the account that logged in.
+//! - `app_login`: see [`app_login`]; its `log_in` needs a second factor verified on the
+//!   session itself, whatever the server's policy and reuse window.
 //! - transactions: see [`transaction`].
 //! - errors of the domain keep their meaning: not found, expired, ended, conflict; anything
 //!   on our side is `internal` with no detail (the cause is logged).
 
+mod app_login;
+pub(crate) mod data;
 mod push;
 #[cfg(test)]
 mod tests;
@@ -282,6 +286,14 @@ pub(crate) async fn handle(
                     account_id: account,
                     user,
                 };
+                if opened.app_login && !verified {
+                    // An AppLogin always asks a factor proven on the session: a reused one
+                    // would unlock the app without the user present (docs/app-login.md).
+                    return Err(error(
+                        ErrorCode::SecondFactorRequired,
+                        "an AppLogin needs a second factor verified on this session: verify one first",
+                    ));
+                }
                 if conn.settings.second_factor.require_for_login && !verified {
                     // A factor proven recently enough may stand in, per the server's policy.
                     let Some((factor, attestation_hash, verified_at)) =
@@ -503,6 +515,24 @@ pub(crate) async fn handle(
             mc_token,
             push_public_key,
         } => push::register(conn, &mc_key.0, mc_token, &push_public_key.0).await,
+        RequestBody::AppLogin { ping_time_secs } => app_login::open(conn, ping_time_secs).await,
+        RequestBody::EnrolHeadless {
+            signing_public_key,
+            app_instance,
+        } => data::enrol_headless(conn, signing_public_key.0, app_instance.0).await,
+        RequestBody::SendData { request_id, data } => data::send(conn, request_id.0, &data.0).await,
+        RequestBody::SetDeviceData {
+            model,
+            os,
+            app_version,
+        } => {
+            let device_data = countersign_domain::account::DeviceData {
+                model,
+                os,
+                app_version,
+            };
+            data::set_device_data(conn, device_data).await
+        }
     }
 }
 

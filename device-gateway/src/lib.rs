@@ -20,6 +20,7 @@
 //! does not decode is answered `invalid` with id 0 and the connection stays usable.
 
 mod connection;
+pub mod data_service;
 mod flows;
 pub mod hub;
 pub mod pusher;
@@ -42,6 +43,7 @@ use countersign_projections::read_models::ReadModels;
 use countersign_protocol::channel::StaticKey;
 use serde::Serialize;
 
+pub use flows::data::{Rate, SecureChannelLimits};
 pub use hub::Hub;
 pub use pusher::Pusher;
 
@@ -64,6 +66,8 @@ pub struct GatewayConfig {
     /// Message Centers this deployment sends push messages through (its own, and those of
     /// third-party apps it accepts): an account may register for push only with one of them.
     pub message_centers: Vec<TrustedMc>,
+    /// Rate limits of the secure channel (app data, device data, headless enrolment).
+    pub secure_channel: SecureChannelLimits,
 }
 
 /// A Message Center the deployment trusts: its channel key (what the app pins) and where the
@@ -94,6 +98,7 @@ impl Default for GatewayConfig {
             guest_idle: Duration::from_secs(30),
             guest_lifetime: Duration::from_secs(600),
             message_centers: Vec::new(),
+            secure_channel: SecureChannelLimits::default(),
         }
     }
 }
@@ -109,6 +114,7 @@ struct Inner {
     servers: RwLock<HashMap<ServerId, (std::time::Instant, ActiveServer)>>,
     clock: Arc<dyn Clock>,
     config: GatewayConfig,
+    secure_channel: flows::data::SecureChannel,
 }
 
 /// The gateway's shared state. Cheap to clone.
@@ -142,6 +148,7 @@ impl Gateway {
             push_keys: RwLock::default(),
             servers: RwLock::default(),
             clock,
+            secure_channel: flows::data::SecureChannel::new(&config.secure_channel),
             config,
         }))
     }
@@ -180,6 +187,12 @@ impl Gateway {
             keys.insert(server, public.clone());
         }
         Ok(Some(public))
+    }
+
+    /// Adds the secure channel's metrics (`countersign_ds_requests_total{outcome}`, its
+    /// latency) to `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.0.secure_channel.register_metrics(registry);
     }
 
     /// The connection registry (for tests and metrics).

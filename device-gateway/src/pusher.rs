@@ -22,9 +22,12 @@
 //! in memory; the follower drops the entry when it reads the account's next
 //! `account.push_registered`, so a message is never sealed to a replaced key.
 //!
-//! An MC that cannot be reached (or answers 5xx/429) is retried with backoff, holding the
-//! follower there; an MC that refuses a message for good (unknown token, bad input) is logged
-//! and counted, and the follower moves on.
+//! The follower reads on while earlier messages are being submitted ([`IN_FLIGHT`] at once,
+//! up to [`QUEUED`] worked out ahead), so a slow submission delays only itself; the checkpoint
+//! moves only past events whose messages are all finished. An MC that cannot be reached (or
+//! answers 5xx/429) is retried with backoff while the message lasts, holding its slot: with
+//! every slot held, the follower waits there. An MC that refuses a message for good (unknown
+//! token, bad input) is logged, and the follower moves on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +51,9 @@ use crate::TrustedMc;
 const BATCH: usize = 500;
 /// Submissions in flight at once.
 const IN_FLIGHT: usize = 64;
+/// Messages worked out and waiting for a submission slot; the follower reads on while
+/// earlier messages are in flight, up to this many ahead.
+const QUEUED: usize = 4 * BATCH;
 /// How long a logout or deletion notice stays worth delivering.
 const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
 /// The checkpoint row's name.
@@ -176,12 +182,20 @@ impl Pusher {
                 next
             }
         };
+        let progress = Arc::new(std::sync::Mutex::new(Progress::new(next)));
+        let (queue, queued) = tokio::sync::mpsc::channel::<(u64, Outgoing)>(QUEUED);
+        // Aborted with this round: a restart submits again from the checkpoint.
+        let submitter = AbortOnDrop(tokio::spawn(
+            self.clone().submit_all(queued, Arc::clone(&progress)),
+        ));
+        let mut saved = next;
         let mut head = store.head();
         let mut woken = self.0.reads.processed();
         loop {
             head.borrow_and_update();
             let events = store.read_all(next, BATCH).await?;
             let Some(last) = events.last() else {
+                saved = self.save_progress(&progress, saved).await?;
                 woken.borrow_and_update();
                 tokio::select! {
                     changed = head.changed() => {
@@ -195,45 +209,78 @@ impl Pusher {
                 continue;
             };
             let reached = last.position + 1;
-            let mut outgoing = Vec::new();
             for event in &events {
                 if event.event_type == "account.push_registered" {
                     self.forget_registration(event);
                 }
-                outgoing.extend(self.messages_for(event).await?);
+                let messages = self.messages_for(event).await?;
+                lock(&progress).expect(event.position, messages.len());
+                for message in messages {
+                    if queue.send((event.position, message)).await.is_err() {
+                        return Ok(());
+                    }
+                }
             }
-            self.deliver(outgoing).await;
-            self.save_checkpoint(reached).await?;
+            lock(&progress).read_to(reached);
+            if submitter.0.is_finished() {
+                return Ok(());
+            }
+            saved = self.save_progress(&progress, saved).await?;
             next = reached;
         }
     }
 
-    /// Submits every message, retrying those whose MC was unavailable until it takes them.
-    async fn deliver(&self, outgoing: Vec<Outgoing>) {
+    /// Saves the checkpoint if the messages before a later position were all taken since
+    /// `saved`; answers the checkpoint now saved.
+    async fn save_progress(
+        &self,
+        progress: &std::sync::Mutex<Progress>,
+        saved: u64,
+    ) -> Result<u64, PushError> {
+        let done = lock(progress).done_before();
+        if done > saved {
+            self.save_checkpoint(done).await?;
+            return Ok(done);
+        }
+        Ok(saved)
+    }
+
+    /// Submits the queued messages, [`IN_FLIGHT`] at once, each until its MC takes it, refuses
+    /// it for good, or it expires; marks each done in `progress`.
+    async fn submit_all(
+        self,
+        queued: tokio::sync::mpsc::Receiver<(u64, Outgoing)>,
+        progress: Arc<std::sync::Mutex<Progress>>,
+    ) {
         use futures::StreamExt as _;
-        let mut pending = outgoing;
+        let mut queued = queued;
+        futures::stream::poll_fn(move |cx| queued.poll_recv(cx))
+            .map(|(position, message)| {
+                let pusher = self.clone();
+                async move {
+                    pusher.submit_until_done(&message).await;
+                    position
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|position| {
+                lock(&progress).finished(position);
+                async {}
+            })
+            .await;
+    }
+
+    /// Submits one message, retrying with backoff while its MC is unavailable and the message
+    /// has not expired.
+    async fn submit_until_done(&self, message: &Outgoing) {
         let mut backoff = Duration::from_millis(200);
-        while !pending.is_empty() {
-            let results: Vec<(Outgoing, Submitted)> = futures::stream::iter(pending)
-                .map(|message| async move {
-                    let outcome = self.submit(&message).await;
-                    (message, outcome)
-                })
-                .buffer_unordered(IN_FLIGHT)
-                .collect()
-                .await;
-            pending = results
-                .into_iter()
-                .filter_map(|(message, outcome)| match outcome {
-                    Submitted::Again if message.expires_at_ms > self.0.clock.now().as_millis() => {
-                        Some(message)
-                    }
-                    _ => None,
-                })
-                .collect();
-            if !pending.is_empty() {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+        loop {
+            match self.submit(message).await {
+                Submitted::Again if message.expires_at_ms > self.0.clock.now().as_millis() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                _ => return,
             }
         }
     }
@@ -544,6 +591,72 @@ impl Pusher {
     }
 }
 
+/// Which positions of the log the pusher is done with: every message of the events before
+/// [`Progress::done_before`] was taken (or refused, or expired), so the checkpoint may move
+/// there; messages of later events may still be in flight.
+#[derive(Debug)]
+struct Progress {
+    /// Messages not yet finished, per event position (positions with none are absent).
+    outstanding: std::collections::BTreeMap<u64, usize>,
+    /// The next position to read: every event before it was turned into messages.
+    read_to: u64,
+}
+
+impl Progress {
+    fn new(from: u64) -> Self {
+        Self {
+            outstanding: std::collections::BTreeMap::new(),
+            read_to: from,
+        }
+    }
+
+    /// The event at `position` calls for `messages` messages.
+    fn expect(&mut self, position: u64, messages: usize) {
+        if messages > 0 {
+            *self.outstanding.entry(position).or_default() += messages;
+        }
+    }
+
+    /// Every event before `next` was read.
+    fn read_to(&mut self, next: u64) {
+        self.read_to = self.read_to.max(next);
+    }
+
+    /// One message of the event at `position` is finished.
+    fn finished(&mut self, position: u64) {
+        if let Some(left) = self.outstanding.get_mut(&position) {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.outstanding.remove(&position);
+            }
+        }
+    }
+
+    /// The first position not done with: the first with messages in flight, else the next
+    /// to read.
+    fn done_before(&self) -> u64 {
+        self.outstanding
+            .keys()
+            .next()
+            .map_or(self.read_to, |first| (*first).min(self.read_to))
+    }
+}
+
+fn lock(progress: &std::sync::Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    progress
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `SHA-256("countersign-push-id" ‖ event id ‖ account id)`, first 16 bytes.
 fn message_id(event: &RecordedEvent, account: AccountId) -> [u8; 16] {
     let mut hash = Sha256::new();
@@ -559,4 +672,28 @@ fn message_id(event: &RecordedEvent, account: AccountId) -> [u8; 16] {
 /// `{prefix}{server hex}-{id hex}` → the two hex parts.
 fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
     stream.strip_prefix(prefix)?.split_once('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn the_checkpoint_waits_for_the_first_unfinished_event() {
+        let mut progress = Progress::new(10);
+        assert_eq!(progress.done_before(), 10);
+        progress.expect(10, 0);
+        progress.expect(11, 2);
+        progress.expect(12, 1);
+        progress.read_to(13);
+        assert_eq!(progress.done_before(), 11, "event 11 has messages in flight");
+        progress.finished(12);
+        assert_eq!(progress.done_before(), 11, "a later event finishing moves nothing");
+        progress.finished(11);
+        assert_eq!(progress.done_before(), 11, "one of 11's two is still out");
+        progress.finished(11);
+        assert_eq!(progress.done_before(), 13, "all read and finished");
+        progress.finished(11);
+        assert_eq!(progress.done_before(), 13, "an extra finish changes nothing");
+    }
 }

@@ -213,6 +213,15 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             registered_at: t,
         })
         .into(),
+        AccountEvent::DeviceDataChanged(AccountDeviceDataChanged {
+            device_data: DeviceData {
+                model: "Pixel 8".into(),
+                os: "Android 15".into(),
+                app_version: "1.2.3".into(),
+            },
+            changed_at: t,
+        })
+        .into(),
         AccountEvent::Deleted(AccountDeleted {
             by: DeletedBy::App,
             deleted_at: t,

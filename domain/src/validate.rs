@@ -61,6 +61,9 @@ pub enum ValidationError {
     /// The logo URL is not `https`: apps must not fetch tenant branding in clear text.
     #[error("logo_url must use https")]
     UrlNotHttps,
+    /// The Data Service URL does not parse as an absolute `http` or `https` URL with a host.
+    #[error("data_service.url must be an absolute http or https URL")]
+    DataServiceUrl,
     /// The default ping time is not below the session timeout, so a continuous session would
     /// time out before its first ping was due.
     #[error("default_ping_time_secs ({ping}) must be less than session_timeout_secs ({timeout})")]
@@ -109,6 +112,18 @@ pub(crate) fn display_text(
         return Err(ValidationError::ControlCharacter { field });
     }
     Ok(())
+}
+
+/// Checks a one-line text that may be empty: at most `max` characters, no control characters.
+pub(crate) fn single_line_text(
+    field: &'static str,
+    text: &str,
+    max: usize,
+) -> Result<(), ValidationError> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    display_text(field, text, max)
 }
 
 /// Checks a number against an inclusive range.
@@ -185,9 +200,61 @@ pub(crate) fn logo_url(text: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Longest accepted Data Service URL, in bytes.
+pub const DATA_SERVICE_URL_MAX_BYTES: usize = 2048;
+
+/// Checks a Data Service URL: absolute `http` or `https` with a host, at most
+/// [`DATA_SERVICE_URL_MAX_BYTES`]. Plain `http` is allowed: a DS often sits next to the NS on
+/// a private network, and every request is signed, so a DS can tell ours from a forgery.
+pub(crate) fn data_service_url(text: &str) -> Result<(), ValidationError> {
+    if text.len() > DATA_SERVICE_URL_MAX_BYTES {
+        return Err(ValidationError::TooLong {
+            field: "data_service.url",
+            max: DATA_SERVICE_URL_MAX_BYTES,
+            actual: text.len(),
+            unit: "bytes",
+        });
+    }
+    let url = url::Url::parse(text).map_err(|_| ValidationError::DataServiceUrl)?;
+    // Credentials in the URL would land in the event log; a fragment is never sent.
+    let plain = url.username().is_empty() && url.password().is_none() && url.fragment().is_none();
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || !plain {
+        return Err(ValidationError::DataServiceUrl);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_service_url_rules() {
+        assert!(data_service_url("https://ds.example/v1/in").is_ok());
+        assert!(data_service_url("http://127.0.0.1:8081/").is_ok());
+        for bad in [
+            "ftp://ds.example/",
+            "not a url",
+            "/relative",
+            "https://user:pw@ds.example/",
+            "https://ds.example/#frag",
+            "data:text/plain,x",
+        ] {
+            assert_eq!(
+                data_service_url(bad),
+                Err(ValidationError::DataServiceUrl),
+                "{bad}"
+            );
+        }
+        let long = format!("https://ds.example/{}", "a".repeat(2048));
+        assert!(matches!(
+            data_service_url(&long),
+            Err(ValidationError::TooLong {
+                field: "data_service.url",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn display_text_counts_characters_not_bytes() {

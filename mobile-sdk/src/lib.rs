@@ -4,6 +4,10 @@
 //! - [`sdk`]: [`Sdk`], the entry point: local state, accounts, servers, history, sessions,
 //!   refresh, delete, listen.
 //! - [`session`]: [`SessionHandle`] and the driver of one login or enrolment.
+//! - `session::app_login` (`app_login.rs`): the AppLogin — [`Sdk::app_login`], the web nonce
+//!   ([`WebNonce`]), the inactivity timeout, [`SessionHandle::touch`].
+//! - [`data`]: the secure channel — [`Sdk::send_data`] to the server's Data Service,
+//!   headless enrolment on first use, [`Sdk::set_device_data`].
 //! - `transaction` (private): listing, showing, approving, declining transactions, and the
 //!   app's own signed transactions (behind [`Sdk`]'s transaction methods).
 //! - [`machine`]: the session state machine (seed 004), pure.
@@ -28,6 +32,7 @@
 
 pub mod callbacks;
 mod client;
+pub mod data;
 pub mod error;
 pub mod machine;
 mod mc_client;
@@ -45,6 +50,7 @@ pub mod storage;
 mod transaction;
 
 pub use callbacks::{Callbacks, ChannelCallbacks, Event, NoCallbacks};
+pub use data::{DataAnswer, DataServer};
 pub use error::{PushRefusal, SdkError};
 pub use machine::{HistoryStatus, Interaction, SecondFactorEvent, SessionKind, State};
 pub use model::{
@@ -56,5 +62,6 @@ pub use sdk::{DeviceClock, ListenEnd, Listener, RefreshReport, Sdk, SdkConfig};
 pub use second_factor::{
     Argon2Params, BiometricPrompt, Pin, SecondFactorStatus, SfsConfig, SimulatedBiometric,
 };
+pub use session::app_login::WebNonce;
 pub use session::{SessionHandle, decode_input};
 pub use storage::{EncryptedFileStorage, MemoryStorage, Storage, StorageError};

@@ -11,7 +11,8 @@
 //! Starting ──login details──▶ UserInteraction(WaitForConfirmation) ──AccountSet──▶ [confirm]
 //!    │  └─one account, skip_single_account_confirmation──▶ [confirm]
 //!    ├──enrolment details──▶ UserInteraction(WaitForConfirmation) ──AccountSet──▶ [enrol]
-//!    └──no accounts──▶ Error (history Error; fail{no_accounts} sent)
+//!    ├──no accounts──▶ Error (history Error; fail{no_accounts} sent)
+//!    └──AppLoginOpened (AppLogin)──▶ UserInteraction(WaitForSecondFactor)
 //! [confirm] ──Confirmed, second factor required──▶ UserInteraction(WaitForSecondFactor)
 //! [confirm] ──Confirmed, not required──▶ [log_in]
 //! WaitForSecondFactor ──SecondFactorEntered──▶ [second factor]
@@ -36,6 +37,10 @@
 //! outcome is told to the app ([`Effect::TellSecondFactor`]), as seed 004 asks. An enrolment
 //! that reached WaitForSecondFactor has its account already: cancelling, stopping or timing
 //! out leaves that account headless and records `Enrolled`, not `Aborted`.
+//!
+//! An AppLogin (the app logging in to itself) has no confirmation state and always asks a
+//! second factor: `SecondFactorNotNeeded` is refused for it, and its login is continuous.
+//! The inactivity timeout is the driver's (it stops the session, as `Stop` does).
 //!
 //! History status `Enrolled` is our addition to the seed's five: a completed enrolment is
 //! neither a login nor an abort. Stopping while a `log_in` is in flight sends both `abort`
@@ -142,6 +147,8 @@ pub enum SessionKind {
     Login,
     /// Enrol a new account.
     Enrolment,
+    /// Log in to the app itself (AppLogin): no confirmation, always a second factor.
+    AppLogin,
 }
 
 /// What the server said about a login session, reduced to what the machine decides on.
@@ -164,6 +171,8 @@ pub enum Input {
     EnrolmentDetails,
     /// A login for a server this device holds no account at.
     NoAccounts,
+    /// The gateway opened an AppLogin session.
+    AppLoginOpened,
     /// The user chose the account (login) or accepted the enrolment.
     AccountSet,
     /// The gateway answered `confirm`.
@@ -207,6 +216,7 @@ impl Input {
             Self::LoginDetails(_) => "login_details",
             Self::EnrolmentDetails => "enrolment_details",
             Self::NoAccounts => "no_accounts",
+            Self::AppLoginOpened => "app_login_opened",
             Self::AccountSet => "set_account",
             Self::Confirmed => "confirmed",
             Self::SecondFactorEntered => "set_pin_biometric",
@@ -368,6 +378,10 @@ impl Machine {
                 S::UserInteraction(W::WaitForConfirmation),
                 Effect::AskConfirmEnrol,
             )),
+            (I::AppLoginOpened, K::AppLogin, S::Starting) if idle => Ok(self.enter(
+                S::UserInteraction(W::WaitForSecondFactor),
+                Effect::AskSecondFactor,
+            )),
             (I::NoAccounts, K::Login, S::Starting) if idle => Ok(self.finish(
                 S::Error,
                 HistoryStatus::Error,
@@ -375,7 +389,7 @@ impl Machine {
             )),
             (I::AccountSet, kind, S::UserInteraction(W::WaitForConfirmation)) if idle => {
                 let (flight, send) = match kind {
-                    K::Login => (InFlight::Confirm, Effect::SendConfirm),
+                    K::Login | K::AppLogin => (InFlight::Confirm, Effect::SendConfirm),
                     K::Enrolment => (InFlight::Enrol, Effect::SendEnrol),
                 };
                 self.in_flight = Some(flight);
@@ -402,7 +416,7 @@ impl Machine {
             {
                 let verified = Effect::TellSecondFactor(SecondFactorEvent::Verified);
                 match kind {
-                    K::Login => {
+                    K::Login | K::AppLogin => {
                         self.in_flight = Some(InFlight::LogIn);
                         Ok(vec![verified, Effect::SendLogIn])
                     }
@@ -433,7 +447,7 @@ impl Machine {
             (I::InputCancel, _, S::UserInteraction(W::WaitForSecondFactor)) => {
                 Ok(self.end_before_login())
             }
-            (I::LoggedIn { ping_time_secs }, K::Login, _)
+            (I::LoggedIn { ping_time_secs }, K::Login | K::AppLogin, _)
                 if self.in_flight == Some(InFlight::LogIn) =>
             {
                 if ping_time_secs == 0 {
@@ -501,10 +515,10 @@ impl Machine {
     fn abort_sends(&self) -> Vec<Effect> {
         match (self.kind, self.in_flight) {
             (SessionKind::Enrolment, _) => vec![],
-            (SessionKind::Login, Some(InFlight::LogIn)) => {
+            (SessionKind::Login | SessionKind::AppLogin, Some(InFlight::LogIn)) => {
                 vec![Effect::SendAbort, Effect::SendLogOut]
             }
-            (SessionKind::Login, _) => vec![Effect::SendAbort],
+            (SessionKind::Login | SessionKind::AppLogin, _) => vec![Effect::SendAbort],
         }
     }
 

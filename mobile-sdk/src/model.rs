@@ -70,7 +70,7 @@ pub struct HistoryEntry {
 pub struct SessionSnapshot {
     /// The local session id (the history entry's).
     pub session_id: String,
-    /// Login or enrolment.
+    /// Login, enrolment or AppLogin.
     pub kind: SessionKind,
     /// The state.
     pub state: State,
@@ -90,6 +90,10 @@ pub struct SessionSnapshot {
     pub ping_time_secs: Option<u32>,
     /// Why the session is in `Error`.
     pub error: Option<SdkError>,
+    /// An AppLogin's web nonce while it is logged in (Active): the app hands it to its own
+    /// backend, which reads the session with it (docs/app-login.md). A bearer secret: `Debug`
+    /// prints nothing.
+    pub web_nonce: Option<crate::WebNonce>,
 }
 
 /// A transaction waiting for an account's approval (a list entry, or what a notice says).

@@ -62,6 +62,12 @@ pub struct SdkConfig {
     /// The Message Center this app is bound to, with its pinned key; `None`: no push
     /// ([`Sdk::register_push`] answers [`SdkError::PushUnavailable`]).
     pub mc: Option<McConfig>,
+    /// An AppLogin ([`Sdk::app_login`]) the app reports no activity for this long
+    /// ([`SessionHandle::touch`]) logs out. Default 5 minutes.
+    pub app_login_inactivity_timeout: Duration,
+    /// How often an AppLogin pings, seconds (1..=3600). Default 300, as the product advises
+    /// for critical apps.
+    pub app_login_ping_time_secs: u32,
 }
 
 impl Default for SdkConfig {
@@ -73,6 +79,8 @@ impl Default for SdkConfig {
             sfs: None,
             argon2_params: Argon2Params::default(),
             mc: None,
+            app_login_inactivity_timeout: Duration::from_secs(300),
+            app_login_ping_time_secs: 300,
         }
     }
 }
@@ -179,6 +187,7 @@ impl Sdk {
                 sfs_channel: tokio::sync::Mutex::new(None),
                 sessions: session::Registry::default(),
                 mc_lock: tokio::sync::Mutex::new(()),
+                headless_lock: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -467,6 +476,65 @@ impl Sdk {
         session::start(Arc::clone(&self.inner), input, callbacks).await
     }
 
+    /// Logs the user in to the app itself (AppLogin) with `account_id`, or with the one account
+    /// this device holds when `None`: the gateway opens a continuous session and the SDK goes
+    /// from `Starting` straight to `WaitForSecondFactor` (no confirmation); once the factor
+    /// is given it logs in (Active, pinging every
+    /// [`SdkConfig::app_login_ping_time_secs`]), and the snapshot carries the
+    /// [`crate::WebNonce`] for the app's backend. It logs out on
+    /// [`SessionHandle::stop_session`], when the backend or the server ends it, and after
+    /// [`SdkConfig::app_login_inactivity_timeout`] without [`SessionHandle::touch`].
+    ///
+    /// # Errors
+    /// Before a session exists (none is recorded): [`SdkError::InvalidConfig`],
+    /// [`SdkError::UnknownAccount`] (no such account, or `None` with several),
+    /// [`SdkError::NoAccounts`], [`SdkError::Server`] (`not_allowed` for a headless
+    /// account: upgrade it first), transport errors.
+    pub async fn app_login(
+        &self,
+        account_id: Option<&str>,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<SessionHandle, SdkError> {
+        session::app_login::start(Arc::clone(&self.inner), account_id, callbacks).await
+    }
+
+    /// Sends app data over the secure channel to `server`'s Data Service and answers what it
+    /// said, with no user interaction (docs/data-service.md). The oldest account this device
+    /// holds at the server sends it; with none, a headless account is enrolled first (if the
+    /// server's policy allows it) and kept for later messages. Answers the account used and
+    /// the Data Service's answer (a 4xx is an answer: the DS refused the data).
+    ///
+    /// # Errors
+    /// [`SdkError::InvalidConfig`] for a malformed [`DataServer`](crate::DataServer) or data
+    /// over 64 KiB; [`SdkError::FingerprintMismatch`]; [`SdkError::Server`] with
+    /// `not_allowed` (the server allows no headless accounts), `data_service_not_configured`,
+    /// `data_service_unavailable` / `data_service_timeout` (retry: the Data Service sees the
+    /// same request id only when the SDK resends after a lost connection),
+    /// `data_service_failed`, `too_large`, `rate_limited`; transport errors.
+    pub async fn send_data(
+        &self,
+        server: &crate::DataServer,
+        data: &[u8],
+    ) -> Result<(String, crate::DataAnswer), SdkError> {
+        crate::data::send(&self.inner, server, data).await
+    }
+
+    /// Tells `server` what this device is (model, OS, app version; each at most 100
+    /// characters), over the secure channel; the server records it on the account when it
+    /// changed. Uses (or enrols) the account as [`send_data`](Self::send_data) does; answers it.
+    ///
+    /// # Errors
+    /// As [`send_data`](Self::send_data); `invalid` for a field over its limit.
+    pub async fn set_device_data(
+        &self,
+        server: &crate::DataServer,
+        model: &str,
+        os: &str,
+        app_version: &str,
+    ) -> Result<String, SdkError> {
+        crate::data::set_device_data(&self.inner, server, model, os, app_version).await
+    }
+
     /// Deletes an account: tells its server (`delete_account`), then forgets it. It is
     /// forgotten too when the server says it is already gone.
     ///
@@ -699,6 +767,8 @@ pub(crate) struct Inner {
     pub(crate) sessions: session::Registry,
     /// One Message Center registration or token update at a time.
     pub(crate) mc_lock: tokio::sync::Mutex<()>,
+    /// One headless enrolment at a time (secure channel; see `data`).
+    pub(crate) headless_lock: tokio::sync::Mutex<()>,
 }
 
 /// A device clock: milliseconds since the Unix epoch.

@@ -28,6 +28,9 @@
 //! holds every session weakly, so a push saying the server ended a login
 //! ([`ended_by_server`]) reaches its session as [`Input::ServerEnded`].
 //!
+//! An AppLogin (the app logging in to itself) is driven here too; what is its own (opening it
+//! at the gateway, the web nonce, the inactivity timeout, `touch`) is in [`app_login`].
+//!
 //! The hsid and the enrolment token live in [`Secret`]s and never reach a log line.
 
 use std::collections::VecDeque;
@@ -52,6 +55,9 @@ use crate::model::{AccountInfo, HistoryEntry, SecondFactor, SessionSnapshot};
 use crate::persisted::{AccountRecord, KeyBytes, ServerRecord};
 use crate::sdk::{Inner, now_ms};
 use crate::storage::StorageError;
+
+#[path = "app_login.rs"]
+pub(crate) mod app_login;
 
 /// Reads a QR payload from raw bytes, a deep link or base64url text.
 ///
@@ -164,6 +170,8 @@ impl SessionHandle {
                 }
                 Some(id.to_owned())
             }
+            // No confirmation step: the machine refuses it.
+            (SessionKind::AppLogin, _) => None,
         };
         self.session
             .drive_with(Input::AccountSet, None, move |core| {
@@ -270,6 +278,7 @@ pub(crate) async fn start(
         gateway: payload.gateway.clone(),
         fingerprint: payload.server_key_fingerprint,
         preselected: None,
+        app_login: None,
     };
     begin(sdk, origin, callbacks).await
 }
@@ -303,6 +312,7 @@ pub(crate) async fn start_pushed(
         gateway: server.gateway.clone(),
         fingerprint: crate::sdk::parse_id(&server.fingerprint)?,
         preselected: Some(account_id.to_owned()),
+        app_login: None,
     };
     begin(sdk, origin, callbacks).await
 }
@@ -334,6 +344,8 @@ struct Origin {
     fingerprint: [u8; 32],
     /// A pushed login: the one account that may log in.
     preselected: Option<String>,
+    /// An AppLogin: the session the gateway opened, on its connection.
+    app_login: Option<app_login::Opened>,
 }
 
 /// The sessions of this SDK still referenced somewhere, so a push can find the login of an
@@ -370,7 +382,7 @@ impl Registry {
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .find(|s| {
-                s.kind == SessionKind::Login
+                matches!(s.kind, SessionKind::Login | SessionKind::AppLogin)
                     && s.token.expose() == hsid
                     && !s.watch.borrow().state.is_final()
             }))
@@ -383,6 +395,7 @@ async fn begin(
     callbacks: Arc<dyn Callbacks>,
 ) -> Result<SessionHandle, SdkError> {
     let kind = origin.kind;
+    let opened = origin.app_login;
     let id = hex::encode(crate::random::bytes::<16>()?);
     let machine = Machine::new(kind, sdk.config.skip_single_account_confirmation);
     let core = Core {
@@ -401,6 +414,8 @@ async fn begin(
         enrolment: None,
         pending_factor: None,
         account_channel: false,
+        web_nonce: None,
+        last_activity_ms: 0,
     };
     let (watch, _) = watch::channel(snapshot_of(&id, kind, &origin.server_id, &core));
     let session = Arc::new(Session {
@@ -425,6 +440,7 @@ async fn begin(
     let started = match kind {
         SessionKind::Login => session.start_login().await,
         SessionKind::Enrolment => session.start_enrolment().await,
+        SessionKind::AppLogin => session.start_app_login(opened).await,
     };
     match started {
         Ok(()) => Ok(SessionHandle { session }),
@@ -466,6 +482,10 @@ struct Core {
     pending_factor: Option<SecondFactor>,
     /// The connection speaks as `account_id` (an enrolment's starts as a guest).
     account_channel: bool,
+    /// An AppLogin's web nonce (shown in the snapshot while Active).
+    web_nonce: Option<app_login::WebNonce>,
+    /// An AppLogin's last activity by the device's clock, milliseconds since the epoch.
+    last_activity_ms: i64,
 }
 
 struct Session {
@@ -497,6 +517,10 @@ fn snapshot_of(id: &str, kind: SessionKind, server_id: &[u8; 16], core: &Core) -
         session_info: core.session_info.clone(),
         ping_time_secs: core.ping_time_secs,
         error: core.error.clone(),
+        web_nonce: core
+            .web_nonce
+            .clone()
+            .filter(|_| core.machine.state() == State::Active),
     }
 }
 
@@ -785,6 +809,7 @@ impl Session {
                     stop_pinger(&mut core);
                     core.enrolment = None;
                     core.pending_factor = None;
+                    core.web_nonce = None;
                 }
                 self.watch.send_replace(snapshot);
                 Ok(None)
@@ -874,9 +899,14 @@ impl Session {
                     Arc::clone(self),
                     Duration::from_secs(every_secs.into()),
                 ));
-                let mut core = self.core()?;
-                stop_pinger(&mut core);
-                core.pinger = Some(task);
+                {
+                    let mut core = self.core()?;
+                    stop_pinger(&mut core);
+                    core.pinger = Some(task);
+                }
+                if self.kind == SessionKind::AppLogin {
+                    self.app_login_active()?;
+                }
                 Ok(None)
             }
             Effect::StopPinging => {
@@ -959,7 +989,7 @@ impl Session {
             factor.ok_or_else(|| SdkError::Transport("no second factor was given".into()))?;
         let account_id = account_id.ok_or(SdkError::UnknownAccount)?;
         match self.kind {
-            SessionKind::Login => {
+            SessionKind::Login | SessionKind::AppLogin => {
                 let connection = self.connection()?;
                 crate::second_factor::verify_login(
                     &self.sdk,
@@ -1079,6 +1109,12 @@ async fn ping(session: Arc<Session>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         if session.watch.borrow().state != State::Active {
+            return;
+        }
+        // An AppLogin the app left idle past its inactivity timeout ends instead of pinging.
+        let idle = session.kind == SessionKind::AppLogin
+            && session.end_if_inactive().await.unwrap_or(true);
+        if idle {
             return;
         }
         let Ok(connection) = session.connection() else {

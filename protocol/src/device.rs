@@ -117,6 +117,23 @@ impl fmt::Debug for Blob {
     }
 }
 
+/// Opaque app data (secure channel): on the wire like [`Blob`], but `Debug` prints only its
+/// length, so a logged request or answer never shows what the app sent or got back.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opaque(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl fmt::Debug for Opaque {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Opaque({} bytes)", self.0.len())
+    }
+}
+
+/// Largest app data one `send_data` carries, and largest Data Service answer relayed, in
+/// bytes (the device gateway enforces both; docs/data-service.md).
+pub const MAX_APP_DATA_BYTES: usize = 64 * 1024;
+/// Longest device data field (model, OS, app version), in bytes.
+pub const MAX_DEVICE_DATA_BYTES: usize = 400;
+
 /// First handshake message's payload, device → gateway (encrypted to the server's key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -332,6 +349,43 @@ pub enum RequestBody {
         /// The account's push public key, SEC1 uncompressed P-256 (65 bytes).
         push_public_key: Blob,
     },
+    /// Account only: log in to the app itself (AppLogin, `docs/app-login.md`). The gateway
+    /// opens a continuous session for this account's user and answers its hsid and the web
+    /// nonce the app hands its own backend; the device then proves a second factor on that
+    /// session (`challenge`, `verify_second_factor`) and sends `log_in`, as for any login. A
+    /// second factor proven on the session itself is always needed: no reuse window applies.
+    AppLogin {
+        /// How often the app will ping, 1..=3600 seconds.
+        ping_time_secs: u32,
+    },
+    /// Guest only: create a headless account (no user, no second factor) for the secure
+    /// channel, when the server's policy allows it; the channel's static key becomes its
+    /// channel key. Retrying with the same channel key answers the same account.
+    EnrolHeadless {
+        /// The account's signing public key, SEC1 P-256.
+        signing_public_key: Blob,
+        /// The app installation.
+        app_instance: Bytes<16>,
+    },
+    /// Account only: deliver app data to the server's Data Service (docs/data-service.md) and
+    /// answer what it said. No user interaction; nothing is recorded per message.
+    SendData {
+        /// Chosen by the app, the same on a retry: the Data Service sees it and can answer a
+        /// retry without acting twice.
+        request_id: Bytes<16>,
+        /// At most [`MAX_APP_DATA_BYTES`].
+        data: Opaque,
+    },
+    /// Account only: what the app says about its device; recorded on the account when it
+    /// changed (`account.device_data_changed`).
+    SetDeviceData {
+        /// Device model.
+        model: String,
+        /// Operating system and its version.
+        os: String,
+        /// The app's version.
+        app_version: String,
+    },
 }
 
 /// What a second-factor challenge is for.
@@ -402,6 +456,25 @@ impl Request {
                 Err(DeviceError::new(
                     ErrorCode::Invalid,
                     "the signature is longer than a signed transaction can be",
+                ))
+            }
+            RequestBody::EnrolHeadless {
+                signing_public_key, ..
+            } if !matches!(signing_public_key.0.len(), 33 | 65) => Err(DeviceError::new(
+                ErrorCode::Invalid,
+                "signing_public_key must be a SEC1 P-256 point (33 or 65 bytes)",
+            )),
+            RequestBody::SetDeviceData {
+                model,
+                os,
+                app_version,
+            } if [model, os, app_version]
+                .iter()
+                .any(|t| t.len() > MAX_DEVICE_DATA_BYTES) =>
+            {
+                Err(DeviceError::new(
+                    ErrorCode::Invalid,
+                    "a device data field is over its limit",
                 ))
             }
             RequestBody::SignOwnTransaction {
@@ -481,6 +554,32 @@ pub enum Answer {
     Transactions {
         /// Oldest first.
         pending: Vec<PendingTransaction>,
+    },
+    /// An AppLogin session is open: prove a second factor on `hsid`, then `log_in`.
+    AppLogin {
+        /// The session's derived id, for the requests that follow.
+        hsid: Bytes<32>,
+        /// The web nonce: 32 random bytes whose base64url text (no padding) the app hands its
+        /// backend, which reads the session with it (`GET …/sessions/{web_nonce}`). A bearer
+        /// secret: `Debug` prints nothing.
+        web_nonce: Secret<32>,
+        /// Milliseconds since the Unix epoch after which the login is refused.
+        expires_at_ms: i64,
+        /// The session's ping time, seconds.
+        ping_time_secs: u32,
+    },
+    /// A headless account exists; reconnect with [`Intent::Account`].
+    HeadlessEnrolled {
+        /// The new account.
+        account_id: Bytes<16>,
+    },
+    /// What the Data Service answered a `send_data` (a 2xx or 4xx status; 5xx is
+    /// `data_service_failed`).
+    Data {
+        /// Its HTTP status.
+        status: u16,
+        /// Its body, at most [`MAX_APP_DATA_BYTES`].
+        body: Opaque,
     },
 }
 
@@ -605,6 +704,21 @@ pub enum ErrorCode {
     BadAttestation,
     /// The gateway failed; try again later.
     Internal,
+    /// Secure channel: the server has no Data Service configured; nothing was sent.
+    DataServiceNotConfigured,
+    /// Secure channel: the Data Service could not be reached (refused, unreachable); the data
+    /// may be sent again with the same request id.
+    DataServiceUnavailable,
+    /// Secure channel: the Data Service did not answer within the server's timeout; it may
+    /// have acted, so a retry must carry the same request id.
+    DataServiceTimeout,
+    /// Secure channel: the Data Service failed (a 5xx status, or an answer over the size
+    /// limit); its answer is not relayed.
+    DataServiceFailed,
+    /// The request's payload is over its limit (app data over [`MAX_APP_DATA_BYTES`]).
+    TooLarge,
+    /// Too many requests of this kind; slow down and try again.
+    RateLimited,
 }
 
 /// Why bytes are not a message.
@@ -682,6 +796,47 @@ mod tests {
     }
 
     #[test]
+    fn app_data_is_never_printed() {
+        let send = RequestBody::SendData {
+            request_id: Bytes([8; 16]),
+            data: Opaque(b"secret app data".to_vec()),
+        };
+        let answer = Answer::Data {
+            status: 200,
+            body: Opaque(b"secret answer".to_vec()),
+        };
+        round_trip(&answer);
+        let printed = format!("{send:?} {answer:?}");
+        assert!(printed.contains("Opaque(15 bytes)"), "{printed}");
+        for secret in [&b"secret app data"[..], b"secret answer"] {
+            assert!(!printed.contains(&hex::encode(secret)), "{printed}");
+            assert!(!printed.contains(std::str::from_utf8(secret).unwrap()));
+        }
+    }
+
+    #[test]
+    fn secure_channel_limits_are_checked() {
+        let request = |body| Request { id: 1, body };
+        let bad_key = request(RequestBody::EnrolHeadless {
+            signing_public_key: Blob(vec![4; 10]),
+            app_instance: Bytes([6; 16]),
+        });
+        assert_eq!(bad_key.validate().unwrap_err().code, ErrorCode::Invalid);
+        let long = request(RequestBody::SetDeviceData {
+            model: "m".repeat(MAX_DEVICE_DATA_BYTES + 1),
+            os: String::new(),
+            app_version: String::new(),
+        });
+        assert_eq!(long.validate().unwrap_err().code, ErrorCode::Invalid);
+        let fine = request(RequestBody::SetDeviceData {
+            model: "m".repeat(MAX_DEVICE_DATA_BYTES),
+            os: String::new(),
+            app_version: String::new(),
+        });
+        assert!(fine.validate().is_ok());
+    }
+
+    #[test]
     fn every_message_round_trips() {
         round_trip(&Hello {
             version: VERSION,
@@ -724,9 +879,39 @@ mod tests {
                 reason: FailReason::NoAccounts,
             },
             RequestBody::DeleteAccount,
+            RequestBody::AppLogin {
+                ping_time_secs: 300,
+            },
+            RequestBody::EnrolHeadless {
+                signing_public_key: Blob(vec![4; 65]),
+                app_instance: Bytes([6; 16]),
+            },
+            RequestBody::SendData {
+                request_id: Bytes([8; 16]),
+                data: Opaque(b"app data".to_vec()),
+            },
+            RequestBody::SetDeviceData {
+                model: "Pixel 8".into(),
+                os: "Android 15".into(),
+                app_version: "1.2.3".into(),
+            },
         ] {
             round_trip(&Request { id: 5, body });
         }
+        let app_login = ServerMessage::Reply {
+            id: 7,
+            outcome: Outcome::Ok(Answer::AppLogin {
+                hsid: Bytes([2; 32]),
+                web_nonce: Secret::new([0xcd; 32]),
+                expires_at_ms: 1_700_000_000_000,
+                ping_time_secs: 300,
+            }),
+        };
+        round_trip(&app_login);
+        assert!(
+            !format!("{app_login:?}").contains("cdcdcdcd"),
+            "the web nonce is secret"
+        );
         round_trip(&ServerMessage::Reply {
             id: 5,
             outcome: Outcome::Err(DeviceError::new(ErrorCode::Expired, "session expired")),

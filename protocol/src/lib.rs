@@ -15,6 +15,8 @@
 //!   prologue): registering a mailbox, updating the push token, pulling and acknowledging.
 //! - [`push`]: the push envelope, HPKE-sealed (RFC 9180, auth mode) by the server to an
 //!   account's push key, that the Message Center, FCM and APNs carry unread.
+//! - [`data_service`]: the request the NS posts to a server's Data Service, signed with HTTP
+//!   Message Signatures (RFC 9421, ES256) under the server's key, and its verifier.
 //! - [`attestation`]: the second-factor server's signed statement that a factor was verified,
 //!   and the checks a verifier runs on it.
 //! - [`evidence`]: the non-repudiation evidence bundle of a signed transaction, the device's
@@ -25,6 +27,7 @@ pub mod cbor;
 pub mod channel;
 pub mod checkpoint;
 pub mod cose;
+pub mod data_service;
 pub mod device;
 pub mod evidence;
 pub mod mc;

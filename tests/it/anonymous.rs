@@ -218,6 +218,20 @@ async fn no_anonymous_request_moves_the_log_head(db: &TestDb) {
             signature: Blob([random::<32>(), random()].concat()),
             attestation: Blob([random::<32>(), random()].concat()),
         },
+        // The secure channel: headless enrolment is off unless the server's admin allows it.
+        RequestBody::EnrolHeadless {
+            signing_public_key: Blob(fresh_public_key()),
+            app_instance: Bytes(random()),
+        },
+        RequestBody::SendData {
+            request_id: Bytes(random()),
+            data: countersign_protocol::device::Opaque(random::<32>().to_vec()),
+        },
+        RequestBody::SetDeviceData {
+            model: "m".into(),
+            os: "o".into(),
+            app_version: "v".into(),
+        },
     ];
     for (id, body) in requests.into_iter().enumerate() {
         let what = format!("{body:?}");

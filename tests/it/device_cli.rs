@@ -19,13 +19,13 @@ use crate::api::next_state;
 use crate::binary::binary;
 
 /// `countersign serve` in a child process, killed when the test ends.
-struct Served {
+pub(crate) struct Served {
     child: Child,
     base: String,
     admin_key: String,
     runtime: tokio::runtime::Runtime,
     http: reqwest::Client,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Drop for Served {
@@ -36,7 +36,7 @@ impl Drop for Served {
 }
 
 impl Served {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(binary())
             .args([
@@ -133,7 +133,7 @@ impl Served {
     }
 
     /// [`Self::call`] on the login session of `nonce` ([`Self::session_request`]).
-    fn session_call(
+    pub(crate) fn session_call(
         &self,
         method: Method,
         path: &str,
@@ -148,7 +148,7 @@ impl Served {
     }
 
     /// Fetches a PNG image and writes it into the test's folder.
-    fn png(
+    pub(crate) fn png(
         &self,
         method: Method,
         path: &str,
@@ -180,7 +180,7 @@ impl Served {
     }
 
     /// The same with the second-factor policy `policy` (`none`, `pin`, ...).
-    fn tenant_with(&self, policy: &str) -> (String, String) {
+    pub(crate) fn tenant_with(&self, policy: &str) -> (String, String) {
         let admin = self.admin_key.clone();
         let created = self.call(
             Method::POST,
@@ -254,7 +254,7 @@ fn nonce(byte: u8) -> String {
     hex::encode([byte; 16])
 }
 
-fn device_command(home: &Path, args: &[&str]) -> Command {
+pub(crate) fn device_command(home: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(binary());
     command
         .arg("device")
@@ -284,7 +284,7 @@ fn device(home: &Path, args: &[&str], stdin: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn device_ok(home: &Path, args: &[&str], stdin: &str) -> String {
+pub(crate) fn device_ok(home: &Path, args: &[&str], stdin: &str) -> String {
     let out = device(home, args, stdin);
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -324,7 +324,7 @@ fn continuous_login(
     panic!("the device never logged in:\n{seen}");
 }
 
-fn rest(lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) -> String {
+pub(crate) fn rest(lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) -> String {
     lines.map(|l| l.unwrap() + "\n").collect()
 }
 

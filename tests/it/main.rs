@@ -11,10 +11,12 @@
 
 mod anonymous;
 mod api;
+mod app_login;
 mod binary;
 mod client_errors;
 mod commands;
 mod crash;
+mod data_service;
 mod device;
 mod device_cli;
 mod evidence;
@@ -24,6 +26,7 @@ mod limits;
 mod push;
 mod scale;
 mod second_factor;
+mod secure_channel;
 mod session_nonce;
 mod transactions_api;
 mod transactions_device;

@@ -310,7 +310,7 @@ async fn biometric_login_and_account_upgrade(db: &TestDb) {
 }
 
 /// Every row of every table, as text (PostgreSQL) or the database files' bytes (SQLite).
-async fn dump_tables(db: &TestDb) -> Vec<u8> {
+pub(crate) async fn dump_tables(db: &TestDb) -> Vec<u8> {
     if db.url().starts_with("sqlite") {
         let path = db.url().trim_start_matches("sqlite://");
         let path = path.split('?').next().unwrap_or(path);

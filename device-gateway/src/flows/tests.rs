@@ -148,6 +148,7 @@ impl World {
                     second_factor: Some(none),
                     session_timeout_secs: None,
                     default_ping_time_secs: None,
+                    ..ConfigureServer::default()
                 },
                 &metadata,
                 None,

@@ -121,6 +121,28 @@ pub struct AccountPushRegistered {
     pub registered_at: Timestamp,
 }
 
+/// What the app says about the device it runs on (secure channel, `set_device_data`).
+/// Self-reported and unverified: for the business system's records, never for a decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceData {
+    /// Device model, e.g. `Pixel 8`; at most 100 characters.
+    pub model: String,
+    /// Operating system and version, e.g. `Android 15`; at most 100 characters.
+    pub os: String,
+    /// The app's version; at most 100 characters.
+    pub app_version: String,
+}
+
+/// `account.device_data_changed` v1: the app reported device data that differ from what the
+/// account had ("the NS will also persist device data"). Repeating the same data writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDeviceDataChanged {
+    /// The data now.
+    pub device_data: DeviceData,
+    /// When.
+    pub changed_at: Timestamp,
+}
+
 crate::domain_events! {
     /// Everything that happens to an account.
     pub enum AccountEvent {
@@ -131,5 +153,6 @@ crate::domain_events! {
         Deleted(AccountDeleted) = ("account.deleted", 1),
         SecondFactorVerified(AccountSecondFactorVerified) = ("account.second_factor_verified", 1),
         PushRegistered(AccountPushRegistered) = ("account.push_registered", 1),
+        DeviceDataChanged(AccountDeviceDataChanged) = ("account.device_data_changed", 1),
     }
 }

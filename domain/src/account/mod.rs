@@ -18,6 +18,8 @@
 //! - rotating a key to the key it already has emits nothing;
 //! - a push registration needs an uncompressed P-256 push key; registering what is
 //!   registered already emits nothing, anything else replaces it;
+//! - device data: each field at most [`DEVICE_DATA_MAX_CHARS`] characters, no control
+//!   characters; the same data again emits nothing;
 //! - deleting a deleted account emits nothing (a repeated DELETE); every other command on it is
 //!   [`AccountError::Deleted`]; any command but register on an unknown account is
 //!   [`AccountError::NotFound`].
@@ -33,6 +35,16 @@ use crate::ids::{AccountRef, AppInstanceId, Timestamp, UserDigest};
 use crate::second_factor::SecondFactorKind;
 use crate::server::into_command;
 use crate::validate::{self, ValidationError};
+
+/// Longest device data field (model, OS, app version), in characters.
+pub const DEVICE_DATA_MAX_CHARS: usize = 100;
+
+/// Record what the app says about its device (device gateway, secure channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDeviceData {
+    /// The data.
+    pub device_data: DeviceData,
+}
 
 /// Register an account (the device gateway, when an app enrols or opens a secure channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +146,8 @@ pub enum AccountCommand {
     RecordVerification(RecordVerification),
     /// See [`RegisterPush`].
     RegisterPush(RegisterPush),
+    /// See [`SetDeviceData`].
+    SetDeviceData(SetDeviceData),
 }
 
 into_command!(AccountCommand {
@@ -144,6 +158,7 @@ into_command!(AccountCommand {
     Delete(DeleteAccount),
     RecordVerification(RecordVerification),
     RegisterPush(RegisterPush),
+    SetDeviceData(SetDeviceData),
 });
 
 /// Why an account command was refused.
@@ -204,6 +219,8 @@ pub struct ActiveAccount {
     pub last_verification: Option<(SecondFactorKind, [u8; 32], Timestamp)>,
     /// Where its push messages go, once the app registered for push.
     pub push: Option<PushRegistration>,
+    /// What the app last said about its device.
+    pub device_data: Option<DeviceData>,
 }
 
 impl ActiveAccount {
@@ -382,6 +399,26 @@ impl Aggregate for Account {
                     registered_at: ctx.now,
                 })])
             }
+            AccountCommand::SetDeviceData(cmd) => {
+                let account = self.live()?;
+                let data = &cmd.device_data;
+                for (field, text) in [
+                    ("device_data.model", &data.model),
+                    ("device_data.os", &data.os),
+                    ("device_data.app_version", &data.app_version),
+                ] {
+                    validate::single_line_text(field, text, DEVICE_DATA_MAX_CHARS)?;
+                }
+                if account.device_data.as_ref() == Some(data) {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![AccountEvent::DeviceDataChanged(
+                    AccountDeviceDataChanged {
+                        device_data: cmd.device_data,
+                        changed_at: ctx.now,
+                    },
+                )])
+            }
             AccountCommand::Delete(cmd) => match self {
                 Self::NotRegistered => Err(AccountError::NotFound),
                 Self::Active(_) => Ok(vec![AccountEvent::Deleted(AccountDeleted {
@@ -406,6 +443,7 @@ impl Aggregate for Account {
                     second_factor: e.second_factor,
                     last_verification: None,
                     push: None,
+                    device_data: None,
                 });
             }
             (AccountEvent::SecondFactorVerified(e), Self::Active(a)) => {
@@ -428,6 +466,9 @@ impl Aggregate for Account {
                     push_public_key: e.push_public_key.clone(),
                     token_ref: e.token_ref.clone(),
                 });
+            }
+            (AccountEvent::DeviceDataChanged(e), Self::Active(a)) => {
+                a.device_data = Some(e.device_data.clone());
             }
             (AccountEvent::Deleted(_), Self::Active(a)) => {
                 *self = Self::Deleted {

@@ -467,3 +467,77 @@ fn push_registration_needs_an_uncompressed_key_and_replaces_the_earlier_one() {
         .when(register("push/1"))
         .then_error(AccountError::NotFound);
 }
+
+fn device(model: &str) -> DeviceData {
+    DeviceData {
+        model: model.into(),
+        os: "Android 15".into(),
+        app_version: "1.2.3".into(),
+    }
+}
+
+#[test]
+fn device_data_is_recorded_when_it_changes() {
+    let changed = |model: &str| {
+        AccountEvent::DeviceDataChanged(AccountDeviceDataChanged {
+            device_data: device(model),
+            changed_at: NOW,
+        })
+    };
+    let state = given::<Account>(vec![registered()])
+        .when(SetDeviceData {
+            device_data: device("Pixel 8"),
+        })
+        .then(vec![changed("Pixel 8")]);
+    assert_eq!(state.active().unwrap().device_data, Some(device("Pixel 8")));
+    given::<Account>(vec![registered(), changed("Pixel 8")])
+        .when(SetDeviceData {
+            device_data: device("Pixel 8"),
+        })
+        .then_nothing();
+    given::<Account>(vec![registered(), changed("Pixel 8")])
+        .when(SetDeviceData {
+            device_data: device("Pixel 9"),
+        })
+        .then(vec![changed("Pixel 9")]);
+    // Empty fields are allowed (an app may not know its model).
+    given::<Account>(vec![registered()])
+        .when(SetDeviceData {
+            device_data: DeviceData::default(),
+        })
+        .then(vec![AccountEvent::DeviceDataChanged(
+            AccountDeviceDataChanged {
+                device_data: DeviceData::default(),
+                changed_at: NOW,
+            },
+        )]);
+}
+
+#[test]
+fn device_data_rules() {
+    given::<Account>(vec![registered()])
+        .when(SetDeviceData {
+            device_data: device(&"x".repeat(101)),
+        })
+        .then_error(AccountError::Invalid(ValidationError::TooLong {
+            field: "device_data.model",
+            max: 100,
+            actual: 101,
+            unit: "characters",
+        }));
+    given::<Account>(vec![registered()])
+        .when(SetDeviceData {
+            device_data: DeviceData {
+                os: "Android\n15".into(),
+                ..device("Pixel 8")
+            },
+        })
+        .then_error(AccountError::Invalid(ValidationError::ControlCharacter {
+            field: "device_data.os",
+        }));
+    given_nothing::<Account>()
+        .when(SetDeviceData {
+            device_data: device("Pixel 8"),
+        })
+        .then_error(AccountError::NotFound);
+}

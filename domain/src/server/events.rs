@@ -33,6 +33,25 @@ impl Default for SecondFactorPolicy {
     }
 }
 
+/// Where a server's secure-channel messages go: the Data Service the NS POSTs app data to
+/// (docs/data-service.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataServiceSettings {
+    /// Absolute `http` or `https` URL, at most 2048 bytes, no credentials or fragment.
+    pub url: String,
+    /// How long the NS waits for the DS's answer, milliseconds (100..=30000).
+    pub timeout_ms: u32,
+}
+
+impl DataServiceSettings {
+    /// Default DS timeout, milliseconds.
+    pub const DEFAULT_TIMEOUT_MS: u32 = 5000;
+    /// Shortest DS timeout, milliseconds.
+    pub const MIN_TIMEOUT_MS: u32 = 100;
+    /// Longest DS timeout, milliseconds.
+    pub const MAX_TIMEOUT_MS: u32 = 30_000;
+}
+
 /// A server's complete configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerSettings {
@@ -47,6 +66,16 @@ pub struct ServerSettings {
     /// Ping interval of continuous sessions, seconds (0..=3600, below the timeout); 0 makes
     /// sessions one-shot. Default 0.
     pub default_ping_time_secs: u32,
+    /// The Data Service secure-channel messages are delivered to; none by default (the
+    /// secure channel answers `data_service_not_configured`). Absent from payloads written
+    /// before it existed and from those without one, so they decode and encode unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_service: Option<DataServiceSettings>,
+    /// Whether an anonymous device may create a headless account over the secure channel
+    /// (its first `send_data`). Off by default: that is a write by an unauthenticated client,
+    /// which the administrator opts in to. Absent when off (as in older payloads).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless_enrolment: bool,
 }
 
 impl ServerSettings {
@@ -64,6 +93,8 @@ impl ServerSettings {
             second_factor: SecondFactorPolicy::default(),
             session_timeout_secs: Self::DEFAULT_SESSION_TIMEOUT_SECS,
             default_ping_time_secs: Self::DEFAULT_PING_TIME_SECS,
+            data_service: None,
+            headless_enrolment: false,
         }
     }
 }

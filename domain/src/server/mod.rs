@@ -6,7 +6,8 @@
 //!   SHA-256 thumbprint (the private key never reaches the domain);
 //! - settings: name 1..=100 characters without control characters; logo `https`, ≤ 2048
 //!   bytes; session timeout 30..=86400 s; default ping time 0..=3600 s and below the timeout;
-//!   second-factor reuse window 0..=3600 s; at least one second factor allowed;
+//!   second-factor reuse window 0..=3600 s; at least one second factor allowed; a Data
+//!   Service URL absolute `http(s)` (no credentials), ≤ 2048 bytes, its timeout 100..=30000 ms;
 //! - a configuration that changes nothing emits nothing;
 //! - API keys: id never reused (even after revocation), label 1..=100 characters, at most
 //!   [`MAX_ACTIVE_API_KEYS`] active; revoking an unknown key is `ApiKeyNotFound`, revoking a
@@ -59,6 +60,10 @@ pub struct ConfigureServer {
     pub session_timeout_secs: Option<u32>,
     /// New default ping time, seconds.
     pub default_ping_time_secs: Option<u32>,
+    /// `Some(None)` removes the Data Service (the secure channel stops delivering).
+    pub data_service: Option<Option<DataServiceSettings>>,
+    /// Whether anonymous devices may create headless accounts.
+    pub headless_enrolment: Option<bool>,
 }
 
 /// Record a new API key. The edge generated the token, showed it once, and passes its SHA-256.
@@ -247,6 +252,15 @@ fn validate_settings(s: &ServerSettings) -> Result<(), ValidationError> {
         return Err(ValidationError::NoSecondFactorAllowed);
     }
     validate::in_range("session_timeout_secs", s.session_timeout_secs, 30, 86_400)?;
+    if let Some(ds) = &s.data_service {
+        validate::data_service_url(&ds.url)?;
+        validate::in_range(
+            "data_service.timeout_ms",
+            ds.timeout_ms,
+            DataServiceSettings::MIN_TIMEOUT_MS,
+            DataServiceSettings::MAX_TIMEOUT_MS,
+        )?;
+    }
     validate::in_range("default_ping_time_secs", s.default_ping_time_secs, 0, 3600)?;
     if s.default_ping_time_secs >= s.session_timeout_secs {
         return Err(ValidationError::PingNotBelowTimeout {
@@ -290,6 +304,12 @@ fn decide_configure(
     }
     if let Some(ping) = cmd.default_ping_time_secs {
         settings.default_ping_time_secs = ping;
+    }
+    if let Some(data_service) = cmd.data_service {
+        settings.data_service = data_service;
+    }
+    if let Some(headless) = cmd.headless_enrolment {
+        settings.headless_enrolment = headless;
     }
     // Validating the merged result checks cross-field rules against the values that will hold.
     validate_settings(&settings)?;

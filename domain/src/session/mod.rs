@@ -31,7 +31,9 @@
 //!   deadline came first.
 //! - a login must be by the intended user when the opener named one, and with the confirmed
 //!   account once one was confirmed. Whether a second factor was needed is the gateway's
-//!   check against the server's policy, not this aggregate's.
+//!   check against the server's policy, not this aggregate's — except for an AppLogin
+//!   (`app_login`, opened by the app for itself): it logs in only after a second factor
+//!   verified on the session itself, never a reused one ([`SessionError::WrongState`]).
 //! - repeating a step that already happened with the same data (scan, confirm, verify, log
 //!   in) emits nothing, so a device may retry; ending an ended session emits nothing (a
 //!   repeated DELETE); every other command on an ended session is [`SessionError::Ended`].
@@ -664,6 +666,12 @@ impl Session {
             {
                 return Err(SessionError::AccountMismatch);
             }
+            // An AppLogin always asks a second factor, proven on this very session.
+            Self::Pending { .. } | Self::Scanned { .. } | Self::Confirmed { .. }
+                if opened.app_login =>
+            {
+                return Err(self.wrong_state("an AppLogin's log in without a second factor"));
+            }
             Self::Pending { .. }
             | Self::Scanned { .. }
             | Self::Confirmed { .. }
@@ -733,7 +741,10 @@ impl Aggregate for Session {
                 }
             }
             SessionCommand::VerifySecondFactor(cmd) => {
-                self.live(now)?;
+                let opened = self.live(now)?;
+                if opened.app_login && cmd.reused {
+                    return Err(self.wrong_state("an AppLogin's reuse of a second factor"));
+                }
                 match self {
                     Self::Confirmed { .. } => Ok(vec![SessionEvent::SecondFactorVerified(
                         SessionSecondFactorVerified {

@@ -1096,3 +1096,47 @@ fn provoke_is_refused_without_a_login_while_one_is_on_and_after_a_decline() {
             actual: 5,
         }));
 }
+
+/// An AppLogin for [`USER`], pinging every 60 s.
+fn open_app_login() -> OpenSession {
+    OpenSession {
+        app_login: true,
+        user: Some(USER),
+        announce_info: None,
+        ..open_continuous()
+    }
+}
+
+#[test]
+fn an_app_login_logs_in_only_after_a_second_factor_proven_on_it() {
+    let no_factor = SessionError::WrongState {
+        command: "an AppLogin's log in without a second factor",
+        status: SessionStatus::Scanned,
+    };
+    given::<Session>([opened_by(open_app_login()), confirmed()])
+        .at(t(20))
+        .when(log_in())
+        .then_error(no_factor);
+    given::<Session>([opened_by(open_app_login())])
+        .at(t(20))
+        .when(log_in())
+        .then_error(SessionError::WrongState {
+            command: "an AppLogin's log in without a second factor",
+            status: SessionStatus::Pending,
+        });
+    // A factor reused under the server's window does not stand in.
+    given::<Session>([opened_by(open_app_login()), confirmed()])
+        .at(t(20))
+        .when(VerifySecondFactor {
+            reused: true,
+            ..verify()
+        })
+        .then_error(SessionError::WrongState {
+            command: "an AppLogin's reuse of a second factor",
+            status: SessionStatus::Scanned,
+        });
+    given::<Session>([opened_by(open_app_login()), confirmed(), verified()])
+        .at(t(20))
+        .when(log_in())
+        .then(vec![logged_in_continuous(t(20))]);
+}

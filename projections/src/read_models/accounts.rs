@@ -1,11 +1,12 @@
 //! The accounts read model (`rm_accounts`): one row per live account, found by id or by
 //! user. Headless accounts have no user or second factor until `user_linked` / `upgraded`;
-//! a rotated signing key replaces the thumbprint; `account.deleted` deletes the row.
+//! a rotated signing key replaces the thumbprint; `account.device_data_changed` replaces the
+//! device data (stored as its JSON); `account.deleted` deletes the row.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use countersign_domain::account::{AccountEvent, KeyRole};
+use countersign_domain::account::{AccountEvent, DeviceData, KeyRole};
 use countersign_domain::second_factor::SecondFactorKind;
 use countersign_domain::{AccountId, AppInstanceId, ServerId, Timestamp, UserDigest};
 use countersign_eventstore::with_pool;
@@ -27,6 +28,8 @@ pub struct AccountRow {
     /// SHA-256 of the current signing key.
     pub signing_key_thumbprint: [u8; 32],
     pub registered_at: Timestamp,
+    /// What the app last said about its device, and when; `None` until it says.
+    pub device_data: Option<(DeviceData, Timestamp)>,
     pub last_position: u64,
 }
 
@@ -47,6 +50,7 @@ struct Row {
     second_factor: Option<&'static str>,
     signing_key_thumbprint: [u8; 32],
     registered_at: Timestamp,
+    device_data: Option<(String, i64)>,
     last_position: u64,
 }
 
@@ -55,6 +59,8 @@ struct Patch {
     user_digest: Option<UserDigest>,
     second_factor: Option<&'static str>,
     signing_key_thumbprint: Option<[u8; 32]>,
+    /// The device data's JSON and when it changed.
+    device_data: Option<(String, i64)>,
     last_position: u64,
 }
 
@@ -84,6 +90,7 @@ impl Fold {
                         second_factor: e.second_factor.map(factor_name),
                         signing_key_thumbprint: e.signing_key_thumbprint,
                         registered_at: at.recorded_at,
+                        device_data: None,
                         last_position: at.position,
                     }),
                 );
@@ -105,6 +112,10 @@ impl Fold {
                 signing_key_thumbprint: (e.role == KeyRole::Signing).then_some(e.key_thumbprint),
                 ..Patch::default()
             },
+            AccountEvent::DeviceDataChanged(e) => Patch {
+                device_data: Some((device_data_json(&e.device_data)?, e.changed_at.as_millis())),
+                ..Patch::default()
+            },
             // The read model shows which factor an account has, not when it last used it.
             AccountEvent::SecondFactorVerified(_) | AccountEvent::PushRegistered(_) => {
                 Patch::default()
@@ -122,6 +133,7 @@ impl Fold {
                     row.signing_key_thumbprint = patch
                         .signing_key_thumbprint
                         .unwrap_or(row.signing_key_thumbprint);
+                    row.device_data = patch.device_data.or(row.device_data.take());
                     row.last_position = patch.last_position;
                 }
                 Change::Patch(old) => {
@@ -129,6 +141,7 @@ impl Fold {
                     old.second_factor = patch.second_factor.or(old.second_factor);
                     old.signing_key_thumbprint =
                         patch.signing_key_thumbprint.or(old.signing_key_thumbprint);
+                    old.device_data = patch.device_data.or(old.device_data.take());
                     old.last_position = patch.last_position;
                 }
                 // An update of a deleted row changes nothing, as it would in the database.
@@ -157,6 +170,7 @@ impl Fold {
                     put.thumbprint
                         .push(Some(row.signing_key_thumbprint.to_vec()));
                     put.registered_at.push(row.registered_at.as_millis());
+                    put.push_device_data(row.device_data.as_ref());
                     put.last_position.push(db_position(row.last_position)?);
                 }
                 Change::Patch(p) => {
@@ -168,6 +182,7 @@ impl Fold {
                     patched
                         .thumbprint
                         .push(p.signing_key_thumbprint.map(|t| t.to_vec()));
+                    patched.push_device_data(p.device_data.as_ref());
                     patched.last_position.push(db_position(p.last_position)?);
                 }
             }
@@ -185,13 +200,14 @@ impl Fold {
         if !put.server_id.is_empty() {
             sqlx::query(
                 "INSERT INTO rm_accounts (server_id, account_id, user_digest, app_instance, second_factor, \
-                   signing_key_thumbprint, registered_at, last_position) \
+                   signing_key_thumbprint, registered_at, last_position, device_data, device_data_at) \
                  SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::text[], \
-                   $6::bytea[], $7::bigint[], $8::bigint[]) \
+                   $6::bytea[], $7::bigint[], $8::bigint[], $9::text[], $10::bigint[]) \
                  ON CONFLICT (server_id, account_id) DO UPDATE SET user_digest = EXCLUDED.user_digest, \
                    app_instance = EXCLUDED.app_instance, second_factor = EXCLUDED.second_factor, \
                    signing_key_thumbprint = EXCLUDED.signing_key_thumbprint, \
-                   registered_at = EXCLUDED.registered_at, last_position = EXCLUDED.last_position",
+                   registered_at = EXCLUDED.registered_at, last_position = EXCLUDED.last_position, \
+                   device_data = EXCLUDED.device_data, device_data_at = EXCLUDED.device_data_at",
             )
             .bind(&put.server_id)
             .bind(&put.account_id)
@@ -201,6 +217,8 @@ impl Fold {
             .bind(&put.thumbprint)
             .bind(&put.registered_at)
             .bind(&put.last_position)
+            .bind(&put.device_data)
+            .bind(&put.device_data_at)
             .execute(&mut *tx)
             .await?;
         }
@@ -209,9 +227,13 @@ impl Fold {
                 "UPDATE rm_accounts t SET user_digest = COALESCE(u.user_digest, t.user_digest), \
                    second_factor = COALESCE(u.second_factor, t.second_factor), \
                    signing_key_thumbprint = COALESCE(u.thumbprint, t.signing_key_thumbprint), \
+                   device_data = COALESCE(u.device_data, t.device_data), \
+                   device_data_at = COALESCE(u.device_data_at, t.device_data_at), \
                    last_position = u.last_position \
-                 FROM UNNEST($1::bytea[], $2::bytea[], $3::bytea[], $4::text[], $5::bytea[], $6::bigint[]) \
-                   AS u(server_id, account_id, user_digest, second_factor, thumbprint, last_position) \
+                 FROM UNNEST($1::bytea[], $2::bytea[], $3::bytea[], $4::text[], $5::bytea[], $6::bigint[], \
+                   $7::text[], $8::bigint[]) \
+                   AS u(server_id, account_id, user_digest, second_factor, thumbprint, last_position, \
+                   device_data, device_data_at) \
                  WHERE t.server_id = u.server_id AND t.account_id = u.account_id",
             )
             .bind(&patched.server_id)
@@ -220,6 +242,8 @@ impl Fold {
             .bind(&patched.second_factor)
             .bind(&patched.thumbprint)
             .bind(&patched.last_position)
+            .bind(&patched.device_data)
+            .bind(&patched.device_data_at)
             .execute(&mut *tx)
             .await?;
         }
@@ -240,12 +264,13 @@ impl Fold {
                 }
                 Change::Put(row) => sqlx::query(
                     "INSERT INTO rm_accounts (server_id, account_id, user_digest, app_instance, second_factor, \
-                       signing_key_thumbprint, registered_at, last_position) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                       signing_key_thumbprint, registered_at, last_position, device_data, device_data_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                      ON CONFLICT (server_id, account_id) DO UPDATE SET user_digest = EXCLUDED.user_digest, \
                        app_instance = EXCLUDED.app_instance, second_factor = EXCLUDED.second_factor, \
                        signing_key_thumbprint = EXCLUDED.signing_key_thumbprint, \
-                       registered_at = EXCLUDED.registered_at, last_position = EXCLUDED.last_position",
+                       registered_at = EXCLUDED.registered_at, last_position = EXCLUDED.last_position, \
+                       device_data = EXCLUDED.device_data, device_data_at = EXCLUDED.device_data_at",
                 )
                 .bind(server)
                 .bind(account)
@@ -254,11 +279,14 @@ impl Fold {
                 .bind(row.second_factor)
                 .bind(row.signing_key_thumbprint.as_slice())
                 .bind(row.registered_at.as_millis())
-                .bind(db_position(row.last_position)?),
+                .bind(db_position(row.last_position)?)
+                .bind(row.device_data.as_ref().map(|(json, _)| json.as_str()))
+                .bind(row.device_data.as_ref().map(|(_, at)| *at)),
                 Change::Patch(p) => sqlx::query(
                     "UPDATE rm_accounts SET user_digest = COALESCE($3, user_digest), \
                        second_factor = COALESCE($4, second_factor), \
-                       signing_key_thumbprint = COALESCE($5, signing_key_thumbprint), last_position = $6 \
+                       signing_key_thumbprint = COALESCE($5, signing_key_thumbprint), last_position = $6, \
+                       device_data = COALESCE($7, device_data), device_data_at = COALESCE($8, device_data_at) \
                      WHERE server_id = $1 AND account_id = $2",
                 )
                 .bind(server)
@@ -266,7 +294,9 @@ impl Fold {
                 .bind(p.user_digest.as_ref().map(|d| d.as_bytes().as_slice()))
                 .bind(p.second_factor)
                 .bind(p.signing_key_thumbprint.as_ref().map(|t| t.as_slice()))
-                .bind(db_position(p.last_position)?),
+                .bind(db_position(p.last_position)?)
+                .bind(p.device_data.as_ref().map(|(json, _)| json.as_str()))
+                .bind(p.device_data.as_ref().map(|(_, at)| *at)),
             };
             query.execute(&mut *tx).await?;
         }
@@ -285,9 +315,16 @@ struct Columns {
     thumbprint: Vec<Option<Vec<u8>>>,
     registered_at: Vec<i64>,
     last_position: Vec<i64>,
+    device_data: Vec<Option<String>>,
+    device_data_at: Vec<Option<i64>>,
 }
 
 impl Columns {
+    fn push_device_data(&mut self, data: Option<&(String, i64)>) {
+        self.device_data.push(data.map(|(json, _)| json.clone()));
+        self.device_data_at.push(data.map(|(_, at)| *at));
+    }
+
     fn key(&mut self, (server, account): &Key) {
         self.server_id.push(server.as_bytes().to_vec());
         self.account_id.push(account.as_bytes().to_vec());
@@ -304,14 +341,29 @@ fn account_row(row: &impl Get) -> Result<AccountRow, ProjectionError> {
         signing_key_thumbprint: row.id(5)?,
         registered_at: row.time(6)?,
         last_position: row.position(7)?,
+        device_data: match (row.opt_text(8)?, row.opt_time(9)?) {
+            (Some(json), Some(at)) => Some((
+                serde_json::from_str(&json).map_err(|e| {
+                    ProjectionError::Damaged(format!("stored device data do not decode: {e}"))
+                })?,
+                at,
+            )),
+            _ => None,
+        },
     })
+}
+
+fn device_data_json(data: &DeviceData) -> Result<String, ProjectionError> {
+    serde_json::to_string(data)
+        .map_err(|e| ProjectionError::Damaged(format!("device data do not encode: {e}")))
 }
 
 macro_rules! select_accounts {
     ($where:literal) => {
         concat!(
             "SELECT server_id, account_id, user_digest, app_instance, second_factor, ",
-            "signing_key_thumbprint, registered_at, last_position FROM rm_accounts ",
+            "signing_key_thumbprint, registered_at, last_position, device_data, device_data_at ",
+            "FROM rm_accounts ",
             $where
         )
     };

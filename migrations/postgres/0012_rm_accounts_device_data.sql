@@ -1,0 +1,4 @@
+-- What the app last said about its device (`account.device_data_changed`): the JSON of the
+-- event's device data (model, os, app_version) and when it changed; NULL until the app says.
+ALTER TABLE rm_accounts ADD COLUMN device_data text;
+ALTER TABLE rm_accounts ADD COLUMN device_data_at bigint;
