@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 use crate::Settings;
 
+/// AppLogin and the secure channel end to end (uses the transactions bench's phones).
+#[path = "bench_app.rs"]
+mod app;
 /// The device benches (a module of this one so the crate root stays as it is).
 #[path = "bench_device.rs"]
 pub(crate) mod device;
@@ -24,9 +27,6 @@ mod scale;
 /// Signed transactions end to end (uses the device benches' business side).
 #[path = "bench_tx.rs"]
 mod transactions;
-/// AppLogin and the secure channel end to end (uses the transactions bench's phones).
-#[path = "bench_app.rs"]
-mod app;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

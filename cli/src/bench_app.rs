@@ -14,6 +14,7 @@
 //!
 //! Speed is reported, never asserted.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,27 +183,34 @@ where
 }
 
 fn print(title: &str, phases: &[Phase], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(phases)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(phases)?)?;
         return Ok(());
     }
-    println!("{title}");
-    println!("| phase | in flight | per s | p50 ms | p99 ms | max ms | errors | CPU ms each (server + PG) |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    writeln!(out, "{title}")?;
+    writeln!(
+        out,
+        "| phase | in flight | per s | p50 ms | p99 ms | max ms | errors | CPU ms each: server + PostgreSQL (phones) |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|")?;
     for p in phases {
         let cpu = p.cpu.as_ref().map_or_else(
             || "–".to_owned(),
             |c| {
-                let server = c.server_ms.map_or_else(|| "?".to_owned(), |s| format!("{s:.2}"));
-                format!("{server} + {:.2} (phones {:.2})", c.postgres_ms, c.bench_ms)
+                let server = c
+                    .server_ms
+                    .map_or_else(|| "?".to_owned(), |s| format!("{s:.2}"));
+                format!("{server} + {:.2} ({:.2})", c.postgres_ms, c.bench_ms)
             },
         );
-        println!(
+        writeln!(
+            out,
             "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
             p.name, p.concurrency, p.per_sec, p.p50_ms, p.p99_ms, p.max_ms, p.errors, cpu
-        );
+        )?;
         if let Some(error) = &p.first_error {
-            println!("  first error of {}: {error}", p.name);
+            writeln!(out, "  first error of {}: {error}", p.name)?;
         }
     }
     Ok(())
@@ -453,7 +461,9 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(error) => {
-                    return Err(anyhow::Error::new(error).context(format!("phone {i}'s first send")));
+                    return Err(
+                        anyhow::Error::new(error).context(format!("phone {i}'s first send"))
+                    );
                 }
             }
         };
@@ -474,22 +484,32 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
     let server = Arc::new(server);
     let devices = args.devices;
     let through = {
-        let (phones, server, payload) =
-            (Arc::clone(&phones), Arc::clone(&server), Arc::clone(&payload));
+        let (phones, server, payload) = (
+            Arc::clone(&phones),
+            Arc::clone(&server),
+            Arc::clone(&payload),
+        );
         phase(
             "send_data through the NS",
             args.concurrency,
             args.seconds,
             args.server_pid,
             move |worker, _| {
-                let (phones, server, payload) =
-                    (Arc::clone(&phones), Arc::clone(&server), Arc::clone(&payload));
+                let (phones, server, payload) = (
+                    Arc::clone(&phones),
+                    Arc::clone(&server),
+                    Arc::clone(&payload),
+                );
                 async move {
                     let t0 = Instant::now();
                     let sdk = phones.get(worker % devices).context("no such phone")?;
                     let (_, answer) = sdk.send_data(&server, &payload).await?;
                     if answer.status != 200 || answer.body.len() != payload.len() {
-                        bail!("the DS answered {} ({} bytes)", answer.status, answer.body.len());
+                        bail!(
+                            "the DS answered {} ({} bytes)",
+                            answer.status,
+                            answer.body.len()
+                        );
                     }
                     Ok(t0.elapsed())
                 }

@@ -204,7 +204,11 @@ fn sdk_config(sfs: SfsConfig) -> SdkConfig {
 }
 
 /// Enrols one phone for `userid` with the PIN registered at the SFS.
-pub(crate) async fn enrol(business: &Business, sfs: SfsConfig, userid: &str) -> anyhow::Result<Phone> {
+pub(crate) async fn enrol(
+    business: &Business,
+    sfs: SfsConfig,
+    userid: &str,
+) -> anyhow::Result<Phone> {
     let qr = business.enrolment(userid).await?;
     let sdk = Sdk::open(Arc::new(MemoryStorage::new()), sdk_config(sfs))?;
     let session = sdk

@@ -686,14 +686,26 @@ mod tests {
         progress.expect(11, 2);
         progress.expect(12, 1);
         progress.read_to(13);
-        assert_eq!(progress.done_before(), 11, "event 11 has messages in flight");
+        assert_eq!(
+            progress.done_before(),
+            11,
+            "event 11 has messages in flight"
+        );
         progress.finished(12);
-        assert_eq!(progress.done_before(), 11, "a later event finishing moves nothing");
+        assert_eq!(
+            progress.done_before(),
+            11,
+            "a later event finishing moves nothing"
+        );
         progress.finished(11);
         assert_eq!(progress.done_before(), 11, "one of 11's two is still out");
         progress.finished(11);
         assert_eq!(progress.done_before(), 13, "all read and finished");
         progress.finished(11);
-        assert_eq!(progress.done_before(), 13, "an extra finish changes nothing");
+        assert_eq!(
+            progress.done_before(),
+            13,
+            "an extra finish changes nothing"
+        );
     }
 }

@@ -129,10 +129,7 @@ async fn mailbox_where(
 }
 
 /// Appends `(…)` with one bind per id: the list of an `IN` (`ids` is not empty).
-fn push_id_list<DB: sqlx::Database, const N: usize>(
-    q: &mut sqlx::QueryBuilder<DB>,
-    ids: &[[u8; N]],
-)
+fn push_id_list<DB: sqlx::Database, const N: usize>(q: &mut sqlx::QueryBuilder<DB>, ids: &[[u8; N]])
 where
     for<'t> Vec<u8>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {

@@ -361,7 +361,8 @@ async fn store_batch<'a>(
         .map(|pending| {
             let mailbox = mailboxes.get(&pending.token_hash)?;
             let m = &pending.message;
-            let push = mailbox.pushable() && config.senders.for_platform(mailbox.platform).is_some();
+            let push =
+                mailbox.pushable() && config.senders.for_platform(mailbox.platform).is_some();
             Some(NewMessage {
                 message_id: m.message_id,
                 mailbox_id: mailbox.id,
@@ -383,13 +384,15 @@ async fn store_batch<'a>(
         store::insert_messages(&config.database, &insertable, i64::from(config.capacity)).await?;
     Ok(batch
         .zip(rows)
-        .map(|(pending, row)| match (mailboxes.get(&pending.token_hash), row) {
-            (Some(mailbox), Some(row)) if inserted.contains(&row.message_id) => {
-                Stored::Inserted(mailbox.clone(), row)
-            }
-            (Some(mailbox), _) => Stored::NotInserted(mailbox.clone()),
-            (None, _) => Stored::UnknownToken,
-        })
+        .map(
+            |(pending, row)| match (mailboxes.get(&pending.token_hash), row) {
+                (Some(mailbox), Some(row)) if inserted.contains(&row.message_id) => {
+                    Stored::Inserted(mailbox.clone(), row)
+                }
+                (Some(mailbox), _) => Stored::NotInserted(mailbox.clone()),
+                (None, _) => Stored::UnknownToken,
+            },
+        )
         .collect())
 }
 
