@@ -29,7 +29,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::device::{Business, CpuMark, CpuShare, STEP_TIMEOUT, admin_key, histogram, ms, random};
-use super::transactions::{PIN, Phone, enrol};
+use super::transactions::{PIN, Phone, check_args, enrol_phones};
 
 #[derive(Debug, clap::Args)]
 pub struct AppLoginsArgs {
@@ -216,16 +216,6 @@ fn print(title: &str, phases: &[Phase], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_args(devices: usize, concurrency: usize, seconds: f64) -> anyhow::Result<()> {
-    if devices == 0 || concurrency == 0 {
-        bail!("--devices and --concurrency take positive numbers");
-    }
-    if !(seconds > 0.0 && seconds <= 600.0) {
-        bail!("--seconds must be between 0 and 600");
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // AppLogins against QR logins.
 
@@ -307,25 +297,16 @@ pub async fn app_logins(args: AppLoginsArgs) -> anyhow::Result<()> {
         Business::create_with_policy(&args.api, &admin, args.concurrency * 2, "pin").await?;
     let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", business.base)).await?;
     let prefix = hex::encode(random::<4>()?);
-    let setup = Instant::now();
-    let mut phones = Vec::with_capacity(args.devices);
-    for i in 0..args.devices {
-        let userid = format!("app-{prefix}-{i}");
-        phones.push(
-            enrol(&business, sfs.clone(), &userid)
-                .await
-                .with_context(|| format!("enrolling phone {i}"))?,
-        );
-    }
-    if !args.json {
-        eprintln!(
-            "server {}: {} phones enrolled with a PIN in {:.1} s",
-            business.server,
+    let phones = Arc::new(
+        enrol_phones(
+            &business,
+            &sfs,
+            &format!("app-{prefix}"),
             args.devices,
-            setup.elapsed().as_secs_f64()
-        );
-    }
-    let phones = Arc::new(phones);
+            args.json,
+        )
+        .await?,
+    );
     let devices = args.devices;
     let qr = {
         let (business, phones, prefix) = (business.clone(), Arc::clone(&phones), prefix.clone());

@@ -262,37 +262,64 @@ async fn approve(phone: &Phone, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn transactions(args: TransactionsArgs) -> anyhow::Result<()> {
-    if args.devices == 0 || args.concurrency == 0 {
+/// Checks a bench's `--devices`, `--concurrency` and `--seconds`.
+pub(crate) fn check_args(devices: usize, concurrency: usize, seconds: f64) -> anyhow::Result<()> {
+    if devices == 0 || concurrency == 0 {
         bail!("--devices and --concurrency take positive numbers");
     }
-    if !(args.seconds > 0.0 && args.seconds <= 600.0) {
+    if !(seconds > 0.0 && seconds <= 600.0) {
         bail!("--seconds must be between 0 and 600");
     }
-    let admin = admin_key()?;
-    let business =
-        Business::create_with_policy(&args.api, &admin, args.concurrency * 2, "pin").await?;
-    let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", business.base)).await?;
+    Ok(())
+}
+
+/// Enrols `devices` phones with a PIN, as users `{userids}-0`, `{userids}-1`, …, saying how
+/// long it took unless the output is JSON.
+pub(crate) async fn enrol_phones(
+    business: &Business,
+    sfs: &SfsConfig,
+    userids: &str,
+    devices: usize,
+    json: bool,
+) -> anyhow::Result<Vec<Phone>> {
     let setup = Instant::now();
-    let prefix = hex::encode(random::<4>()?);
-    let mut phones = Vec::with_capacity(args.devices);
-    for i in 0..args.devices {
-        let userid = format!("tx-{prefix}-{i}");
+    let mut phones = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let userid = format!("{userids}-{i}");
         phones.push(
-            enrol(&business, sfs.clone(), &userid)
+            enrol(business, sfs.clone(), &userid)
                 .await
                 .with_context(|| format!("enrolling phone {i}"))?,
         );
     }
-    if !args.json {
+    if !json {
         eprintln!(
             "server {}: {} phones enrolled with a PIN in {:.1} s",
             business.server,
-            args.devices,
+            devices,
             setup.elapsed().as_secs_f64()
         );
     }
-    let phones = Arc::new(phones);
+    Ok(phones)
+}
+
+pub async fn transactions(args: TransactionsArgs) -> anyhow::Result<()> {
+    check_args(args.devices, args.concurrency, args.seconds)?;
+    let admin = admin_key()?;
+    let business =
+        Business::create_with_policy(&args.api, &admin, args.concurrency * 2, "pin").await?;
+    let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", business.base)).await?;
+    let prefix = hex::encode(random::<4>()?);
+    let phones = Arc::new(
+        enrol_phones(
+            &business,
+            &sfs,
+            &format!("tx-{prefix}"),
+            args.devices,
+            args.json,
+        )
+        .await?,
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let before = CpuMark::now(args.server_pid);

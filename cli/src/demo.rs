@@ -352,11 +352,13 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     payment(&mut out, &base, &business, &phone, &account, alice).await?;
 
+    secure_channel(&mut out, &base, &commands, server, &meta, &phone).await?;
+
     commands
         .servers
         .revoke_api_key(server, key_id, &meta)
         .await?;
-    writeln!(out, "16. revoked the business system's API key")?;
+    writeln!(out, "17. revoked the business system's API key")?;
     drop((login, enrolment, phone));
     running.stop().await?;
 
@@ -415,6 +417,88 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             writeln!(out, "{}", crate::events::to_json(event))?;
         }
     }
+    Ok(())
+}
+
+/// Step 16: the secure channel. The operator sets Demo Bank's Data Service (`ds-echo`, in
+/// this process, pinned to the server's public key); the app sends bytes with no user
+/// interaction; the NS signs the request (RFC 9421, ES256 with the server's key) and posts it
+/// with the account id and the user; the DS verifies and echoes, and the app gets the answer.
+async fn secure_channel(
+    out: &mut impl std::io::Write,
+    root: &str,
+    commands: &countersign_commands::Commands,
+    server: countersign_domain::ServerId,
+    meta: &Metadata,
+    phone: &Sdk,
+) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    let published: Value = reqwest::get(format!("{root}/v1/device/servers/{server}"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let public_key = hex::decode(text(&published, "public_key")).context("the server key")?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let ds_url = format!("http://{}/bank/app-data", listener.local_addr()?);
+    let echo = tokio::spawn(crate::ds_echo::serve(
+        listener,
+        crate::ds_echo::EchoConfig {
+            key: crate::ds_echo::parse_public_key(&hex::encode(&public_key))?,
+            url: Some(ds_url.clone()),
+            window_secs: 300,
+        },
+    ));
+    commands
+        .servers
+        .configure(
+            server,
+            ConfigureServer {
+                data_service: Some(Some(countersign_domain::server::DataServiceSettings {
+                    url: ds_url.clone(),
+                    timeout_ms: 5000,
+                })),
+                ..ConfigureServer::default()
+            },
+            meta,
+            None,
+        )
+        .await?;
+    let data = br#"{"note":"card limit request","limit":"2500.00"}"#;
+    let target = countersign_mobile_sdk::DataServer {
+        gateway: format!(
+            "{}/v1/device",
+            root.replacen("http://", "ws://", 1)
+                .replacen("https://", "wss://", 1)
+        ),
+        server_id: server.to_string(),
+        key_fingerprint: hex::encode(sha2::Sha256::digest(&public_key)),
+    };
+    // The gateway reads a server's settings through a cache of a second.
+    let mut tries = 0;
+    let (account, answer) = loop {
+        match phone.send_data(&target, data).await {
+            Ok(sent) => break sent,
+            Err(error) if tries < 30 => {
+                tries += 1;
+                tracing::debug!(%error, "the Data Service is not set yet; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    echo.abort();
+    if answer.status != 200 || answer.body != data {
+        bail!("the Data Service answered {} with other bytes", answer.status);
+    }
+    writeln!(
+        out,
+        "16. secure channel: the app sent {} bytes with no user interaction; the NS posted them to \
+         Demo Bank's Data Service ({ds_url}) for account {account} with the user, signed with \
+         the server's key (RFC 9421); the Data Service (countersign ds-echo) verified the \
+         signature and echoed them: the app got 200 and the same bytes",
+        data.len()
+    )?;
     Ok(())
 }
 

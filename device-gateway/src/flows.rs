@@ -764,22 +764,7 @@ async fn enrol(
         signing_public_key,
         second_factor: None,
     };
-    match commands.accounts.register(register, &metadata).await {
-        Ok(_) => {}
-        Err(CommandError::Rejected {
-            kind: ErrorKind::Conflict,
-            ..
-        }) => {
-            // A retry: the account is ours if it has our channel key.
-            let existing = commands.accounts.load(account).await.map_err(refused)?;
-            let ours = matches!(&existing.state,
-                countersign_domain::Account::Active(a) if a.channel_public_key == channel_key);
-            if !ours {
-                return Err(error(ErrorCode::Conflict, "account exists"));
-            }
-        }
-        Err(e) => return Err(refused(e)),
-    }
+    register_account(commands, register, &metadata).await?;
     let userid = userid(
         &gateway,
         UserRef {
@@ -794,6 +779,35 @@ async fn enrol(
         account_id: Bytes(*account_id.as_bytes()),
         userid,
     })
+}
+
+/// Registers an enrolling device's account. A conflict is a retry after a lost answer when
+/// the account has our channel key (then it is ours, and this is a success); otherwise
+/// `conflict`.
+async fn register_account(
+    commands: &countersign_commands::Commands,
+    register: RegisterAccount,
+    metadata: &Metadata,
+) -> Result<(), DeviceError> {
+    let account = register.account;
+    let channel_key = register.channel_public_key.clone();
+    match commands.accounts.register(register, metadata).await {
+        Ok(_) => Ok(()),
+        Err(CommandError::Rejected {
+            kind: ErrorKind::Conflict,
+            ..
+        }) => {
+            let existing = commands.accounts.load(account).await.map_err(refused)?;
+            let ours = matches!(&existing.state,
+                countersign_domain::Account::Active(a) if a.channel_public_key == channel_key);
+            if ours {
+                Ok(())
+            } else {
+                Err(error(ErrorCode::Conflict, "account exists"))
+            }
+        }
+        Err(e) => Err(refused(e)),
+    }
 }
 
 /// The user's userid, opened from the users read model once it has seen `position`.

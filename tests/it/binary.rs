@@ -96,6 +96,9 @@ fn demo_runs_on_the_embedded_default_with_nothing_installed() {
         "second_factor.pin_registered",
         "second_factor.verification_failed",
         "session.second_factor_verified",
+        // The secure channel: the example Data Service verified the NS's signature and echoed.
+        "the Data Service (countersign ds-echo) verified the signature and echoed them: the app \
+         got 200 and the same bytes",
         "audit verify: OK",
     ] {
         assert!(

@@ -25,9 +25,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use countersign_commands::CommandError;
 use countersign_domain::account::{DeviceData, RegisterAccount, SetDeviceData};
-use countersign_domain::{AccountId, AccountRef, AppInstanceId, ErrorKind, ServerId, UserRef};
+use countersign_domain::{AccountId, AccountRef, AppInstanceId, ServerId, UserRef};
 use countersign_protocol::device::{Answer, Bytes, DeviceError, ErrorCode, Opaque};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -273,22 +272,8 @@ pub(super) async fn enrol_headless(
         second_factor: None,
     };
     let commands = &gateway.0.commands;
-    match commands.accounts.register(register, &conn.metadata()).await {
-        Ok(_) => {}
-        Err(CommandError::Rejected {
-            kind: ErrorKind::Conflict,
-            ..
-        }) => {
-            // A retry: the account is ours if it still has our channel key.
-            let existing = commands.accounts.load(account).await.map_err(refused)?;
-            let ours = matches!(&existing.state,
-                countersign_domain::Account::Active(a) if a.channel_public_key == channel_key);
-            if !ours {
-                return Err(error(ErrorCode::Conflict, "account exists"));
-            }
-        }
-        Err(e) => return Err(refused(e)),
-    }
+    // A retry after a lost answer lands on the same account, ours if it has our channel key.
+    super::register_account(commands, register, &conn.metadata()).await?;
     tracing::info!(server = %conn.server, account = %account_id, "headless account enrolled");
     Ok(Answer::HeadlessEnrolled {
         account_id: Bytes(*account_id.as_bytes()),
