@@ -463,7 +463,7 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
     }
     let phones = Arc::new(phones);
     let server = Arc::new(server);
-    let devices = args.devices;
+    let (devices, concurrency) = (args.devices, args.concurrency);
     let through = {
         let (phones, server, payload) = (
             Arc::clone(&phones),
@@ -475,15 +475,19 @@ pub async fn data(args: DataArgs) -> anyhow::Result<()> {
             args.concurrency,
             args.seconds,
             args.server_pid,
-            move |worker, _| {
+            move |worker, i| {
                 let (phones, server, payload) = (
                     Arc::clone(&phones),
                     Arc::clone(&server),
                     Arc::clone(&payload),
                 );
+                // Every phone takes its turn, so each account stays within its rate limit.
+                let turn = usize::try_from(i).unwrap_or(0).wrapping_mul(concurrency);
                 async move {
                     let t0 = Instant::now();
-                    let sdk = phones.get(worker % devices).context("no such phone")?;
+                    let sdk = phones
+                        .get(worker.wrapping_add(turn) % devices)
+                        .context("no such phone")?;
                     let (_, answer) = sdk.send_data(&server, &payload).await?;
                     if answer.status != 200 || answer.body.len() != payload.len() {
                         bail!(

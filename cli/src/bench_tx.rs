@@ -286,11 +286,22 @@ pub(crate) async fn enrol_phones(
     let mut phones = Vec::with_capacity(devices);
     for i in 0..devices {
         let userid = format!("{userids}-{i}");
-        phones.push(
-            enrol(business, sfs.clone(), &userid)
-                .await
-                .with_context(|| format!("enrolling phone {i}"))?,
-        );
+        // The SFS admits a few new app instances per client address, then two requests a
+        // second (all phones here share one address): wait for it rather than fail.
+        let mut waited = 0;
+        let phone = loop {
+            match enrol(business, sfs.clone(), &userid).await {
+                // Refused ("too many requests") or cut off at the socket by the same limits.
+                Err(error) if waited < 40 => {
+                    tracing::debug!(error = %format!("{error:#}"), "enrolment refused; waiting");
+                    waited += 1;
+                    // Long enough for the bucket to hold a whole onboarding (four requests).
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                other => break other.with_context(|| format!("enrolling phone {i}"))?,
+            }
+        };
+        phones.push(phone);
     }
     if !json {
         eprintln!(

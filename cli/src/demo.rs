@@ -489,7 +489,10 @@ async fn secure_channel(
     };
     echo.abort();
     if answer.status != 200 || answer.body != data {
-        bail!("the Data Service answered {} with other bytes", answer.status);
+        bail!(
+            "the Data Service answered {} with other bytes",
+            answer.status
+        );
     }
     writeln!(
         out,

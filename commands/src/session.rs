@@ -12,8 +12,8 @@ use base64::Engine as _;
 use countersign_domain::server::Server;
 use countersign_domain::session::{
     Abort, AbortedBy, ConfirmSession, EndByServer, Expire, Fail, LogIn, LogOut, LogoutReason,
-    OpenPushSession, OpenSession, Ping, ProvokeSession, ScanSession, Session, SessionCommand,
-    SessionEvent, SessionFailure, VerifySecondFactor,
+    OpenAppLogin, OpenPushSession, OpenSession, Ping, ProvokeSession, ScanSession, Session,
+    SessionCommand, SessionEvent, SessionFailure, VerifySecondFactor,
 };
 use countersign_domain::{
     AccountId, Clock, Context, ErrorKind, Hsid, ServerId, SessionRef, UserDigest,
@@ -156,24 +156,29 @@ impl SessionCommands {
             .await
     }
 
-    /// Opens an AppLogin session (the app logging in to itself; device gateway): continuous,
-    /// pinged every `ping_time_secs`, meant for `user`, with the server's session timeout.
+    /// Opens an AppLogin session (the app logging in to itself; device gateway) confirmed for
+    /// `account`: continuous, pinged every `ping_time_secs`, meant for `user`, with the
+    /// server's session timeout. One append holds both events.
     pub async fn open_app_login(
         &self,
         session: SessionRef,
         ping_time_secs: u32,
+        account: AccountId,
         user: UserDigest,
         metadata: &Metadata,
     ) -> Result<Executed<SessionEvent>, CommandError> {
         let settings = self.settings(session.server_id).await?;
-        let command = OpenSession {
-            session,
-            ping_time_secs,
-            timeout_secs: settings.session_timeout_secs,
-            app_login: true,
-            user: Some(user),
-            announce_info: None,
-            session_info: None,
+        let command = OpenAppLogin {
+            open: OpenSession {
+                session,
+                ping_time_secs,
+                timeout_secs: settings.session_timeout_secs,
+                app_login: true,
+                user: Some(user),
+                announce_info: None,
+                session_info: None,
+            },
+            account_id: account,
         };
         self.run(session, command.into(), metadata, None).await
     }

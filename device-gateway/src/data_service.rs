@@ -135,18 +135,7 @@ impl DataServiceClient {
         let uri: hyper::Uri = url.as_str().parse().map_err(|_| DsError::BadUrl)?;
         let mut nonce = [0u8; 16];
         countersign_commands::random_bytes(&mut nonce).map_err(|_| DsError::Key)?;
-        let message = DsMessage {
-            target_uri: url.as_str(),
-            server_id: *request.server_id.as_bytes(),
-            account_id: *request.account_id.as_bytes(),
-            userid: request.userid,
-            headless: request.headless,
-            app_instance: *request.app_instance.as_bytes(),
-            request_id: request.request_id,
-            created: request.created_secs,
-            nonce,
-            body: request.data,
-        };
+        let message = request.message(url.as_str(), nonce);
         let mut builder = hyper::Request::post(uri)
             .header(hyper::header::USER_AGENT, USER_AGENT)
             .header(hyper::header::ACCEPT, "*/*");
@@ -307,6 +296,24 @@ pub struct DsRequest<'a> {
     pub created_secs: u64,
     /// The app data.
     pub data: &'a [u8],
+}
+
+impl<'a> DsRequest<'a> {
+    /// What is signed and sent for this request to `target_uri`, with the attempt's `nonce`.
+    pub fn message(&self, target_uri: &'a str, nonce: [u8; 16]) -> DsMessage<'a> {
+        DsMessage {
+            target_uri,
+            server_id: *self.server_id.as_bytes(),
+            account_id: *self.account_id.as_bytes(),
+            userid: self.userid,
+            headless: self.headless,
+            app_instance: *self.app_instance.as_bytes(),
+            request_id: self.request_id,
+            created: self.created_secs,
+            nonce,
+            body: self.data,
+        }
+    }
 }
 
 impl std::fmt::Debug for DsRequest<'_> {

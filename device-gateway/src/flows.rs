@@ -20,6 +20,8 @@ mod app_login;
 pub(crate) mod data;
 mod push;
 #[cfg(test)]
+mod test_world;
+#[cfg(test)]
 mod tests;
 mod transaction;
 
@@ -717,19 +719,8 @@ async fn enrol(
     signing_public_key: Vec<u8>,
     app_instance: [u8; 16],
 ) -> Result<Answer, DeviceError> {
-    let Identity::Guest { channel_key } = &conn.identity else {
-        return Err(error(
-            ErrorCode::NotAllowed,
-            "enrol on a guest connection with the new account's channel key",
-        ));
-    };
-    let channel_key = channel_key.clone();
-    if countersign_domain::validate::p256_public_key(&signing_public_key).is_none() {
-        return Err(error(
-            ErrorCode::Invalid,
-            "signing_public_key is not a P-256 point",
-        ));
-    }
+    let channel_key = enrolling_channel_key(conn)?;
+    check_signing_key(&signing_public_key)?;
     let gateway = conn.gateway.clone();
     let commands = &gateway.0.commands;
     let metadata = conn.metadata();
@@ -779,6 +770,28 @@ async fn enrol(
         account_id: Bytes(*account_id.as_bytes()),
         userid,
     })
+}
+
+/// The channel key of a guest connection, which an enrolment makes an account's.
+fn enrolling_channel_key(conn: &Connection) -> Result<Vec<u8>, DeviceError> {
+    let Identity::Guest { channel_key } = &conn.identity else {
+        return Err(error(
+            ErrorCode::NotAllowed,
+            "enrol on a guest connection with the new account's channel key",
+        ));
+    };
+    Ok(channel_key.clone())
+}
+
+/// An enrolling device's signing key must be a P-256 point.
+fn check_signing_key(signing_public_key: &[u8]) -> Result<(), DeviceError> {
+    if countersign_domain::validate::p256_public_key(signing_public_key).is_none() {
+        return Err(error(
+            ErrorCode::Invalid,
+            "signing_public_key is not a P-256 point",
+        ));
+    }
+    Ok(())
 }
 
 /// Registers an enrolling device's account. A conflict is a retry after a lost answer when

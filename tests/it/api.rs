@@ -193,6 +193,18 @@ impl Api {
         self.running.state.store().last_position().await.unwrap()
     }
 
+    /// `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(self) {
         self.running.stop().await.unwrap();
     }
@@ -1201,15 +1213,7 @@ async fn operations_endpoints(db: &TestDb) {
     let (status, ready) = api.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(ready["head"].as_u64().is_some());
-    let metrics = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("countersign_http_requests_total{"),
         "{metrics}"

@@ -3,14 +3,14 @@
 //! as an HTTP client reading the session with the web nonce the app handed it. The phone's
 //! clock is the server's manual clock, so the inactivity timeout passes without sleeping.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use countersign_eventstore::testing::TestDb;
 use countersign_mobile_sdk::{
-    Argon2Params, ChannelCallbacks, HistoryStatus, Interaction, MemoryStorage, Sdk, SdkConfig,
-    SdkError, SecondFactor, SessionHandle, SessionKind, SfsConfig, State,
+    ChannelCallbacks, HistoryStatus, Interaction, MemoryStorage, Sdk, SdkConfig, SdkError,
+    SecondFactor, SessionHandle, SessionKind, State,
 };
 use countersign_protocol::device::ErrorCode;
 use reqwest::{Method, StatusCode};
@@ -18,77 +18,23 @@ use serde_json::Value;
 
 use crate::api::{Api, next_state, session_call_at};
 use crate::device::enrolment_qr;
-use crate::second_factor::{dump_tables, enrolment_to_factor_prompt, pin_tenant};
+use crate::leaks::{contains, encodings, logs, written};
+use crate::second_factor::{enrolment_to_factor_prompt, phone_config, pin_tenant};
+use crate::transactions_device::{PIN, enrol_with_pin};
 
 const WAIT: Duration = Duration::from_secs(20);
-const PIN: &str = "482915";
-
-/// Every log line of this process, at DEBUG and above, from the first test that asks on: the
-/// server and the phone both run in it.
-#[derive(Clone, Default)]
-struct Logged(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logged {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Logged {
-    static LOGGED: OnceLock<Logged> = OnceLock::new();
-    LOGGED.get_or_init(|| {
-        let logged = Logged::default();
-        let writer = logged.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber)
-            .expect("no other test of this binary sets the global log subscriber");
-        logged
-    })
-}
 
 /// A phone bound to the server's SFS, on the server's clock. Its AppLogins ping hourly, so
 /// moving the clock past the inactivity timeout (the default 5 minutes) misses no ping.
 async fn phone(api: &Api) -> Sdk {
-    let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", api.base))
-        .await
-        .unwrap();
     let config = SdkConfig {
-        sfs: Some(sfs),
-        argon2_params: Argon2Params {
-            m_kib: 1024,
-            t: 1,
-            p: 1,
-        },
         app_login_ping_time_secs: 3600,
-        ..SdkConfig::default()
+        ..phone_config(api).await
     };
     let phone = Sdk::open(Arc::new(MemoryStorage::new()), config).unwrap();
     let clock = api.clock.clone();
     phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
     phone
-}
-
-/// Enrols the phone with the PIN; answers the account id.
-async fn enrol_with_pin(api: &Api, phone: &Sdk, server: &str, token: &str, userid: &str) -> String {
-    let qr = enrolment_qr(api, server, token, userid).await;
-    let enrol = enrolment_to_factor_prompt(phone, &qr).await;
-    enrol
-        .set_pin_biometric(SecondFactor::pin(PIN))
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(WAIT, enrol.wait_for(|s| s.state == State::Done))
-        .await
-        .unwrap();
-    assert_eq!(done.history_status, Some(HistoryStatus::Enrolled));
-    done.account_id.unwrap()
 }
 
 /// An AppLogin with the PIN, up to logged in: the session and its web nonce.
@@ -140,36 +86,13 @@ fn forms(nonce: &str) -> Vec<Vec<u8>> {
         .decode(nonce)
         .unwrap();
     assert_eq!(raw.len(), 32, "256 random bits");
-    vec![
-        nonce.as_bytes().to_vec(),
-        hex::encode(&raw).into_bytes(),
-        base64::engine::general_purpose::STANDARD
-            .encode(&raw)
-            .into_bytes(),
-        raw,
-    ]
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    // The base64url form is the nonce itself.
+    encodings(&raw)
 }
 
 /// No web nonce, in any form, in an event, a table or a log line.
 async fn assert_never_written(api: &Api, db: &TestDb, nonces: &[String]) {
-    let events = api
-        .running
-        .state
-        .store()
-        .read_all(0, 100_000)
-        .await
-        .unwrap();
-    let mut written: Vec<u8> = Vec::new();
-    for event in &events {
-        written.extend_from_slice(&event.payload);
-        written.extend_from_slice(&event.metadata_cbor);
-        written.extend_from_slice(event.stream.as_bytes());
-    }
-    written.extend_from_slice(&dump_tables(db).await);
+    let written = written(api, db).await;
     let logged = logs().0.lock().unwrap().clone();
     assert!(
         contains(&logged, b"app login opened"),

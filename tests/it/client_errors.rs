@@ -2,8 +2,8 @@
 //! hyper would enforce first are reached too): every one answers RFC 9457 problem+json with
 //! a 4xx status, none logs at ERROR, none writes (issue 19, items 8 and 9).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode, header};
@@ -12,38 +12,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
 use crate::api::Api;
-
-/// Everything logged at WARN or above while the guard lives, on this thread (the router runs
-/// on it under `oneshot`).
-#[derive(Clone, Default)]
-struct Logged(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logged {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logged {
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .with_max_level(tracing::Level::WARN)
-                .finish(),
-        )
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+use crate::leaks::Logged;
 
 /// A body that must not be read: polling it fails the request in a way the test sees.
 fn unread_body(polled: Arc<AtomicBool>) -> Body {
@@ -124,7 +93,8 @@ async fn client_mistakes_answer_problem_json_and_never_log_errors(db: &TestDb) {
     let (server, token) = api.tenant("Bank").await;
     let before = api.head().await;
     let logged = Logged::default();
-    let guard = logged.capture();
+    // WARN and above, on this thread (the router runs on it under `oneshot`).
+    let guard = logged.capture(tracing::Level::WARN);
     let base = format!("/v1/servers/{server}");
     let bad = StatusCode::BAD_REQUEST;
     let above = 9_223_372_036_854_775_808_u64;

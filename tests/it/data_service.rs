@@ -17,7 +17,6 @@ use countersign_device_gateway::data_service::{
     MAX_DS_REQUEST_BYTES, check_url,
 };
 use countersign_domain::{AccountId, AppInstanceId, ServerId};
-use countersign_protocol::data_service::DsMessage;
 use p256::ecdsa::SigningKey;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -182,19 +181,7 @@ impl Rig {
         request: &DsRequest<'_>,
         nonce: [u8; 16],
     ) -> Vec<(&'static str, String)> {
-        DsMessage {
-            target_uri: url,
-            server_id: *request.server_id.as_bytes(),
-            account_id: *request.account_id.as_bytes(),
-            userid: request.userid,
-            headless: request.headless,
-            app_instance: *request.app_instance.as_bytes(),
-            request_id: request.request_id,
-            created: request.created_secs,
-            nonce,
-            body: request.data,
-        }
-        .sign(&self.key)
+        request.message(url, nonce).sign(&self.key)
     }
 }
 
@@ -414,7 +401,7 @@ async fn a_failing_ds_is_a_server_error() {
 }
 
 /// A DS that accepts connections and never answers.
-async fn silent_ds() -> (String, tokio::task::JoinHandle<()>) {
+pub(crate) async fn silent_ds() -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/ds", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {

@@ -308,15 +308,7 @@ impl SseReader {
 
 /// `countersign_stream_log_reads_total{reader=…}` from `/metrics`.
 async fn log_reads(api: &Api, reader: &str) -> u64 {
-    let text = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.metrics().await;
     let prefix = format!("countersign_stream_log_reads_total{{reader=\"{reader}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

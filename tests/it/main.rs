@@ -22,6 +22,7 @@ mod device_cli;
 mod evidence;
 mod feed;
 mod idempotency;
+mod leaks;
 mod limits;
 mod push;
 mod scale;

@@ -50,10 +50,15 @@ pub(crate) async fn pin_tenant(api: &Api, userid: &str) -> (String, String) {
 }
 
 pub(crate) async fn phone(api: &Api) -> Sdk {
+    Sdk::open(Arc::new(MemoryStorage::new()), phone_config(api).await).unwrap()
+}
+
+/// A phone's configuration: bound to the server's SFS, with a cheap Argon2id.
+pub(crate) async fn phone_config(api: &Api) -> SdkConfig {
     let sfs = SfsConfig::fetch(&format!("{}/v1/sfs", api.base))
         .await
         .unwrap();
-    let config = SdkConfig {
+    SdkConfig {
         sfs: Some(sfs),
         // Argon2id's cost is the client's; tests keep it small.
         argon2_params: Argon2Params {
@@ -62,8 +67,7 @@ pub(crate) async fn phone(api: &Api) -> Sdk {
             p: 1,
         },
         ..SdkConfig::default()
-    };
-    Sdk::open(Arc::new(MemoryStorage::new()), config).unwrap()
+    }
 }
 
 /// Starts an enrolment on the phone and confirms it, up to the second-factor prompt.
@@ -214,20 +218,7 @@ async fn pin_enrolment_login_lockout_and_restart(db: &TestDb) {
         hex::encode(PIN).into_bytes(),
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, PIN).into_bytes(),
     ];
-    let events = api
-        .running
-        .state
-        .store()
-        .read_all(0, 100_000)
-        .await
-        .unwrap();
-    let mut written: Vec<u8> = Vec::new();
-    for event in &events {
-        written.extend_from_slice(&event.payload);
-        written.extend_from_slice(&event.metadata_cbor);
-        written.extend_from_slice(event.stream.as_bytes());
-    }
-    written.extend_from_slice(&dump_tables(db).await);
+    let written = crate::leaks::written(&api, db).await;
     for needle in &needles {
         assert!(
             !written

@@ -14,7 +14,7 @@
 //! The Python DS checks `created` against its wall clock, so the server's manual clock is
 //! moved to the wall clock first. The tests skip, saying so, without python3 + cryptography.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use countersign_eventstore::testing::TestDb;
@@ -29,39 +29,9 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::api::Api;
-use crate::data_service::PythonDs;
+use crate::data_service::{PythonDs, silent_ds};
 use crate::device::{RawDevice, code, enrol, enrolment_qr, tenant};
-use crate::second_factor::dump_tables;
-
-/// Every log line of this process at DEBUG and above (the server and the phone run in it).
-#[derive(Clone, Default)]
-struct Logged(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logged {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Logged {
-    static LOGGED: OnceLock<Logged> = OnceLock::new();
-    LOGGED.get_or_init(|| {
-        let logged = Logged::default();
-        let writer = logged.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber)
-            .expect("no other test of this process sets the global log subscriber");
-        logged
-    })
-}
+use crate::leaks::{contains, encodings, logs};
 
 /// A served API on the wall clock (the Python DS judges `created` by it).
 async fn served(db: &TestDb) -> Api {
@@ -94,6 +64,14 @@ async fn data_server(api: &Api, server: &str) -> (DataServer, String) {
         key_fingerprint: view["key_fingerprint"].as_str().unwrap().to_owned(),
     };
     (target, view["public_key"].as_str().unwrap().to_owned())
+}
+
+/// A server, "Bank", and a Python DS that verifies its signatures: the server's id, the
+/// server as the app knows it, the DS.
+async fn bank_with_ds(api: &Api) -> (String, DataServer, PythonDs) {
+    let (server, _) = api.tenant("Bank").await;
+    let (target, public_key) = data_server(api, &server).await;
+    (server, target, PythonDs::start(&public_key, None))
 }
 
 /// Sets the server's Data Service (or clears it with `Value::Null`) and headless policy.
@@ -136,33 +114,13 @@ fn server_code(result: Result<impl std::fmt::Debug, SdkError>) -> ErrorCode {
     }
 }
 
-fn forms(bytes: &[u8]) -> Vec<Vec<u8>> {
-    use base64::Engine as _;
-    vec![
-        bytes.to_vec(),
-        hex::encode(bytes).into_bytes(),
-        base64::engine::general_purpose::STANDARD
-            .encode(bytes)
-            .into_bytes(),
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(bytes)
-            .into_bytes(),
-    ]
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 async fn a_fresh_phone_enrols_headless_and_the_ds_verifies_what_it_sends(db: &TestDb) {
     if !PythonDs::available() {
         return;
     }
     logs();
     let api = served(db).await;
-    let (server, _token) = api.tenant("Bank").await;
-    let (target, public_key) = data_server(&api, &server).await;
-    let mut ds = PythonDs::start(&public_key, None);
+    let (server, target, mut ds) = bank_with_ds(&api).await;
     let view = configure(
         &api,
         &server,
@@ -279,15 +237,7 @@ async fn a_fresh_phone_enrols_headless_and_the_ds_verifies_what_it_sends(db: &Te
     );
 
     // Deliveries are counted by outcome and timed; the API documents the new settings.
-    let metrics = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("countersign_ds_requests_total{outcome=\"answered\"} 2"),
         "{metrics}"
@@ -301,19 +251,14 @@ async fn a_fresh_phone_enrols_headless_and_the_ds_verifies_what_it_sends(db: &Te
     assert!(schemas["DeviceDataView"]["properties"]["model"].is_object());
 
     // No app data, nor the DS's answers, in any event, table or log line.
-    let mut stored: Vec<u8> = Vec::new();
-    for event in events_after(&api, None).await {
-        stored.extend_from_slice(&event.payload);
-        stored.extend_from_slice(&event.metadata_cbor);
-    }
-    stored.extend_from_slice(&dump_tables(db).await);
+    let stored = crate::leaks::written(&api, db).await;
     let logged = logs().0.lock().unwrap().clone();
     assert!(
         contains(&logged, b"headless account enrolled"),
         "the log capture sees the gateway and the phone"
     );
     for secret in [&data, &more] {
-        for form in forms(secret) {
+        for form in encodings(secret) {
             assert!(!contains(&stored, &form), "app data were stored");
             assert!(!contains(&logged, &form), "app data were logged");
         }
@@ -362,19 +307,6 @@ async fn a_linked_account_sends_with_its_user_and_shows_its_device_data(db: &Tes
     assert_eq!(shown["device_data"]["app_version"], "2.0.0");
     assert!(shown["device_data"]["changed_at"].is_i64());
     api.stop().await;
-}
-
-/// A Data Service that accepts connections and never answers.
-async fn silent_ds() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/ds", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (url, task)
 }
 
 /// A server configured with this Data Service and policy before any device talks to it (the
@@ -447,9 +379,7 @@ async fn refused_requests_write_nothing(db: &TestDb) {
         return;
     }
     let api = served(db).await;
-    let (server, _) = api.tenant("Bank").await;
-    let (target, public_key) = data_server(&api, &server).await;
-    let mut ds = PythonDs::start(&public_key, None);
+    let (server, target, mut ds) = bank_with_ds(&api).await;
 
     // Headless enrolment forbidden (the default): a fresh phone is refused; nothing written.
     let (_, forbidden, _) = server_with(&api, json!({"url": ds.url}), false).await;
@@ -591,9 +521,7 @@ async fn the_cli_sends_data_and_writes_the_answer(db: &TestDb) {
         return;
     }
     let api = served(db).await;
-    let (server, _) = api.tenant("Bank").await;
-    let (target, public_key) = data_server(&api, &server).await;
-    let mut ds = PythonDs::start(&public_key, None);
+    let (server, target, mut ds) = bank_with_ds(&api).await;
     configure(&api, &server, json!({"url": ds.url}), true).await;
     let home = tempfile::tempdir().unwrap();
     let file = home.path().join("message.bin");
@@ -670,9 +598,7 @@ async fn an_account_over_its_rate_is_refused_and_the_ds_hears_nothing(db: &TestD
     })
     .await;
     let api = on_the_wall_clock(api);
-    let (server, _) = api.tenant("Bank").await;
-    let (target, public_key) = data_server(&api, &server).await;
-    let mut ds = PythonDs::start(&public_key, None);
+    let (server, target, mut ds) = bank_with_ds(&api).await;
     configure(&api, &server, json!({"url": ds.url}), true).await;
     let phone = phone();
     for n in 0..3u8 {

@@ -144,6 +144,10 @@ pub(crate) async fn enrol_with_pin(
     let done = tokio::time::timeout(WAIT, enrol.wait_for(|s| s.state == State::Done))
         .await
         .unwrap();
+    assert_eq!(
+        done.history_status,
+        Some(countersign_mobile_sdk::HistoryStatus::Enrolled)
+    );
     done.account_id.unwrap()
 }
 

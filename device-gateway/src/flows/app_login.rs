@@ -72,12 +72,7 @@ pub(super) async fn open(
     let opened = watching(conn, session, async {
         let opened = commands
             .sessions
-            .open_app_login(session, ping_time_secs, user, &metadata)
-            .await
-            .map_err(refused)?;
-        commands
-            .sessions
-            .confirm(session, account.account_id, &metadata)
+            .open_app_login(session, ping_time_secs, account.account_id, user, &metadata)
             .await
             .map_err(refused)?;
         opened
@@ -105,67 +100,33 @@ pub(super) async fn open(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use std::sync::Arc;
-
     use base64::Engine as _;
-    use countersign_commands::{Commands, SystemClock};
     use countersign_domain::account::RegisterAccount;
     use countersign_domain::second_factor::SecondFactorKind;
     use countersign_domain::server::{ConfigureServer, SecondFactorPolicy};
     use countersign_domain::session::Session;
-    use countersign_domain::{AccountId, AccountRef, AppInstanceId, DataKey, UserDigest};
-    use countersign_eventstore::vault::KeyVault;
-    use countersign_eventstore::{Metadata, SharedStore, open};
-    use countersign_projections::read_models::ReadModels;
+    use countersign_domain::{AccountId, AccountRef, AppInstanceId, UserDigest};
+    use countersign_eventstore::Metadata;
     use countersign_protocol::device::{Notice, RequestBody, SessionEnd};
 
+    use super::super::test_world::{Base, connection, key, settings_now};
     use super::super::{Connection, Identity, handle};
     use super::*;
-    use crate::{Gateway, GatewayConfig};
+    use crate::GatewayConfig;
 
-    struct World {
-        _dir: tempfile::TempDir,
-        store: SharedStore,
-        gateway: Gateway,
-        commands: Commands,
-        server: countersign_domain::ServerId,
-    }
+    struct World(Base);
 
-    fn key(byte: u8) -> Vec<u8> {
-        p256::SecretKey::from_slice(&[byte; 32])
-            .unwrap()
-            .public_key()
-            .to_sec1_bytes()
-            .to_vec()
+    impl std::ops::Deref for World {
+        type Target = Base;
+        fn deref(&self) -> &Base {
+            &self.0
+        }
     }
 
     impl World {
         /// A server whose policy asks no second factor for logins (an AppLogin asks one all
         /// the same).
         async fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("log.db").display());
-            let opened = open(&countersign_eventstore::StoreOptions { url, pool_size: 2 })
-                .await
-                .unwrap();
-            let store: SharedStore = opened.events.clone();
-            let vault = KeyVault::new(opened.vault.clone(), DataKey::from_bytes([9; 32]));
-            let clock = Arc::new(SystemClock);
-            let commands = Commands::new(store.clone(), vault.clone(), clock.clone());
-            let gateway = Gateway::new(
-                commands.clone(),
-                ReadModels::new(opened.database.clone()),
-                store.clone(),
-                vault,
-                clock,
-                GatewayConfig::default(),
-            );
-            let metadata = Metadata::default();
-            let (server, _) = commands
-                .servers
-                .create("Bank", &metadata, None)
-                .await
-                .unwrap();
             let none = SecondFactorPolicy {
                 require_for_login: false,
                 login_reuse_window_secs: 300,
@@ -175,18 +136,7 @@ mod tests {
                 second_factor: Some(none),
                 ..ConfigureServer::default()
             };
-            commands
-                .servers
-                .configure(server, configure, &metadata, None)
-                .await
-                .unwrap();
-            Self {
-                _dir: dir,
-                store,
-                gateway,
-                commands,
-                server,
-            }
+            Self(Base::new(GatewayConfig::default(), configure, |log| log).await)
         }
 
         /// A connection of a new account of a user, with or without a second factor.
@@ -211,26 +161,18 @@ mod tests {
             else {
                 panic!("the account is not active");
             };
-            let settings = self
-                .gateway
-                .active_server_now(self.server)
-                .await
-                .unwrap()
-                .unwrap()
-                .settings;
+            let settings = settings_now(&self.gateway, self.server).await;
             let (id, _notices) = self
                 .gateway
                 .hub()
                 .register(Some((self.server, account.account_id)));
-            Connection {
-                gateway: self.gateway.clone(),
-                server: self.server,
+            connection(
+                &self.gateway,
+                self.server,
                 settings,
-                identity: Identity::Account(Box::new(active)),
+                Identity::Account(Box::new(active)),
                 id,
-                scanned: Default::default(),
-                close_after_reply: false,
-            }
+            )
         }
     }
 

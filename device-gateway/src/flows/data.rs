@@ -34,7 +34,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use sha2::{Digest as _, Sha256};
 
-use super::{Connection, Identity, error, internal, refused};
+use super::{Connection, error, internal, refused};
 use crate::Gateway;
 use crate::data_service::{
     DataServiceClient, DsError, DsRequest, DsSigner, DsTarget, MAX_DS_REQUEST_BYTES,
@@ -232,13 +232,7 @@ pub(super) async fn enrol_headless(
     signing_public_key: Vec<u8>,
     app_instance: [u8; 16],
 ) -> Result<Answer, DeviceError> {
-    let Identity::Guest { channel_key } = &conn.identity else {
-        return Err(error(
-            ErrorCode::NotAllowed,
-            "enrol on a guest connection with the new account's channel key",
-        ));
-    };
-    let channel_key = channel_key.clone();
+    let channel_key = super::enrolling_channel_key(conn)?;
     let gateway = conn.gateway.clone();
     let allowed = gateway
         .active_server_now(conn.server)
@@ -251,12 +245,7 @@ pub(super) async fn enrol_headless(
             "this server does not allow headless accounts; enrol with a code from the business system",
         ));
     }
-    if countersign_domain::validate::p256_public_key(&signing_public_key).is_none() {
-        return Err(error(
-            ErrorCode::Invalid,
-            "signing_public_key is not a P-256 point",
-        ));
-    }
+    super::check_signing_key(&signing_public_key)?;
     let channel = &gateway.0.secure_channel;
     if !channel.headless.take(conn.server, now_ms(&gateway)) {
         return Err(rate_limited());
@@ -483,46 +472,26 @@ pub(super) async fn set_device_data(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use countersign_commands::{Commands, SystemClock};
-    use countersign_domain::DataKey;
     use countersign_domain::server::ConfigureServer;
-    use countersign_eventstore::vault::KeyVault;
-    use countersign_eventstore::{Metadata, SharedStore, open};
-    use countersign_projections::read_models::ReadModels;
     use countersign_protocol::device::{Blob, RequestBody};
 
-    use super::super::handle;
+    use super::super::test_world::{Base, connection, key};
+    use super::super::{Identity, handle};
     use super::*;
     use crate::GatewayConfig;
 
     /// A gateway on a fresh SQLite log, with tight secure-channel limits, and one server.
-    struct World {
-        _dir: tempfile::TempDir,
-        store: SharedStore,
-        gateway: Gateway,
-        commands: Commands,
-        server: ServerId,
-    }
+    struct World(Base);
 
-    fn key(byte: u8) -> Vec<u8> {
-        p256::SecretKey::from_slice(&[byte; 32])
-            .unwrap()
-            .public_key()
-            .to_sec1_bytes()
-            .to_vec()
+    impl std::ops::Deref for World {
+        type Target = Base;
+        fn deref(&self) -> &Base {
+            &self.0
+        }
     }
 
     impl World {
         async fn new(headless: bool) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("log.db").display());
-            let opened = open(&countersign_eventstore::StoreOptions { url, pool_size: 2 })
-                .await
-                .unwrap();
-            let store: SharedStore = opened.events.clone();
-            let vault = KeyVault::new(opened.vault.clone(), DataKey::from_bytes([9; 32]));
-            let clock = Arc::new(SystemClock);
-            let commands = Commands::new(store.clone(), vault.clone(), clock.clone());
             let limits = SecureChannelLimits {
                 per_account: Rate {
                     burst: 2,
@@ -533,39 +502,15 @@ mod tests {
                     per_second: 0,
                 },
             };
-            let gateway = Gateway::new(
-                commands.clone(),
-                ReadModels::new(opened.database.clone()),
-                store.clone(),
-                vault,
-                clock,
-                GatewayConfig {
-                    secure_channel: limits,
-                    ..GatewayConfig::default()
-                },
-            );
-            let metadata = Metadata::default();
-            let (server, _) = commands
-                .servers
-                .create("Bank", &metadata, None)
-                .await
-                .unwrap();
+            let config = GatewayConfig {
+                secure_channel: limits,
+                ..GatewayConfig::default()
+            };
             let configure = ConfigureServer {
                 headless_enrolment: Some(headless),
                 ..ConfigureServer::default()
             };
-            commands
-                .servers
-                .configure(server, configure, &metadata, None)
-                .await
-                .unwrap();
-            Self {
-                _dir: dir,
-                store,
-                gateway,
-                commands,
-                server,
-            }
+            Self(Base::new(config, configure, |log| log).await)
         }
 
         async fn head(&self) -> Option<u64> {
@@ -575,17 +520,10 @@ mod tests {
         fn guest(&self, n: u8) -> Connection {
             let settings = countersign_domain::server::ServerSettings::defaults("Bank".into());
             let (id, _notices) = self.gateway.hub().register(None);
-            Connection {
-                gateway: self.gateway.clone(),
-                server: self.server,
-                settings,
-                identity: Identity::Guest {
-                    channel_key: key(n),
-                },
-                id,
-                scanned: Default::default(),
-                close_after_reply: false,
-            }
+            let identity = Identity::Guest {
+                channel_key: key(n),
+            };
+            connection(&self.gateway, self.server, settings, identity, id)
         }
 
         async fn account(&self, account: AccountId) -> Connection {

@@ -8,22 +8,21 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use countersign_commands::{Commands, SystemClock};
+use countersign_commands::Commands;
 use countersign_domain::account::{Account, RegisterAccount};
 use countersign_domain::server::{ConfigureServer, SecondFactorPolicy};
 use countersign_domain::{
-    AccountId, AccountRef, AppInstanceId, DataKey, Hsid, ServerId, SessionRef, UserDigest,
+    AccountId, AccountRef, AppInstanceId, Hsid, ServerId, SessionRef, UserDigest,
 };
-use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{
     AppendResult, Direction, EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent,
-    SharedStore, StoreError, WriteStats, open,
+    SharedStore, StoreError, WriteStats,
 };
-use countersign_projections::read_models::ReadModels;
 use countersign_protocol::device::{Answer, Bytes, ErrorCode, Notice, RequestBody, SessionEnd};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
+use super::test_world::{Base, connection, key, settings_now};
 use super::{Connection, Identity, handle};
 use crate::hub::Hub;
 use crate::{Gateway, GatewayConfig};
@@ -107,61 +106,36 @@ struct World {
 impl World {
     /// A server asking no second factor, an account of a user, a continuous session open.
     async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("log.db").display());
-        let opened = open(&countersign_eventstore::StoreOptions { url, pool_size: 2 })
-            .await
-            .unwrap();
-        let store = Arc::new(Hooked {
-            inner: opened.events.clone(),
-            armed: Mutex::new(None),
-        });
-        let shared: SharedStore = store.clone();
-        let vault = KeyVault::new(opened.vault.clone(), DataKey::from_bytes([9; 32]));
-        let clock = Arc::new(SystemClock);
-        let commands = Commands::new(shared.clone(), vault.clone(), clock.clone());
-        let gateway = Gateway::new(
-            commands.clone(),
-            ReadModels::new(opened.database.clone()),
-            shared,
-            vault,
-            clock,
-            GatewayConfig::default(),
-        );
-        let metadata = Metadata::default();
-        let (server, _) = commands
-            .servers
-            .create("Bank", &metadata, None)
-            .await
-            .unwrap();
         let none = SecondFactorPolicy {
             require_for_login: false,
             ..SecondFactorPolicy::default()
         };
-        commands
-            .servers
-            .configure(
-                server,
-                ConfigureServer {
-                    name: None,
-                    logo_url: None,
-                    second_factor: Some(none),
-                    session_timeout_secs: None,
-                    default_ping_time_secs: None,
-                    ..ConfigureServer::default()
-                },
-                &metadata,
-                None,
-            )
-            .await
-            .unwrap();
-        let key = |byte: u8| {
-            p256::SecretKey::from_slice(&[byte; 32])
-                .unwrap()
-                .public_key()
-                .to_sec1_bytes()
-                .to_vec()
+        let configure = ConfigureServer {
+            name: None,
+            logo_url: None,
+            second_factor: Some(none),
+            session_timeout_secs: None,
+            default_ping_time_secs: None,
+            ..ConfigureServer::default()
         };
+        let mut hooked = None;
+        let Base {
+            _dir: dir,
+            commands,
+            gateway,
+            server,
+            ..
+        } = Base::new(GatewayConfig::default(), configure, |inner| {
+            let store = Arc::new(Hooked {
+                inner,
+                armed: Mutex::new(None),
+            });
+            hooked = Some(store.clone());
+            store
+        })
+        .await;
+        let store = hooked.unwrap();
+        let metadata = Metadata::default();
         let account = AccountRef::new(server, AccountId::from_bytes([2; 16]));
         commands
             .accounts
@@ -214,25 +188,12 @@ impl World {
 
     /// A connection of the account, registered with the hub as the socket code does.
     async fn connect(&self) -> (Connection, mpsc::Receiver<Notice>) {
-        let settings = self
-            .gateway
-            .active_server_now(self.server)
-            .await
-            .unwrap()
-            .unwrap()
-            .settings;
+        let settings = settings_now(&self.gateway, self.server).await;
         let (id, notices) = self
             .hub()
             .register(Some((self.server, self.account.account.account_id)));
-        let conn = Connection {
-            gateway: self.gateway.clone(),
-            server: self.server,
-            settings,
-            identity: Identity::Account(self.account.clone()),
-            id,
-            scanned: Default::default(),
-            close_after_reply: false,
-        };
+        let identity = Identity::Account(self.account.clone());
+        let conn = connection(&self.gateway, self.server, settings, identity, id);
         (conn, notices)
     }
 

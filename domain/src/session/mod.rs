@@ -11,6 +11,7 @@
 //! before login: --Abort | EndByServer--> Aborted, --Expire--> Expired, --Fail--> Failed
 //! LoggedOut | LoggedIn (one-shot) --ProvokeSession--> Pending (a push login, same account)
 //! NotOpened --OpenPushSession--> Pending (a push login to the named accounts)
+//! NotOpened --OpenAppLogin--> Confirmed (an AppLogin: opened and confirmed for the account)
 //! ```
 //!
 //! `Aborted`, `Expired` and `Failed` are terminal; `LoggedOut` is, but for a provoke.
@@ -99,6 +100,16 @@ pub struct OpenPushSession {
     pub push_to: Vec<AccountId>,
 }
 
+/// Open an AppLogin (the app logging in to itself) for one account: the session is opened
+/// and confirmed for that account in one decision, so one append records both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAppLogin {
+    /// The options (`app_login` is taken as set; `user` is the account's user, required).
+    pub open: OpenSession,
+    /// The account the app logs in with.
+    pub account_id: AccountId,
+}
+
 /// Ask the account that last logged in on this session to log in again, by push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvokeSession {
@@ -185,6 +196,8 @@ pub enum SessionCommand {
     Open(OpenSession),
     /// See [`OpenPushSession`].
     OpenPush(OpenPushSession),
+    /// See [`OpenAppLogin`].
+    OpenAppLogin(OpenAppLogin),
     /// See [`ProvokeSession`].
     Provoke(ProvokeSession),
     /// See [`ScanSession`].
@@ -212,6 +225,7 @@ pub enum SessionCommand {
 into_command!(SessionCommand {
     Open(OpenSession),
     OpenPush(OpenPushSession),
+    OpenAppLogin(OpenAppLogin),
     Provoke(ProvokeSession),
     Scan(ScanSession),
     Confirm(ConfirmSession),
@@ -705,6 +719,27 @@ impl Aggregate for Session {
         match command {
             SessionCommand::Open(cmd) => self.decide_open(cmd, Vec::new(), now),
             SessionCommand::OpenPush(cmd) => self.decide_open_push(cmd, now),
+            SessionCommand::OpenAppLogin(cmd) => {
+                if cmd.open.user.is_none() {
+                    return Err(ValidationError::Empty { field: "user" }.into());
+                }
+                let open = OpenSession {
+                    app_login: true,
+                    ..cmd.open
+                };
+                let confirm = ConfirmSession {
+                    account_id: cmd.account_id,
+                };
+                let mut events = self.decide_open(open, Vec::new(), now)?;
+                if events.is_empty() {
+                    // Open already (a retry): confirming is then what is left to decide.
+                    return self.decide(confirm.into(), ctx);
+                }
+                events.push(SessionEvent::Confirmed(SessionConfirmed {
+                    account_id: confirm.account_id,
+                }));
+                Ok(events)
+            }
             SessionCommand::Provoke(cmd) => self.decide_provoke(cmd, now),
             SessionCommand::Scan(ScanSession) => {
                 self.live(now)?;

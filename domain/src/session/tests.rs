@@ -1140,3 +1140,37 @@ fn an_app_login_logs_in_only_after_a_second_factor_proven_on_it() {
         .when(log_in())
         .then(vec![logged_in_continuous(t(20))]);
 }
+
+#[test]
+fn an_app_login_opens_confirmed_for_its_account_in_one_decision() {
+    let open = || OpenAppLogin {
+        open: open_app_login(),
+        account_id: ACCOUNT,
+    };
+    given_nothing::<Session>()
+        .when(open())
+        .then(vec![opened_by(open_app_login()), confirmed()]);
+    // A retry of the same command decides nothing new; another account is refused.
+    given::<Session>([opened_by(open_app_login()), confirmed()])
+        .at(t(5))
+        .when(open())
+        .then(vec![]);
+    given::<Session>([opened_by(open_app_login()), confirmed()])
+        .at(t(5))
+        .when(OpenAppLogin {
+            account_id: OTHER_ACCOUNT,
+            ..open()
+        })
+        .then_error(SessionError::AccountMismatch);
+    given_nothing::<Session>()
+        .when(OpenAppLogin {
+            open: OpenSession {
+                user: None,
+                ..open_app_login()
+            },
+            ..open()
+        })
+        .then_error(SessionError::Invalid(ValidationError::Empty {
+            field: "user",
+        }));
+}
