@@ -370,27 +370,24 @@ async fn current_row(
     tenant: &Tenant,
     session: SessionRef,
 ) -> Result<SessionRow, ApiError> {
-    let row = match state
+    let mut row = state
         .reads()
         .session_state(session.server_id, session.hsid)
-        .await?
-    {
-        Some(row) => row,
-        None => {
-            // Not in the read model: it may be a session the caller has not written itself (an
-            // AppLogin's web nonce, handed over by the app before the projection saw it).
-            // Read again once the read model holds everything committed before this request;
-            // a session that is still absent does not exist.
-            if let Some(head) = state.store().last_position().await? {
-                state.wait_for(Some(head)).await?;
-            }
-            state
-                .reads()
-                .session_state(session.server_id, session.hsid)
-                .await?
-                .ok_or_else(|| ApiError::NotFound("no such session".into()))?
+        .await?;
+    // An AppLogin is written by the app, not by the caller: its backend learns of it from the
+    // app, perhaps before the read model saw the session or its login. A session absent, or an
+    // AppLogin not logged in yet, is read again once the read model holds everything
+    // committed before this request; a session still absent then does not exist.
+    if row.as_ref().is_none_or(|r| r.app_login && is_waiting(r)) {
+        if let Some(head) = state.store().last_position().await? {
+            state.wait_for(Some(head)).await?;
         }
-    };
+        row = state
+            .reads()
+            .session_state(session.server_id, session.hsid)
+            .await?;
+    }
+    let row = row.ok_or_else(|| ApiError::NotFound("no such session".into()))?;
     let now = state.clock().now();
     let due = (is_waiting(&row) && row.expires_at <= now)
         || (row.state == "logged_in" && row.ping_deadline.is_some_and(|d| d <= now));

@@ -462,8 +462,9 @@ pub(crate) async fn handle(
         RequestBody::UpgradeAccount { attestation } => {
             let account = conn.account()?.account;
             let (claims, hash) = accept_attestation(conn, &attestation.0, "upgrade", &[]).await?;
+            let second_factor = kind_of(claims.factor);
             let command = UpgradeAccount {
-                second_factor: kind_of(claims.factor),
+                second_factor,
                 attestation_hash: hash,
             };
             commands
@@ -471,6 +472,10 @@ pub(crate) async fn handle(
                 .upgrade(account, command, &metadata)
                 .await
                 .map_err(refused)?;
+            // The channel's account has its factor from now on (an AppLogin may follow).
+            if let Identity::Account(active) = &mut conn.identity {
+                active.second_factor = Some(second_factor);
+            }
             Ok(Answer::Done)
         }
         RequestBody::GetTransaction { transaction_id } => {

@@ -19,7 +19,6 @@
 //!   `log_in` and the session aggregate).
 
 use base64::Engine as _;
-use countersign_domain::Account;
 use countersign_domain::session::{MAX_PING_TIME_SECS, SessionEvent};
 use countersign_protocol::device::{Answer, Bytes, DeviceError, ErrorCode, Secret};
 use zeroize::Zeroizing;
@@ -37,16 +36,12 @@ pub(super) async fn open(
             "an AppLogin's ping time is 1..=3600 seconds",
         ));
     }
-    let account = conn.account()?.account;
+    // The channel's account as the handshake found it, with this channel's upgrade applied; a
+    // deleted account's channel is closed by the gateway.
+    let active = conn.account()?.clone();
+    let account = active.account;
     let gateway = conn.gateway.clone();
     let commands = &gateway.0.commands;
-    let loaded = commands.accounts.load(account).await.map_err(refused)?;
-    let Account::Active(active) = loaded.state else {
-        return Err(error(
-            ErrorCode::NotAllowed,
-            "this account is no longer active",
-        ));
-    };
     if active.second_factor.is_none() {
         return Err(error(
             ErrorCode::NotAllowed,
