@@ -192,7 +192,7 @@ impl SecureChannel {
     pub(crate) fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "countersign_ds_requests",
-            "Secure-channel messages, by outcome: answered (the Data Service's 2xx or 4xx went back to the app), not_configured, too_large, rate_limited, timeout, unavailable, failed (5xx or an oversize answer), internal",
+            "Secure-channel messages, by outcome: answered (the Data Service's 2xx or 4xx went back to the app), not_configured, too_large, rate_limited, timeout, unavailable, failed (5xx or an oversize answer), not_allowed (refused for this channel), ended (the server or account is gone), internal",
             self.metrics.requests.clone(),
         );
         registry.register(
@@ -287,6 +287,7 @@ pub(super) async fn send(
             ErrorCode::DataServiceUnavailable => "unavailable",
             ErrorCode::DataServiceFailed => "failed",
             ErrorCode::NotAllowed => "not_allowed",
+            ErrorCode::Ended | ErrorCode::NotFound => "ended",
             _ => "internal",
         },
     };
