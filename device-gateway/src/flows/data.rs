@@ -394,7 +394,7 @@ fn ds_refusal(server: ServerId, e: &DsError) -> DeviceError {
     }
 }
 
-/// The server's signer, from the vault once.
+/// The server's signer, made once from its key.
 async fn signer(gateway: &Gateway, server: ServerId) -> Result<Arc<DsSigner>, DeviceError> {
     let channel = &gateway.0.secure_channel;
     if let Some(signer) = channel
@@ -405,15 +405,14 @@ async fn signer(gateway: &Gateway, server: ServerId) -> Result<Arc<DsSigner>, De
     {
         return Ok(signer);
     }
-    let reference = countersign_commands::server::signing_key_ref(server);
-    let secret = gateway
-        .0
-        .vault
-        .get(&reference)
+    // The same key the channel's handshake uses, from the gateway's cache of it.
+    let key = gateway
+        .server_key(server)
         .await
         .map_err(|e| internal(&e))?
         .ok_or_else(|| error(ErrorCode::Ended, "the server was deleted"))?;
-    let signer = Arc::new(DsSigner::new(server, &secret).map_err(|e| internal(&e))?);
+    let secret = key.expose();
+    let signer = Arc::new(DsSigner::new(server, secret).map_err(|e| internal(&e))?);
     if let Ok(mut signers) = channel.signers.write() {
         if signers.len() >= MAX_ENTRIES {
             signers.clear();
