@@ -117,12 +117,19 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         " 2. created virtual server Demo Bank ({server}) with a fresh P-256 key pair (private \
          key sealed in the key vault)"
     )?;
+    // The bank's Data Service for the secure channel (step 16): `countersign ds-echo`, in this
+    // process, pinned to the server's public key.
+    let data_service = DataService::start(&base, server).await?;
     commands
         .servers
         .configure(
             server,
             ConfigureServer {
                 logo_url: Some(Some("https://bank.example/logo.png".into())),
+                data_service: Some(Some(countersign_domain::server::DataServiceSettings {
+                    url: data_service.url.clone(),
+                    timeout_ms: 5000,
+                })),
                 // Every login needs the app PIN (the API's `"second_factor": "pin"`).
                 second_factor: Some(SecondFactorPolicy {
                     pin_allowed: true,
@@ -140,7 +147,9 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     writeln!(
         out,
-        " 3. configured it: logo, every login needs the app PIN, 600 s session timeout, 30 s ping"
+        " 3. configured it: logo, every login needs the app PIN, 600 s session timeout, 30 s ping, \
+         its Data Service at {} (countersign ds-echo, in this process)",
+        data_service.url
     )?;
     let (key_id, token, issued) = commands
         .servers
@@ -352,7 +361,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     payment(&mut out, &base, &business, &phone, &account, alice).await?;
 
-    secure_channel(&mut out, &base, &commands, server, &meta, &phone).await?;
+    secure_channel(&mut out, &base, &data_service, server, &phone).await?;
 
     commands
         .servers
@@ -420,50 +429,57 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Step 16: the secure channel. The operator sets Demo Bank's Data Service (`ds-echo`, in
-/// this process, pinned to the server's public key); the app sends bytes with no user
-/// interaction; the NS signs the request (RFC 9421, ES256 with the server's key) and posts it
-/// with the account id and the user; the DS verifies and echoes, and the app gets the answer.
+/// The example Data Service the demo's server posts app data to.
+struct DataService {
+    url: String,
+    public_key: Vec<u8>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl DataService {
+    /// Starts `ds-echo` on a loopback port, pinned to the key the server publishes.
+    async fn start(root: &str, server: countersign_domain::ServerId) -> anyhow::Result<Self> {
+        let published: Value = reqwest::get(format!("{root}/v1/device/servers/{server}"))
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let public_key = hex::decode(text(&published, "public_key")).context("the server key")?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let url = format!("http://{}/bank/app-data", listener.local_addr()?);
+        let task = tokio::spawn(crate::ds_echo::serve(
+            listener,
+            crate::ds_echo::EchoConfig {
+                key: crate::ds_echo::parse_public_key(&hex::encode(&public_key))?,
+                url: Some(url.clone()),
+                window_secs: 300,
+            },
+        ));
+        Ok(Self {
+            url,
+            public_key,
+            task,
+        })
+    }
+}
+
+impl Drop for DataService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Step 16: the secure channel. The app sends bytes with no user interaction; the NS signs
+/// the request (RFC 9421, ES256 with the server's key) and posts it with the account id and
+/// the user to the server's Data Service, which verifies and echoes; the app gets the answer.
 async fn secure_channel(
     out: &mut impl std::io::Write,
     root: &str,
-    commands: &countersign_commands::Commands,
+    data_service: &DataService,
     server: countersign_domain::ServerId,
-    meta: &Metadata,
     phone: &Sdk,
 ) -> anyhow::Result<()> {
     use sha2::Digest as _;
-    let published: Value = reqwest::get(format!("{root}/v1/device/servers/{server}"))
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let public_key = hex::decode(text(&published, "public_key")).context("the server key")?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-    let ds_url = format!("http://{}/bank/app-data", listener.local_addr()?);
-    let echo = tokio::spawn(crate::ds_echo::serve(
-        listener,
-        crate::ds_echo::EchoConfig {
-            key: crate::ds_echo::parse_public_key(&hex::encode(&public_key))?,
-            url: Some(ds_url.clone()),
-            window_secs: 300,
-        },
-    ));
-    commands
-        .servers
-        .configure(
-            server,
-            ConfigureServer {
-                data_service: Some(Some(countersign_domain::server::DataServiceSettings {
-                    url: ds_url.clone(),
-                    timeout_ms: 5000,
-                })),
-                ..ConfigureServer::default()
-            },
-            meta,
-            None,
-        )
-        .await?;
     let data = br#"{"note":"card limit request","limit":"2500.00"}"#;
     let target = countersign_mobile_sdk::DataServer {
         gateway: format!(
@@ -472,22 +488,9 @@ async fn secure_channel(
                 .replacen("https://", "wss://", 1)
         ),
         server_id: server.to_string(),
-        key_fingerprint: hex::encode(sha2::Sha256::digest(&public_key)),
+        key_fingerprint: hex::encode(sha2::Sha256::digest(&data_service.public_key)),
     };
-    // The gateway reads a server's settings through a cache of a second.
-    let mut tries = 0;
-    let (account, answer) = loop {
-        match phone.send_data(&target, data).await {
-            Ok(sent) => break sent,
-            Err(error) if tries < 30 => {
-                tries += 1;
-                tracing::debug!(%error, "the Data Service is not set yet; trying again");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    };
-    echo.abort();
+    let (account, answer) = phone.send_data(&target, data).await?;
     if answer.status != 200 || answer.body != data {
         bail!(
             "the Data Service answered {} with other bytes",
@@ -497,8 +500,8 @@ async fn secure_channel(
     writeln!(
         out,
         "16. secure channel: the app sent {} bytes with no user interaction; the NS posted them to \
-         Demo Bank's Data Service ({ds_url}) for account {account} with the user, signed with \
-         the server's key (RFC 9421); the Data Service (countersign ds-echo) verified the \
+         Demo Bank's Data Service for account {account} with the user, signed with the \
+         server's key (RFC 9421); the Data Service (countersign ds-echo) verified the \
          signature and echoed them: the app got 200 and the same bytes",
         data.len()
     )?;
