@@ -1,0 +1,78 @@
+//! What every IdP handler shares: the business API's state (commands, read models, store,
+//! clock), the IdP's settings, its signing keys and caches.
+
+use std::sync::Arc;
+
+use countersign_api::AppState;
+use countersign_domain::ServerId;
+
+/// The IdP's settings.
+#[derive(Debug, Clone)]
+pub struct IdpConfig {
+    /// Where browsers and relying parties reach this deployment, without a trailing slash
+    /// (`https://login.example.com`); issuers are `{public_url}/oidc/{server_id}`.
+    pub public_url: String,
+    /// How many browser logins (each opens a session: a write by an anonymous client) a
+    /// server takes at once before the rate below applies.
+    pub login_burst: u32,
+    /// Browser logins per second per server, sustained.
+    pub login_per_second: u32,
+}
+
+impl IdpConfig {
+    /// Settings for `public_url` with default limits.
+    pub fn new(public_url: impl Into<String>) -> Self {
+        Self {
+            public_url: public_url.into().trim_end_matches('/').to_owned(),
+            login_burst: 200,
+            login_per_second: 50,
+        }
+    }
+
+    /// Whether cookies must be `Secure` (the deployment is reached over TLS).
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
+    }
+}
+
+struct Inner {
+    api: AppState,
+    config: IdpConfig,
+}
+
+/// Shared by every IdP handler; cheap to clone.
+#[derive(Clone)]
+pub struct IdpState(Arc<Inner>);
+
+impl std::fmt::Debug for IdpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdpState")
+            .field("config", &self.0.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdpState {
+    pub fn new(api: AppState, config: IdpConfig) -> Self {
+        Self(Arc::new(Inner { api, config }))
+    }
+
+    /// The business API's state: commands, read models, store, clock.
+    pub fn api(&self) -> &AppState {
+        &self.0.api
+    }
+
+    pub fn config(&self) -> &IdpConfig {
+        &self.0.config
+    }
+
+    /// The issuer identifier of `server`: `{public_url}/oidc/{server_id}`.
+    pub fn issuer(&self, server: ServerId) -> String {
+        format!("{}/oidc/{server}", self.0.config.public_url)
+    }
+
+    /// The hosted login page of `server`.
+    pub fn login_url(&self, server: ServerId) -> String {
+        format!("{}/login/{server}", self.0.config.public_url)
+    }
+}
