@@ -17,6 +17,7 @@ pub mod feed;
 mod follow;
 pub mod idempotency;
 pub mod metrics;
+pub mod oidc_clients;
 pub mod openapi;
 pub mod provoke;
 pub mod qr;
@@ -74,6 +75,24 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/servers/{server_id}/sfs-keys/{key_id}",
             axum::routing::delete(servers::distrust_sfs_key),
+        )
+        .route(
+            "/servers/{server_id}/oidc/clients",
+            get(oidc_clients::list_clients).post(oidc_clients::register_client),
+        )
+        .route(
+            "/servers/{server_id}/oidc/clients/{client_id}",
+            get(oidc_clients::get_client)
+                .patch(oidc_clients::update_client)
+                .delete(oidc_clients::remove_client),
+        )
+        .route(
+            "/servers/{server_id}/oidc/clients/{client_id}/secret",
+            axum::routing::post(oidc_clients::rotate_client_secret),
+        )
+        .route(
+            "/servers/{server_id}/oidc/keys",
+            get(oidc_clients::list_keys).post(oidc_clients::rotate_key),
         )
         .route("/servers/{server_id}/users", get(users::list_users))
         .route(

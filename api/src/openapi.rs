@@ -6,7 +6,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::Json;
 use crate::{
-    audit, error, feed, metrics, provoke, servers, sessions, state, transactions, users, views,
+    audit, error, feed, metrics, oidc_clients, provoke, servers, sessions, state, transactions,
+    users, views,
 };
 
 struct BearerSchemes;
@@ -85,6 +86,9 @@ impl Modify for NonceInPathDeprecated {
         servers::update_server, servers::delete_server, servers::issue_api_key,
         servers::list_api_keys, servers::revoke_api_key,
         servers::trust_sfs_key, servers::distrust_sfs_key,
+        oidc_clients::register_client, oidc_clients::list_clients, oidc_clients::get_client,
+        oidc_clients::update_client, oidc_clients::remove_client,
+        oidc_clients::rotate_client_secret, oidc_clients::rotate_key, oidc_clients::list_keys,
         users::put_user, users::get_user, users::list_users, users::delete_user,
         users::list_accounts, users::delete_account, users::create_enrolment,
         users::get_enrolment,
@@ -106,6 +110,7 @@ impl Modify for NonceInPathDeprecated {
     tags(
         (name = "servers", description = "Virtual servers (tenants) and their API keys; admin key"),
         (name = "users", description = "Users and their accounts; API key"),
+        (name = "oidc", description = "The server's OpenID Provider: OIDC clients and signing keys; API key"),
         (name = "enrolments", description = "Enrolment QR codes; API key"),
         (name = "sessions", description = "Login sessions by nonce, sent in the X-Nonce header; API key"),
         (name = "transactions", description = "Transactions to sign, their QR codes, status and evidence bundles; API key"),

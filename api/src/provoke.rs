@@ -80,8 +80,9 @@ impl Limiter {
         }
     }
 
-    /// Takes one push login for the user, or refuses when the window is full.
-    fn take(&self, server: ServerId, user: UserDigest) -> Result<(), ApiError> {
+    /// Takes one push login for the user, or refuses when the window is full
+    /// ([`ApiError::ProvokeLimited`]). Also taken by the IdP's CIBA requests.
+    pub fn take(&self, server: ServerId, user: UserDigest) -> Result<(), ApiError> {
         let now = Instant::now();
         let window = self.limits.window;
         let Ok(mut sent) = self.sent.lock() else {
@@ -150,8 +151,9 @@ pub struct ProvokedView {
     pub position: Option<u64>,
 }
 
-/// Whether the account can receive push (it registered with a Message Center).
-async fn can_receive_push(state: &AppState, account: AccountRef) -> Result<bool, ApiError> {
+/// Whether the account can receive push (it registered with a Message Center). Also the
+/// IdP's CIBA test of whom a push login can reach.
+pub async fn can_receive_push(state: &AppState, account: AccountRef) -> Result<bool, ApiError> {
     let loaded = state.commands().accounts.load(account).await?;
     Ok(matches!(loaded.state, Account::Active(a) if a.push.is_some()))
 }

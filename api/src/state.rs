@@ -121,8 +121,8 @@ impl AppState {
         }))
     }
 
-    /// The per-user push login limiter.
-    pub(crate) fn provokes(&self) -> &crate::provoke::Limiter {
+    /// The per-user push login limiter (the provoke endpoints and the IdP's CIBA requests).
+    pub fn provokes(&self) -> &crate::provoke::Limiter {
         &self.0.provokes
     }
 

@@ -68,8 +68,8 @@ pub(crate) async fn user_ref(
         .await?)
 }
 
-/// Opens a user row: its userid and attributes.
-pub(crate) async fn open_user(state: &AppState, row: &UserRow) -> Result<UserView, ApiError> {
+/// Opens a user row: its userid and attributes (the IdP's userinfo uses it too).
+pub async fn open_user(state: &AppState, row: &UserRow) -> Result<UserView, ApiError> {
     let user = UserRef {
         server_id: row.server_id,
         digest: row.user_digest,

@@ -21,6 +21,10 @@ mod app;
 /// The device benches (a module of this one so the crate root stays as it is).
 #[path = "bench_device.rs"]
 pub(crate) mod device;
+/// The OpenID Connect provider: code exchanges, userinfo, the login page (uses the
+/// transactions bench's phones).
+#[path = "bench_oidc.rs"]
+mod oidc;
 /// Scaled mode: the outbox relay and the Kafka-fed projector.
 #[path = "bench_scale.rs"]
 mod scale;
@@ -73,6 +77,10 @@ pub enum BenchWhat {
     /// The Message Center: messages/s to an FCM stand-in (with its bare HTTP rate as the
     /// ceiling), and the drain of a backlog queued during a stand-in outage, none lost.
     Push(crate::bench_push::PushBenchArgs),
+    /// The OpenID Connect provider against a running server: SSO authorizations, code →
+    /// token exchanges and userinfo against `/healthz` (the ceiling), and the hosted login
+    /// page's first byte under many clients; one virtual phone in this process.
+    Oidc(oidc::OidcArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +161,7 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Scale(args) => scale::scale(settings, args).await,
         BenchWhat::Streams(args) => crate::bench_streams::streams(settings, args).await,
         BenchWhat::Push(args) => crate::bench_push::push(settings, args).await,
+        BenchWhat::Oidc(args) => oidc::oidc(args).await,
     }
 }
 

@@ -82,19 +82,19 @@ pub struct DataArgs {
 
 /// One measured phase.
 #[derive(Debug, Serialize)]
-struct Phase {
-    name: &'static str,
-    concurrency: usize,
-    count: u64,
-    errors: u64,
-    first_error: Option<String>,
-    seconds: f64,
-    per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+pub(crate) struct Phase {
+    pub(crate) name: &'static str,
+    pub(crate) concurrency: usize,
+    pub(crate) count: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) seconds: f64,
+    pub(crate) per_sec: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
     /// `None` for the direct DS phase (no countersign server involved).
-    cpu: Option<CpuShare>,
+    pub(crate) cpu: Option<CpuShare>,
 }
 
 struct Tally {
@@ -105,7 +105,7 @@ struct Tally {
 
 /// Runs `one` from `concurrency` workers for `seconds`, each worker with its index; answers
 /// the phase.
-async fn phase<F, Fut>(
+pub(crate) async fn phase<F, Fut>(
     name: &'static str,
     concurrency: usize,
     seconds: f64,
@@ -182,7 +182,7 @@ where
     })
 }
 
-fn print(title: &str, phases: &[Phase], json: bool) -> anyhow::Result<()> {
+pub(crate) fn print(title: &str, phases: &[Phase], json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(phases)?)?;

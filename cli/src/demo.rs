@@ -1193,5 +1193,13 @@ fn describe_server(event: &ServerEvent) -> String {
         ServerEvent::Deleted(_) => "server deleted".to_owned(),
         ServerEvent::SfsKeyTrusted(e) => format!("trusts SFS {}", e.label),
         ServerEvent::SfsKeyDistrusted(_) => "an SFS key distrusted".to_owned(),
+        ServerEvent::OidcClientRegistered(e) => format!(
+            "OIDC client {} ({:?}), SHA-256 of its secret only",
+            e.client_id, e.settings.name
+        ),
+        ServerEvent::OidcClientUpdated(e) => format!("OIDC client {}", e.client_id),
+        ServerEvent::OidcClientSecretRotated(e) => format!("OIDC client {}", e.client_id),
+        ServerEvent::OidcClientRemoved(e) => format!("OIDC client {}", e.client_id),
+        ServerEvent::OidcKeyRotated(e) => format!("OIDC signing key {}", e.kid),
     }
 }

@@ -111,6 +111,35 @@ pub struct ServeArgs {
     pub streams: StreamArgs,
     #[command(flatten)]
     pub push: crate::push::PushArgs,
+    #[command(flatten)]
+    pub idp: IdpArgs,
+}
+
+/// The OpenID Connect provider and the hosted login page (docs/oidc.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdpArgs {
+    /// Where browsers and relying parties reach this deployment (behind a proxy:
+    /// `https://login.example.com`); issuers are `{public URL}/oidc/{server id}`, and cookies
+    /// are `Secure` when it is `https`. Default: `http://{listen address}`.
+    #[arg(long, env = "COUNTERSIGN_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Browser logins (each opens a session, on behalf of an anonymous visitor) one virtual
+    /// server takes at once before the rate below applies.
+    #[arg(long, env = "COUNTERSIGN_LOGIN_BURST", default_value_t = 200)]
+    pub login_burst: u32,
+    /// Browser logins per second one virtual server takes, sustained.
+    #[arg(long, env = "COUNTERSIGN_LOGIN_PER_SECOND", default_value_t = 50)]
+    pub login_per_second: u32,
+}
+
+impl Default for IdpArgs {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            login_burst: 200,
+            login_per_second: 50,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -140,6 +169,7 @@ impl ServeArgs {
                 apns_url: countersign_message_center::apns::APNS_DEFAULT_BASE_URL.into(),
                 ..crate::push::PushArgs::default()
             },
+            idp: IdpArgs::default(),
         }
     }
 }
@@ -428,8 +458,20 @@ pub async fn start(
         .transpose()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut app = axum::Router::new();
+    let mut idp_state = None;
     if roles.api {
         app = app.merge(countersign_api::router(state.clone()));
+        let mut idp = countersign_idp::IdpConfig::new(
+            args.idp
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+        );
+        idp.login_burst = args.idp.login_burst;
+        idp.login_per_second = args.idp.login_per_second;
+        let idp = countersign_idp::IdpState::new(state.clone(), idp);
+        app = app.merge(countersign_idp::router(idp.clone()));
+        idp_state = Some(idp);
     } else {
         app = app.route(
             "/healthz",
@@ -468,6 +510,18 @@ pub async fn start(
             if let Err(error) = mc.run(stop).await {
                 tracing::error!(%error, "the Message Center's delivery worker stopped");
             }
+        });
+    }
+    if let Some(idp) = idp_state {
+        // Back-channel logout tokens and CIBA ping notifications to relying parties.
+        let backchannel = countersign_idp::backchannel::Backchannel::new(idp);
+        state
+            .metrics()
+            .register(|registry| backchannel.register_metrics(registry));
+        let (keep, stop) = tokio::sync::watch::channel(false);
+        background.spawn(async move {
+            let _keep = keep;
+            backchannel.run(stop).await;
         });
     }
     if roles.api && !message_centers.is_empty() {

@@ -24,6 +24,7 @@ use uuid::Uuid;
 pub mod account;
 pub mod clock;
 pub mod enrolment;
+pub mod grant;
 pub mod idempotency;
 pub mod secrets;
 pub mod server;
@@ -42,6 +43,8 @@ pub struct Commands {
     pub enrolments: enrolment::EnrolmentCommands,
     pub accounts: account::AccountCommands,
     pub transactions: transaction::TransactionCommands,
+    /// The identity provider's grants: codes, tokens, CIBA requests.
+    pub grants: grant::GrantCommands,
     /// Binds idempotency keys to the requests that used them.
     pub idempotency: idempotency::IdempotencyKeys,
     /// Per-server secrets and what is derived from them (the push sender key).
@@ -75,6 +78,12 @@ impl Commands {
                 clock.clone(),
             ),
             accounts: account::AccountCommands::new(store.clone(), clock.clone()),
+            grants: grant::GrantCommands::new(
+                store.clone(),
+                vault.clone(),
+                secrets.clone(),
+                clock.clone(),
+            ),
             transactions: transaction::TransactionCommands::new(store, secrets.clone(), clock),
             idempotency: idempotency::IdempotencyKeys::new(vault, secrets.clone()),
             secrets,

@@ -1,22 +1,26 @@
 //! Server (tenant) commands: the edge work around the pure aggregate. Creating a server makes
 //! its P-256 key pair here, keeps the private key in the key vault and hands the domain only
 //! the public key; issuing an API key makes a random token, returns it to the caller once and
-//! hands the domain only its SHA-256.
+//! hands the domain only its SHA-256. OIDC clients get the same treatment (a confidential
+//! client's secret is returned once, only its SHA-256 is recorded); rotating the OIDC signing
+//! key makes a P-256 key here and puts the private key in the vault under
+//! [`oidc_key_ref`] before the event that names it exists.
 
 use std::sync::Arc;
 
 use countersign_domain::server::{
-    ConfigureServer, CreateServer, DeleteServer, DistrustSfsKey, IssueApiKey, RevokeApiKey, Server,
-    ServerCommand, ServerEvent, TrustSfsKey,
+    ConfigureServer, CreateServer, DeleteServer, DistrustSfsKey, IssueApiKey, OidcClientKind,
+    OidcClientSettings, RegisterOidcClient, RemoveOidcClient, RevokeApiKey, RotateOidcClientSecret,
+    RotateOidcKey, Server, ServerCommand, ServerEvent, TrustSfsKey, UpdateOidcClient, oidc_kid,
 };
-use countersign_domain::{ApiKeyId, Clock, Context, ServerId};
+use countersign_domain::{ApiKeyId, Clock, Context, OidcClientId, ServerId};
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Metadata, SharedStore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::secrets::ServerSecrets;
-use crate::{CommandError, Executed, execute, random_bytes};
+use crate::{CommandError, Executed, execute, load, random_bytes};
 
 /// An API key token, shown to the caller once. `Debug` prints nothing of it.
 pub struct ApiKeyToken(Zeroizing<String>);
@@ -37,6 +41,41 @@ impl std::fmt::Debug for ApiKeyToken {
 /// The vault reference of a server's private key.
 pub fn signing_key_ref(server: ServerId) -> String {
     format!("server/{server}/signing-key")
+}
+
+/// An OIDC client secret, shown to the caller once: 32 random bytes, base64url without
+/// padding (43 characters). `Debug` prints nothing of it.
+pub struct ClientSecret(Zeroizing<String>);
+
+impl ClientSecret {
+    /// The secret, for the one answer that hands it over.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientSecret(..)")
+    }
+}
+
+/// What the log and the read model keep of a client secret: the SHA-256 of the secret as the
+/// client presents it (256 random bits, so the hash needs no salt and cannot be reversed).
+pub fn client_secret_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The vault reference of one OIDC signing key's private half (the 32-byte P-256 scalar).
+pub fn oidc_key_ref(server: ServerId, kid: &str) -> String {
+    format!("server/{server}/oidc-key/{kid}")
+}
+
+fn client_secret(bytes: &[u8; 32]) -> ClientSecret {
+    use base64::Engine as _;
+    ClientSecret(Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+    ))
 }
 
 /// Server commands on one store.
@@ -234,15 +273,205 @@ impl ServerCommands {
             .await
     }
 
-    /// Deletes the server and destroys its private key.
+    /// Registers an OIDC client with a fresh id and, for a confidential client, a fresh
+    /// secret that is in the answer and nowhere else. With an idempotency key both are derived
+    /// from it under the server's secret, so a retry answers the same secret.
+    pub async fn register_oidc_client(
+        &self,
+        server: ServerId,
+        settings: OidcClientSettings,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<(OidcClientId, Option<ClientSecret>, Executed<ServerEvent>), CommandError> {
+        let mut id = [0u8; 16];
+        let mut secret = Zeroizing::new([0u8; 32]);
+        match idempotency_key {
+            Some(key) => {
+                let derived = self
+                    .secrets
+                    .derive(server, "oidc-client-id", key.as_bytes())
+                    .await?;
+                id.copy_from_slice(derived.get(..16).unwrap_or(&[0; 16]));
+                *secret = self
+                    .secrets
+                    .derive(server, "oidc-client-secret", key.as_bytes())
+                    .await?;
+            }
+            None => {
+                random_bytes(&mut id)?;
+                random_bytes(secret.as_mut())?;
+            }
+        }
+        let client_id = OidcClientId::from_bytes(id);
+        let secret =
+            (settings.kind == OidcClientKind::Confidential).then(|| client_secret(&secret));
+        let command = RegisterOidcClient {
+            client_id,
+            settings,
+            secret_hash: secret.as_ref().map(|s| client_secret_hash(s.expose())),
+        };
+        let done = self
+            .run(server, command.into(), metadata, idempotency_key)
+            .await?;
+        Ok((client_id, secret, done))
+    }
+
+    /// Changes some of a client's settings (nothing new if nothing changes).
+    pub async fn update_oidc_client(
+        &self,
+        server: ServerId,
+        change: UpdateOidcClient,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<Executed<ServerEvent>, CommandError> {
+        self.run(server, change.into(), metadata, idempotency_key)
+            .await
+    }
+
+    /// Gives a confidential client a new secret (in the answer only); the old one stops
+    /// matching at once. With an idempotency key the secret is derived from it, so a retry
+    /// answers the same secret.
+    pub async fn rotate_oidc_client_secret(
+        &self,
+        server: ServerId,
+        client_id: OidcClientId,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<(ClientSecret, Executed<ServerEvent>), CommandError> {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        match idempotency_key {
+            Some(key) => {
+                let mut input = client_id.as_bytes().to_vec();
+                input.extend_from_slice(key.as_bytes());
+                *bytes = self
+                    .secrets
+                    .derive(server, "oidc-client-secret-rotated", &input)
+                    .await?;
+            }
+            None => random_bytes(bytes.as_mut())?,
+        }
+        let secret = client_secret(&bytes);
+        let command = RotateOidcClientSecret {
+            client_id,
+            secret_hash: client_secret_hash(secret.expose()),
+        };
+        let done = self
+            .run(server, command.into(), metadata, idempotency_key)
+            .await?;
+        Ok((secret, done))
+    }
+
+    /// Removes a client: it can no longer log anyone in.
+    pub async fn remove_oidc_client(
+        &self,
+        server: ServerId,
+        client_id: OidcClientId,
+        metadata: &Metadata,
+    ) -> Result<Executed<ServerEvent>, CommandError> {
+        self.run(
+            server,
+            RemoveOidcClient { client_id }.into(),
+            metadata,
+            None,
+        )
+        .await
+    }
+
+    /// Makes a new OIDC signing key the current one and answers its `kid`. The private key is
+    /// in the vault before the event that names it exists: a crash in between leaves an unused
+    /// vault entry, never a published key nobody can sign with. With an idempotency key the
+    /// key is derived from it under the server's secret, so a retry lands on the same key.
+    pub async fn rotate_oidc_key(
+        &self,
+        server: ServerId,
+        metadata: &Metadata,
+        idempotency_key: Option<&str>,
+    ) -> Result<(String, Executed<ServerEvent>), CommandError> {
+        let fresh = match idempotency_key {
+            Some(key) => {
+                let derived = Zeroizing::new(
+                    self.secrets
+                        .derive(server, "oidc-signing-key", key.as_bytes())
+                        .await?,
+                );
+                p256::SecretKey::from_slice(derived.as_ref()).map_err(|_| {
+                    CommandError::Internal("a derived OIDC key is not a P-256 scalar".into())
+                })?
+            }
+            None => generate_p256_secret()?,
+        };
+        let public_key = fresh.public_key().to_sec1_bytes().to_vec();
+        let kid = oidc_kid(&public_key)
+            .ok_or_else(|| CommandError::Internal("a fresh P-256 key has no thumbprint".into()))?;
+        // Only a live server gets a vault entry (a deleted one's keys were shredded).
+        match load::<Server>(&self.store, &server.stream()).await?.state {
+            Server::Active(_) => {}
+            Server::NotCreated | Server::Deleted { .. } => {
+                return self
+                    .run(server, RotateOidcKey { public_key }.into(), metadata, None)
+                    .await
+                    .map(|done| (kid, done));
+            }
+        }
+        let fresh_bytes = Zeroizing::new(fresh.to_bytes().to_vec());
+        let kept = self
+            .vault
+            .put_if_absent(&oidc_key_ref(server, &kid), &fresh_bytes)
+            .await?;
+        if kept.as_slice() != fresh_bytes.as_slice() {
+            return Err(CommandError::Internal(
+                "the vault holds another key under this kid".into(),
+            ));
+        }
+        let done = self
+            .run(
+                server,
+                RotateOidcKey { public_key }.into(),
+                metadata,
+                idempotency_key,
+            )
+            .await?;
+        let kid = done
+            .events
+            .iter()
+            .find_map(|e| match e {
+                ServerEvent::OidcKeyRotated(rotated) => Some(rotated.kid.clone()),
+                _ => None,
+            })
+            .unwrap_or(kid);
+        Ok((kid, done))
+    }
+
+    /// The private half of the OIDC signing key `kid`, from the vault (`None` once shredded).
+    pub async fn oidc_signing_key(
+        &self,
+        server: ServerId,
+        kid: &str,
+    ) -> Result<Option<p256::SecretKey>, CommandError> {
+        let Some(bytes) = self.vault.get(&oidc_key_ref(server, kid)).await? else {
+            return Ok(None);
+        };
+        p256::SecretKey::from_slice(&bytes)
+            .map(Some)
+            .map_err(|_| CommandError::Internal("a stored OIDC key is not P-256".into()))
+    }
+
+    /// Deletes the server and destroys its private keys (its own and its OIDC signing keys).
     pub async fn delete(
         &self,
         server: ServerId,
         metadata: &Metadata,
     ) -> Result<Executed<ServerEvent>, CommandError> {
+        let oidc_keys = match load::<Server>(&self.store, &server.stream()).await?.state {
+            Server::Active(active) => active.oidc_keys,
+            Server::NotCreated | Server::Deleted { .. } => Vec::new(),
+        };
         let done = self
             .run(server, DeleteServer.into(), metadata, None)
             .await?;
+        for kid in &oidc_keys {
+            self.vault.destroy(&oidc_key_ref(server, kid)).await?;
+        }
         self.vault.destroy(&signing_key_ref(server)).await?;
         self.secrets.destroy(server).await?;
         Ok(done)

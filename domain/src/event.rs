@@ -259,6 +259,7 @@ any_event! {
     Transaction(crate::transaction::TransactionEvent) = "transaction",
     SecondFactor(crate::second_factor::SecondFactorEvent) = "second_factor",
     Attestation(crate::attestation::AttestationEvent) = "attestation",
+    Grant(crate::grant::GrantEvent) = "grant",
 }
 
 #[cfg(test)]

@@ -153,6 +153,16 @@ byte_id!(
     ApiKeyId, 16
 );
 byte_id!(
+    /// An OIDC client (relying party) registered at one server: 128 random bits, public (it
+    /// is the OAuth `client_id`, not a credential).
+    OidcClientId, 16
+);
+byte_id!(
+    /// One OAuth grant (an authorization code or a CIBA request and every token issued from
+    /// it): 128 random bits, the first part of each of its tokens.
+    GrantId, 16
+);
+byte_id!(
     /// One app instance's account for one user at one server: 128 random bits.
     AccountId, 16
 );
@@ -469,6 +479,10 @@ scoped_ref!(
 scoped_ref!(
     /// A transaction of one tenant.
     TransactionRef, transaction_id: TransactionId, "transaction"
+);
+scoped_ref!(
+    /// An OAuth grant of one tenant: a token of another server names no stream there.
+    GrantRef, grant_id: GrantId, "grant"
 );
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod attestation;
 pub use countersign_protocol::cbor;
 pub mod enrolment;
 pub mod event;
+pub mod grant;
 pub mod ids;
 pub mod seal;
 pub mod second_factor;
@@ -43,8 +44,8 @@ pub use enrolment::Enrolment;
 pub use event::{AnyEvent, DomainEvent, EventDecodeError};
 pub use ids::{
     AccountId, AccountRef, ApiKeyId, AppInstanceId, Clock, EnrolmentId, EnrolmentRef, FixedClock,
-    Hsid, ServerId, SessionRef, Timestamp, TransactionId, TransactionRef, UserDigest,
-    UserDigestKey, UserDigestScheme, UserRef, Userid, UseridError,
+    GrantId, GrantRef, Hsid, OidcClientId, ServerId, SessionRef, Timestamp, TransactionId,
+    TransactionRef, UserDigest, UserDigestKey, UserDigestScheme, UserRef, Userid, UseridError,
 };
 pub use seal::{CounterSealer, DataKey, SealError, Sealed, Sealer};
 pub use second_factor::SecondFactor;

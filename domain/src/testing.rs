@@ -165,6 +165,51 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             revoked_at: t,
         })
         .into(),
+        ServerEvent::OidcClientRegistered(OidcClientRegistered {
+            client_id: OidcClientId::from_bytes([12; 16]),
+            settings: OidcClientSettings {
+                name: "Wiki".into(),
+                kind: OidcClientKind::Confidential,
+                redirect_uris: vec!["https://wiki.example/cb".into()],
+                post_logout_redirect_uris: vec![],
+                scopes: vec!["openid".into(), "email".into()],
+                backchannel_logout_uri: Some("https://wiki.example/bcl".into()),
+                ciba: Some(CibaSettings {
+                    mode: CibaMode::Ping,
+                    notification_endpoint: Some("https://wiki.example/ciba".into()),
+                }),
+            },
+            secret_hash: Some([13; 32]),
+        })
+        .into(),
+        ServerEvent::OidcClientUpdated(OidcClientUpdated {
+            client_id: OidcClientId::from_bytes([12; 16]),
+            settings: OidcClientSettings {
+                name: "App".into(),
+                kind: OidcClientKind::Public,
+                redirect_uris: vec!["http://127.0.0.1:8080/cb".into()],
+                post_logout_redirect_uris: vec!["http://127.0.0.1:8080/".into()],
+                scopes: vec!["openid".into()],
+                backchannel_logout_uri: None,
+                ciba: None,
+            },
+        })
+        .into(),
+        ServerEvent::OidcClientSecretRotated(OidcClientSecretRotated {
+            client_id: OidcClientId::from_bytes([12; 16]),
+            secret_hash: [14; 32],
+        })
+        .into(),
+        ServerEvent::OidcClientRemoved(OidcClientRemoved {
+            client_id: OidcClientId::from_bytes([12; 16]),
+        })
+        .into(),
+        ServerEvent::OidcKeyRotated(OidcKeyRotated {
+            kid: "kid".into(),
+            public_key: vec![4; 65],
+            rotated_at: t,
+        })
+        .into(),
         ServerEvent::Deleted(ServerDeleted { deleted_at: t }).into(),
         UserEvent::Registered(UserRegistered {
             user: UserRef {
@@ -406,6 +451,60 @@ pub fn samples() -> Vec<crate::event::AnyEvent> {
             account_id: crate::ids::AccountId::from_bytes([8; 16]),
             purpose: "login".to_owned(),
             used_at: t,
+        })
+        .into(),
+        crate::grant::GrantEvent::CodeIssued(crate::grant::GrantCodeIssued {
+            client_id: crate::ids::OidcClientId::from_bytes([30; 16]),
+            session: SessionRef::new(server, Hsid::from_bytes([31; 32])),
+            account_id,
+            user: digest,
+            scope: vec!["openid".to_owned(), "email".to_owned()],
+            redirect_uri: "https://rp.example/cb".to_owned(),
+            code_challenge: Some([32; 32]),
+            nonce: Some("n-0S6".to_owned()),
+            code_hash: [33; 32],
+            code_expires_at: t.plus_secs(60),
+            auth_time: t,
+            amr: vec!["hwk".to_owned(), "pin".to_owned()],
+            acr: "urn:countersign:acr:2".to_owned(),
+        })
+        .into(),
+        crate::grant::GrantEvent::CibaRequested(crate::grant::GrantCibaRequested {
+            client_id: crate::ids::OidcClientId::from_bytes([30; 16]),
+            session: SessionRef::new(server, Hsid::from_bytes([34; 32])),
+            user: digest,
+            scope: vec!["openid".to_owned()],
+            binding_message: Some("Pay 10 EUR".to_owned()),
+            expires_at: t.plus_secs(300),
+            interval_secs: 5,
+            ping: true,
+            notification_token: Some(crate::seal::Sealed {
+                nonce: [38; 12],
+                ciphertext: vec![39; 24],
+            }),
+        })
+        .into(),
+        crate::grant::GrantEvent::TokensIssued(crate::grant::GrantTokensIssued {
+            access_hash: [35; 32],
+            refresh_hash: None,
+            access_expires_at: t.plus_secs(600),
+            issued_at: t,
+            account_id,
+            auth_time: t,
+            amr: vec!["hwk".to_owned()],
+            acr: "urn:countersign:acr:1".to_owned(),
+        })
+        .into(),
+        crate::grant::GrantEvent::Refreshed(crate::grant::GrantRefreshed {
+            access_hash: [36; 32],
+            refresh_hash: [37; 32],
+            access_expires_at: t.plus_secs(600),
+            refreshed_at: t,
+        })
+        .into(),
+        crate::grant::GrantEvent::Revoked(crate::grant::GrantRevoked {
+            reason: crate::grant::RevokeReason::CodeReused,
+            revoked_at: t,
         })
         .into(),
     ]

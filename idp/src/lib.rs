@@ -33,8 +33,24 @@ pub mod userinfo;
 
 pub use state::{IdpConfig, IdpState};
 
-/// Every IdP route, ready to merge into the server's router or to drive with `oneshot`.
+/// Largest request body an IdP endpoint takes (forms and JSON are small).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// Longest an IdP request may take before it answers 408 (event streams once started
+/// excepted).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every IdP route, ready to merge into the server's router or to drive with `oneshot`. The
+/// business API's guards apply here too: a bounded head and body, a timeout, request ids, and
+/// the request metrics (by matched route, so no code or token in a label).
 pub fn router(state: IdpState) -> axum::Router {
+    use axum::extract::DefaultBodyLimit;
+    use axum::http::StatusCode;
+    use countersign_api::{REQUEST_ID, error, metrics};
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::timeout::TimeoutLayer;
+
+    let api = state.api().clone();
     axum::Router::new()
         .merge(discovery::routes())
         .merge(tokens::routes())
@@ -44,5 +60,18 @@ pub fn router(state: IdpState) -> axum::Router {
         .merge(login_page::routes())
         .merge(end_session::routes())
         .merge(ciba::routes())
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            BODY_LIMIT,
+            error::refuse_oversize_body,
+        ))
+        .layer(axum::middleware::from_fn(error::refuse_oversize_head))
+        .layer(axum::middleware::from_fn_with_state(api, metrics::track))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }

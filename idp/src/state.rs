@@ -38,6 +38,16 @@ impl IdpConfig {
 struct Inner {
     api: AppState,
     config: IdpConfig,
+    /// Each server's signing keys and JWKS.
+    keys: crate::keys::SigningKeys,
+    /// Access tokens recently checked at userinfo (hash → answer, short TTL).
+    userinfo: crate::userinfo::UserinfoCache,
+    /// Clients recently read (short TTL), for client authentication.
+    clients: crate::client_auth::ClientCache,
+    /// When each pending CIBA request was last polled (`slow_down`).
+    ciba_polls: crate::ciba::PollTimes,
+    /// The hosted login page's caches and the browser login limiter.
+    browser: crate::login_page::Browser,
 }
 
 /// Shared by every IdP handler; cheap to clone.
@@ -54,7 +64,15 @@ impl std::fmt::Debug for IdpState {
 
 impl IdpState {
     pub fn new(api: AppState, config: IdpConfig) -> Self {
-        Self(Arc::new(Inner { api, config }))
+        Self(Arc::new(Inner {
+            keys: crate::keys::SigningKeys::new(api.clone()),
+            userinfo: crate::userinfo::UserinfoCache::default(),
+            clients: crate::client_auth::ClientCache::default(),
+            api,
+            ciba_polls: crate::ciba::PollTimes::default(),
+            browser: crate::login_page::Browser::new(&config),
+            config,
+        }))
     }
 
     /// The business API's state: commands, read models, store, clock.
@@ -69,6 +87,31 @@ impl IdpState {
     /// The issuer identifier of `server`: `{public_url}/oidc/{server_id}`.
     pub fn issuer(&self, server: ServerId) -> String {
         format!("{}/oidc/{server}", self.0.config.public_url)
+    }
+
+    /// Each server's signing keys and JWKS.
+    pub fn keys(&self) -> &crate::keys::SigningKeys {
+        &self.0.keys
+    }
+
+    /// Userinfo answers recently given, by access token hash.
+    pub fn userinfo_cache(&self) -> &crate::userinfo::UserinfoCache {
+        &self.0.userinfo
+    }
+
+    /// OIDC clients recently read.
+    pub fn client_cache(&self) -> &crate::client_auth::ClientCache {
+        &self.0.clients
+    }
+
+    /// When each pending CIBA request was last polled, in this process.
+    pub fn ciba_polls(&self) -> &crate::ciba::PollTimes {
+        &self.0.ciba_polls
+    }
+
+    /// The hosted login page's caches and the per-server browser login limiter.
+    pub fn browser(&self) -> &crate::login_page::Browser {
+        &self.0.browser
     }
 
     /// The hosted login page of `server`.

@@ -9,6 +9,7 @@ pub mod evidence;
 pub mod read_models;
 
 pub use read_models::{
-    AccountRow, ApiKeyRow, EnrolmentRow, EventFeed, HistoryRow, PageSender, ProjectionError,
-    ReadModels, ServerRow, SessionRow, SessionState, TransactionRow, UserRow, store_feed,
+    AccountRow, ApiKeyRow, EnrolmentRow, EventFeed, HistoryRow, OidcClientRow, OidcKeyRow,
+    PageSender, ProjectionError, ReadModels, ServerRow, SessionRow, SessionState, TransactionRow,
+    UserRow, store_feed,
 };

@@ -28,6 +28,7 @@ mod oidc_ciba;
 mod oidc_clients;
 mod oidc_login;
 mod oidc_logout;
+mod oidc_rp;
 mod oidc_tokens;
 mod push;
 mod scale;

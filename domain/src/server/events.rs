@@ -5,6 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::oidc::{
+    OidcClientRegistered, OidcClientRemoved, OidcClientSecretRotated, OidcClientUpdated,
+    OidcKeyRotated,
+};
 use crate::ids::{ApiKeyId, ServerId, Timestamp, UserDigestScheme};
 
 /// Which second factors a server accepts and when logins need one.
@@ -215,6 +219,11 @@ crate::domain_events! {
         Deleted(ServerDeleted) = ("server.deleted", 1),
         SfsKeyTrusted(SfsKeyTrusted) = ("server.sfs_key_trusted", 1),
         SfsKeyDistrusted(SfsKeyDistrusted) = ("server.sfs_key_distrusted", 1),
+        OidcClientRegistered(OidcClientRegistered) = ("server.oidc_client_registered", 1),
+        OidcClientUpdated(OidcClientUpdated) = ("server.oidc_client_updated", 1),
+        OidcClientSecretRotated(OidcClientSecretRotated) = ("server.oidc_client_secret_rotated", 1),
+        OidcClientRemoved(OidcClientRemoved) = ("server.oidc_client_removed", 1),
+        OidcKeyRotated(OidcKeyRotated) = ("server.oidc_key_rotated", 1),
     }
     upcast {
         ("server.created", 1) => ServerCreatedV1,

@@ -1,4 +1,5 @@
-//! The server (tenant) aggregate: identity key, settings and API keys.
+//! The server (tenant) aggregate: identity key, settings, API keys, OIDC clients and OIDC
+//! signing keys (their rules: [`oidc`]).
 //!
 //! Lifecycle: `NotCreated --CreateServer--> Active --DeleteServer--> Deleted` (terminal).
 //! Rules enforced by [`Server::decide`]:
@@ -18,15 +19,24 @@
 //!   `server.created` v1 implies, so their existing streams stay where they are.
 
 mod events;
+pub mod oidc;
+#[cfg(test)]
+mod oidc_tests;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 
 pub use events::*;
+pub use oidc::{
+    CibaMode, CibaSettings, MAX_OIDC_CLIENTS, OidcClientError, OidcClientKind,
+    OidcClientRegistered, OidcClientRemoved, OidcClientSecretRotated, OidcClientSettings,
+    OidcClientState, OidcClientUpdated, OidcKeyRotated, RegisterOidcClient, RemoveOidcClient,
+    RotateOidcClientSecret, RotateOidcKey, UpdateOidcClient, oidc_kid,
+};
 
 use crate::aggregate::{Aggregate, Classify, Context, ErrorKind};
-use crate::ids::{ApiKeyId, ServerId, UserDigestScheme};
+use crate::ids::{ApiKeyId, OidcClientId, ServerId, UserDigestScheme};
 use crate::validate::{self, ValidationError};
 
 /// Most API keys a server may have active at once.
@@ -121,6 +131,16 @@ pub enum ServerCommand {
     TrustSfsKey(TrustSfsKey),
     /// See [`DistrustSfsKey`].
     DistrustSfsKey(DistrustSfsKey),
+    /// See [`RegisterOidcClient`].
+    RegisterOidcClient(RegisterOidcClient),
+    /// See [`UpdateOidcClient`].
+    UpdateOidcClient(UpdateOidcClient),
+    /// See [`RotateOidcClientSecret`].
+    RotateOidcClientSecret(RotateOidcClientSecret),
+    /// See [`RemoveOidcClient`].
+    RemoveOidcClient(RemoveOidcClient),
+    /// See [`RotateOidcKey`].
+    RotateOidcKey(RotateOidcKey),
 }
 
 macro_rules! into_command {
@@ -142,6 +162,11 @@ into_command!(ServerCommand {
     Delete(DeleteServer),
     TrustSfsKey(TrustSfsKey),
     DistrustSfsKey(DistrustSfsKey),
+    RegisterOidcClient(RegisterOidcClient),
+    UpdateOidcClient(UpdateOidcClient),
+    RotateOidcClientSecret(RotateOidcClientSecret),
+    RemoveOidcClient(RemoveOidcClient),
+    RotateOidcKey(RotateOidcKey),
 });
 
 /// Why a server command was refused.
@@ -171,16 +196,33 @@ pub enum ServerError {
         /// The limit.
         max: usize,
     },
+    /// An OIDC client's settings break a rule. HTTP 422.
+    #[error(transparent)]
+    OidcClient(#[from] OidcClientError),
+    /// An OIDC client with this id exists or existed. HTTP 409.
+    #[error("OIDC client id already used")]
+    OidcClientExists,
+    /// No OIDC client with this id (or it was removed). HTTP 404.
+    #[error("OIDC client not found")]
+    OidcClientNotFound,
+    /// The client limit is reached; remove one first. HTTP 409.
+    #[error("at most {max} OIDC clients may be registered")]
+    TooManyOidcClients {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl Classify for ServerError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Invalid(_) => ErrorKind::Invalid,
-            Self::AlreadyExists | Self::ApiKeyExists | Self::TooManyApiKeys { .. } => {
-                ErrorKind::Conflict
-            }
-            Self::NotFound | Self::ApiKeyNotFound => ErrorKind::NotFound,
+            Self::Invalid(_) | Self::OidcClient(_) => ErrorKind::Invalid,
+            Self::AlreadyExists
+            | Self::ApiKeyExists
+            | Self::TooManyApiKeys { .. }
+            | Self::OidcClientExists
+            | Self::TooManyOidcClients { .. } => ErrorKind::Conflict,
+            Self::NotFound | Self::ApiKeyNotFound | Self::OidcClientNotFound => ErrorKind::NotFound,
             Self::Deleted => ErrorKind::Gone,
         }
     }
@@ -210,9 +252,15 @@ pub struct ActiveServer {
     pub trusted_sfs_keys: BTreeMap<[u8; 32], Vec<u8>>,
     /// How this server's user streams are named (from `server.created`).
     pub user_digest: UserDigestScheme,
+    /// Every OIDC client ever registered (removed ones kept, so ids are never reused).
+    pub oidc_clients: BTreeMap<OidcClientId, OidcClientState>,
+    /// The `kid`s of the OIDC signing keys, oldest first (the last one signs).
+    pub oidc_keys: Vec<String>,
 }
 
 /// The server aggregate's state.
+// Loaded once per command and dropped: the live variant's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Server {
     /// Nothing in the stream yet.
@@ -413,6 +461,13 @@ impl Aggregate for Server {
                     key_id: cmd.key_id,
                 })])
             }
+            ServerCommand::RegisterOidcClient(cmd) => oidc::decide_register(self.active()?, cmd),
+            ServerCommand::UpdateOidcClient(cmd) => oidc::decide_update(self.active()?, cmd),
+            ServerCommand::RotateOidcClientSecret(cmd) => {
+                oidc::decide_rotate_secret(self.active()?, cmd)
+            }
+            ServerCommand::RemoveOidcClient(cmd) => oidc::decide_remove(self.active()?, cmd),
+            ServerCommand::RotateOidcKey(cmd) => oidc::decide_rotate_key(self.active()?, cmd, ctx),
             ServerCommand::Delete(DeleteServer) => {
                 self.active()?;
                 Ok(vec![ServerEvent::Deleted(ServerDeleted {
@@ -432,6 +487,8 @@ impl Aggregate for Server {
                     api_keys: BTreeMap::new(),
                     trusted_sfs_keys: BTreeMap::new(),
                     user_digest: e.user_digest,
+                    oidc_clients: BTreeMap::new(),
+                    oidc_keys: Vec::new(),
                 });
             }
             (ServerEvent::Configured(e), Self::Active(s)) => s.settings = e.settings.clone(),
@@ -448,6 +505,28 @@ impl Aggregate for Server {
             (ServerEvent::SfsKeyDistrusted(e), Self::Active(s)) => {
                 s.trusted_sfs_keys.remove(&e.key_id);
             }
+            (ServerEvent::OidcClientRegistered(e), Self::Active(s)) => {
+                s.oidc_clients.insert(
+                    e.client_id,
+                    OidcClientState {
+                        settings: e.settings.clone(),
+                        removed: false,
+                    },
+                );
+            }
+            (ServerEvent::OidcClientUpdated(e), Self::Active(s)) => {
+                if let Some(client) = s.oidc_clients.get_mut(&e.client_id) {
+                    client.settings = e.settings.clone();
+                }
+            }
+            // The write model needs no secret hash: rotation only checks the client exists.
+            (ServerEvent::OidcClientSecretRotated(_), Self::Active(_)) => {}
+            (ServerEvent::OidcClientRemoved(e), Self::Active(s)) => {
+                if let Some(client) = s.oidc_clients.get_mut(&e.client_id) {
+                    client.removed = true;
+                }
+            }
+            (ServerEvent::OidcKeyRotated(e), Self::Active(s)) => s.oidc_keys.push(e.kid.clone()),
             // History is a fact: an event that cannot follow the current state (a corrupt or
             // hand-edited stream) changes nothing rather than inventing state.
             _ => {}

@@ -44,6 +44,29 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     (
+        "rm_oidc_clients",
+        &[
+            ("server_id", Bytes),
+            ("client_id", Bytes),
+            ("settings", Text),
+            ("secret_hash", Bytes),
+            ("created_at", Int),
+            ("updated_at", Int),
+            ("removed", Bool),
+            ("last_position", Int),
+        ],
+    ),
+    (
+        "rm_oidc_keys",
+        &[
+            ("server_id", Bytes),
+            ("kid", Text),
+            ("public_key", Bytes),
+            ("rotated_at", Int),
+            ("position", Int),
+        ],
+    ),
+    (
         "rm_users",
         &[
             ("server_id", Bytes),

@@ -16,7 +16,7 @@ use countersign_domain::{DomainEvent, ServerId, Timestamp};
 use countersign_eventstore::RecordedEvent;
 
 use super::{
-    Checkpoints, Projection, ProjectionError, accounts, enrolments, servers, sessions,
+    Checkpoints, Projection, ProjectionError, accounts, enrolments, oidc, servers, sessions,
     transactions, users,
 };
 
@@ -65,6 +65,7 @@ pub(crate) struct Batch {
     /// Events in the batch (whether or not a projection needed them).
     pub events: u64,
     servers: servers::Fold,
+    oidc: oidc::Fold,
     users: users::Fold,
     accounts: accounts::Fold,
     enrolments: enrolments::Fold,
@@ -110,7 +111,12 @@ impl Batch {
             let prefix = event.event_type.split_once('.').map_or("", |(p, _)| p);
             match prefix {
                 "server" if wants(Projection::Servers) => {
-                    batch.servers.apply(&at, decode(event)?)?;
+                    let event = decode(event)?;
+                    if oidc::is_oidc(&event) {
+                        batch.oidc.apply(&at, event)?;
+                    } else {
+                        batch.servers.apply(&at, event)?;
+                    }
                 }
                 "user" if wants(Projection::Users) => batch.users.apply(&at, decode(event)?)?,
                 "account" if wants(Projection::Accounts) => {
@@ -133,6 +139,7 @@ impl Batch {
 
     pub async fn write_postgres(self, tx: &mut sqlx::PgConnection) -> Result<(), ProjectionError> {
         self.servers.write_postgres(tx).await?;
+        self.oidc.write_postgres(tx).await?;
         self.users.write_postgres(tx).await?;
         self.accounts.write_postgres(tx).await?;
         self.enrolments.write_postgres(tx).await?;
@@ -145,6 +152,7 @@ impl Batch {
         tx: &mut sqlx::SqliteConnection,
     ) -> Result<(), ProjectionError> {
         self.servers.write_sqlite(tx).await?;
+        self.oidc.write_sqlite(tx).await?;
         self.users.write_sqlite(tx).await?;
         self.accounts.write_sqlite(tx).await?;
         self.enrolments.write_sqlite(tx).await?;

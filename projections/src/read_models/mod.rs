@@ -35,6 +35,9 @@ mod dump;
 mod enrolments;
 mod feed;
 mod fold;
+mod oidc;
+#[cfg(test)]
+mod oidc_tests;
 mod rows;
 mod servers;
 mod sessions;
@@ -56,6 +59,7 @@ use tokio::sync::{mpsc, watch};
 pub use accounts::AccountRow;
 pub use enrolments::EnrolmentRow;
 pub use feed::{EventFeed, PageSender};
+pub use oidc::{OidcClientRow, OidcKeyRow};
 pub use servers::{ApiKeyRow, ServerRow};
 pub use sessions::{HistoryRow, SessionRow, SessionState};
 pub use transactions::TransactionRow;
@@ -132,7 +136,12 @@ impl Projection {
     /// The tables it owns, children first (the order they are emptied in).
     fn tables(self) -> &'static [&'static str] {
         match self {
-            Self::Servers => &["rm_api_keys", "rm_servers"],
+            Self::Servers => &[
+                "rm_oidc_keys",
+                "rm_oidc_clients",
+                "rm_api_keys",
+                "rm_servers",
+            ],
             Self::Users => &["rm_user_attributes", "rm_users"],
             Self::Accounts => &["rm_accounts"],
             Self::Enrolments => &["rm_enrolments"],

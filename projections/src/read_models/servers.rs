@@ -102,6 +102,12 @@ impl Fold {
             ServerEvent::Configured(e) => settings = Some(e.settings),
             // Which SFS keys a server trusts is the gateway's concern, read from the stream.
             ServerEvent::SfsKeyTrusted(_) | ServerEvent::SfsKeyDistrusted(_) => {}
+            // The OIDC read model's (`oidc.rs`); the batch routes them there.
+            ServerEvent::OidcClientRegistered(_)
+            | ServerEvent::OidcClientUpdated(_)
+            | ServerEvent::OidcClientSecretRotated(_)
+            | ServerEvent::OidcClientRemoved(_)
+            | ServerEvent::OidcKeyRotated(_) => return Ok(()),
             ServerEvent::Deleted(e) => deleted_at = Some(e.deleted_at),
             ServerEvent::ApiKeyIssued(e) => self.keys.push(KeyChange::Put(ApiKeyRow {
                 secret_hash: e.secret_hash,
