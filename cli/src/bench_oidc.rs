@@ -62,7 +62,10 @@ fn cookies_of(answer: &reqwest::Response) -> Vec<String> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .filter_map(|v| v.split(';').next())
-        .filter(|pair| pair.split_once('=').is_some_and(|(_, value)| !value.is_empty()))
+        .filter(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(_, value)| !value.is_empty())
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -117,7 +120,9 @@ impl Rp {
             .headers()
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
-            .with_context(|| format!("authorize answered {} without a redirect", answer.status()))?;
+            .with_context(|| {
+                format!("authorize answered {} without a redirect", answer.status())
+            })?;
         query_param(location, "code").with_context(|| format!("no code in {location}"))
     }
 
@@ -182,7 +187,7 @@ async fn browser_login(rp: &Rp, phone: &Phone) -> anyhow::Result<String> {
         .error_for_status()?
         .text()
         .await?;
-    let qr_src = html_value(&page, "<img", "src").context("no QR image on the page")?;
+    let qr_src = html_value(&page, "id=\"qr\"", "src").context("no QR image on the page")?;
     let png = rp
         .http
         .get(page_url.join(qr_src)?)
@@ -216,22 +221,14 @@ async fn browser_login(rp: &Rp, phone: &Phone) -> anyhow::Result<String> {
         session.wait_for(|s| s.state == SdkState::Active || s.state.is_final()),
     )
     .await?;
-    if active.state != SdkState::Active || active.history_status != Some(HistoryStatus::LoggedIn)
-    {
+    if active.state != SdkState::Active || active.history_status != Some(HistoryStatus::LoggedIn) {
         bail!("the phone did not log in: {:?}", active.error);
     }
     // Keep the continuous session pinging for the rest of the run.
     std::mem::forget(session);
-    let action = html_value(&page, "/continue", "action")
-        .map(str::to_owned)
-        .or_else(|| {
-            page.find("/continue").and_then(|_| {
-                html_value(&page, "<form", "action")
-                    .filter(|a| a.ends_with("/continue"))
-                    .map(str::to_owned)
-            })
-        })
-        .unwrap_or_else(|| format!("{}/continue", page_url.path()));
+    let action = html_value(&page, "id=\"continue\"", "action")
+        .context("no continue form on the page")?
+        .to_owned();
     let csrf = html_value(&page, "name=\"csrf\"", "value")
         .or_else(|| html_value(&page, "csrf", "value"))
         .context("no CSRF token on the page")?;
@@ -252,14 +249,20 @@ async fn browser_login(rp: &Rp, phone: &Phone) -> anyhow::Result<String> {
                 .into_iter()
                 .filter(|c| c.starts_with("cs_sso="))
                 .collect::<Vec<_>>();
-            return sso.first().cloned().context("no SSO cookie after the login");
+            return sso
+                .first()
+                .cloned()
+                .context("no SSO cookie after the login");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("continue never redirected with a code")
 }
 
-async fn register_client(business: &Business, redirect_uri: &str) -> anyhow::Result<(String, String)> {
+async fn register_client(
+    business: &Business,
+    redirect_uri: &str,
+) -> anyhow::Result<(String, String)> {
     let client: serde_json::Value = business
         .http
         .post(business.url("/oidc/clients"))
@@ -479,7 +482,13 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
                 let (rp, url) = (rp.clone(), url.clone());
                 async move {
                     let t0 = Instant::now();
-                    rp.http.get(&url).send().await?.error_for_status()?.bytes().await?;
+                    rp.http
+                        .get(&url)
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .bytes()
+                        .await?;
                     Ok(t0.elapsed())
                 }
             },
@@ -528,5 +537,9 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
         exchange.per_sec / ceiling.per_sec.max(f64::MIN_POSITIVE),
         userinfo.per_sec / ceiling.per_sec.max(f64::MIN_POSITIVE),
     );
-    print(&title, &[authorize, exchange, userinfo, ceiling, page], args.json)
+    print(
+        &title,
+        &[authorize, exchange, userinfo, ceiling, page],
+        args.json,
+    )
 }

@@ -286,9 +286,9 @@ impl Backchannel {
 
     /// What one event teaches the follower, and the deliveries it calls for.
     async fn work_for(&self, event: &RecordedEvent) -> Result<Vec<Delivery>, FollowError> {
-        if let Some((server, grant_id)) = scoped(&event.stream, "grant-").and_then(|(s, g)| {
-            Some((ServerId::parse_hex(s).ok()?, GrantId::parse_hex(g).ok()?))
-        }) {
+        if let Some((server, grant_id)) = scoped(&event.stream, "grant-")
+            .and_then(|(s, g)| Some((ServerId::parse_hex(s).ok()?, GrantId::parse_hex(g).ok()?)))
+        {
             let grant = GrantRef::new(server, grant_id);
             return match event.event_type.as_str() {
                 "grant.code_issued" => {
@@ -389,7 +389,11 @@ impl Backchannel {
 
     /// Whether the session was decided (logged in, aborted, failed, expired) at a position
     /// before `position`.
-    async fn decided_before(&self, session: SessionRef, position: u64) -> Result<bool, FollowError> {
+    async fn decided_before(
+        &self,
+        session: SessionRef,
+        position: u64,
+    ) -> Result<bool, FollowError> {
         let store = self.0.state.api().store();
         let mut from = 0;
         loop {
@@ -630,7 +634,10 @@ impl Backchannel {
         let token = self.logout_token(session, client, user).await?;
         let body = zeroize::Zeroizing::new(format!("logout_token={}", token.as_str()));
         hyper::Request::post(uri)
-            .header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                hyper::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .header(hyper::header::USER_AGENT, USER_AGENT)
             .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
             .map_err(|_| DeliveryError::Build("request".into()))
@@ -806,8 +813,8 @@ fn checked_uri(url: &str) -> Result<hyper::Uri, DeliveryError> {
 /// One pooled HTTP/1.1 client, `http` and `https` (rustls on ring, the system's roots).
 fn http_client() -> Option<Http> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let Ok(tls) = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+    let Ok(tls) =
+        rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
     else {
         // ring supports rustls's safe defaults, so this does not happen; if it did, every
         // delivery would fail as unreachable rather than the process panic.
@@ -911,7 +918,11 @@ mod tests {
         progress.read_to(9);
         assert_eq!(progress.done_before(), 5);
         progress.finished(7);
-        assert_eq!(progress.done_before(), 5, "a later event finishing moves nothing");
+        assert_eq!(
+            progress.done_before(),
+            5,
+            "a later event finishing moves nothing"
+        );
         progress.finished(5);
         assert_eq!(progress.done_before(), 7, "one of 7's two is still out");
         progress.finished(7);

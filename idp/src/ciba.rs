@@ -42,9 +42,9 @@ use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use countersign_api::error::ApiError;
+use countersign_commands::CommandError;
 use countersign_commands::grant::{CibaRequest, GrantRefused};
 use countersign_commands::session::SessionOptions;
-use countersign_commands::CommandError;
 use countersign_domain::grant::{BINDING_MESSAGE_MAX_CHARS, Grant};
 use countersign_domain::session::{MAX_PUSH_ACCOUNTS, SessionEvent, SessionStatus};
 use countersign_domain::{AccountRef, ErrorKind, GrantId, ServerId};
@@ -52,8 +52,8 @@ use countersign_projections::OidcClientRow;
 use zeroize::Zeroizing;
 
 use crate::error::OAuthError;
-use crate::tokens::param;
 use crate::state::IdpState;
+use crate::tokens::param;
 
 /// The least number of seconds between two polls, as first answered.
 pub const POLL_INTERVAL_SECS: u32 = 5;
@@ -255,7 +255,11 @@ async fn authorize(
         None => None,
         Some(text) => match text.parse::<u32>() {
             Ok(secs) if secs > 0 => Some(secs),
-            _ => return Err(invalid_request("requested_expiry must be a positive integer")),
+            _ => {
+                return Err(invalid_request(
+                    "requested_expiry must be a positive integer",
+                ));
+            }
         },
     };
     // Whom to ask. From here on, every userid that cannot be asked gets the same answer.
@@ -449,10 +453,11 @@ pub async fn token_grant(
         SessionStatus::NotOpened => return Err(invalid_grant()),
         SessionStatus::Pending | SessionStatus::Scanned => {
             return Err(
-                if state
-                    .ciba_polls()
-                    .too_soon(grant.grant_id, request.interval_secs, now.as_millis())
-                {
+                if state.ciba_polls().too_soon(
+                    grant.grant_id,
+                    request.interval_secs,
+                    now.as_millis(),
+                ) {
                     error(
                         StatusCode::BAD_REQUEST,
                         "slow_down",
@@ -474,7 +479,11 @@ pub async fn token_grant(
     }
     forget();
     let issued = grants
-        .complete_ciba(grant, client.client_id, &crate::tokens::client_metadata(client.client_id))
+        .complete_ciba(
+            grant,
+            client.client_id,
+            &crate::tokens::client_metadata(client.client_id),
+        )
         .await
         .map_err(|refused| match refused {
             GrantRefused::Invalid(_) | GrantRefused::Reused { .. } => invalid_grant(),
@@ -524,7 +533,10 @@ mod tests {
     fn polls_sooner_than_the_interval_slow_down_and_widen_it() {
         let polls = PollTimes::default();
         let grant = GrantId::from_bytes([1; 16]);
-        assert!(!polls.too_soon(grant, 5, 0), "the first poll is never too soon");
+        assert!(
+            !polls.too_soon(grant, 5, 0),
+            "the first poll is never too soon"
+        );
         assert!(polls.too_soon(grant, 5, 4_999), "4.999 s after: too soon");
         // The interval is now 10 s.
         assert!(polls.too_soon(grant, 5, 4_999 + 9_999));

@@ -465,14 +465,14 @@ async fn render(
          <p>Log in to <strong>{client}</strong> with the countersign app.</p>\
          <img id=\"qr\" src=\"/login/{server}/qr.png\" alt=\"QR code: scan it with the app\" \
          width=\"256\" height=\"256\">{deep_link}\
-         <p id=\"status\" role=\"status\">Scan the code with the app.</p>{provoke}\
+         <p id=\"status\" role=\"status\" data-events=\"/login/{server}/events\">Scan the code with the app.</p>{provoke}\
          <form id=\"continue\" method=\"post\" action=\"/login/{server}/continue\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <noscript><button type=\"submit\">Continue</button></noscript></form>\
          <script nonce=\"{nonce}\">{script}</script>",
         server_name = escape(&face.name),
         client = escape(&pending.client_name),
-        script = SCRIPT.replace("SERVER", &server.to_string()),
+        script = SCRIPT,
     );
     Ok(html(
         StatusCode::OK,
@@ -488,7 +488,7 @@ f=document.getElementById('continue'),p=document.getElementById('provoke');\
 var m={pending:'Scan the code with the app.',scanned:'Confirm on your phone.',\
 logged_in:'Logged in. Returning to the application\\u2026',aborted:'The login was declined.',\
 failed:'The login failed.',expired:'The login expired.',logged_out:'The login has ended.'};\
-if(!window.EventSource){return;}var e=new EventSource('/login/SERVER/events');\
+if(!window.EventSource){return;}var e=new EventSource(s.dataset.events);\
 e.onmessage=function(ev){var d;try{d=JSON.parse(ev.data);}catch(x){return;}\
 if(p&&d.provoke){p.hidden=false;}s.textContent=m[d.state]||'';\
 if(d.state!=='pending'&&d.state!=='scanned'){e.close();f.submit();}};})();";

@@ -103,7 +103,11 @@ impl CibaRig {
         .unwrap();
         let clock = self.api.clock.clone();
         phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
-        let account = enrol(&phone, &enrolment_qr(&self.api, server, token, userid).await).await;
+        let account = enrol(
+            &phone,
+            &enrolment_qr(&self.api, server, token, userid).await,
+        )
+        .await;
         let registered = phone
             .register_push(Platform::Fcm, push_token, APP_ID)
             .await
@@ -113,7 +117,12 @@ impl CibaRig {
     }
 
     /// Registers a confidential client; answers (client_id, client_secret).
-    pub(crate) async fn client(&self, server: &str, token: &str, settings: Value) -> (String, String) {
+    pub(crate) async fn client(
+        &self,
+        server: &str,
+        token: &str,
+        settings: Value,
+    ) -> (String, String) {
         let mut body = json!({
             "name": "Bank web",
             "type": "confidential",
@@ -222,12 +231,9 @@ pub(crate) async fn push_login(phone: &Sdk, push: &ReceivedPush) -> SessionHandl
     else {
         panic!("the push was not a login")
     };
-    tokio::time::timeout(
-        WAIT,
-        login.wait_for(|s| s.state != State::Starting),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the login never reached the user: {:?}", login.snapshot()));
+    tokio::time::timeout(WAIT, login.wait_for(|s| s.state != State::Starting))
+        .await
+        .unwrap_or_else(|_| panic!("the login never reached the user: {:?}", login.snapshot()));
     login
 }
 
@@ -291,7 +297,8 @@ pub(crate) async fn verify_jwt(api: &Api, server: &str, token: &str) -> (Value, 
         parts.next().unwrap(),
     );
     assert!(parts.next().is_none(), "a compact JWS has three parts");
-    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header_b64).unwrap()).unwrap();
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header_b64).unwrap()).unwrap();
     assert_eq!(header["alg"], "ES256", "{header}");
     let kid = header["kid"].as_str().unwrap();
     let key = jwks["keys"]
@@ -325,7 +332,11 @@ async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, phone, account) = rig.tenant_with_phone("alice", "token-alice", 60).await;
     let (client_id, secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
@@ -356,7 +367,10 @@ async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
     // after that is fine.
     rig.api.clock.advance_secs(6);
     let (_, slow) = rig.poll(&server, client, &auth_req_id).await;
-    assert_eq!(slow["error"], "slow_down", "the interval grew by 5 s: {slow}");
+    assert_eq!(
+        slow["error"], "slow_down",
+        "the interval grew by 5 s: {slow}"
+    );
     rig.api.clock.advance_secs(16);
     let (_, pending) = rig.poll(&server, client, &auth_req_id).await;
     assert_eq!(pending["error"], "authorization_pending", "{pending}");
@@ -376,14 +390,21 @@ async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
     assert_eq!(claims["aud"], client_id.as_str());
     assert_eq!(claims["iss"], rig.api.url(&format!("/oidc/{server}")));
     assert!(claims["sub"].as_str().unwrap().len() >= 43, "{claims}");
-    assert!(claims["amr"].as_array().unwrap().contains(&json!("hwk")), "{claims}");
+    assert!(
+        claims["amr"].as_array().unwrap().contains(&json!("hwk")),
+        "{claims}"
+    );
     // Once only.
     let (status, again) = rig.poll(&server, client, &auth_req_id).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(again["error"], "invalid_grant", "{again}");
     // Another client's secret cannot fetch it, nor can a forged id naming the grant.
     let (other_id, other_secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let (status, stolen) = rig
         .poll(&server, (&other_id, &other_secret), &auth_req_id)
@@ -403,11 +424,19 @@ async fn a_declined_push_is_access_denied(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, phone, _account) = rig.tenant_with_phone("bob", "token-bob", 0).await;
     let (client_id, secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
-        .bc_authorize(&server, client, &[("scope", "openid"), ("login_hint", "bob")])
+        .bc_authorize(
+            &server,
+            client,
+            &[("scope", "openid"), ("login_hint", "bob")],
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{asked}");
     let auth_req_id = asked["auth_req_id"].as_str().unwrap();
@@ -424,18 +453,29 @@ async fn an_unanswered_request_expires(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, _phone, _account) = rig.tenant_with_phone("carol", "token-carol", 0).await;
     let (client_id, secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
         .bc_authorize(
             &server,
             client,
-            &[("scope", "openid"), ("login_hint", "carol"), ("requested_expiry", "30")],
+            &[
+                ("scope", "openid"),
+                ("login_hint", "carol"),
+                ("requested_expiry", "30"),
+            ],
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{asked}");
-    assert_eq!(asked["expires_in"], 30, "requested_expiry shortens the request");
+    assert_eq!(
+        asked["expires_in"], 30,
+        "requested_expiry shortens the request"
+    );
     let auth_req_id = asked["auth_req_id"].as_str().unwrap();
     rig.api.clock.advance_secs(29);
     let (_, pending) = rig.poll(&server, client, auth_req_id).await;
@@ -462,7 +502,11 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
         .await;
     assert!(status.is_success(), "{body}");
     let (client_id, secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let client = (client_id.as_str(), secret.as_str());
     let path = format!("/oidc/{server}/bc-authorize");
@@ -470,15 +514,23 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
         let rig = &rig;
         let path = path.clone();
         async move {
-            rig.form(&path, client, &[("scope", "openid"), ("login_hint", userid)])
-                .await
+            rig.form(
+                &path,
+                client,
+                &[("scope", "openid"), ("login_hint", userid)],
+            )
+            .await
         }
     };
     // Let the read models see erin before asking.
     let at = rig.api.head().await.unwrap();
     let (status, _) = rig
         .api
-        .read(&format!("/v1/servers/{server}/users/erin"), Some(&token), at)
+        .read(
+            &format!("/v1/servers/{server}/users/erin"),
+            Some(&token),
+            at,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let before = head(&rig).await;
@@ -486,7 +538,10 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
     let (unknown_status, unknown, _) = ask("nobody").await;
     assert_eq!(no_phone_status, StatusCode::BAD_REQUEST);
     assert_eq!(unknown_status, no_phone_status);
-    assert_eq!(unknown, no_phone, "the same bytes: userids cannot be probed");
+    assert_eq!(
+        unknown, no_phone,
+        "the same bytes: userids cannot be probed"
+    );
     let answer: Value = serde_json::from_slice(&unknown).unwrap();
     assert_eq!(answer["error"], "unknown_user_id", "{answer}");
     assert_eq!(head(&rig).await, before, "a refused request writes nothing");
@@ -505,6 +560,8 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
     assert_eq!(head(&rig).await, before, "nothing written for any of them");
     // A client not registered for CIBA may not ask.
     let (plain_id, plain_secret) = rig.client(&server, &token, json!({})).await;
+    // Registering that client was a write; nothing after it may be.
+    let before = head(&rig).await;
     let (status, refused) = rig
         .bc_authorize(
             &server,
@@ -517,14 +574,25 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
     // Malformed requests, each with the spec's code.
     let cases: [(&[(&str, &str)], &str); 5] = [
         (&[("login_hint", "dave")], "invalid_request"),
-        (&[("scope", "profile"), ("login_hint", "dave")], "invalid_scope"),
+        (
+            &[("scope", "profile"), ("login_hint", "dave")],
+            "invalid_scope",
+        ),
         (&[("scope", "openid")], "invalid_request"),
         (
-            &[("scope", "openid"), ("login_hint", "dave"), ("id_token_hint", "x")],
+            &[
+                ("scope", "openid"),
+                ("login_hint", "dave"),
+                ("id_token_hint", "x"),
+            ],
             "invalid_request",
         ),
         (
-            &[("scope", "openid"), ("login_hint", "dave"), ("binding_message", "line\nbreak")],
+            &[
+                ("scope", "openid"),
+                ("login_hint", "dave"),
+                ("binding_message", "line\nbreak"),
+            ],
             "invalid_binding_message",
         ),
     ];
@@ -628,7 +696,11 @@ async fn ping_mode_calls_the_notification_endpoint(db: &TestDb) {
     let client = (client_id.as_str(), secret.as_str());
     // Ping mode needs the client's notification token.
     let (status, refused) = rig
-        .bc_authorize(&server, client, &[("scope", "openid"), ("login_hint", "frank")])
+        .bc_authorize(
+            &server,
+            client,
+            &[("scope", "openid"), ("login_hint", "frank")],
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(refused["error"], "invalid_request", "{refused}");
@@ -654,7 +726,10 @@ async fn ping_mode_calls_the_notification_endpoint(db: &TestDb) {
         authorization.as_deref(),
         Some(format!("Bearer {notification_token}").as_str())
     );
-    assert!(content_type.starts_with("application/json"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body, json!({"auth_req_id": auth_req_id}));
     // Then the client fetches the tokens (no slow_down for its first poll).
@@ -662,7 +737,14 @@ async fn ping_mode_calls_the_notification_endpoint(db: &TestDb) {
     assert_eq!(status, StatusCode::OK, "{tokens}");
     assert!(tokens["id_token"].is_string(), "{tokens}");
     // The notification token is in no event of the log.
-    let events = rig.api.running.state.store().read_all(0, 1_000_000).await.unwrap();
+    let events = rig
+        .api
+        .running
+        .state
+        .store()
+        .read_all(0, 1_000_000)
+        .await
+        .unwrap();
     let needle = notification_token.as_bytes();
     for event in &events {
         assert!(

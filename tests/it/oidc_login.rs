@@ -4,7 +4,9 @@
 //! which logs in from the QR code it reads off the hosted page's PNG, as a phone would.
 //!
 //! Shown: authorize → hosted page (headers, CSP) → QR → phone login → live status → continue
-//! → redirect with code, state and iss; SSO answering a code at once; and the refusals, each
+//! → redirect with code, state and iss; SSO answering a code at once; "send to my phone" (a
+//! provoke through the FCM stand-in); declined (`access_denied`) and expired (restart) logins;
+//! RP-initiated logout ending the phone's session; and the refusals, each
 //! writing nothing: unknown client, wrong, extra or repeated redirect URI (a 400 page, no
 //! Location), OAuth errors to the client, an open redirect on the login page, posts without
 //! or with a wrong CSRF token (403), and the login limiter (429).
@@ -19,7 +21,11 @@ use countersign_domain::ServerId;
 use countersign_domain::server::{OidcClientKind, OidcClientSettings};
 use countersign_eventstore::Metadata;
 use countersign_eventstore::testing::TestDb;
-use countersign_mobile_sdk::{ChannelCallbacks, Interaction, MemoryStorage, Sdk, SdkConfig, State};
+use countersign_message_center::standin::FcmStandin;
+use countersign_mobile_sdk::{
+    ChannelCallbacks, Interaction, McConfig, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk,
+    SdkConfig, State,
+};
 use futures::StreamExt as _;
 use reqwest::{Method, StatusCode, header};
 use serde_json::json;
@@ -358,10 +364,44 @@ async fn phone_logs_in(w: &World, browser: &mut Browser) -> countersign_mobile_s
     );
     assert_eq!(login.announce_info().as_deref(), Some("Log in to Shop"));
     login.set_account(Some(&w.account)).await.unwrap();
-    tokio::time::timeout(WAIT, login.wait_for(|s| s.state == State::Active))
-        .await
-        .unwrap();
+    let done = tokio::time::timeout(
+        WAIT,
+        login.wait_for(|s| matches!(s.state, State::Active | State::Done | State::Error)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(done.state, State::Active | State::Done),
+        "{done:?}"
+    );
     login
+}
+
+/// Follows the page's status stream until the phone logged in.
+async fn until_logged_in(w: &World, browser: &mut Browser) {
+    let events = browser.get(&format!("/login/{}/events", w.server)).await;
+    let mut stream = events.bytes_stream();
+    let mut buffer = String::new();
+    for _ in 0..5 {
+        if next_state(&mut stream, &mut buffer).await["state"] == "logged_in" {
+            return;
+        }
+    }
+    panic!("not logged in");
+}
+
+/// Continue on the page: answers the code sent back to the client.
+async fn continue_to_client(w: &World, browser: &mut Browser, csrf: &str) -> String {
+    let done = browser
+        .post(&format!("/login/{}/continue", w.server), &[("csrf", csrf)])
+        .await;
+    let status = done.status();
+    if status != StatusCode::SEE_OTHER {
+        panic!("continue: {status}: {}", done.text().await.unwrap());
+    }
+    let back = location(&done).unwrap();
+    assert!(back.starts_with(&format!("{RP}?")), "{back}");
+    query(&back)["code"].clone()
 }
 
 async fn browser_login_then_sso(db: &TestDb) {
@@ -806,7 +846,217 @@ async fn a_phone_browser_gets_the_deep_link(db: &TestDb) {
     w.api.stop().await;
 }
 
+const APP_ID: &str = "com.example.bank";
+
+/// "Send to my phone": a browser that logged in before asks that phone again by push, and the
+/// pending authorization moves onto that session.
+async fn send_to_my_phone(db: &TestDb) {
+    let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let service_account = dir.path().join("fcm.json");
+    std::fs::write(&service_account, fcm.service_account_json()).unwrap();
+    let fcm_url = fcm.url();
+    let api = Api::start_tuned(db, move |args| {
+        args.push.fcm_service_account = Some(service_account);
+        args.push.fcm_url = fcm_url;
+    })
+    .await;
+    #[allow(clippy::disallowed_methods)] // The wall clock the push services run on.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    api.clock.advance_secs((now - api.clock.now_ms()) / 1000);
+    // One-shot logins (the server's default): a completed login can be asked again.
+    let (server, token) = tenant(&api, "Bank", "alice").await;
+    let mc = McConfig::fetch(&api.url("/v1/mc")).await.unwrap();
+    let phone = Sdk::open(
+        Arc::new(MemoryStorage::new()),
+        SdkConfig {
+            mc: Some(mc),
+            ..SdkConfig::default()
+        },
+    )
+    .unwrap();
+    let clock = api.clock.clone();
+    phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
+    let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "alice").await).await;
+    let registered = phone
+        .register_push(Platform::Fcm, "token-alice", APP_ID)
+        .await
+        .unwrap();
+    assert!(registered.failed.is_empty(), "{:?}", registered.failed);
+    let client_id = register(&api, &server, "Shop", OidcClientKind::Public).await;
+    let w = World {
+        api,
+        server,
+        client_id,
+        phone,
+        account,
+    };
+
+    // The first login, by the QR code.
+    let mut browser = Browser::new(&w.api);
+    let csrf = csrf_of(&to_page(&w, &mut browser, &new_pkce(1)).await);
+    let _first = phone_logs_in(&w, &mut browser).await;
+    until_logged_in(&w, &mut browser).await;
+    continue_to_client(&w, &mut browser, &csrf).await;
+
+    // Asked again (prompt=login): the page offers to send it to the phone.
+    let again = browser
+        .get(&authorize_path(&w, &new_pkce(2), "&prompt=login"))
+        .await;
+    assert_eq!(again.status(), StatusCode::SEE_OTHER);
+    let html = browser
+        .get(&format!("/login/{}", w.server))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains(&format!("action=\"/login/{}/provoke\"", w.server)));
+    let csrf = csrf_of(&html);
+    let events = browser.get(&format!("/login/{}/events", w.server)).await;
+    let mut stream = events.bytes_stream();
+    let mut buffer = String::new();
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await,
+        json!({"state": "pending", "provoke": true})
+    );
+    drop(stream);
+    let aborted_before = count(&w.api, "session.aborted").await;
+    let sent = browser
+        .post(&format!("/login/{}/provoke", w.server), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(sent.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        location(&sent).as_deref(),
+        Some(format!("/login/{}", w.server).as_str())
+    );
+    assert_eq!(
+        count(&w.api, "session.aborted").await,
+        aborted_before + 1,
+        "the QR code's session is ended"
+    );
+    let push = tokio::time::timeout(WAIT, fcm.next_push("token-alice"))
+        .await
+        .unwrap();
+    let bytes = serde_json::to_vec(&push.payload_json).unwrap();
+    let PushAction::Login(login) = w
+        .phone
+        .process_push(&bytes, Arc::new(NoCallbacks))
+        .await
+        .unwrap()
+    else {
+        panic!("not a login")
+    };
+    assert_eq!(login.announce_info().as_deref(), Some("Log in to Shop"));
+    login.set_account(Some(&w.account)).await.unwrap();
+    // The page the provoke sent the browser back to: its cookie, and so its token, are new.
+    let html = browser
+        .get(&format!("/login/{}", w.server))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let moved = csrf_of(&html);
+    assert_ne!(moved, csrf);
+    until_logged_in(&w, &mut browser).await;
+    let code = continue_to_client(&w, &mut browser, &moved).await;
+    assert_eq!(code.len(), 64);
+    w.api.stop().await;
+}
+
+async fn count(api: &Api, event_type: &str) -> usize {
+    api.running
+        .state
+        .store()
+        .read_all(0, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == event_type)
+        .count()
+}
+
+/// Declined on the phone → `access_denied` to the client; expired → a page that starts again.
+async fn declined_and_expired_logins(db: &TestDb) {
+    let w = world(Api::start_with(db, None).await).await;
+    let mut browser = Browser::new(&w.api);
+    let csrf = csrf_of(&to_page(&w, &mut browser, &new_pkce(1)).await);
+    let png = browser.get(&format!("/login/{}/qr.png", w.server)).await;
+    let scanned = decode_qr(&png.bytes().await.unwrap());
+    let (callbacks, _events) = ChannelCallbacks::new();
+    let login = w.phone.start_session(&scanned, callbacks).await.unwrap();
+    login.stop_session().await.unwrap();
+    let events = browser.get(&format!("/login/{}/events", w.server)).await;
+    let mut stream = events.bytes_stream();
+    let mut buffer = String::new();
+    for _ in 0..5 {
+        if next_state(&mut stream, &mut buffer).await["state"] == "aborted" {
+            break;
+        }
+    }
+    let done = browser
+        .post(&format!("/login/{}/continue", w.server), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    let params = query(&location(&done).unwrap());
+    assert_eq!(params["error"], "access_denied");
+    assert_eq!(params["state"], "st-1");
+    assert!(!browser.jar.contains_key("cs_authz"), "cs_authz cleared");
+
+    // Nobody scans: the session expires; the page says so and starts again.
+    let csrf = csrf_of(&to_page(&w, &mut browser, &new_pkce(2)).await);
+    let events = browser.get(&format!("/login/{}/events", w.server)).await;
+    let mut stream = events.bytes_stream();
+    let mut buffer = String::new();
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "pending"
+    );
+    w.api.clock.advance_secs(301);
+    assert_eq!(
+        next_state(&mut stream, &mut buffer).await["state"],
+        "expired"
+    );
+    let page = browser.get(&format!("/login/{}", w.server)).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("The login expired"), "{html}");
+    assert_eq!(csrf_of(&html), csrf);
+    let expired = browser
+        .post(&format!("/login/{}/continue", w.server), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(expired.status(), StatusCode::OK);
+    assert!(expired.text().await.unwrap().contains("restart"));
+    let before = browser.jar["cs_authz"].clone();
+    let restarted = browser
+        .post(&format!("/login/{}/restart", w.server), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(restarted.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        location(&restarted).as_deref(),
+        Some(format!("/login/{}", w.server).as_str())
+    );
+    assert_ne!(
+        browser.jar["cs_authz"], before,
+        "a new pending authorization"
+    );
+    let page = browser.get(&format!("/login/{}", w.server)).await;
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Log in to <strong>Shop</strong>"));
+    let _ = phone_logs_in(&w, &mut browser).await;
+    until_logged_in(&w, &mut browser).await;
+    let code = continue_to_client(&w, &mut browser, &csrf_of(&html)).await;
+    assert_eq!(code.len(), 64);
+    w.api.stop().await;
+}
+
 countersign_eventstore::on_both_backends!(
+    declined_and_expired_logins,
+    send_to_my_phone,
     browser_login_then_sso,
     refusals_write_nothing,
     the_login_limiter_answers_429,

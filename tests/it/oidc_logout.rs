@@ -73,7 +73,11 @@ async fn check_logout_token(
     assert_eq!(form[0].0, "logout_token");
     let (header, claims) = verify_jwt(&rig.api, server, &form[0].1).await;
     assert_eq!(header["typ"], "logout+jwt", "{header}");
-    assert_eq!(claims["iss"], rig.api.url(&format!("/oidc/{server}")), "{claims}");
+    assert_eq!(
+        claims["iss"],
+        rig.api.url(&format!("/oidc/{server}")),
+        "{claims}"
+    );
     assert_eq!(claims["aud"], client_id, "{claims}");
     assert_eq!(claims["sub"], id_token["sub"], "{claims}");
     if id_token.get("sid").is_some() {
@@ -82,14 +86,23 @@ async fn check_logout_token(
     assert!(claims["sid"].is_string(), "{claims}");
     let iat = claims["iat"].as_i64().unwrap();
     assert_eq!(claims["exp"].as_i64().unwrap(), iat + 120, "{claims}");
-    assert!((iat - rig.api.clock.now_ms() / 1000).abs() <= 120, "{claims}");
-    assert!(claims["jti"].as_str().is_some_and(|j| j.len() >= 16), "{claims}");
+    assert!(
+        (iat - rig.api.clock.now_ms() / 1000).abs() <= 120,
+        "{claims}"
+    );
+    assert!(
+        claims["jti"].as_str().is_some_and(|j| j.len() >= 16),
+        "{claims}"
+    );
     assert_eq!(
         claims["events"],
         json!({"http://schemas.openid.net/event/backchannel-logout": {}}),
         "{claims}"
     );
-    assert!(claims.get("nonce").is_none(), "a logout token has no nonce: {claims}");
+    assert!(
+        claims.get("nonce").is_none(),
+        "a logout token has no nonce: {claims}"
+    );
     claims
 }
 
@@ -108,11 +121,21 @@ async fn the_phone_logging_out_reaches_the_rp(db: &TestDb) {
     // A second client of the same server without a logout URI, and one that got no tokens
     // for this session: neither is sent anything.
     let (_quiet_id, _quiet_secret) = rig
-        .client(&server, &token, json!({"ciba": {"mode": "poll", "notification_endpoint": null}}))
+        .client(
+            &server,
+            &token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
         .await;
     let client = (client_id.as_str(), secret.as_str());
     let (login, id_token) = logged_in(
-        &rig, &server, client, "alice", &phone, &account, "token-alice",
+        &rig,
+        &server,
+        client,
+        "alice",
+        &phone,
+        &account,
+        "token-alice",
     )
     .await;
     // The user logs out in the app.
@@ -123,7 +146,11 @@ async fn the_phone_logging_out_reaches_the_rp(db: &TestDb) {
     let request = rp.next().await;
     let claims = check_logout_token(&rig, &server, &client_id, &id_token, request).await;
     let sid = claims["sid"].as_str().unwrap();
-    assert_eq!(URL_SAFE_NO_PAD.decode(sid).unwrap().len(), 32, "sid is the session's hsid");
+    assert_eq!(
+        URL_SAFE_NO_PAD.decode(sid).unwrap().len(),
+        32,
+        "sid is the session's hsid"
+    );
     // Sent once (the follower's checkpoint moved past it).
     assert!(rp.received.try_recv().is_err(), "one logout token");
     rig.stop().await;
@@ -148,7 +175,11 @@ async fn the_business_side_ending_the_session_is_retried_until_delivered(db: &Te
     // The business system ends the session (what DELETE …/session and the IdP's
     // end_session endpoint do).
     let hsid: [u8; 32] = URL_SAFE_NO_PAD
-        .decode(id_token["sid"].as_str().expect("the ID token names the session"))
+        .decode(
+            id_token["sid"]
+                .as_str()
+                .expect("the ID token names the session"),
+        )
         .unwrap()
         .try_into()
         .unwrap();
@@ -171,7 +202,10 @@ async fn the_business_side_ending_the_session_is_retried_until_delivered(db: &Te
     let first_claims = check_logout_token(&rig, &server, &client_id, &id_token, first).await;
     let again = rp.next().await;
     let claims = check_logout_token(&rig, &server, &client_id, &id_token, again).await;
-    assert_ne!(claims["jti"], first_claims["jti"], "each attempt is a new token");
+    assert_ne!(
+        claims["jti"], first_claims["jti"],
+        "each attempt is a new token"
+    );
     assert_eq!(claims["sid"], first_claims["sid"]);
     let metrics = rig.api.metrics().await;
     assert!(
@@ -182,9 +216,9 @@ async fn the_business_side_ending_the_session_is_retried_until_delivered(db: &Te
     tokio::time::timeout(WAIT, async {
         loop {
             let metrics = rig.api.metrics().await;
-            if metrics
-                .contains(r#"countersign_idp_deliveries_total{kind="logout",outcome="delivered"} 1"#)
-            {
+            if metrics.contains(
+                r#"countersign_idp_deliveries_total{kind="logout",outcome="delivered"} 1"#,
+            ) {
                 return;
             }
             // No event announces a counter: look again shortly (bounded by WAIT).

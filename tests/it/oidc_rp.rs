@@ -14,8 +14,8 @@ use std::time::Duration;
 use countersign_eventstore::testing::TestDb;
 use countersign_message_center::standin::FcmStandin;
 use countersign_mobile_sdk::{
-    HistoryStatus, Interaction, McConfig, MemoryStorage, NoCallbacks, Platform, PushAction,
-    SecondFactor, SessionHandle, Sdk, SdkConfig, State,
+    HistoryStatus, Interaction, McConfig, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk,
+    SdkConfig, SecondFactor, SessionHandle, State,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -75,7 +75,9 @@ async fn approve(login: &SessionHandle, account: &str) {
 
 async fn authlib_runs_the_code_flow_refresh_logout_and_ciba(db: &TestDb) {
     if !python_ready() {
-        eprintln!("skipped: python3 with authlib and requests is not installed (.ci/test installs them)");
+        eprintln!(
+            "skipped: python3 with authlib and requests is not installed (.ci/test installs them)"
+        );
         return;
     }
     let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
@@ -185,16 +187,19 @@ async fn authlib_runs_the_code_flow_refresh_logout_and_ciba(db: &TestDb) {
                 approve(&login, &account).await;
                 browser_login = Some(login);
             } else if let Some(message) = line.strip_prefix("CIBA ") {
-                let push = tokio::time::timeout(WAIT, fcm.next_push(PUSH_TOKEN))
-                    .await
-                    .expect("no push reached the stand-in");
-                let bytes = serde_json::to_vec(&push.payload_json).unwrap();
-                let PushAction::Login(login) = phone
-                    .process_push(&bytes, Arc::new(NoCallbacks))
-                    .await
-                    .unwrap()
-                else {
-                    panic!("the CIBA push was not a login")
+                // Earlier pushes (the logout the RP asked for) come first.
+                let login = loop {
+                    let push = tokio::time::timeout(WAIT, fcm.next_push(PUSH_TOKEN))
+                        .await
+                        .expect("no login push reached the stand-in");
+                    let bytes = serde_json::to_vec(&push.payload_json).unwrap();
+                    if let PushAction::Login(login) = phone
+                        .process_push(&bytes, Arc::new(NoCallbacks))
+                        .await
+                        .unwrap()
+                    {
+                        break login;
+                    }
                 };
                 assert_eq!(
                     login.snapshot().announce_info.as_deref(),
