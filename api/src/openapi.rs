@@ -122,7 +122,47 @@ impl Modify for NonceInPathDeprecated {
 #[derive(Debug)]
 pub struct ApiDoc;
 
-/// `GET /openapi.json`.
-pub async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// `GET /openapi.json`: the API's document, with the configured extension merged in.
+pub async fn document(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+) -> Json<serde_json::Value> {
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    if let Some(extension) = &state.config().openapi_extension {
+        merge(&mut document, extension);
+    }
+    Json(document)
+}
+
+/// Adds `extension`'s paths, component schemas and security schemes (objects, by key) and
+/// tags (a list) to `document`; what `document` already has is kept.
+fn merge(document: &mut serde_json::Value, extension: &serde_json::Value) {
+    for pointer in [
+        "/paths",
+        "/components/schemas",
+        "/components/securitySchemes",
+    ] {
+        let Some(extra) = extension.pointer(pointer).and_then(|v| v.as_object()) else {
+            continue;
+        };
+        let mut at = &mut *document;
+        for key in pointer.trim_start_matches('/').split('/') {
+            let Some(object) = at.as_object_mut() else {
+                return;
+            };
+            at = object
+                .entry(key.to_owned())
+                .or_insert_with(|| serde_json::json!({}));
+        }
+        if let Some(target) = at.as_object_mut() {
+            for (key, value) in extra {
+                target.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+    }
+    if let (Some(tags), Some(extra)) = (
+        document.get_mut("tags").and_then(|t| t.as_array_mut()),
+        extension.get("tags").and_then(|t| t.as_array()),
+    ) {
+        tags.extend(extra.iter().cloned());
+    }
 }

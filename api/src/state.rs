@@ -36,6 +36,9 @@ pub struct ApiConfig {
     pub streams: crate::streams::StreamLimits,
     /// How often one user may be sent a push login.
     pub provoke: crate::provoke::ProvokeLimits,
+    /// OpenAPI paths, schemas, security schemes and tags served with the API's own in
+    /// `/openapi.json`: the routes other crates merge into the same server (the IdP's).
+    pub openapi_extension: Option<std::sync::Arc<serde_json::Value>>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -61,6 +64,7 @@ impl ApiConfig {
             request_timeout: Duration::from_secs(30),
             streams: crate::streams::StreamLimits::default(),
             provoke: crate::provoke::ProvokeLimits::default(),
+            openapi_extension: None,
         }
     }
 }

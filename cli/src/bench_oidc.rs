@@ -373,6 +373,13 @@ async fn exchanges(
     Ok((phase, tokens))
 }
 
+/// Sends `request` and reads the whole answer, which must be a success: how long that took.
+async fn timed_get(request: reqwest::RequestBuilder) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    request.send().await?.error_for_status()?.bytes().await?;
+    Ok(t0.elapsed())
+}
+
 pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
     super::transactions::check_args(1, args.concurrency, args.seconds)?;
     if args.page_clients == 0 {
@@ -455,16 +462,12 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
                 async move {
                     let n = usize::try_from(i).unwrap_or(0).wrapping_add(worker) % tokens.len();
                     let token = tokens.get(n).context("no token")?;
-                    let t0 = Instant::now();
-                    rp.http
-                        .get(format!("{}/userinfo", rp.issuer))
-                        .bearer_auth(token)
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .bytes()
-                        .await?;
-                    Ok(t0.elapsed())
+                    timed_get(
+                        rp.http
+                            .get(format!("{}/userinfo", rp.issuer))
+                            .bearer_auth(token),
+                    )
+                    .await
                 }
             },
         )
@@ -480,17 +483,7 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
             args.server_pid,
             move |_, _| {
                 let (rp, url) = (rp.clone(), url.clone());
-                async move {
-                    let t0 = Instant::now();
-                    rp.http
-                        .get(&url)
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .bytes()
-                        .await?;
-                    Ok(t0.elapsed())
-                }
+                async move { timed_get(rp.http.get(&url)).await }
             },
         )
         .await?

@@ -425,6 +425,9 @@ pub async fn start(
         },
     );
     let mut config = ApiConfig::new(admin_key.trim(), gateway_url);
+    if roles.api {
+        config.openapi_extension = Some(Arc::new(countersign_idp::openapi::document()));
+    }
     config.max_wait = Duration::from_millis(args.max_wait_ms);
     config.streams = countersign_api::streams::StreamLimits {
         per_key: args.streams.max_streams_per_key,

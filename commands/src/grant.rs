@@ -651,23 +651,45 @@ impl GrantCommands {
                 access_expires_at,
             },
         };
+        self.issue(
+            grant,
+            loaded,
+            command.into(),
+            (access_token, refresh.map(|(t, _)| t), access_expires_at),
+            &with_server(metadata, server),
+        )
+        .await
+    }
+
+    /// Decides a token-issuing `command` on the `loaded` grant and appends it (`metadata`
+    /// names the server already); answers the `tokens` (access token, refresh token, access
+    /// expiry) it issued, or the reuse it detected ([`Self::finish`]).
+    async fn issue(
+        &self,
+        grant: GrantRef,
+        loaded: Loaded<Grant>,
+        command: GrantCommand,
+        tokens: (GrantToken, Option<GrantToken>, Timestamp),
+        metadata: &Metadata,
+    ) -> Result<IssuedTokens, GrantRefused> {
         let before = loaded.state.clone();
         let mut ctx = Context::new(self.clock.now());
         let done = crate::decide_and_append::<Grant>(
             &self.store,
             &grant.stream(),
             Some(loaded),
-            command.into(),
+            command,
             &mut ctx,
-            &with_server(metadata, server),
+            metadata,
             None,
         )
         .await?;
+        let (access_token, refresh_token, access_expires_at) = tokens;
         Self::finish(
             grant,
             before,
             access_token,
-            refresh.map(|(t, _)| t),
+            refresh_token,
             access_expires_at,
             done,
         )
@@ -769,26 +791,14 @@ impl GrantCommands {
                 access_expires_at,
             },
         };
-        let before = loaded.state.clone();
-        let mut ctx = Context::new(self.clock.now());
-        let done = crate::decide_and_append::<Grant>(
-            &self.store,
-            &grant.stream(),
-            Some(loaded),
-            command.into(),
-            &mut ctx,
-            &with_server(metadata, grant.server_id),
-            None,
-        )
-        .await?;
-        Self::finish(
+        self.issue(
             grant,
-            before,
-            access_token,
-            refresh.map(|(t, _)| t),
-            access_expires_at,
-            done,
+            loaded,
+            command.into(),
+            (access_token, refresh.map(|(t, _)| t), access_expires_at),
+            &with_server(metadata, grant.server_id),
         )
+        .await
     }
 
     /// Spends a refresh token of `client` for a new access and refresh token. Refused once
@@ -832,26 +842,14 @@ impl GrantCommands {
             new_refresh_hash,
             access_expires_at,
         };
-        let before = loaded.state.clone();
-        let mut ctx = Context::new(self.clock.now());
-        let done = crate::decide_and_append::<Grant>(
-            &self.store,
-            &grant.stream(),
-            Some(loaded),
-            command.into(),
-            &mut ctx,
-            &with_server(metadata, server),
-            None,
-        )
-        .await?;
-        Self::finish(
+        self.issue(
             grant,
-            before,
-            access_token,
-            Some(refresh),
-            access_expires_at,
-            done,
+            loaded,
+            command.into(),
+            (access_token, Some(refresh), access_expires_at),
+            &with_server(metadata, server),
         )
+        .await
     }
 
     /// Revokes a grant (nothing new if it is revoked already; `NotFound` if it never existed).

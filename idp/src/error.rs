@@ -7,9 +7,9 @@
 //! that does not exist, 500 `server_error` whose cause goes to the log only. Every answer
 //! carries `Cache-Control: no-store`.
 //!
-//! Browser endpoints answer a small HTML page instead ([`page_error`]): a browser cannot do
-//! anything with JSON, and an error at the authorization endpoint must never redirect to a
-//! URI that was not checked.
+//! Browser endpoints answer a small HTML page instead (`login_page::error_page`): a browser
+//! cannot do anything with JSON, and an error at the authorization endpoint must never
+//! redirect to a URI that was not checked.
 //!
 //! Descriptions are fixed texts: never a code, a token, a secret or anything the client sent.
 
@@ -175,35 +175,6 @@ pub fn html_escape(text: &str) -> String {
         }
     }
     out
-}
-
-/// An HTML error page for browser endpoints: `title` and `message` (escaped), no script, no
-/// external resource, not framable, not cached.
-pub fn page_error(status: StatusCode, title: &str, message: &str) -> Response {
-    let title = html_escape(title);
-    let message = html_escape(message);
-    let body = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title}</title></head><body><main><h1>{title}</h1><p>{message}</p></main>\
-         </body></html>"
-    );
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-            ),
-            (header::X_FRAME_OPTIONS, "DENY"),
-            (header::REFERRER_POLICY, "no-referrer"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-        .into_response()
 }
 
 #[cfg(test)]

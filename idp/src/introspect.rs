@@ -24,12 +24,12 @@ use axum::routing::post;
 use countersign_commands::grant::parse_token;
 use countersign_domain::ServerId;
 use countersign_domain::grant::{ActiveGrant, Grant, digest_eq};
-use countersign_domain::session::SessionStatus;
 use countersign_projections::read_models::OidcClientRow;
 
 use crate::error::OAuthError;
 use crate::state::IdpState;
 use crate::tokens::{client_metadata, param, parse_form, server_of};
+use crate::userinfo::session_logged_in;
 
 /// This module's routes.
 pub(crate) fn routes() -> Router<IdpState> {
@@ -50,6 +50,38 @@ fn json(body: &serde_json::Value) -> Response {
         .into_response()
 }
 
+/// An introspection or revocation request: the server, the client it authenticated as, and
+/// the `token` it names.
+struct TokenRequest {
+    server: ServerId,
+    client: OidcClientRow,
+    token: String,
+    form: HashMap<String, String>,
+}
+
+impl TokenRequest {
+    async fn read(
+        state: &IdpState,
+        server_id: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Self, OAuthError> {
+        let server = server_of(server_id)?;
+        let form = parse_form(headers, body)?;
+        let client = crate::client_auth::authenticate(state, server, headers, &form).await?;
+        let Some(token) = param(&form, "token") else {
+            return Err(OAuthError::invalid_request("token is required"));
+        };
+        let token = token.to_owned();
+        Ok(Self {
+            server,
+            client,
+            token,
+            form,
+        })
+    }
+}
+
 async fn introspect(
     State(state): State<IdpState>,
     Path(server_id): Path<String>,
@@ -57,13 +89,15 @@ async fn introspect(
     body: Bytes,
 ) -> Response {
     let answer = async {
-        let server = server_of(&server_id)?;
-        let form = parse_form(&headers, &body)?;
-        let client = crate::client_auth::authenticate(&state, server, &headers, &form).await?;
-        let Some(token) = param(&form, "token") else {
-            return Err(OAuthError::invalid_request("token is required"));
-        };
-        answer(&state, server, &client, token, &form).await
+        let asked = TokenRequest::read(&state, &server_id, &headers, &body).await?;
+        answer(
+            &state,
+            asked.server,
+            &asked.client,
+            &asked.token,
+            &asked.form,
+        )
+        .await
     };
     match answer.await {
         Ok(body) => json(&body),
@@ -107,15 +141,7 @@ async fn answer(
     if !access && !refresh {
         return Ok(inactive);
     }
-    let session = api
-        .commands()
-        .sessions
-        .load(active.origin.session())
-        .await
-        .map_err(|e| OAuthError::server_error("session load", &e))?;
-    let logged_in = session.state.status() == SessionStatus::LoggedIn
-        && session.state.ping_deadline().is_none_or(|d| now < d);
-    if !logged_in {
+    if !session_logged_in(state, active.origin.session(), now).await? {
         return Ok(inactive);
     }
     active_answer(state, server, active, access).await
@@ -159,12 +185,13 @@ async fn revoke(
     body: Bytes,
 ) -> Response {
     let answer = async {
-        let server = server_of(&server_id)?;
-        let form = parse_form(&headers, &body)?;
-        let client = crate::client_auth::authenticate(&state, server, &headers, &form).await?;
-        let Some(token) = param(&form, "token") else {
-            return Err(OAuthError::invalid_request("token is required"));
-        };
+        let TokenRequest {
+            server,
+            client,
+            token,
+            ..
+        } = TokenRequest::read(&state, &server_id, &headers, &body).await?;
+        let token = token.as_str();
         let done = state
             .api()
             .commands()
@@ -182,7 +209,7 @@ async fn revoke(
         {
             state.userinfo_cache().forget_grant(presented.grant);
         }
-        Ok(())
+        Ok::<(), OAuthError>(())
     };
     match answer.await {
         Ok(()) => (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")]).into_response(),

@@ -27,6 +27,7 @@ pub mod introspect;
 pub mod jwt;
 pub mod keys;
 pub mod login_page;
+pub mod openapi;
 pub mod state;
 pub mod tokens;
 pub mod userinfo;

@@ -171,20 +171,7 @@ pub(crate) async fn face(
 // Answers
 
 /// HTML-escapes text for element content and quoted attributes.
-pub(crate) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub(crate) use crate::error::html_escape as escape;
 
 /// Puts the headers every browser answer carries, with `csp`.
 pub(crate) fn harden(headers: &mut HeaderMap, csp: &str) {

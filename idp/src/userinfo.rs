@@ -30,7 +30,7 @@ use axum::routing::get;
 use countersign_commands::grant::parse_token;
 use countersign_domain::grant::{ActiveGrant, Grant, digest_eq};
 use countersign_domain::session::SessionStatus;
-use countersign_domain::{GrantRef, ServerId};
+use countersign_domain::{GrantRef, ServerId, SessionRef, Timestamp};
 use sha2::{Digest, Sha256};
 
 use crate::error::OAuthError;
@@ -162,21 +162,34 @@ pub async fn check_access(
     if !digest_eq(&active.access_hash, &presented.hash) || now >= active.access_expires_at {
         return Err(invalid());
     }
-    let session = api
-        .commands()
-        .sessions
-        .load(active.origin.session())
-        .await
-        .map_err(|e| OAuthError::server_error("session load", &e))?;
-    let logged_in = session.state.status() == SessionStatus::LoggedIn
-        && session.state.ping_deadline().is_none_or(|d| now < d);
-    if !logged_in {
+    if !session_logged_in(state, active.origin.session(), now).await? {
         return Err(invalid());
     }
     Ok(ValidAccess {
         grant: presented.grant,
         active,
     })
+}
+
+/// Whether the login session `session` is still logged in at `now` (its ping deadline not
+/// passed): what keeps a grant's tokens good.
+///
+/// # Errors
+/// `server_error` when the session cannot be loaded.
+pub(crate) async fn session_logged_in(
+    state: &IdpState,
+    session: SessionRef,
+    now: Timestamp,
+) -> Result<bool, OAuthError> {
+    let session = state
+        .api()
+        .commands()
+        .sessions
+        .load(session)
+        .await
+        .map_err(|e| OAuthError::server_error("session load", &e))?;
+    Ok(session.state.status() == SessionStatus::LoggedIn
+        && session.state.ping_deadline().is_none_or(|d| now < d))
 }
 
 /// The bearer token of a request: the `Authorization` header, else (POST) the form's

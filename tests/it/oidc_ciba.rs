@@ -14,21 +14,18 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use countersign_eventstore::testing::TestDb;
 use countersign_message_center::standin::{FcmStandin, ReceivedPush};
-use countersign_mobile_sdk::{
-    McConfig, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk, SdkConfig, SessionHandle,
-    State,
-};
+use countersign_mobile_sdk::{NoCallbacks, Platform, PushAction, Sdk, SessionHandle, State};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::api::Api;
-use crate::device::{enrol, enrolment_qr, tenant};
+use crate::device::tenant;
+use crate::push::{PushRig, enrolled_push_phone};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
-const APP_ID: &str = "com.example.bank";
 
 /// A served API whose MC delivers through the FCM stand-in, on the wall clock's time (the
-/// push services judge expiry by it) but moved only by the test.
+/// push services judge expiry by it) but moved only by the test: a [`PushRig`] without APNs.
 pub(crate) struct CibaRig {
     pub api: Api,
     pub fcm: FcmStandin,
@@ -37,24 +34,7 @@ pub(crate) struct CibaRig {
 
 impl CibaRig {
     pub(crate) async fn start(db: &TestDb) -> Self {
-        let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let account = dir.path().join("fcm.json");
-        std::fs::write(&account, fcm.service_account_json()).unwrap();
-        let fcm_url = fcm.url();
-        let api = Api::start_tuned(db, move |args| {
-            args.push.fcm_service_account = Some(account);
-            args.push.fcm_url = fcm_url;
-        })
-        .await;
-        #[allow(clippy::disallowed_methods)] // The wall clock the push services run on.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        api.clock.advance_secs((now - api.clock.now_ms()) / 1000);
+        let PushRig { api, fcm, dir, .. } = PushRig::start(db, false).await;
         Self {
             api,
             fcm,
@@ -92,28 +72,7 @@ impl CibaRig {
         userid: &str,
         push_token: &str,
     ) -> (Sdk, String) {
-        let mc = McConfig::fetch(&self.api.url("/v1/mc")).await.unwrap();
-        let phone = Sdk::open(
-            Arc::new(MemoryStorage::new()),
-            SdkConfig {
-                mc: Some(mc),
-                ..SdkConfig::default()
-            },
-        )
-        .unwrap();
-        let clock = self.api.clock.clone();
-        phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
-        let account = enrol(
-            &phone,
-            &enrolment_qr(&self.api, server, token, userid).await,
-        )
-        .await;
-        let registered = phone
-            .register_push(Platform::Fcm, push_token, APP_ID)
-            .await
-            .unwrap();
-        assert!(registered.failed.is_empty(), "{:?}", registered.failed);
-        (phone, account)
+        enrolled_push_phone(&self.api, server, token, userid, Platform::Fcm, push_token).await
     }
 
     /// Registers a confidential client; answers (client_id, client_secret).
@@ -146,6 +105,17 @@ impl CibaRig {
             created["client_id"].as_str().unwrap().to_owned(),
             created["client_secret"].as_str().unwrap().to_owned(),
         )
+    }
+
+    /// Registers a confidential client for CIBA in poll mode; answers (client_id,
+    /// client_secret).
+    pub(crate) async fn poll_client(&self, server: &str, token: &str) -> (String, String) {
+        self.client(
+            server,
+            token,
+            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
+        )
+        .await
     }
 
     /// A form POST to an IdP endpoint with `client_secret_basic`: (status, raw body).
@@ -277,12 +247,6 @@ pub(crate) async fn poll_until_decided(
     panic!("the CIBA request stayed pending")
 }
 
-/// The JSON payload of a compact JWS, unverified.
-pub(crate) fn jwt_payload(token: &str) -> Value {
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
-}
-
 /// Verifies an ES256 compact JWS against the server's JWKS; answers (header, payload).
 pub(crate) async fn verify_jwt(api: &Api, server: &str, token: &str) -> (Value, Value) {
     use p256::ecdsa::signature::Verifier as _;
@@ -331,13 +295,7 @@ async fn head(rig: &CibaRig) -> Option<u64> {
 async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, phone, account) = rig.tenant_with_phone("alice", "token-alice", 60).await;
-    let (client_id, secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (client_id, secret) = rig.poll_client(&server, &token).await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
         .bc_authorize(
@@ -399,13 +357,7 @@ async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(again["error"], "invalid_grant", "{again}");
     // Another client's secret cannot fetch it, nor can a forged id naming the grant.
-    let (other_id, other_secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (other_id, other_secret) = rig.poll_client(&server, &token).await;
     let (status, stolen) = rig
         .poll(&server, (&other_id, &other_secret), &auth_req_id)
         .await;
@@ -423,13 +375,7 @@ async fn poll_mode_pending_slow_down_then_tokens_once(db: &TestDb) {
 async fn a_declined_push_is_access_denied(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, phone, _account) = rig.tenant_with_phone("bob", "token-bob", 0).await;
-    let (client_id, secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (client_id, secret) = rig.poll_client(&server, &token).await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
         .bc_authorize(
@@ -452,13 +398,7 @@ async fn a_declined_push_is_access_denied(db: &TestDb) {
 async fn an_unanswered_request_expires(db: &TestDb) {
     let rig = CibaRig::start(db).await;
     let (server, token, _phone, _account) = rig.tenant_with_phone("carol", "token-carol", 0).await;
-    let (client_id, secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (client_id, secret) = rig.poll_client(&server, &token).await;
     let client = (client_id.as_str(), secret.as_str());
     let (status, asked) = rig
         .bc_authorize(
@@ -501,13 +441,7 @@ async fn unknown_users_and_users_without_a_phone_look_the_same(db: &TestDb) {
         )
         .await;
     assert!(status.is_success(), "{body}");
-    let (client_id, secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (client_id, secret) = rig.poll_client(&server, &token).await;
     let client = (client_id.as_str(), secret.as_str());
     let path = format!("/oidc/{server}/bc-authorize");
     let ask = |userid: &'static str| {

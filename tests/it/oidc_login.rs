@@ -21,9 +21,8 @@ use countersign_domain::ServerId;
 use countersign_domain::server::{OidcClientKind, OidcClientSettings};
 use countersign_eventstore::Metadata;
 use countersign_eventstore::testing::TestDb;
-use countersign_message_center::standin::FcmStandin;
 use countersign_mobile_sdk::{
-    ChannelCallbacks, Interaction, McConfig, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk,
+    ChannelCallbacks, Interaction, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk,
     SdkConfig, State,
 };
 use futures::StreamExt as _;
@@ -34,6 +33,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{Api, next_state};
 use crate::device::{enrol, enrolment_qr, tenant};
 use crate::leaks::{contains, logs, written};
+use crate::push::{PushRig, enrolled_push_phone};
 
 const WAIT: Duration = Duration::from_secs(20);
 const RP: &str = "https://rp.test/cb";
@@ -179,6 +179,24 @@ fn location(response: &reqwest::Response) -> Option<String> {
         .map(|v| v.to_str().unwrap().to_owned())
 }
 
+/// Asserts that `response` sends the browser to the server's login page.
+fn assert_to_page(w: &World, response: &reqwest::Response) {
+    assert_eq!(
+        location(response).as_deref(),
+        Some(format!("/login/{}", w.server).as_str())
+    );
+}
+
+/// The HTML of the server's login page, as the browser sees it now.
+async fn page_html(w: &World, browser: &mut Browser) -> String {
+    browser
+        .get(&format!("/login/{}", w.server))
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The value of the first `name="csrf"` field of a page.
 fn csrf_of(html: &str) -> String {
     let start = html.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
@@ -308,10 +326,7 @@ fn assert_hardened(response: &reqwest::Response) {
 async fn to_page(w: &World, browser: &mut Browser, pkce: &Pkce) -> String {
     let response = browser.get(&authorize_path(w, pkce, "")).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        location(&response).as_deref(),
-        Some(format!("/login/{}", w.server).as_str())
-    );
+    assert_to_page(w, &response);
     let set = response.headers()[header::SET_COOKIE].to_str().unwrap();
     assert!(set.starts_with("cs_authz="), "{set}");
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age="] {
@@ -427,10 +442,7 @@ async fn browser_login_then_sso(db: &TestDb) {
         .post(&format!("/login/{}/continue", w.server), &[("csrf", &csrf)])
         .await;
     assert_eq!(early.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        location(&early).as_deref(),
-        Some(format!("/login/{}", w.server).as_str())
-    );
+    assert_to_page(&w, &early);
     assert_eq!(w.api.head().await, head);
 
     let login = phone_logs_in(&w, &mut browser).await;
@@ -515,10 +527,7 @@ async fn browser_login_then_sso(db: &TestDb) {
     let forced = browser
         .get(&authorize_path(&w, &new_pkce(3), "&prompt=login"))
         .await;
-    assert_eq!(
-        location(&forced).as_deref(),
-        Some(format!("/login/{}", w.server).as_str())
-    );
+    assert_to_page(&w, &forced);
 
     // prompt=none without a login: login_required, to the client, nothing written.
     let mut stranger = Browser::new(&w.api);
@@ -829,12 +838,7 @@ async fn a_phone_browser_gets_the_deep_link(db: &TestDb) {
     browser.user_agent = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_0 like Mac OS X) Mobile/15E148";
     let response = browser.get(&authorize_path(&w, &new_pkce(1), "")).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    let html = browser
-        .get(&format!("/login/{}", w.server))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let html = page_html(&w, &mut browser).await;
     let start = html.find("id=\"open-app\" href=\"").unwrap() + "id=\"open-app\" href=\"".len();
     let link = &html[start..start + html[start..].find('"').unwrap()];
     assert!(link.starts_with("countersign:"), "{link}");
@@ -846,48 +850,19 @@ async fn a_phone_browser_gets_the_deep_link(db: &TestDb) {
     w.api.stop().await;
 }
 
-const APP_ID: &str = "com.example.bank";
-
 /// "Send to my phone": a browser that logged in before asks that phone again by push, and the
 /// pending authorization moves onto that session.
 async fn send_to_my_phone(db: &TestDb) {
-    let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let service_account = dir.path().join("fcm.json");
-    std::fs::write(&service_account, fcm.service_account_json()).unwrap();
-    let fcm_url = fcm.url();
-    let api = Api::start_tuned(db, move |args| {
-        args.push.fcm_service_account = Some(service_account);
-        args.push.fcm_url = fcm_url;
-    })
-    .await;
-    #[allow(clippy::disallowed_methods)] // The wall clock the push services run on.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    api.clock.advance_secs((now - api.clock.now_ms()) / 1000);
+    let PushRig {
+        api,
+        fcm,
+        dir: _dir,
+        ..
+    } = PushRig::start(db, false).await;
     // One-shot logins (the server's default): a completed login can be asked again.
     let (server, token) = tenant(&api, "Bank", "alice").await;
-    let mc = McConfig::fetch(&api.url("/v1/mc")).await.unwrap();
-    let phone = Sdk::open(
-        Arc::new(MemoryStorage::new()),
-        SdkConfig {
-            mc: Some(mc),
-            ..SdkConfig::default()
-        },
-    )
-    .unwrap();
-    let clock = api.clock.clone();
-    phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
-    let account = enrol(&phone, &enrolment_qr(&api, &server, &token, "alice").await).await;
-    let registered = phone
-        .register_push(Platform::Fcm, "token-alice", APP_ID)
-        .await
-        .unwrap();
-    assert!(registered.failed.is_empty(), "{:?}", registered.failed);
+    let (phone, account) =
+        enrolled_push_phone(&api, &server, &token, "alice", Platform::Fcm, "token-alice").await;
     let client_id = register(&api, &server, "Shop", OidcClientKind::Public).await;
     let w = World {
         api,
@@ -909,12 +884,7 @@ async fn send_to_my_phone(db: &TestDb) {
         .get(&authorize_path(&w, &new_pkce(2), "&prompt=login"))
         .await;
     assert_eq!(again.status(), StatusCode::SEE_OTHER);
-    let html = browser
-        .get(&format!("/login/{}", w.server))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let html = page_html(&w, &mut browser).await;
     assert!(html.contains(&format!("action=\"/login/{}/provoke\"", w.server)));
     let csrf = csrf_of(&html);
     let events = browser.get(&format!("/login/{}/events", w.server)).await;
@@ -930,10 +900,7 @@ async fn send_to_my_phone(db: &TestDb) {
         .post(&format!("/login/{}/provoke", w.server), &[("csrf", &csrf)])
         .await;
     assert_eq!(sent.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        location(&sent).as_deref(),
-        Some(format!("/login/{}", w.server).as_str())
-    );
+    assert_to_page(&w, &sent);
     assert_eq!(
         count(&w.api, "session.aborted").await,
         aborted_before + 1,
@@ -954,12 +921,7 @@ async fn send_to_my_phone(db: &TestDb) {
     assert_eq!(login.announce_info().as_deref(), Some("Log in to Shop"));
     login.set_account(Some(&w.account)).await.unwrap();
     // The page the provoke sent the browser back to: its cookie, and so its token, are new.
-    let html = browser
-        .get(&format!("/login/{}", w.server))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let html = page_html(&w, &mut browser).await;
     let moved = csrf_of(&html);
     assert_ne!(moved, csrf);
     until_logged_in(&w, &mut browser).await;
@@ -1036,10 +998,7 @@ async fn declined_and_expired_logins(db: &TestDb) {
         .post(&format!("/login/{}/restart", w.server), &[("csrf", &csrf)])
         .await;
     assert_eq!(restarted.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        location(&restarted).as_deref(),
-        Some(format!("/login/{}", w.server).as_str())
-    );
+    assert_to_page(&w, &restarted);
     assert_ne!(
         browser.jar["cs_authz"], before,
         "a new pending authorization"

@@ -120,13 +120,7 @@ async fn the_phone_logging_out_reaches_the_rp(db: &TestDb) {
         .await;
     // A second client of the same server without a logout URI, and one that got no tokens
     // for this session: neither is sent anything.
-    let (_quiet_id, _quiet_secret) = rig
-        .client(
-            &server,
-            &token,
-            json!({"ciba": {"mode": "poll", "notification_endpoint": null}}),
-        )
-        .await;
+    let (_quiet_id, _quiet_secret) = rig.poll_client(&server, &token).await;
     let client = (client_id.as_str(), secret.as_str());
     let (login, id_token) = logged_in(
         &rig,

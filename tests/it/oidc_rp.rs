@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use countersign_eventstore::testing::TestDb;
-use countersign_message_center::standin::FcmStandin;
 use countersign_mobile_sdk::{
     HistoryStatus, Interaction, McConfig, MemoryStorage, NoCallbacks, Platform, PushAction, Sdk,
     SdkConfig, SecondFactor, SessionHandle, State,
@@ -21,7 +20,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::api::Api;
+use crate::leaks::{contains, logs, written};
+use crate::push::PushRig;
 use crate::second_factor::{phone_config, pin_tenant};
 use crate::transactions_device::{PIN, enrol_with_pin};
 
@@ -74,31 +74,16 @@ async fn approve(login: &SessionHandle, account: &str) {
 }
 
 async fn authlib_runs_the_code_flow_refresh_logout_and_ciba(db: &TestDb) {
+    logs();
     if !python_ready() {
         eprintln!(
             "skipped: python3 with authlib and requests is not installed (.ci/test installs them)"
         );
         return;
     }
-    let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let account_file = dir.path().join("fcm.json");
-    std::fs::write(&account_file, fcm.service_account_json()).unwrap();
-    let fcm_url = fcm.url();
-    let api = Api::start_tuned(db, move |args| {
-        args.push.fcm_service_account = Some(account_file);
-        args.push.fcm_url = fcm_url;
-    })
-    .await;
-    // Authlib judges the tokens' times by the wall clock: run the server's clock from now.
-    #[allow(clippy::disallowed_methods)] // The wall clock the relying party runs on.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    api.clock.advance_secs((now - api.clock.now_ms()) / 1000);
+    // Authlib judges the tokens' times by the wall clock: the rig runs the server's clock
+    // from now.
+    let PushRig { api, fcm, dir, .. } = PushRig::start(db, false).await;
 
     let (server, token) = pin_tenant(&api, "ines").await;
     let (status, body) = api
@@ -153,6 +138,23 @@ async fn authlib_runs_the_code_flow_refresh_logout_and_ciba(db: &TestDb) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{client}");
     let issuer = api.url(&format!("/oidc/{server}"));
+    // The IdP's JSON endpoints are in the server's OpenAPI document.
+    let (status, document) = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "token",
+        "userinfo",
+        "introspect",
+        "revoke",
+        "bc-authorize",
+        "jwks",
+    ] {
+        assert!(
+            document["paths"][format!("/oidc/{{server_id}}/{path}")].is_object(),
+            "{path} is not in /openapi.json"
+        );
+    }
+    assert!(document["paths"]["/v1/servers/{server_id}/oidc/clients"].is_object());
 
     let mut rp = tokio::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/oidc/rp_authlib.py"))
@@ -244,7 +246,32 @@ async fn authlib_runs_the_code_flow_refresh_logout_and_ciba(db: &TestDb) {
     assert_eq!(ended.history_status, Some(HistoryStatus::LoggedOut));
     assert!(ciba_login.is_some());
 
-    // The log says who got what: the grants' events, with no token in them.
+    // No code, token, client secret, nonce, verifier or cookie the RP handled is in a log
+    // line of this process (the server's and the phone's) or in anything the server wrote.
+    // The OIDC nonce is the RP's own value, sent in the authorization URL, and must come back
+    // verbatim in the ID token: the grant keeps it (never a log line).
+    let seen: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("secrets.json")).unwrap()).unwrap();
+    let secrets: Vec<&str> = seen["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(secrets.len() >= 10, "{} secrets", secrets.len());
+    let logged = logs().text();
+    let stored = written(&api, db).await;
+    for secret in secrets {
+        assert!(!logged.contains(secret), "a secret the RP holds was logged");
+        if secret != seen["nonce"] {
+            assert!(
+                !contains(&stored, secret.as_bytes()),
+                "a secret the RP holds was stored"
+            );
+        }
+    }
+
+    // The log says who got what: the grants' events.
     let events = api
         .running
         .state

@@ -182,6 +182,14 @@ fn exchange<'a>(code: &'a str, verifier: Option<&'a str>) -> Vec<(&'a str, &'a s
     pairs
 }
 
+/// The token endpoint's refresh grant for `refresh_token`.
+fn refreshing(refresh_token: &str) -> [(&str, &str); 2] {
+    [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+    ]
+}
+
 /// Verifies a compact ES256 JWS against a JWKS document with p256 alone; answers the claims.
 fn verify_with_jwks(jwks: &Value, token: &str) -> Value {
     let parts: Vec<&str> = token.split('.').collect();
@@ -495,13 +503,7 @@ async fn the_code_flow_and_its_refusals(db: &TestDb) {
 
     // Refresh: new tokens, the old access token gone.
     let head = api.head().await.unwrap();
-    let (status, _, refreshed) = post_form(
-        &api,
-        &token_path,
-        rp_auth,
-        &[("grant_type", "refresh_token"), ("refresh_token", &refresh)],
-    )
-    .await;
+    let (status, _, refreshed) = post_form(&api, &token_path, rp_auth, &refreshing(&refresh)).await;
     assert_eq!(status, StatusCode::OK, "{refreshed}");
     let access2 = refreshed["access_token"].as_str().unwrap().to_owned();
     let refresh2 = refreshed["refresh_token"].as_str().unwrap().to_owned();
@@ -551,16 +553,7 @@ async fn the_code_flow_and_its_refusals(db: &TestDb) {
         json!({"active": false}),
         "the reuse revoked what the code issued"
     );
-    let after = post_form(
-        &api,
-        &token_path,
-        rp_auth,
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &refresh2),
-        ],
-    )
-    .await;
+    let after = post_form(&api, &token_path, rp_auth, &refreshing(&refresh2)).await;
     refused(&after, StatusCode::BAD_REQUEST, "invalid_grant");
 
     // Revocation: a fresh grant's access token revoked; unknown tokens answer 200 too.
@@ -597,16 +590,7 @@ async fn the_code_flow_and_its_refusals(db: &TestDb) {
     assert_eq!(api.head().await, Some(head + 1), "one grant.revoked");
     let (status, _, _) = get_json(&api, &userinfo_path, Some(&access3)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let revoked_refresh = post_form(
-        &api,
-        &token_path,
-        rp_auth,
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &refresh3),
-        ],
-    )
-    .await;
+    let revoked_refresh = post_form(&api, &token_path, rp_auth, &refreshing(&refresh3)).await;
     refused(&revoked_refresh, StatusCode::BAD_REQUEST, "invalid_grant");
 
     // An expired code (the server's clock moved past its minute).
@@ -646,16 +630,7 @@ async fn the_code_flow_and_its_refusals(db: &TestDb) {
     .await;
     assert!(status.is_success());
     let head = api.head().await;
-    let ended = post_form(
-        &api,
-        &token_path,
-        rp_auth,
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &refresh4),
-        ],
-    )
-    .await;
+    let ended = post_form(&api, &token_path, rp_auth, &refreshing(&refresh4)).await;
     refused(&ended, StatusCode::BAD_REQUEST, "invalid_grant");
     assert_eq!(api.head().await, head);
     // A code for the ended session cannot be issued at all.

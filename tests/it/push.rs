@@ -24,16 +24,52 @@ use crate::device::{enrol, enrolment_qr, nonce, open_session, session_view, tena
 const WAIT: Duration = Duration::from_secs(20);
 const APP_ID: &str = "com.example.bank";
 
-/// A served API whose MC delivers through the FCM stand-in (and the APNs one, when given).
-struct PushRig {
-    api: Api,
-    fcm: FcmStandin,
+/// A phone with `api`'s MC configured, on the server's clock.
+pub(crate) async fn mc_phone(api: &Api) -> Sdk {
+    let mc = McConfig::fetch(&api.url("/v1/mc")).await.unwrap();
+    let config = SdkConfig {
+        mc: Some(mc),
+        ..SdkConfig::default()
+    };
+    let phone = Sdk::open(Arc::new(MemoryStorage::new()), config).unwrap();
+    let clock = api.clock.clone();
+    phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
+    phone
+}
+
+/// Enrols a new phone for `userid` and registers it for push with `push_token`: (phone,
+/// account).
+pub(crate) async fn enrolled_push_phone(
+    api: &Api,
+    server: &str,
+    api_token: &str,
+    userid: &str,
+    platform: Platform,
+    push_token: &str,
+) -> (Sdk, String) {
+    let phone = mc_phone(api).await;
+    let account = enrol(&phone, &enrolment_qr(api, server, api_token, userid).await).await;
+    let registered = phone
+        .register_push(platform, push_token, APP_ID)
+        .await
+        .unwrap();
+    assert!(registered.failed.is_empty(), "{:?}", registered.failed);
+    assert_eq!(registered.registered, vec![account.clone()]);
+    (phone, account)
+}
+
+/// A served API whose MC delivers through the FCM stand-in (and the APNs one, when given), on
+/// the wall clock's time but moved only by the test. The OIDC tests start theirs with it too.
+pub(crate) struct PushRig {
+    pub(crate) api: Api,
+    pub(crate) fcm: FcmStandin,
     apns: Option<ApnsStandin>,
-    _dir: tempfile::TempDir,
+    /// Holds the stand-ins' credential files for as long as the server runs.
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl PushRig {
-    async fn start(db: &TestDb, with_apns: bool) -> Self {
+    pub(crate) async fn start(db: &TestDb, with_apns: bool) -> Self {
         let fcm = FcmStandin::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
@@ -86,21 +122,13 @@ impl PushRig {
             api,
             fcm,
             apns,
-            _dir: dir,
+            dir,
         }
     }
 
     /// A phone with this deployment's MC configured, on the server's clock.
     async fn phone(&self) -> Sdk {
-        let mc = McConfig::fetch(&self.api.url("/v1/mc")).await.unwrap();
-        let config = SdkConfig {
-            mc: Some(mc),
-            ..SdkConfig::default()
-        };
-        let phone = Sdk::open(Arc::new(MemoryStorage::new()), config).unwrap();
-        let clock = self.api.clock.clone();
-        phone.set_clock(Arc::new(move || clock.now_ms())).unwrap();
-        phone
+        mc_phone(&self.api).await
     }
 
     /// Enrols a phone for `userid` and registers it for push with `token`.
@@ -112,19 +140,7 @@ impl PushRig {
         platform: Platform,
         push_token: &str,
     ) -> (Sdk, String) {
-        let phone = self.phone().await;
-        let account = enrol(
-            &phone,
-            &enrolment_qr(&self.api, server, api_token, userid).await,
-        )
-        .await;
-        let registered = phone
-            .register_push(platform, push_token, APP_ID)
-            .await
-            .unwrap();
-        assert!(registered.failed.is_empty(), "{:?}", registered.failed);
-        assert_eq!(registered.registered, vec![account.clone()]);
-        (phone, account)
+        enrolled_push_phone(&self.api, server, api_token, userid, platform, push_token).await
     }
 
     async fn next_push(&self, token: &str) -> ReceivedPush {

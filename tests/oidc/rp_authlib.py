@@ -31,6 +31,14 @@ with warnings.catch_warnings():
 
 TIMEOUT = 20
 
+# Every secret this RP handled; written to WORKDIR/secrets.json at the end, so the test can
+# check that none of them is in the server's log lines or in anything it wrote.
+SEEN = []
+
+
+def keep(*values):
+    SEEN.extend(v for v in values if v)
+
 
 def say(line):
     print(line, flush=True)
@@ -114,6 +122,7 @@ def browser_login(client, browser, meta, workdir, nonce, verifier, n):
     check(query.get("state") == [state], "state did not come back")
     check(query.get("iss") == [meta["issuer"]], "no RFC 9207 iss")
     check("code" in query, f"no code: {location}")
+    keep(query["code"][0], forms[0]["fields"].get("csrf"), *browser.cookies.values())
     return location
 
 
@@ -138,6 +147,8 @@ def main():
     token = client.fetch_token(meta["token_endpoint"], authorization_response=location,
                                code_verifier=verifier)
     check(token["token_type"].lower() == "bearer", "token type")
+    keep(client_secret, nonce, verifier, token["access_token"], token.get("refresh_token"),
+         token["id_token"])
     claims = jwt.decode(token["id_token"], keys, claims_cls=CodeIDToken,
                         claims_options={"iss": {"essential": True, "value": issuer}},
                         claims_params={"nonce": nonce, "client_id": client_id,
@@ -161,6 +172,7 @@ def main():
     first_refresh = token["refresh_token"]
     refreshed = client.refresh_token(meta["token_endpoint"], refresh_token=first_refresh)
     check(refreshed["access_token"] != token["access_token"], "refresh gave the same token")
+    keep(refreshed["access_token"], refreshed.get("refresh_token"))
     check(client.get(meta["userinfo_endpoint"], timeout=TIMEOUT).status_code == 200,
           "userinfo after refresh")
     say("OK refresh")
@@ -205,6 +217,7 @@ def main():
                                   "binding_message": message})
     check(request.status_code == 200, f"bc-authorize {request.status_code} {request.text}")
     request = request.json()
+    keep(request["auth_req_id"])
     check(request["expires_in"] > 0 and request["interval"] > 0, f"bc-authorize {request}")
     say(f"CIBA {message}")
     deadline = time.monotonic() + 60
@@ -230,6 +243,7 @@ def main():
                              claims_params={"client_id": client_id})
     ciba_claims.validate(leeway=5)
     check(ciba_claims["sub"] == claims["sub"], "CIBA sub differs")
+    keep(body["access_token"], body.get("refresh_token"))
     check(pending >= 1, "the first poll was not authorization_pending")
     again = requests.post(meta["token_endpoint"], timeout=TIMEOUT, auth=(client_id, client_secret),
                           data={"grant_type": "urn:openid:params:grant-type:ciba",
@@ -237,6 +251,8 @@ def main():
     check(again.status_code == 400 and again.json()["error"] == "invalid_grant",
           f"a second CIBA redemption: {again.status_code} {again.text}")
     say("OK ciba")
+    with open(f"{workdir}/secrets.json", "w") as f:
+        json.dump({"secrets": sorted(set(SEEN)), "nonce": nonce}, f)
     say("DONE")
 
 
