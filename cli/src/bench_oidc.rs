@@ -9,7 +9,10 @@
 //!   (one `grant.code_issued` each); the codes are kept for the next phase;
 //! - **code → token**: each code exchanged once at the token endpoint (client_secret_basic),
 //!   until the codes run out or `--seconds` pass;
-//! - **userinfo**: the access tokens of the exchanges, round robin;
+//! - **userinfo (cold)**: every access token of the exchanges in turn, each asked about about
+//!   once a second, so each answer reads the grant, the session and the user;
+//! - **userinfo (hot)**: 16 of them, round robin: a resource server asking about the tokens of
+//!   the requests it serves (answered from the one-second cache);
 //! - **/healthz**: the same client and concurrency against the cheapest route: the ceiling;
 //! - **login page**: `--page-clients` clients loading the hosted page (a fresh authorization's
 //!   cookie), time to first byte.
@@ -380,6 +383,39 @@ async fn timed_get(request: reqwest::RequestBuilder) -> anyhow::Result<Duration>
     Ok(t0.elapsed())
 }
 
+/// Tokens the hot userinfo phase asks about, round robin.
+const HOT_TOKENS: usize = 16;
+
+/// Userinfo with `tokens`, round robin, at the bench's concurrency.
+async fn userinfo_phase(
+    rp: &Arc<Rp>,
+    tokens: Arc<Vec<String>>,
+    name: &'static str,
+    args: &OidcArgs,
+) -> anyhow::Result<Phase> {
+    let rp = rp.clone();
+    phase(
+        name,
+        args.concurrency,
+        args.seconds,
+        args.server_pid,
+        move |worker, i| {
+            let (rp, tokens) = (rp.clone(), tokens.clone());
+            async move {
+                let n = usize::try_from(i).unwrap_or(0).wrapping_add(worker) % tokens.len();
+                let token = tokens.get(n).context("no token")?;
+                timed_get(
+                    rp.http
+                        .get(format!("{}/userinfo", rp.issuer))
+                        .bearer_auth(token),
+                )
+                .await
+            }
+        },
+    )
+    .await
+}
+
 pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
     super::transactions::check_args(1, args.concurrency, args.seconds)?;
     if args.page_clients == 0 {
@@ -450,29 +486,12 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
         bail!("no code was exchanged: {:?}", exchange.first_error);
     }
     let tokens = Arc::new(tokens);
-    let userinfo = {
-        let (rp, tokens) = (rp.clone(), tokens.clone());
-        phase(
-            "userinfo",
-            args.concurrency,
-            args.seconds,
-            args.server_pid,
-            move |worker, i| {
-                let (rp, tokens) = (rp.clone(), tokens.clone());
-                async move {
-                    let n = usize::try_from(i).unwrap_or(0).wrapping_add(worker) % tokens.len();
-                    let token = tokens.get(n).context("no token")?;
-                    timed_get(
-                        rp.http
-                            .get(format!("{}/userinfo", rp.issuer))
-                            .bearer_auth(token),
-                    )
-                    .await
-                }
-            },
-        )
-        .await?
-    };
+    // Cold: every token of the exchanges in turn (each asked about once a second or less, so
+    // the server reads its grant, session and user each time). Hot: a resource server asking
+    // about the same few tokens on every request it serves.
+    let userinfo_cold = userinfo_phase(&rp, tokens.clone(), "userinfo (cold)", &args).await?;
+    let hot = Arc::new(tokens.iter().take(HOT_TOKENS).cloned().collect::<Vec<_>>());
+    let userinfo = userinfo_phase(&rp, hot, "userinfo (hot)", &args).await?;
     let ceiling = {
         let rp = rp.clone();
         let url = format!("{}/healthz", business.base);
@@ -525,7 +544,7 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
         .await?
     };
     let title = format!(
-        "bench oidc on {}: code → token / /healthz = {:.2}, userinfo / /healthz = {:.2}",
+        "bench oidc on {}: code → token / /healthz = {:.2}, userinfo (hot) / /healthz = {:.2}",
         business.base,
         exchange.per_sec / ceiling.per_sec.max(f64::MIN_POSITIVE),
         userinfo.per_sec / ceiling.per_sec.max(f64::MIN_POSITIVE),
