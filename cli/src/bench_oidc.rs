@@ -551,7 +551,7 @@ pub async fn oidc(args: OidcArgs) -> anyhow::Result<()> {
     );
     print(
         &title,
-        &[authorize, exchange, userinfo, ceiling, page],
+        &[authorize, exchange, userinfo_cold, userinfo, ceiling, page],
         args.json,
     )
 }
