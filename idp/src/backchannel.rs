@@ -174,6 +174,36 @@ struct Inner {
     state: IdpState,
     http: Option<Http>,
     deliveries: Family<DeliveryLabels, Counter>,
+    seen: std::sync::Mutex<Seen>,
+}
+
+/// What the follower learnt from events it read this run, so that the common events cost no
+/// query: the grants it saw open (code or CIBA) and the (session, client) pairs it stored.
+/// Bounded: when full it forgets all, and a miss asks the database as before.
+#[derive(Default)]
+struct Seen {
+    code_grants: std::collections::HashSet<GrantId>,
+    remembered: std::collections::HashSet<(SessionRef, OidcClientId)>,
+}
+
+/// Most entries [`Seen`] keeps of each kind.
+const SEEN_MAX: usize = 100_000;
+
+impl Seen {
+    fn code_grant(&mut self, grant: GrantId) {
+        if self.code_grants.len() >= SEEN_MAX {
+            self.code_grants.clear();
+        }
+        self.code_grants.insert(grant);
+    }
+
+    /// Whether the pair is new to this run (and now known).
+    fn remember(&mut self, session: SessionRef, client: OidcClientId) -> bool {
+        if self.remembered.len() >= SEEN_MAX {
+            self.remembered.clear();
+        }
+        self.remembered.insert((session, client))
+    }
 }
 
 impl std::fmt::Debug for Backchannel {
@@ -190,6 +220,7 @@ impl Backchannel {
             state,
             http: http_client(),
             deliveries: Family::default(),
+            seen: std::sync::Mutex::new(Seen::default()),
         }))
     }
 
@@ -293,6 +324,7 @@ impl Backchannel {
             return match event.event_type.as_str() {
                 "grant.code_issued" => {
                     if let GrantEvent::CodeIssued(code) = event.decode::<GrantEvent>()? {
+                        lock(&self.0.seen).code_grant(grant_id);
                         self.remember_client(code.session, code.client_id, code.user)
                             .await?;
                     }
@@ -300,6 +332,9 @@ impl Backchannel {
                 }
                 "grant.tokens_issued" => {
                     // Only CIBA grants: a code grant's client was remembered at its code.
+                    if lock(&self.0.seen).code_grants.contains(&grant_id) {
+                        return Ok(Vec::new());
+                    }
                     if let Some(request) = self.ciba_request(&event.stream).await? {
                         self.remember_client(request.session, request.client_id, request.user)
                             .await?;
@@ -424,6 +459,10 @@ impl Backchannel {
         client: OidcClientId,
         user: UserDigest,
     ) -> Result<(), FollowError> {
+        // Each SSO authorization is a code of the same session and client: one row says it.
+        if !lock(&self.0.seen).remember(session, client) {
+            return Ok(());
+        }
         with_pool!(self.database(), pool => {
             sqlx::query(
                 "INSERT INTO idp_session_clients (server_id, hsid, client_id, user_digest) \
@@ -886,8 +925,8 @@ impl Progress {
     }
 }
 
-fn lock(progress: &std::sync::Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
-    progress
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
