@@ -67,7 +67,7 @@ pub fn sign_typed(
     URL_SAFE_NO_PAD.encode_string(&header, &mut token);
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
-    let signature = countersign_protocol::cose::sign_es256(signer.key(), token.as_bytes());
+    let signature = signer.sign(token.as_bytes());
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(signature, &mut token);
     Ok(token)

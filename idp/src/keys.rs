@@ -46,25 +46,49 @@ pub enum KeyError {
 }
 
 /// A private key and its `kid`. `Debug` prints the kid only.
+///
+/// Signing goes through `ring` (already in the tree for TLS), whose P-256 is faster than
+/// RustCrypto's; an ID token is signed on every code exchange. The signature is the same JWS
+/// ES256 form (`r ‖ s`, 64 bytes, low-s) either way; the `p256` key stays for the public half
+/// and as the fallback should `ring` refuse the key.
 #[derive(Clone)]
 pub struct Signer {
     /// RFC 7638 thumbprint of the public key.
     pub kid: String,
     key: SigningKey,
+    ring: Option<Arc<ring::signature::EcdsaKeyPair>>,
 }
 
 impl Signer {
     /// Wraps a key (tests and the key set).
     pub fn new(key: SigningKey) -> Self {
+        let public = key.verifying_key().as_affine().to_sec1_point(false);
+        let ring = ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            key.to_bytes().as_slice(),
+            public.as_bytes(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .ok()
+        .map(Arc::new);
         Self {
             kid: thumbprint(key.verifying_key()),
             key,
+            ring,
         }
     }
 
-    /// The key, to sign with.
-    pub(crate) fn key(&self) -> &SigningKey {
-        &self.key
+    /// The ES256 signature of `message`: `r ‖ s`, 64 bytes.
+    pub(crate) fn sign(&self, message: &[u8]) -> Vec<u8> {
+        // Low-s, as the p256 path gives: one encoding for every signature (strict verifiers
+        // refuse the other).
+        if let Some(ring) = &self.ring
+            && let Ok(signature) = ring.sign(&ring::rand::SystemRandom::new(), message)
+            && let Ok(signature) = p256::ecdsa::Signature::from_slice(signature.as_ref())
+        {
+            return signature.normalize_s().to_bytes().to_vec();
+        }
+        countersign_protocol::cose::sign_es256(&self.key, message).to_vec()
     }
 
     /// The public half.
