@@ -27,6 +27,7 @@ use anyhow::{Context as _, bail};
 use countersign_mobile_sdk::{
     HistoryStatus, Interaction, NoCallbacks, SecondFactor, SfsConfig, State as SdkState,
 };
+use futures::StreamExt as _;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 
 use super::app::{Phase, phase, print};
@@ -235,31 +236,44 @@ async fn browser_login(rp: &Rp, phone: &Phone) -> anyhow::Result<String> {
     let csrf = html_value(&page, "name=\"csrf\"", "value")
         .or_else(|| html_value(&page, "csrf", "value"))
         .context("no CSRF token on the page")?;
-    // The read model may be a moment behind the phone: continue answers the login once it
-    // sees it.
-    for _ in 0..50 {
-        let done = rp
-            .http
-            .post(page_url.join(&action)?)
-            .header(COOKIE, &authz)
-            .form(&[("csrf", csrf)])
-            .send()
-            .await?;
-        if let Some(location) = done.headers().get(LOCATION).and_then(|v| v.to_str().ok())
-            && query_param(location, "code").is_some()
-        {
-            let sso = cookies_of(&done)
-                .into_iter()
-                .filter(|c| c.starts_with("cs_sso="))
-                .collect::<Vec<_>>();
-            return sso
-                .first()
-                .cloned()
-                .context("no SSO cookie after the login");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // As the page's script does: follow its event stream until the login shows, then continue.
+    let events =
+        html_value(&page, "id=\"status\"", "data-events").context("no event stream on the page")?;
+    let mut stream = rp
+        .http
+        .get(page_url.join(events)?)
+        .header(COOKIE, &authz)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"state\":\"logged_in\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .context("the login page never heard of the login")?
+            .context("the event stream ended before the login")??;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
     }
-    bail!("continue never redirected with a code")
+    let done = rp
+        .http
+        .post(page_url.join(&action)?)
+        .header(COOKIE, &authz)
+        .form(&[("csrf", csrf)])
+        .send()
+        .await?;
+    let location = done
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .context("continue did not redirect")?;
+    if query_param(location, "code").is_none() {
+        bail!("continue redirected without a code: {location}");
+    }
+    cookies_of(&done)
+        .into_iter()
+        .find(|c| c.starts_with("cs_sso="))
+        .context("no SSO cookie after the login")
 }
 
 async fn register_client(

@@ -310,6 +310,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Its shared state (tests reach the read models through it).
     pub state: AppState,
+    /// The IdP's state, on an instance with the API role.
+    pub idp: Option<countersign_idp::IdpState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -515,6 +517,7 @@ pub async fn start(
             }
         });
     }
+    let idp_running = idp_state.clone();
     if let Some(idp) = idp_state {
         // Back-channel logout tokens and CIBA ping notifications to relying parties.
         let backchannel = countersign_idp::backchannel::Backchannel::new(idp);
@@ -639,6 +642,7 @@ pub async fn start(
     Ok(Running {
         addr,
         state,
+        idp: idp_running,
         stop: Some(stop),
         task,
     })

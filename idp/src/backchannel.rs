@@ -607,6 +607,9 @@ impl Backchannel {
             .deliveries
             .get_or_create(&DeliveryLabels { kind, outcome })
             .inc();
+        if outcome == "delivered" {
+            self.0.state.count_delivered();
+        }
     }
 
     /// One attempt: the client's current endpoint (a removed client, or one without an

@@ -155,10 +155,38 @@ async fn configuration(State(state): State<IdpState>, Path(server_id): Path<Stri
     }
 }
 
-async fn jwks(State(state): State<IdpState>, Path(server_id): Path<String>) -> Response {
+/// `?min_position=N`: the JWKS as of at least log position N (the position a key rotation
+/// answered), as every read of the API takes one.
+#[derive(Debug, serde::Deserialize)]
+struct JwksParams {
+    min_position: Option<u64>,
+}
+
+async fn jwks(
+    State(state): State<IdpState>,
+    Path(server_id): Path<String>,
+    params: Result<axum::extract::Query<JwksParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(JwksParams { min_position: seen })) = params else {
+        return OAuthError::invalid_request("min_position must be a log position").into_response();
+    };
     let answer = async {
         let server = server_of(&server_id)?;
-        state.keys().jwks(server).await.map_err(key_error)
+        if seen.is_some() {
+            state.api().wait_for(seen).await.map_err(|e| match e {
+                countersign_api::error::ApiError::Invalid(why) => OAuthError::invalid_request(why),
+                other => OAuthError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    other.to_string(),
+                ),
+            })?;
+        }
+        state
+            .keys()
+            .jwks_after(server, seen)
+            .await
+            .map_err(key_error)
     };
     match answer.await {
         Ok(body) => cacheable(&body),

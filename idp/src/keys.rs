@@ -13,7 +13,9 @@
 //! - a deleted server has no key (the vault entry is destroyed): [`KeyError::NotFound`].
 //!
 //! The key set is cached per server for [`KEY_SET_TTL`] (a rotation made by another instance
-//! is seen within it, one made here at once after [`SigningKeys::forget`]); private keys are
+//! is seen within it, one made here at once after [`SigningKeys::forget`], and by a JWKS read
+//! with the rotation's `min_position` at once anywhere); which retired keys the JWKS still
+//! lists is decided when it is asked, by the clock; private keys are
 //! cached by kid for good (a key never changes under its kid). Private keys never leave this
 //! module but inside a [`Signer`], whose `Debug` prints the kid only.
 
@@ -138,10 +140,14 @@ pub fn jwk(kid: &str, key: &VerifyingKey) -> serde_json::Value {
 
 struct KeySet {
     fetched: Instant,
+    /// The read models had processed every event before this position when the set was read.
+    position: u64,
     signer: Signer,
     /// Every key the server ever signed with, oldest first.
     all: Vec<(String, VerifyingKey)>,
-    jwks: serde_json::Value,
+    /// `(kid, key, when it stopped signing, ms)` for every key but the current one, oldest
+    /// first: the JWKS lists those retired within [`RETIRED_KEY_SECS`] of the time it is asked.
+    retired: Vec<(String, VerifyingKey, i64)>,
 }
 
 /// Each server's signing keys (in [`crate::IdpState`]).
@@ -180,7 +186,32 @@ impl SigningKeys {
     /// # Errors
     /// As [`Self::signer`].
     pub async fn jwks(&self, server: ServerId) -> Result<serde_json::Value, KeyError> {
-        Ok(self.set(server).await?.jwks.clone())
+        self.jwks_after(server, None).await
+    }
+
+    /// The JWKS as of at least log position `seen` (a rotation the caller just made, whose
+    /// answer carried that position): a cached set read before it is read again. The caller
+    /// has waited for the read models to reach `seen`.
+    ///
+    /// # Errors
+    /// As [`Self::signer`].
+    pub async fn jwks_after(
+        &self,
+        server: ServerId,
+        seen: Option<u64>,
+    ) -> Result<serde_json::Value, KeyError> {
+        let set = match seen {
+            Some(seen) => self.set_after(server, seen).await?,
+            None => self.set(server).await?,
+        };
+        let now = self.api.clock().now().as_millis();
+        let mut keys = vec![jwk(&set.signer.kid, set.signer.verifying_key())];
+        for (kid, key, until) in set.retired.iter().rev() {
+            if now - until < RETIRED_KEY_SECS * 1000 && *kid != set.signer.kid {
+                keys.push(jwk(kid, key));
+            }
+        }
+        Ok(serde_json::json!({ "keys": keys }))
     }
 
     /// Every public key the server ever signed with, `(kid, key)`, oldest first.
@@ -212,6 +243,25 @@ impl SigningKeys {
         {
             return Ok(set);
         }
+        self.rebuild(server).await
+    }
+
+    /// The set, read again unless the cached one already covers log position `seen`.
+    async fn set_after(&self, server: ServerId, seen: u64) -> Result<Arc<KeySet>, KeyError> {
+        if let Some(set) = self
+            .sets
+            .read()
+            .ok()
+            .and_then(|sets| sets.get(&server).cloned())
+            && set.position > seen
+            && set.fetched.elapsed() < KEY_SET_TTL
+        {
+            return Ok(set);
+        }
+        self.rebuild(server).await
+    }
+
+    async fn rebuild(&self, server: ServerId) -> Result<Arc<KeySet>, KeyError> {
         let set = Arc::new(self.build(server).await?);
         if let Ok(mut sets) = self.sets.write() {
             if sets.len() > 10_000 {
@@ -256,6 +306,7 @@ impl SigningKeys {
     }
 
     async fn build(&self, server: ServerId) -> Result<KeySet, KeyError> {
+        let position = *self.api.reads().processed().borrow();
         // The server's own key is first: it exists as long as the server does.
         let first = self.private(server, None).await?;
         let rotated = self
@@ -279,18 +330,12 @@ impl SigningKeys {
             Some(row) => self.private(server, Some(&row.kid)).await?,
             None => first,
         };
-        let now = self.api.clock().now().as_millis();
-        let mut keys = vec![jwk(&signer.kid, signer.verifying_key())];
-        for (kid, key, until) in retired.iter().rev() {
-            if now - until < RETIRED_KEY_SECS * 1000 && *kid != signer.kid {
-                keys.push(jwk(kid, key));
-            }
-        }
         Ok(KeySet {
             fetched: Instant::now(),
+            position,
             signer,
             all,
-            jwks: serde_json::json!({ "keys": keys }),
+            retired,
         })
     }
 }

@@ -100,11 +100,17 @@ pub fn document() -> Value {
             "/oidc/{server_id}/jwks": {
                 "get": {
                     "tags": [TAG], "summary": "The signing keys (JWK Set)",
-                    "parameters": [server_id()],
+                    "parameters": [server_id(), {
+                        "name": "min_position", "in": "query", "required": false,
+                        "description": "Answer as of at least this log position (a key rotation's answer)",
+                        "schema": {"type": "integer", "minimum": 0}
+                    }],
                     "responses": {
                         "200": json_object("The keys", json!({"type": "object", "required": ["keys"],
                             "properties": {"keys": {"type": "array", "items": {"type": "object"}}}})),
-                        "404": oauth_error("No such server")
+                        "400": oauth_error("min_position is not a log position, or beyond the log"),
+                        "404": oauth_error("No such server"),
+                        "503": oauth_error("temporarily_unavailable: the read models are behind min_position")
                     }
                 }
             },

@@ -48,6 +48,8 @@ struct Inner {
     ciba_polls: crate::ciba::PollTimes,
     /// The hosted login page's caches and the browser login limiter.
     browser: crate::login_page::Browser,
+    /// How many back-channel messages (logout tokens, CIBA pings) relying parties took.
+    delivered: tokio::sync::watch::Sender<u64>,
 }
 
 /// Shared by every IdP handler; cheap to clone.
@@ -71,8 +73,19 @@ impl IdpState {
             api,
             ciba_polls: crate::ciba::PollTimes::default(),
             browser: crate::login_page::Browser::new(&config),
+            delivered: tokio::sync::watch::Sender::new(0),
             config,
         }))
+    }
+
+    /// How many back-channel messages relying parties have taken so far (what
+    /// `countersign_idp_deliveries_total{outcome="delivered"}` counts), to wait on.
+    pub fn delivered(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.delivered.subscribe()
+    }
+
+    pub(crate) fn count_delivered(&self) {
+        self.0.delivered.send_modify(|n| *n += 1);
     }
 
     /// The business API's state: commands, read models, store, clock.

@@ -206,21 +206,18 @@ async fn the_business_side_ending_the_session_is_retried_until_delivered(db: &Te
         metrics.contains(r#"countersign_idp_deliveries_total{kind="logout",outcome="retry"} 1"#),
         "{metrics}"
     );
-    // The delivered count is bumped right after the answer; look until it is there.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let metrics = rig.api.metrics().await;
-            if metrics.contains(
-                r#"countersign_idp_deliveries_total{kind="logout",outcome="delivered"} 1"#,
-            ) {
-                return;
-            }
-            // No event announces a counter: look again shortly (bounded by WAIT).
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the delivery is counted");
+    // The delivered count is bumped right after the RP's answer: wait for it.
+    let mut delivered = rig.api.running.idp.as_ref().unwrap().delivered();
+    tokio::time::timeout(WAIT, delivered.wait_for(|n| *n >= 1))
+        .await
+        .expect("the delivery is never counted")
+        .unwrap();
+    let metrics = rig.api.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"countersign_idp_deliveries_total{kind="logout",outcome="delivered"} 1"#),
+        "{metrics}"
+    );
     rig.stop().await;
 }
 

@@ -709,22 +709,12 @@ async fn public_clients_and_pkce(db: &TestDb) {
     api.stop().await;
 }
 
-/// The JWKS of `server` once `done` holds for it; the key set is cached for a second per
-/// process, so this polls (bounded) rather than waiting on an event.
-async fn jwks_when(api: &Api, server: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, _, jwks) = get_json(api, &format!("/oidc/{server}/jwks"), None).await;
-        assert_eq!(status, StatusCode::OK);
-        if done(&jwks) {
-            return jwks;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "JWKS never became {jwks}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The JWKS of `server`, as of at least log position `seen` when given (a rotation's answer).
+async fn jwks_at(api: &Api, server: &str, seen: Option<u64>) -> Value {
+    let query = seen.map_or_else(String::new, |p| format!("?min_position={p}"));
+    let (status, _, jwks) = get_json(api, &format!("/oidc/{server}/jwks{query}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{jwks}");
+    jwks
 }
 
 fn kid_of(token: &str) -> String {
@@ -771,7 +761,9 @@ async fn key_rotation_keeps_tokens_in_flight_verifiable(db: &TestDb) {
     assert_eq!(status, StatusCode::CREATED, "{rotated}");
     let new_kid = rotated["kid"].as_str().unwrap().to_owned();
     assert_ne!(new_kid, old_kid);
-    let jwks = jwks_when(&api, &server, |j| j["keys"].as_array().unwrap().len() == 2).await;
+    // Read with the rotation's position: no cached key set from before it.
+    let jwks = jwks_at(&api, &server, rotated["position"].as_u64()).await;
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2, "{jwks}");
     assert_eq!(
         jwks["keys"][0]["kid"],
         new_kid.as_str(),
@@ -793,7 +785,8 @@ async fn key_rotation_keeps_tokens_in_flight_verifiable(db: &TestDb) {
 
     // Once every token the old key signed has expired, it leaves the JWKS.
     api.clock.advance_secs(721);
-    let jwks = jwks_when(&api, &server, |j| j["keys"].as_array().unwrap().len() == 1).await;
+    let jwks = jwks_at(&api, &server, None).await;
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1, "{jwks}");
     assert_eq!(jwks["keys"][0]["kid"], new_kid.as_str());
     api.stop().await;
 }
