@@ -38,6 +38,7 @@ use countersign_domain::account::{AccountEvent, DeletedBy};
 use countersign_domain::session::{LogoutReason, Session, SessionEvent};
 use countersign_domain::transaction::{TransactionEvent, TransactionOrigin};
 use countersign_domain::{AccountId, AccountRef, Hsid, ServerId, SessionRef};
+use countersign_eventstore::follow::{AbortOnDrop, Progress, lock, scoped};
 use countersign_eventstore::vault::KeyVault;
 use countersign_eventstore::{Database, Direction, RecordedEvent, SharedStore, with_pool};
 use countersign_projections::read_models::ReadModels;
@@ -591,72 +592,6 @@ impl Pusher {
     }
 }
 
-/// Which positions of the log the pusher is done with: every message of the events before
-/// [`Progress::done_before`] was taken (or refused, or expired), so the checkpoint may move
-/// there; messages of later events may still be in flight.
-#[derive(Debug)]
-struct Progress {
-    /// Messages not yet finished, per event position (positions with none are absent).
-    outstanding: std::collections::BTreeMap<u64, usize>,
-    /// The next position to read: every event before it was turned into messages.
-    read_to: u64,
-}
-
-impl Progress {
-    fn new(from: u64) -> Self {
-        Self {
-            outstanding: std::collections::BTreeMap::new(),
-            read_to: from,
-        }
-    }
-
-    /// The event at `position` calls for `messages` messages.
-    fn expect(&mut self, position: u64, messages: usize) {
-        if messages > 0 {
-            *self.outstanding.entry(position).or_default() += messages;
-        }
-    }
-
-    /// Every event before `next` was read.
-    fn read_to(&mut self, next: u64) {
-        self.read_to = self.read_to.max(next);
-    }
-
-    /// One message of the event at `position` is finished.
-    fn finished(&mut self, position: u64) {
-        if let Some(left) = self.outstanding.get_mut(&position) {
-            *left = left.saturating_sub(1);
-            if *left == 0 {
-                self.outstanding.remove(&position);
-            }
-        }
-    }
-
-    /// The first position not done with: the first with messages in flight, else the next
-    /// to read.
-    fn done_before(&self) -> u64 {
-        self.outstanding
-            .keys()
-            .next()
-            .map_or(self.read_to, |first| (*first).min(self.read_to))
-    }
-}
-
-fn lock(progress: &std::sync::Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
-    progress
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// `SHA-256("countersign-push-id" ‖ event id ‖ account id)`, first 16 bytes.
 fn message_id(event: &RecordedEvent, account: AccountId) -> [u8; 16] {
     let mut hash = Sha256::new();
@@ -667,45 +602,4 @@ fn message_id(event: &RecordedEvent, account: AccountId) -> [u8; 16] {
     let mut id = [0u8; 16];
     id.copy_from_slice(digest.get(..16).unwrap_or(&[0; 16]));
     id
-}
-
-/// `{prefix}{server hex}-{id hex}` → the two hex parts.
-fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
-    stream.strip_prefix(prefix)?.split_once('-')
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Progress;
-
-    #[test]
-    fn the_checkpoint_waits_for_the_first_unfinished_event() {
-        let mut progress = Progress::new(10);
-        assert_eq!(progress.done_before(), 10);
-        progress.expect(10, 0);
-        progress.expect(11, 2);
-        progress.expect(12, 1);
-        progress.read_to(13);
-        assert_eq!(
-            progress.done_before(),
-            11,
-            "event 11 has messages in flight"
-        );
-        progress.finished(12);
-        assert_eq!(
-            progress.done_before(),
-            11,
-            "a later event finishing moves nothing"
-        );
-        progress.finished(11);
-        assert_eq!(progress.done_before(), 11, "one of 11's two is still out");
-        progress.finished(11);
-        assert_eq!(progress.done_before(), 13, "all read and finished");
-        progress.finished(11);
-        assert_eq!(
-            progress.done_before(),
-            13,
-            "an extra finish changes nothing"
-        );
-    }
 }

@@ -148,6 +148,7 @@ pub(crate) use event_store_impl;
 
 mod codec;
 mod error;
+pub mod follow;
 mod migrate;
 mod model;
 mod plan;

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use countersign_domain::grant::{GrantCibaRequested, GrantEvent};
 use countersign_domain::{GrantId, GrantRef, Hsid, OidcClientId, ServerId, SessionRef, UserDigest};
+use countersign_eventstore::follow::{AbortOnDrop, Progress, lock, scoped};
 use countersign_eventstore::{Database, Direction, RecordedEvent, with_pool};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -883,93 +884,9 @@ fn http_client() -> Option<Http> {
     )
 }
 
-/// Which positions of the log the follower is done with: every delivery owed for the events
-/// before [`Progress::done_before`] finished, so the checkpoint may move there.
-#[derive(Debug)]
-struct Progress {
-    /// Deliveries not yet finished, per event position (positions with none are absent).
-    outstanding: std::collections::BTreeMap<u64, usize>,
-    /// The next position to read: every event before it was worked out.
-    read_to: u64,
-}
-
-impl Progress {
-    fn new(from: u64) -> Self {
-        Self {
-            outstanding: std::collections::BTreeMap::new(),
-            read_to: from,
-        }
-    }
-
-    fn expect(&mut self, position: u64, deliveries: usize) {
-        if deliveries > 0 {
-            *self.outstanding.entry(position).or_default() += deliveries;
-        }
-    }
-
-    fn read_to(&mut self, next: u64) {
-        self.read_to = self.read_to.max(next);
-    }
-
-    fn finished(&mut self, position: u64) {
-        if let Some(left) = self.outstanding.get_mut(&position) {
-            *left = left.saturating_sub(1);
-            if *left == 0 {
-                self.outstanding.remove(&position);
-            }
-        }
-    }
-
-    fn done_before(&self) -> u64 {
-        self.outstanding
-            .keys()
-            .next()
-            .map_or(self.read_to, |first| (*first).min(self.read_to))
-    }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// `{prefix}{server hex}-{id hex}` → the two hex parts.
-fn scoped<'a>(stream: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
-    stream.strip_prefix(prefix)?.split_once('-')
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Progress, checked_uri, scoped};
-
-    #[test]
-    fn the_checkpoint_waits_for_the_first_unfinished_event() {
-        let mut progress = Progress::new(5);
-        progress.expect(5, 1);
-        progress.expect(7, 2);
-        progress.read_to(9);
-        assert_eq!(progress.done_before(), 5);
-        progress.finished(7);
-        assert_eq!(
-            progress.done_before(),
-            5,
-            "a later event finishing moves nothing"
-        );
-        progress.finished(5);
-        assert_eq!(progress.done_before(), 7, "one of 7's two is still out");
-        progress.finished(7);
-        assert_eq!(progress.done_before(), 9);
-    }
+    use super::checked_uri;
 
     #[test]
     fn only_plain_absolute_urls_are_sent_to() {
@@ -979,11 +896,5 @@ mod tests {
         assert!(checked_uri("https://rp.example/logout#frag").is_err());
         assert!(checked_uri("ftp://rp.example/logout").is_err());
         assert!(checked_uri("/logout").is_err());
-    }
-
-    #[test]
-    fn streams_split_into_server_and_id() {
-        assert_eq!(scoped("grant-aa-bb", "grant-"), Some(("aa", "bb")));
-        assert_eq!(scoped("session-aa-bb", "grant-"), None);
     }
 }
