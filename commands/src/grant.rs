@@ -619,6 +619,16 @@ impl GrantCommands {
         let grant = presented.grant;
         let loaded = self.load(grant).await?;
         let session = match &loaded.state {
+            // A code that is not this one or not this client's is refused before the session
+            // is read: guesses cost one stream read. The aggregate checks both again.
+            Grant::CodeIssued(c)
+                if !countersign_domain::grant::digest_eq(&c.code_hash, &presented.hash) =>
+            {
+                return Err(GrantRefused::Invalid(InvalidGrantReason::WrongSecret));
+            }
+            Grant::CodeIssued(c) if c.client_id != client => {
+                return Err(GrantRefused::Invalid(InvalidGrantReason::WrongClient));
+            }
             Grant::CodeIssued(c) => Some(c.session),
             _ => None,
         };

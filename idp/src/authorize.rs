@@ -428,9 +428,6 @@ async fn sso(
 ) -> Option<Response> {
     let (sso, _) = cookies::read_open::<SsoCookie>(state, server, headers, SSO_COOKIE).await?;
     let now = state.api().clock().now().as_millis();
-    if !sso.is_fresh(now) {
-        return None;
-    }
     let session = state
         .api()
         .commands()

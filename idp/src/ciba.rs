@@ -264,8 +264,11 @@ async fn authorize(
     };
     // Whom to ask. From here on, every userid that cannot be asked gets the same answer.
     let api = state.api();
-    let Ok(user) = api.commands().users.user_ref(server, login_hint).await else {
-        return Err(unknown_user());
+    let user = match api.commands().users.user_ref(server, login_hint).await {
+        Ok(user) => user,
+        // A userid that is not one (too long, refused characters) is unknown like any other.
+        Err(countersign_commands::CommandError::Rejected { .. }) => return Err(unknown_user()),
+        Err(other) => return Err(internal("user lookup", &other)),
     };
     match api.provokes().take(server, user.digest) {
         Ok(()) => {}
@@ -379,21 +382,19 @@ async fn authorize(
         ping,
         "CIBA request: push login sent"
     );
-    let body = Zeroizing::new(
-        serde_json::json!({
-            "auth_req_id": auth_req_id.expose(),
-            "expires_in": expires_in,
-            "interval": POLL_INTERVAL_SECS,
-        })
-        .to_string(),
-    );
+    let body = serde_json::json!({
+        "auth_req_id": auth_req_id.expose(),
+        "expires_in": expires_in,
+        "interval": POLL_INTERVAL_SECS,
+    })
+    .to_string();
     Ok((
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/json"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        body.to_string(),
+        body,
     )
         .into_response())
 }

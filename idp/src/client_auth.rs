@@ -60,13 +60,6 @@ impl ClientCache {
             rows.insert(key, (Instant::now(), row));
         }
     }
-
-    /// Drops every cached client of `server` (a change made through this process).
-    pub fn forget(&self, server: ServerId) {
-        if let Ok(mut rows) = self.rows.write() {
-            rows.retain(|(s, _), _| *s != server);
-        }
-    }
 }
 
 /// The client `client_id` names at `server` (cached for [`CLIENT_TTL`]); `None` when it is

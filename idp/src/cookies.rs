@@ -138,13 +138,27 @@ impl std::fmt::Debug for PendingAuthorization {
     }
 }
 
-impl PendingAuthorization {
+/// A cookie's content that expires: [`read_open`] answers only what is within its lifetime.
+pub trait Fresh {
     /// Whether `now` (ms) is within the cookie's lifetime.
-    pub fn is_fresh(&self, now: i64) -> bool {
+    fn is_fresh(&self, now: i64) -> bool;
+}
+
+impl Fresh for PendingAuthorization {
+    fn is_fresh(&self, now: i64) -> bool {
         now >= self.issued_at.saturating_sub(60_000)
             && now <= self.expires_at.saturating_add(AUTHZ_GRACE_SECS * 1000)
     }
+}
 
+impl Fresh for SsoCookie {
+    fn is_fresh(&self, now: i64) -> bool {
+        now >= self.issued_at.saturating_sub(60_000)
+            && now <= self.issued_at.saturating_add(SSO_MAX_AGE_SECS * 1000)
+    }
+}
+
+impl PendingAuthorization {
     /// The cookie's `Max-Age` from `now` (ms).
     pub fn max_age_secs(&self, now: i64) -> i64 {
         (self.expires_at.saturating_sub(now) / 1000 + AUTHZ_GRACE_SECS).max(1)
@@ -166,14 +180,6 @@ impl std::fmt::Debug for SsoCookie {
         f.debug_struct("SsoCookie")
             .field("issued_at", &self.issued_at)
             .finish_non_exhaustive()
-    }
-}
-
-impl SsoCookie {
-    /// Whether `now` (ms) is within the cookie's lifetime.
-    pub fn is_fresh(&self, now: i64) -> bool {
-        now >= self.issued_at.saturating_sub(60_000)
-            && now <= self.issued_at.saturating_add(SSO_MAX_AGE_SECS * 1000)
     }
 }
 
@@ -281,16 +287,18 @@ pub fn read<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Reads and opens cookie `name`.
-pub async fn read_open<T: DeserializeOwned>(
+/// Reads and opens cookie `name`; one past its lifetime (by the server's clock) is none.
+pub async fn read_open<T: DeserializeOwned + Fresh>(
     state: &IdpState,
     server: ServerId,
     headers: &HeaderMap,
     name: &str,
 ) -> Option<(T, String)> {
     let value = read(headers, name)?;
-    let content = open(state, server, name, value).await?;
-    Some((content, value.to_owned()))
+    let content: T = open(state, server, name, value).await?;
+    content
+        .is_fresh(state.api().clock().now().as_millis())
+        .then(|| (content, value.to_owned()))
 }
 
 /// A `Set-Cookie` value for `name=value` kept `max_age_secs`.

@@ -12,9 +12,8 @@
 //!   expiry is ignored by design);
 //! - a deleted server has no key (the vault entry is destroyed): [`KeyError::NotFound`].
 //!
-//! The key set is cached per server for [`KEY_SET_TTL`] (a rotation made by another instance
-//! is seen within it, one made here at once after [`SigningKeys::forget`], and by a JWKS read
-//! with the rotation's `min_position` at once anywhere); which retired keys the JWKS still
+//! The key set is cached per server for [`KEY_SET_TTL`] (a rotation is seen within it, and by
+//! a JWKS read with the rotation's `min_position` at once); which retired keys the JWKS still
 //! lists is decided when it is asked, by the clock; private keys are
 //! cached by kid for good (a key never changes under its kid). Private keys never leave this
 //! module but inside a [`Signer`], whose `Debug` prints the kid only.
@@ -225,14 +224,6 @@ impl SigningKeys {
         Ok(self.set(server).await?.all.clone())
     }
 
-    /// Drops the server's cached key set (after a rotation through this process, or its
-    /// deletion).
-    pub fn forget(&self, server: ServerId) {
-        if let Ok(mut sets) = self.sets.write() {
-            sets.remove(&server);
-        }
-    }
-
     async fn set(&self, server: ServerId) -> Result<Arc<KeySet>, KeyError> {
         if let Some(set) = self
             .sets
@@ -274,6 +265,9 @@ impl SigningKeys {
 
     /// A private key by kid (`None`: the server's own key), from the cache or the vault.
     async fn private(&self, server: ServerId, kid: Option<&str>) -> Result<Signer, KeyError> {
+        // The server's own key (no kid) is read again with each key set, about once a second:
+        // that read is what finds a deleted server (its vault entry destroyed), so its
+        // rotated keys, cached here for good, stop signing with it.
         if let Some(kid) = kid
             && let Some(signer) = self
                 .private

@@ -351,11 +351,7 @@ async fn pending(
     server: ServerId,
     headers: &HeaderMap,
 ) -> Option<(PendingAuthorization, String)> {
-    let (pending, value) =
-        cookies::read_open::<PendingAuthorization>(state, server, headers, AUTHZ_COOKIE).await?;
-    pending
-        .is_fresh(state.api().clock().now().as_millis())
-        .then_some((pending, value))
+    cookies::read_open::<PendingAuthorization>(state, server, headers, AUTHZ_COOKIE).await
 }
 
 async fn session_of(

@@ -30,15 +30,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use countersign_commands::CommandError;
 use countersign_commands::grant::{GrantRefused, IssuedTokens};
-use countersign_domain::grant::{
-    ActiveGrant, Grant, GrantCibaRequested, GrantEvent, ID_TOKEN_LIFETIME_SECS,
-};
-use countersign_domain::session::SessionStatus;
-use countersign_domain::{GrantRef, OidcClientId, ServerId, UserDigest};
+use countersign_domain::grant::{ActiveGrant, Grant, GrantEvent, ID_TOKEN_LIFETIME_SECS};
+use countersign_domain::{OidcClientId, ServerId, UserDigest};
 use countersign_eventstore::Metadata;
 use countersign_projections::read_models::OidcClientRow;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use crate::error::OAuthError;
 use crate::state::IdpState;
@@ -212,7 +208,8 @@ pub async fn issue(
             );
         }
     }
-    let body = Zeroizing::new(body.to_string());
+    // The body carries the tokens: it goes to the socket as it is (a zeroizing copy kept
+    // here would not clear the one the response owns).
     Ok((
         StatusCode::OK,
         [
@@ -220,7 +217,7 @@ pub async fn issue(
             (header::CACHE_CONTROL, "no-store"),
             (header::PRAGMA, "no-cache"),
         ],
-        body.as_str().to_owned(),
+        body.to_string(),
     )
         .into_response())
 }
@@ -251,47 +248,6 @@ pub fn refused(server: ServerId, refused: GrantRefused) -> OAuthError {
         }
         GrantRefused::Command(e) => OAuthError::server_error("grant command", &e),
     }
-}
-
-/// Completes a CIBA grant whose push login logged in and answers its tokens (once).
-///
-/// # Errors
-/// `invalid_grant` for a grant that was completed or revoked already or is not this
-/// client's, `expired_token`, `authorization_pending` / `access_denied` when the session is
-/// (still, or no longer) not logged in, `server_error`.
-pub async fn complete_ciba(
-    state: &IdpState,
-    grant: GrantRef,
-    client: &OidcClientRow,
-    _request: &GrantCibaRequested,
-) -> Result<Response, OAuthError> {
-    let issued = state
-        .api()
-        .commands()
-        .grants
-        .complete_ciba(grant, client.client_id, &client_metadata(client.client_id))
-        .await
-        .map_err(|e| match e {
-            GrantRefused::SessionNotLoggedIn(status) => match status {
-                SessionStatus::Pending | SessionStatus::Scanned => OAuthError::new(
-                    StatusCode::BAD_REQUEST,
-                    "authorization_pending",
-                    "the user has not answered on the phone yet",
-                ),
-                SessionStatus::Expired => OAuthError::new(
-                    StatusCode::BAD_REQUEST,
-                    "expired_token",
-                    "the request has expired",
-                ),
-                _ => OAuthError::new(
-                    StatusCode::BAD_REQUEST,
-                    "access_denied",
-                    "the user declined, or the login failed or ended",
-                ),
-            },
-            other => refused(grant.server_id, other),
-        })?;
-    issue(state, grant.server_id, &issued, client).await
 }
 
 /// A reuse revoked the grant: this process stops answering userinfo for it at once.
