@@ -147,11 +147,13 @@ pub struct LoginFacts {
     pub position: u64,
 }
 
-/// The last login on a session and where the session is now; `None` when nobody ever
-/// logged in on it (or there is no such session).
+/// The last login on a session and where the session is at `now` ([`Session::status_at`]:
+/// an overdue ping counts as logged out); `None` when nobody ever logged in on it (or there
+/// is no such session).
 pub async fn login_facts(
     store: &SharedStore,
     session: SessionRef,
+    now: Timestamp,
 ) -> Result<Option<LoginFacts>, CommandError> {
     let stream = session.stream();
     let mut state = Session::default();
@@ -213,7 +215,7 @@ pub async fn login_facts(
         }
     }
     Ok(facts.map(|f| LoginFacts {
-        status: state.status(),
+        status: state.status_at(now),
         ..f
     }))
 }
@@ -448,7 +450,7 @@ impl GrantCommands {
         metadata: &Metadata,
     ) -> Result<(GrantToken, GrantRef, Executed<GrantEvent>), CommandError> {
         let server = request.session.server_id;
-        let facts = login_facts(&self.store, request.session)
+        let facts = login_facts(&self.store, request.session, self.clock.now())
             .await?
             .filter(|f| f.status == SessionStatus::LoggedIn)
             .ok_or_else(|| CommandError::Rejected {
@@ -636,7 +638,7 @@ impl GrantCommands {
         // and every other refusal are the aggregate's, whatever the session.
         let mut continuous = false;
         if let Some(session) = session {
-            let facts = login_facts(&self.store, session).await?;
+            let facts = login_facts(&self.store, session, self.clock.now()).await?;
             match facts {
                 Some(f) if f.status == SessionStatus::LoggedIn => continuous = f.continuous,
                 Some(f) => return Err(GrantRefused::SessionNotLoggedIn(f.status)),
@@ -766,7 +768,7 @@ impl GrantCommands {
                 return Err(GrantRefused::Invalid(InvalidGrantReason::WrongStep));
             }
         };
-        let facts = login_facts(&self.store, session).await?;
+        let facts = login_facts(&self.store, session, self.clock.now()).await?;
         let facts = match facts {
             Some(f) if f.status == SessionStatus::LoggedIn => f,
             Some(f) => return Err(GrantRefused::SessionNotLoggedIn(f.status)),
@@ -833,7 +835,7 @@ impl GrantCommands {
                 .refresh_hash
                 .is_some_and(|h| countersign_domain::grant::digest_eq(&h, &presented.hash));
             if current && active.origin.client_id() == client {
-                match login_facts(&self.store, active.origin.session()).await? {
+                match login_facts(&self.store, active.origin.session(), self.clock.now()).await? {
                     Some(f) if f.status == SessionStatus::LoggedIn => {}
                     Some(f) => return Err(GrantRefused::SessionNotLoggedIn(f.status)),
                     None => {

@@ -435,7 +435,7 @@ async fn sso(
         .session_ref(server, sso.session_nonce.expose())
         .await
         .ok()?;
-    let facts = match login_facts(state.api().store(), session).await {
+    let facts = match login_facts(state.api().store(), session, state.api().clock().now()).await {
         Ok(facts) => facts?,
         Err(error) => {
             tracing::warn!(%error, %server, "SSO session read failed");

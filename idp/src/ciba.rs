@@ -448,7 +448,7 @@ pub async fn token_grant(
         .load(request.session)
         .await
         .map_err(|e| internal("session load", &e))?;
-    let status = session.state.status();
+    let status = session.state.status_at(now);
     match status {
         SessionStatus::LoggedIn => {}
         SessionStatus::NotOpened => return Err(invalid_grant()),

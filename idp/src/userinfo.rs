@@ -188,8 +188,7 @@ pub(crate) async fn session_logged_in(
         .load(session)
         .await
         .map_err(|e| OAuthError::server_error("session load", &e))?;
-    Ok(session.state.status() == SessionStatus::LoggedIn
-        && session.state.ping_deadline().is_none_or(|d| now < d))
+    Ok(session.state.status_at(now) == SessionStatus::LoggedIn)
 }
 
 /// The bearer token of a request: the `Authorization` header, else (POST) the form's

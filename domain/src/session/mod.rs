@@ -475,6 +475,22 @@ impl Session {
         self.opened().map(|o| o.expires_at)
     }
 
+    /// Where the session is at `now`: as [`Self::status`], with a deadline that has passed
+    /// taken as recorded (a continuous login whose ping is overdue is logged out, a login not
+    /// completed in time expired), whether or not the sweeper has written it yet. What every
+    /// reader that hands out something for a login (tokens, SSO) decides by.
+    #[must_use]
+    pub fn status_at(&self, now: Timestamp) -> SessionStatus {
+        match self.overdue(now) {
+            Some(event) => {
+                let mut later = self.clone();
+                later.apply(&event);
+                later.status()
+            }
+            None => self.status(),
+        }
+    }
+
     /// When a continuous login's next ping is due; `None` in every other state.
     #[must_use]
     pub fn ping_deadline(&self) -> Option<Timestamp> {

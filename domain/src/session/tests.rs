@@ -1174,3 +1174,21 @@ fn an_app_login_opens_confirmed_for_its_account_in_one_decision() {
             field: "user",
         }));
 }
+
+#[test]
+fn status_at_takes_a_passed_deadline_as_recorded() {
+    // A continuous login whose ping is due at t(70): logged in until then, out after.
+    let login = Session::from_events(&[
+        opened_continuous(),
+        scanned(),
+        confirmed(),
+        logged_in_continuous(t(10)),
+    ]);
+    assert_eq!(login.status_at(t(69)), SessionStatus::LoggedIn);
+    assert_eq!(login.status(), SessionStatus::LoggedIn);
+    assert_ne!(login.status_at(t(10_000)), SessionStatus::LoggedIn);
+    // A login not completed by its expiry (t(300)) expired.
+    let waiting = Session::from_events(&[opened()]);
+    assert_eq!(waiting.status_at(t(299)), SessionStatus::Pending);
+    assert_eq!(waiting.status_at(t(301)), SessionStatus::Expired);
+}
