@@ -245,10 +245,14 @@ impl Backchannel {
     /// dropped); restarts a round after a failure. Deliveries in flight when it stops are
     /// abandoned: the checkpoint is before them, so the next start sends them again.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) {
+        // After a failed round (the database away, say), wait before the next: 1 s, doubling
+        // to 30 s while rounds keep failing at once; a round that ran a minute starts over.
+        let mut pause = Duration::from_secs(1);
         loop {
             if *stop.borrow() {
                 return;
             }
+            let round = Instant::now();
             tokio::select! {
                 ended = self.follow() => {
                     match ended {
@@ -260,10 +264,14 @@ impl Backchannel {
                 }
                 () = stopped(&mut stop) => return,
             }
+            if round.elapsed() > Duration::from_secs(60) {
+                pause = Duration::from_secs(1);
+            }
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = stopped(&mut stop) => return,
             }
+            pause = (pause * 2).min(Duration::from_secs(30));
         }
     }
 
